@@ -1,0 +1,292 @@
+"""`distseg shard`: pack a Cityscapes split into WebDataset tars + manifest + DALI index.
+
+Samples are shuffled by seed, encoded in parallel (order kept, so any --workers gives the same bytes),
+and written by one writer. A shard appears under its final name only when complete (temp + rename);
+a small state file lists finished shards so that a rerun after a crash resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distseg import __version__
+from distseg.data.cityscapes import Pair, find_pairs, resolve_root
+from distseg.data.manifest import MANIFEST_VERSION, atomic_write_json, atomic_write_text, load_manifest
+from distseg.errors import UserError
+from distseg.labels import IGNORE, Scheme, get_scheme
+
+IMAGE_EXTS = ("jpg", "png")
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    split: str
+    scheme: str = "trainid"
+    image_format: str = "jpg"
+    quality: int = 95
+    resize: tuple[int, int] | None = None  # (W, H)
+    maxcount: int = 100
+    maxsize: int = 1 << 30
+    seed: int = 0
+
+
+@dataclass
+class Encoded:
+    key: str
+    files: list[tuple[str, bytes]]
+    hist: np.ndarray
+    source_bytes: int
+
+
+# --- encoding (runs in worker processes) -------------------------------------------------------
+
+_ENC: tuple[ShardOptions, Scheme] | None = None
+
+
+def _init_worker(opts: ShardOptions, scheme: Scheme) -> None:
+    global _ENC
+    _ENC = (opts, scheme)
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Exception as e:  # PIL raises many types for a damaged file
+        raise UserError(f"corrupt or unreadable {what} {path}: {e}") from None
+
+
+def encode_pair(pair: Pair, opts: ShardOptions | None = None, scheme: Scheme | None = None) -> Encoded:
+    """Decode, check, resize, remap and re-encode one sample."""
+    if opts is None:
+        opts, scheme = _ENC
+    img = _open(pair.image, "image")
+    lab = _open(pair.label, "label")
+    if lab.mode not in ("L", "P"):
+        raise UserError(f"label {pair.label} is not an 8-bit single-channel labelIds PNG (mode {lab.mode})")
+    if img.size != lab.size:
+        raise UserError(f"size mismatch: image {pair.image} is {img.size[0]}x{img.size[1]}, "
+                        f"label is {lab.size[0]}x{lab.size[1]}")
+    src_size = img.size
+    img = img.convert("RGB")
+    if opts.resize and opts.resize != img.size:
+        img = img.resize(opts.resize, Image.Resampling.BILINEAR)
+        lab = lab.resize(opts.resize, Image.Resampling.NEAREST)
+    mask = scheme.remap(np.asarray(lab, dtype=np.uint8))
+    buf = io.BytesIO()
+    if opts.image_format == "jpg":
+        img.save(buf, format="JPEG", quality=opts.quality, subsampling="4:2:0", optimize=False)
+    else:
+        img.save(buf, format="PNG", compress_level=6)
+    mbuf = io.BytesIO()
+    Image.fromarray(mask, "L").save(mbuf, format="PNG", compress_level=6)
+    meta = {"key": pair.key, "city": pair.city, "source_size": list(src_size), "size": list(img.size),
+            "scheme": scheme.name, "image": f"{pair.city}/{pair.image.name}"}
+    files = [(f"{pair.key}.{opts.image_format}", buf.getvalue()), (f"{pair.key}.mask.png", mbuf.getvalue()),
+             (f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())]
+    src = pair.image.stat().st_size + pair.label.stat().st_size
+    return Encoded(pair.key, files, np.bincount(mask.ravel(), minlength=256).astype(np.int64), src)
+
+
+def _encode_worker(pair: Pair) -> Encoded:
+    return encode_pair(pair)
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """A reproducible tar (mtime 0, uid 0) written under a temp name, with the DALI index built alongside."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.f, mode="w", format=tarfile.USTAR_FORMAT)
+        self.index: list[list] = []
+        self.keys: list[str] = []
+        self.hist = np.zeros(256, np.int64)
+        self.size = 0
+
+    def add(self, enc: Encoded) -> None:
+        entry = []
+        for name, data in enc.files:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+            header = len(ti.tobuf(tarfile.USTAR_FORMAT, self.tar.encoding, self.tar.errors))
+            entry += [name.split(".", 1)[1], self.tar.offset + header, len(data), name]
+            self.tar.addfile(ti, io.BytesIO(data))
+        self.index.append(entry)
+        self.keys.append(enc.key)
+        self.hist += enc.hist
+        self.size = self.tar.offset
+
+    def finish(self) -> dict:
+        """Close, fsync, write the index, then rename: the .tar name exists only for a complete shard."""
+        self.tar.close()
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        idx = self.path.with_suffix(".idx")
+        atomic_write_text(idx, f"v1.2 {len(self.index)}\n" + "".join(" ".join(map(str, e)) + "\n" for e in self.index))
+        from distseg.data.manifest import sha256_file
+
+        digest = sha256_file(self.tmp)
+        self.tmp.replace(self.path)
+        return {"name": self.path.name, "index": idx.name, "count": len(self.keys), "bytes": self.path.stat().st_size,
+                "sha256": digest, "keys": self.keys, "hist": self.hist.tolist()}
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -> dict:
+    import hashlib
+
+    keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
+    d = asdict(opts)
+    d["resize"] = list(opts.resize) if opts.resize else None
+    d.update(scheme_fingerprint=scheme.fingerprint(), source=str(root.resolve()), n_source=len(pairs), keys_sha=keys)
+    return d
+
+
+def _remove_split(out: Path, split: str) -> None:
+    for p in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")) + list(out.glob(f"{split}-*.tar.tmp")):
+        p.unlink()
+    for p in (out / f"{split}.json", out / f"{split}.state.json"):
+        p.unlink(missing_ok=True)
+
+
+def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: ShardOptions, workers: int = 1,
+              overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Shard one split; returns the manifest. Resumes an interrupted run with the same settings."""
+    from tqdm import tqdm
+
+    if opts.image_format not in IMAGE_EXTS:
+        raise UserError(f"--image-format must be one of {', '.join(IMAGE_EXTS)}")
+    if not 1 <= opts.quality <= 100:
+        raise UserError("--quality must be in 1..100")
+    if opts.maxcount < 1 or opts.maxsize < 1:
+        raise UserError("--maxcount and --maxsize must be positive")
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    scheme = get_scheme(opts.scheme)
+    root = resolve_root(root)
+    pairs = find_pairs(root, opts.split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = _params(opts, scheme, root, pairs)
+    man_path, state_path = out / f"{opts.split}.json", out / f"{opts.split}.state.json"
+
+    old = None
+    for p in (man_path, state_path):
+        if p.exists():
+            try:
+                old = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = {"params": None}
+            break
+    if old is not None and old.get("params") != params:
+        if not overwrite:
+            raise UserError(f"{out} already holds {opts.split!r} shards made with other settings or data; "
+                            "pass --overwrite to replace them, or choose another --out")
+        _remove_split(out, opts.split)
+        old = None
+    if old is not None and man_path.exists():
+        man = load_manifest(man_path)
+        log(f"{man_path} is up to date ({man['total']} samples in {len(man['shards'])} shards); nothing to do")
+        return man
+
+    order = [pairs[i] for i in np.random.default_rng(opts.seed).permutation(len(pairs))]
+    done: list[dict] = []
+    for sh in (old or {}).get("shards", []):  # resume: keep finished shards that are intact on disk
+        tar = out / sh["name"]
+        if not tar.is_file() or tar.stat().st_size != sh["bytes"]:
+            break
+        done.append(sh)
+    for stale in out.glob(f"{opts.split}-*.tar.tmp"):
+        stale.unlink()
+    start = sum(sh["count"] for sh in done)
+    if [k for sh in done for k in sh["keys"]] != [p.key for p in order[:start]]:
+        done, start = [], 0
+    if done:
+        log(f"resuming: {len(done)} finished shards ({start} samples) kept")
+
+    def save_state():
+        atomic_write_json(state_path, {"params": params, "shards": done})
+
+    save_state()
+    t0 = time.time()
+    throttle = float(os.environ.get("DISTSEG_SHARD_THROTTLE", "0") or 0)
+    todo = order[start:]
+    writer: ShardWriter | None = None
+    pool = None
+    try:
+        if workers > 1 and len(todo) > 1:
+            pool = get_context("spawn" if os.environ.get("DISTSEG_SPAWN") else "fork").Pool(
+                workers, initializer=_init_worker, initargs=(opts, scheme))
+            stream = pool.imap(_encode_worker, todo, chunksize=1)
+        else:
+            stream = (encode_pair(p, opts, scheme) for p in todo)
+        bar = tqdm(total=len(pairs), initial=start, desc=f"shard {opts.split}", unit="img", disable=not progress)
+        for enc in stream:
+            size = sum(512 + (len(d) + 511) // 512 * 512 for _, d in enc.files)
+            if writer is not None and (len(writer.keys) >= opts.maxcount or writer.size + size > opts.maxsize):
+                done.append(writer.finish())
+                writer = None
+                save_state()
+            if writer is None:
+                writer = ShardWriter(out / f"{opts.split}-{len(done):06d}.tar")
+            writer.add(enc)
+            bar.update(1)
+            if throttle:  # test hook: slow the writer down so a test can kill it mid-run
+                time.sleep(throttle)
+        if writer is not None:
+            done.append(writer.finish())
+            writer = None
+        bar.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if pool is not None:
+            pool.terminate()
+        save_state()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    elapsed = time.time() - t0
+
+    hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
+    src_bytes = sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs)
+    man = {
+        "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": opts.split,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
+        "scheme": scheme.describe(), "image_ext": opts.image_format, "mask_ext": "mask.png",
+        "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done), "source_bytes": src_bytes,
+        "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
+        "ignore_pixels": int(hist[IGNORE]),
+        "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
+    }
+    atomic_write_json(man_path, man)
+    state_path.unlink(missing_ok=True)
+    n_new = len(todo)
+    rate = n_new / elapsed if elapsed > 0 else float("inf")
+    log(f"wrote {man_path}: {man['total']} samples in {len(done)} shards, {man['bytes'] / 1e6:.1f} MB "
+        f"({man['bytes'] / max(src_bytes, 1):.2f}x the source PNGs); "
+        f"{rate:.1f} img/s with {workers} worker(s), {rate / max(1, min(workers, os.cpu_count() or 1)):.1f} img/s per core")
+    return load_manifest(man_path)

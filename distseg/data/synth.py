@@ -1,0 +1,167 @@
+"""Synthetic Cityscapes-format data: street-like scenes a U-Net can learn, deterministic by seed.
+
+The tree has the real layout and file names (leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png,
+gtFine/... _gtFine_labelIds.png, _color.png, _instanceIds.png), so every tool that reads Cityscapes reads it.
+Each class has its own colour family and texture, with random geometry, so the task is learnable but not trivial.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from distseg.labels import ID2LABEL, NAME2LABEL
+
+CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"]}
+L = {name: NAME2LABEL[name].id for name in
+     ("unlabeled", "ego vehicle", "road", "sidewalk", "building", "pole", "traffic sign", "vegetation",
+      "sky", "person", "car")}
+
+
+def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in base)
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW)."""
+    W, H = width, height
+    img = Image.new("RGB", (W, H))
+    lab = Image.new("L", (W, H))
+    inst = Image.new("I", (W, H))
+    di, dl, dn = ImageDraw.Draw(img), ImageDraw.Draw(lab), ImageDraw.Draw(inst)
+
+    def draw(kind: str, xy, label: int, color, instance: int | None = None, **kw):
+        getattr(di, kind)(xy, fill=color, **kw)
+        getattr(dl, kind)(xy, fill=label, **kw)
+        getattr(dn, kind)(xy, fill=label if instance is None else instance, **kw)
+
+    horizon = int(H * rng.uniform(0.38, 0.52))
+    # sky: a vertical blue gradient
+    top, bottom = np.array(_jitter(rng, (90, 140, 210), 25)), np.array(_jitter(rng, (170, 200, 235), 20))
+    for y in range(horizon + 1):
+        t = y / max(horizon, 1)
+        draw("line", [(0, y), (W, y)], L["sky"], tuple(int(v) for v in top * (1 - t) + bottom * t))
+    # buildings: a row of blocks with windows
+    x = int(-rng.integers(0, W // 8))
+    while x < W:
+        bw = int(rng.integers(W // 10, W // 4))
+        btop = int(rng.integers(int(H * 0.05), max(int(H * 0.06), horizon - H // 10)))
+        color = _jitter(rng, (110, 100, 95), 40)
+        draw("rectangle", [x, btop, x + bw, horizon + H // 20], L["building"], color)
+        win = tuple(max(0, c - 55) for c in color)
+        ws = max(2, W // 80)
+        for wy in range(btop + ws, horizon - ws, ws * 3):
+            for wx in range(x + ws, x + bw - ws, ws * 3):
+                draw("rectangle", [wx, wy, wx + ws, wy + ws], L["building"], win)
+        x += bw + int(rng.integers(0, W // 30))
+    # trees behind the sidewalk
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = int(rng.integers(0, W)), int(horizon - rng.integers(0, H // 8))
+        r = int(rng.integers(H // 14, H // 7))
+        draw("rectangle", [cx - max(1, r // 6), cy, cx + max(1, r // 6), horizon + H // 20], L["pole"],
+             _jitter(rng, (90, 70, 50), 10))
+        draw("ellipse", [cx - r, cy - 2 * r, cx + r, cy], L["vegetation"], _jitter(rng, (60, 130, 40), 25))
+    # ground: sidewalk everywhere below the horizon, then the road as a trapezoid to a vanishing point
+    draw("rectangle", [0, horizon, W, H], L["sidewalk"], _jitter(rng, (200, 180, 190), 20))
+    vx = int(W * rng.uniform(0.35, 0.65))
+    half_top, half_bot = W * 0.04, W * rng.uniform(0.42, 0.6)
+    road = [(vx - half_top, horizon), (vx + half_top, horizon), (W / 2 + half_bot, H), (W / 2 - half_bot, H)]
+    draw("polygon", road, L["road"], _jitter(rng, (85, 75, 90), 12))
+    for k in range(6):  # dashed centre line (still road)
+        t0, t1 = (k + 0.2) / 6, (k + 0.6) / 6
+        ya, yb = horizon + (H - horizon) * t0 ** 1.5, horizon + (H - horizon) * t1 ** 1.5
+        xa, xb = vx + (W / 2 - vx) * (ya - horizon) / (H - horizon), vx + (W / 2 - vx) * (yb - horizon) / (H - horizon)
+        draw("line", [(xa, ya), (xb, yb)], L["road"], (200, 200, 190), width=max(1, int(W / 200 * (1 + 3 * t1))))
+    # poles with signs along the sidewalk
+    for _ in range(int(rng.integers(0, 3))):
+        px, pw = int(rng.integers(0, W)), max(2, W // 150)
+        ptop = int(horizon - rng.integers(H // 10, H // 4))
+        pbot = int(horizon + rng.integers(H // 20, H // 5))
+        draw("rectangle", [px, ptop, px + pw, pbot], L["pole"], _jitter(rng, (150, 150, 150), 15))
+        s = max(3, W // 50)
+        draw("rectangle", [px - s, ptop - s, px + pw + s, ptop + s], L["traffic sign"], _jitter(rng, (220, 210, 20), 20))
+    # objects sorted far to near so nearer ones are drawn on top
+    objects = []
+    for _ in range(int(rng.integers(1, 5))):
+        objects.append(("car", float(rng.uniform(0.15, 0.95))))
+    for _ in range(int(rng.integers(0, 4))):
+        objects.append(("person", float(rng.uniform(0.05, 0.9))))
+    n_inst = {"car": 0, "person": 0}
+    for kind, depth in sorted(objects, key=lambda o: o[1]):
+        y = horizon + (H - horizon) * depth  # bottom edge
+        scale = 0.15 + 0.85 * depth
+        if kind == "car":
+            cw, ch = W * 0.16 * scale, H * 0.12 * scale
+            span = half_top + (half_bot - half_top) * depth
+            cx = vx + (W / 2 - vx) * depth + rng.uniform(-0.7, 0.7) * span
+            iid = L["car"] * 1000 + n_inst["car"]
+            n_inst["car"] += 1
+            color = tuple(int(c) for c in rng.integers(20, 235, 3))
+            draw("rectangle", [cx - cw / 2, y - ch, cx + cw / 2, y - ch * 0.2], L["car"], color, iid)
+            draw("rectangle", [cx - cw / 3, y - ch * 1.45, cx + cw / 3, y - ch], L["car"],
+                 tuple(min(255, c + 30) for c in color), iid)
+            draw("rectangle", [cx - cw / 3.6, y - ch * 1.35, cx + cw / 3.6, y - ch * 1.02], L["car"], (40, 50, 60), iid)
+            for wx in (cx - cw / 3, cx + cw / 3):
+                draw("ellipse", [wx - ch * 0.22, y - ch * 0.42, wx + ch * 0.22, y], L["car"], (15, 15, 15), iid)
+        else:
+            ph, pw = H * 0.28 * scale, W * 0.022 * scale
+            side = rng.choice([-1.0, 1.0])
+            cx = vx + (W / 2 - vx) * depth + side * (half_top + (half_bot - half_top) * depth + rng.uniform(2, W * 0.08))
+            iid = L["person"] * 1000 + n_inst["person"]
+            n_inst["person"] += 1
+            cloth = tuple(int(c) for c in rng.integers(20, 200, 3))
+            draw("rectangle", [cx - pw, y - ph * 0.85, cx + pw, y - ph * 0.45], L["person"], cloth, iid)
+            draw("rectangle", [cx - pw * 0.8, y - ph * 0.45, cx + pw * 0.8, y], L["person"], _jitter(rng, (40, 40, 70), 20), iid)
+            draw("ellipse", [cx - pw * 0.7, y - ph, cx + pw * 0.7, y - ph * 0.83], L["person"], _jitter(rng, (225, 180, 150), 20), iid)
+    # ego vehicle hood at the bottom (void in Cityscapes, ignored by training)
+    hood = int(H * rng.uniform(0.03, 0.08))
+    draw("ellipse", [-W * 0.1, H - hood, W * 1.1, H + hood], L["ego vehicle"], (20, 20, 25))
+    # sensor noise and exposure
+    rgb = np.asarray(img, dtype=np.float32) * rng.uniform(0.8, 1.15)
+    rgb += rng.normal(0.0, 5.0, rgb.shape)
+    return (np.clip(rgb, 0, 255).astype(np.uint8), np.asarray(lab, np.uint8).copy(),
+            np.asarray(inst, np.int32).copy())
+
+
+def color_image(label_ids: np.ndarray) -> np.ndarray:
+    """RGBA colour rendering of a labelIds map, as in gtFine *_color.png."""
+    pal = np.zeros((256, 4), np.uint8)
+    for lid, lab in ID2LABEL.items():
+        if lid >= 0:
+            pal[lid] = (*lab.color, 255)
+    return pal[label_ids]
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int = 256, seed: int = 0,
+                progress: bool = True) -> int:
+    """Write a Cityscapes-format tree under `out`; returns the number of images written."""
+    from tqdm import tqdm
+
+    todo = [(split, i) for split, n in counts.items() for i in range(n)]
+    for split, i in tqdm(todo, desc="synth", unit="img", disable=not progress):
+        cities = CITIES.get(split, [split])
+        city = cities[i % len(cities)]
+        stem = f"{city}_{i // len(cities):06d}_000019"
+        rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height)
+        img_dir = out / "leftImg8bit" / split / city
+        gt_dir = out / "gtFine" / split / city
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        _save(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
+        _save(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
+        _save(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
+        _save(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
+    return len(todo)
+
+
+def _save(im: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    tmp.replace(path)

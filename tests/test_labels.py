@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from distseg.errors import UserError
+from distseg.labels import IGNORE, LABELS, get_scheme
+
+cs = pytest.importorskip("cityscapesscripts.helpers.labels")
+
+
+def test_table_matches_cityscapesscripts():
+    ours = [tuple(l) for l in LABELS]
+    theirs = [(l.name, l.id, l.trainId, l.category, l.categoryId, l.hasInstances, l.ignoreInEval, tuple(l.color))
+              for l in cs.labels]
+    assert ours == theirs
+
+
+def test_trainid_lut_matches_official_mapping():
+    s = get_scheme("trainid")
+    assert s.num_classes == 19
+    for l in cs.labels:
+        if l.id >= 0:
+            want = l.trainId if 0 <= l.trainId < 255 else IGNORE
+            assert s.lut[l.id] == want, l.name
+    assert s.lut[IGNORE] == IGNORE
+    # results exporter: trainId -> id is the official inverse
+    assert [s.export_lut()[t] for t in range(19)] == [cs.trainId2label[t].id for t in range(19)]
+
+
+def test_category_and_binary_schemes():
+    cat = get_scheme("category")
+    assert cat.class_names == ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+    for l in cs.labels:
+        if l.id >= 0:
+            want = IGNORE if (l.ignoreInEval or l.categoryId == 0) else l.categoryId - 1
+            assert cat.lut[l.id] == want, l.name
+    auto = get_scheme("automobile")
+    fg = {cs.name2label[n].id for n in ("car", "truck", "bus", "caravan", "trailer")}
+    assert {i for i in range(256) if auto.lut[i] == 1} == fg
+    assert set(np.unique(auto.lut[:34])) == {0, 1}
+    person = get_scheme("person")
+    assert [i for i in range(256) if person.lut[i] == 1] == [cs.name2label["person"].id]
+    lid = get_scheme("labelid")
+    assert (lid.remap(np.arange(34)) == np.arange(34)).all()
+
+
+def test_custom_scheme(tmp_path):
+    p = tmp_path / "drive.yaml"
+    p.write_text("name: drive\nclasses:\n  - {name: road, labels: [road, parking]}\n"
+                 "  - {name: vehicle, labels: [car, 27]}\ndefault: ignore\n")
+    s = get_scheme(str(p))
+    assert s.name == "drive" and s.class_names == ["road", "vehicle"]
+    assert s.lut[7] == 0 and s.lut[9] == 0 and s.lut[26] == 1 and s.lut[27] == 1 and s.lut[23] == IGNORE
+    p.write_text("classes:\n  - {name: a, labels: [road]}\n  - {name: b, labels: [road]}\n")
+    with pytest.raises(UserError, match="two classes"):
+        get_scheme(str(p))
+    p.write_text("classes:\n  - {name: a, labels: [roadd]}\n")
+    with pytest.raises(UserError, match="unknown Cityscapes label 'roadd'"):
+        get_scheme(str(p))
+    with pytest.raises(UserError, match="unknown scheme"):
+        get_scheme("nope")

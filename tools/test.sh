@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the test suite (creates .venv on first use). Extra arguments go to pytest, e.g. tools/test.sh -k shard
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tools/setup-venv.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec python -m pytest -q -rs "$@"
