@@ -1,0 +1,250 @@
+"""Training configuration: dataclasses, YAML load/dump, dotted overrides (a.b.c=value), validation.
+
+Every mistake is a UserError naming the key, so `train.py` can stop with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from distseg.errors import UserError
+
+
+@dataclass
+class DataCfg:
+    shards: str = "shards"  # folder with <split>.json manifests
+    train_split: str = "train"
+    val_split: str = "val"
+    loader: str = "torch"  # torch | dali
+    scheme: str = "trainid"
+    batch_size: int = 8  # per process
+    val_batch_size: int = 4  # per process
+    num_workers: int = 2
+    decode: str = "auto"  # cpu | gpu | auto (gpu when CUDA is present)
+    crop: list[int] = field(default_factory=lambda: [512, 1024])  # H, W of training crops; [] = no crop
+    scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
+    flip: bool = True
+    color: float = 0.2  # brightness/contrast/saturation jitter strength (0 = off)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    val_scale: float = 1.0  # validation input scale; logits are upsampled back to the label size
+
+
+@dataclass
+class ModelCfg:
+    base: int = 64  # channels of the first level (the seed's U-Net: 64)
+    depth: int = 4  # number of down-sampling steps
+    norm: str = "batch"  # batch | sync_batch | group | none
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class LossCfg:
+    ce: float = 1.0  # cross-entropy weight (ignore 255)
+    dice: float = 0.0  # soft Dice weight
+    bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
+
+
+@dataclass
+class OptimCfg:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fused: str = "auto"  # auto (on CUDA) | true | false
+
+
+@dataclass
+class SchedCfg:
+    warmup_steps: int = 0
+    power: float = 0.9  # poly decay exponent
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 10
+    max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max grad norm; 0 = off
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 1  # epochs
+    ckpt_every: int = 0  # optimizer steps; 0 = only at epoch ends
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | PATH to a checkpoint folder
+    init_from: str = ""  # weights to start from (fine-tuning): a checkpoint folder or model.safetensors
+    reset_head: bool = True  # with init_from: start the 1x1 head afresh (new classes)
+    tb_images: int = 4  # validation images shown in TensorBoard
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    sched: SchedCfg = field(default_factory=SchedCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+CHOICES = {
+    "data.loader": ("torch", "dali"), "data.decode": ("cpu", "gpu", "auto"),
+    "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
+    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise UserError(f"config: {where or 'top level'} must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise UserError(f"config: unknown key {where + '.' if where else ''}{sorted(unknown)[0]} "
+                        f"(known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, val, typ = f"{where}.{f.name}" if where else f.name, data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, val or {}, key)
+        else:
+            kwargs[f.name] = _coerce(val, typ, key)
+    return cls(**kwargs)
+
+
+def _coerce(val: Any, typ, key: str):
+    origin = getattr(typ, "__origin__", None)
+    try:
+        if typ is bool:
+            if isinstance(val, bool):
+                return val
+            if str(val).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(val).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(val, bool) or (isinstance(val, float) and not val.is_integer()):
+                raise ValueError
+            return int(val)
+        if typ is float:
+            if isinstance(val, bool):
+                raise ValueError
+            return float(val)
+        if typ is str:
+            if isinstance(val, (dict, list)):
+                raise ValueError
+            return "" if val is None else str(val).lower() if isinstance(val, bool) else str(val)
+        if origin is list:
+            if val is None:
+                return []
+            if not isinstance(val, (list, tuple)):
+                raise ValueError
+            (inner,) = typ.__args__
+            return [_coerce(v, inner, key) for v in val]
+    except (TypeError, ValueError):
+        pass
+    else:
+        return val
+    name = getattr(typ, "__name__", str(typ))
+    raise UserError(f"config: {key} must be {name}, got {val!r}")
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"config override {dotted}: {p} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + `a.b=value` overrides -> validated Config."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping")
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"bad override {ov!r}: use section.key=value, e.g. train.epochs=5")
+        k, v = ov.split("=", 1)
+        try:
+            parsed = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            parsed = v
+        _set_dotted(data, k.strip(), parsed)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        val = getattr(getattr(cfg, sec), name)
+        if val not in allowed:
+            raise UserError(f"config: {key} must be one of {', '.join(allowed)}, got {val!r}")
+    d, t = cfg.data, cfg.train
+    positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size, "model.base": cfg.model.base,
+                "model.depth": cfg.model.depth, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                "train.val_every": t.val_every, "train.keep_last": t.keep_last}
+    for k, v in positive.items():
+        if v < 1:
+            raise UserError(f"config: {k} must be at least 1, got {v}")
+    if d.num_workers < 0 or t.epochs < 0 or t.max_steps < 0 or t.ckpt_every < 0:
+        raise UserError("config: data.num_workers, train.epochs, train.max_steps and train.ckpt_every must be >= 0")
+    if t.epochs == 0 and t.max_steps == 0:
+        raise UserError("config: set train.epochs or train.max_steps")
+    if d.crop and (len(d.crop) != 2 or min(d.crop) < 1):
+        raise UserError(f"config: data.crop must be [height, width] or [], got {d.crop}")
+    if len(d.scale) != 2 or not 0 < d.scale[0] <= d.scale[1]:
+        raise UserError(f"config: data.scale must be [min, max] with 0 < min <= max, got {d.scale}")
+    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
+        raise UserError("config: data.mean and data.std need 3 values, std > 0")
+    if not 0 <= d.color < 1:
+        raise UserError("config: data.color must be in [0, 1)")
+    if d.val_scale <= 0:
+        raise UserError("config: data.val_scale must be > 0")
+    if cfg.optim.lr <= 0:
+        raise UserError("config: optim.lr must be > 0")
+    if min(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce) < 0 or cfg.loss.ce + cfg.loss.dice + cfg.loss.bce == 0:
+        raise UserError("config: loss weights must be >= 0 and not all 0")
+    if not cfg.name or "/" in cfg.name:
+        raise UserError(f"config: name must be a plain folder name, got {cfg.name!r}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,93 @@
+"""Joint image+mask augmentation in plain torch ops, so it runs the same on CPU workers and on the GPU.
+
+Random parameters come from a generator seeded by (seed, epoch, sample index): a sample gets the same
+augmentation whichever rank, worker or device processes it, which makes resume and 1-vs-N-process
+runs reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distseg.labels import IGNORE
+
+
+@dataclass(frozen=True)
+class AugParams:
+    scale: float
+    cy: float  # crop offset as a fraction of the free room
+    cx: float
+    flip: bool
+    brightness: float
+    contrast: float
+    saturation: float
+
+
+def draw_params(seed: int, epoch: int, index: int, scale: tuple[float, float], flip: bool, color: float) -> AugParams:
+    rng = np.random.default_rng([seed, epoch, index, 7])
+    u = rng.random(7)  # always 7 draws, in a fixed order
+    s = scale[0] + (scale[1] - scale[0]) * u[0]
+    jit = [1.0 + color * (2 * v - 1) for v in u[4:7]]
+    return AugParams(float(s), float(u[1]), float(u[2]), bool(flip and u[3] < 0.5), *map(float, jit))
+
+
+def normalize(img: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 or [0,1] float C x H x W -> normalised float32."""
+    x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+
+
+def augment(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: list[int] | tuple, mean, std
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """img uint8 3xHxW, mask uint8 HxW -> (normalised float 3xhxw, int64 hxw), crop size (h, w) if given."""
+    h, w = img.shape[-2:]
+    nh, nw = max(1, round(h * p.scale)), max(1, round(w * p.scale))
+    x = img.float().unsqueeze(0) / 255.0
+    m = mask.unsqueeze(0).unsqueeze(0).float()
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        m = F.interpolate(m, size=(nh, nw), mode="nearest")
+    x = x[0].clamp(0, 1)
+    m = m[0, 0].long()
+    if p.brightness != 1.0:
+        x = (x * p.brightness).clamp(0, 1)
+    if p.contrast != 1.0:
+        x = ((x - _gray(x).mean()) * p.contrast + _gray(x).mean()).clamp(0, 1)
+    if p.saturation != 1.0:
+        g = _gray(x)
+        x = ((x - g) * p.saturation + g).clamp(0, 1)
+    x = normalize(x, mean, std)
+    if crop:
+        ch, cw = crop
+        ph, pw = max(0, ch - nh), max(0, cw - nw)
+        if ph or pw:  # pad: image with 0 (= the mean after normalising), mask with ignore
+            x = F.pad(x, (0, pw, 0, ph))
+            m = F.pad(m, (0, pw, 0, ph), value=IGNORE)
+        y0 = int(p.cy * (x.shape[-2] - ch))
+        x0 = int(p.cx * (x.shape[-1] - cw))
+        x = x[:, y0:y0 + ch, x0:x0 + cw]
+        m = m[y0:y0 + ch, x0:x0 + cw]
+    if p.flip:
+        x = x.flip(-1)
+        m = m.flip(-1)
+    return x.contiguous(), m.contiguous()
+
+
+def prepare_val(img: torch.Tensor, mask: torch.Tensor, mean, std, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation: normalise (and optionally rescale the image only; the mask stays at full size)."""
+    x = normalize(img, mean, std)
+    if scale != 1.0:
+        h, w = x.shape[-2:]
+        x = F.interpolate(x.unsqueeze(0), size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                          mode="bilinear", align_corners=False)[0]
+    return x.contiguous(), mask.long()

@@ -1,0 +1,60 @@
+"""Confusion matrix -> per-class IoU, mIoU, pixel accuracy, with the official Cityscapes conventions:
+ignored ground truth counts nowhere; a class absent from both ground truth and prediction has IoU NaN
+and is left out of the mean."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from distseg.labels import IGNORE
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        self.n = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: integer maps of equal shape; target 255 (or >= num_classes) is ignored."""
+        t = target.reshape(-1).long()
+        p = pred.reshape(-1).long().to(t.device)
+        keep = (t != IGNORE) & (t < self.n) & (t >= 0)
+        idx = t[keep] * self.n + p[keep].clamp(0, self.n - 1)
+        self.mat += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).to(self.mat.device)
+
+    def reduce(self, accelerator) -> "ConfusionMatrix":
+        """Sum over ranks (each rank must have counted disjoint samples)."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            self.mat = accelerator.reduce(self.mat, reduction="sum")
+        return self
+
+    def scores(self, eval_classes: list[int] | None = None) -> dict:
+        cls = list(range(self.n)) if eval_classes is None else list(eval_classes)
+        m = self.mat.double().cpu().numpy()
+        rows = np.zeros(self.n, bool)
+        rows[cls] = True
+        m[~rows] = 0  # ground truth outside the evaluated classes counts nowhere (official convention)
+        tp = np.diag(m)
+        gt = m.sum(1)
+        pred = m.sum(0)
+        iou = {}
+        for c in cls:
+            union = gt[c] + pred[c] - tp[c]
+            iou[c] = float(tp[c] / union) if union > 0 else math.nan
+        valid = [v for v in iou.values() if not math.isnan(v)]
+        total = m.sum()
+        return {"iou": iou, "miou": float(np.mean(valid)) if valid else math.nan,
+                "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan, "pixels": int(total)}
+
+
+def format_table(scores: dict, class_names: list[str]) -> str:
+    lines = [f"{'class':<16}{'IoU':>8}"]
+    for c, v in scores["iou"].items():
+        lines.append(f"{class_names[c]:<16}{'  n/a' if math.isnan(v) else f'{100 * v:8.2f}'}")
+    lines.append(f"{'mIoU':<16}{100 * scores['miou']:8.2f}")
+    lines.append(f"{'pixel acc':<16}{100 * scores['pixel_acc']:8.2f}")
+    return "\n".join(lines)
