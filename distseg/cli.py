@@ -130,5 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m distseg.cli`: use the importable module, where commands register
+    from distseg.cli import main as _main
+
+    _main()

@@ -15,7 +15,9 @@ from distseg.labels import IGNORE
 class ConfusionMatrix:
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
         self.n = num_classes
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        # one extra column for predictions outside 0..n-1 (e.g. an ignored label id in a results file):
+        # they are misses for the true class, and a false positive for no class (official convention)
+        self.mat = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -23,8 +25,10 @@ class ConfusionMatrix:
         t = target.reshape(-1).long()
         p = pred.reshape(-1).long().to(t.device)
         keep = (t != IGNORE) & (t < self.n) & (t >= 0)
-        idx = t[keep] * self.n + p[keep].clamp(0, self.n - 1)
-        self.mat += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).to(self.mat.device)
+        pk = p[keep]
+        pk = torch.where((pk >= 0) & (pk < self.n), pk, torch.full_like(pk, self.n))
+        idx = t[keep] * (self.n + 1) + pk
+        self.mat += torch.bincount(idx, minlength=self.n * (self.n + 1)).reshape(self.n, self.n + 1).to(self.mat.device)
 
     def reduce(self, accelerator) -> "ConfusionMatrix":
         """Sum over ranks (each rank must have counted disjoint samples)."""
@@ -38,9 +42,9 @@ class ConfusionMatrix:
         rows = np.zeros(self.n, bool)
         rows[cls] = True
         m[~rows] = 0  # ground truth outside the evaluated classes counts nowhere (official convention)
-        tp = np.diag(m)
+        tp = np.diag(m[:, : self.n])
         gt = m.sum(1)
-        pred = m.sum(0)
+        pred = m[:, : self.n].sum(0)
         iou = {}
         for c in cls:
             union = gt[c] + pred[c] - tp[c]

@@ -300,7 +300,8 @@ def train(cfg, accelerator) -> dict:
         validate()
     elapsed = time.time() - t_start
     summary = {"name": cfg.name, "steps": state["step"], "epochs": state["epoch"], "best_miou": state["best_miou"],
-               "final_miou": last_scores["miou"] if last_scores else None, "seconds": elapsed,
+               "final_miou": last_scores["miou"] if last_scores else None,
+               "final_pixels": last_scores["pixels"] if last_scores else None, "seconds": elapsed,
                "img_per_s": state["samples"] / elapsed if steps_run else 0.0, "processes": world,
                "preempted": preempted, "final_iou": {scheme.class_names[c]: v for c, v in last_scores["iou"].items()}
                if last_scores else {}}

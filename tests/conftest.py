@@ -12,7 +12,7 @@ def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     """Run `distseg ARGS` in a subprocess, as a user would; returns CompletedProcess."""
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "distseg.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "distseg", *map(str, args)], capture_output=True, text=True,
                        env=e, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"distseg {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")

@@ -122,7 +122,7 @@ def test_kill_mid_run_leaves_no_partial_tar_and_rerun_resumes(synth_root, tmp_pa
     run_cli("shard", "--split", "train", "--root", synth_root, "--out", ref, "--maxcount", "2")
     out = tmp_path / "out"
     env = dict(os.environ, DISTSEG_SHARD_THROTTLE="0.15")
-    proc = subprocess.Popen([sys.executable, "-m", "distseg.cli", "shard", "--split", "train", "--root", str(synth_root),
+    proc = subprocess.Popen([sys.executable, "-m", "distseg", "shard", "--split", "train", "--root", str(synth_root),
                              "--out", str(out), "--maxcount", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:

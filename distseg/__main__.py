@@ -1,0 +1,3 @@
+from distseg.cli import main
+
+main()
