@@ -37,8 +37,9 @@ def read_state(ckpt: Path) -> dict:
         raise UserError(f"{ckpt} is not a complete distseg checkpoint: {e}") from None
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int) -> Path:
-    """Collective: every rank must call it at the same step."""
+def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int, rank_files: dict | None = None) -> Path:
+    """Collective: every rank must call it at the same step. `rank_files` ({name: text}) are written by
+    each rank with its index appended (e.g. a DALI reader position, which differs per rank)."""
     final = ckpt_dir / f"step-{state['step']:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
     if accelerator.is_main_process:
@@ -47,6 +48,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int) ->
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    for name, text in (rank_files or {}).items():
+        (tmp / f"{name}_{accelerator.process_index}").write_text(text)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w") as f:

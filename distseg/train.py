@@ -164,6 +164,13 @@ def train(cfg, accelerator) -> dict:
     if resume_from is not None:
         acc.load_state(str(resume_from))
         state.update(read_state(resume_from))
+        loader_state = resume_from / f"loader_state_{acc.process_index}"
+        if hasattr(train_loader, "load_state_dict"):
+            if loader_state.is_file() and state.get("world", world) == world:
+                train_loader.load_state_dict(loader_state.read_text())
+            elif state["batch_in_epoch"]:
+                raise UserError(f"{resume_from} was written with another loader or process count; the DALI reader "
+                                "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")
         acc.print(f"resumed from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
                   f"batch {state['batch_in_epoch']})")
 
@@ -180,7 +187,8 @@ def train(cfg, accelerator) -> dict:
     preempted = False
 
     def checkpoint():
-        return save_checkpoint(acc, ckpt_dir, dict(state, config=cfg.name), cfg.train.keep_last)
+        extra = {"loader_state": train_loader.state_dict()} if hasattr(train_loader, "state_dict") else None
+        return save_checkpoint(acc, ckpt_dir, dict(state, config=cfg.name, world=world), cfg.train.keep_last, extra)
 
     def validate():
         nonlocal last_scores

@@ -1,0 +1,147 @@
+"""DALI loader: fn.readers.webdataset over the shards, JPEG decoded on the GPU (`mixed`) or the CPU
+(device_id=None, for CPU-only machines and CI), the same joint augmentations as the torch loader with one
+set of random nodes feeding both image and mask, and the common batch contract.
+
+Sample-exact by rank: DALI splits the samples into num_shards contiguous ranges; pad_last_batch pads
+every rank to the same number of batches by repeating its last sample. Those repeats are marked
+valid=False (position in the epoch >= this rank's range), so they count nowhere. shuffle_after_epoch
+reshuffles the order between epochs with the same seed on every rank (the shards are already sample-
+shuffled when written). Mid-epoch resume uses DALI's own checkpoint of reader position and RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from distseg.data.manifest import shard_paths
+from distseg.errors import UserError
+
+INFO_BYTES = 512
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+class DaliLoader:
+    def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict,
+                 checkpoint: str | None = None):
+        if not dali_available():
+            raise UserError("data.loader=dali needs nvidia-dali-cuda120 (pip install nvidia-dali-cuda120)")
+        if man["image_ext"] != "jpg":
+            raise UserError("data.loader=dali reads JPEG shards: re-shard with --image-format jpg")
+        self.cfg, self.train, self.man = cfg, train, man
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        self.world, self.rank = world, rank
+        self.lut = lut
+        self.n = man["total"]
+        self.batch_size = cfg.data.batch_size if train else cfg.data.val_batch_size
+        if self.n < world:
+            raise UserError(f"{man['_path']}: {self.n} samples cannot be split over {world} processes")
+        # DALI's shard of rank r: samples [n*r//world, n*(r+1)//world)
+        self.shard_len = self.n * (rank + 1) // world - self.n * rank // world
+        self.max_shard = max(self.n * (r + 1) // world - self.n * r // world for r in range(world))
+        self._batch = 0
+        self._build(checkpoint)
+
+    # -- pipeline ---------------------------------------------------------------------------------
+    def _build(self, checkpoint: str | None) -> None:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        cfg, d = self.cfg, self.cfg.data
+        tars = [str(p) for p in shard_paths(self.man)]
+        idx = [t[:-4] + ".idx" for t in tars]
+        train, gpu = self.train, self.gpu
+        mean = [255 * m for m in d.mean]
+        std = [255 * s for s in d.std]
+        lut = self.lut
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=max(1, d.num_workers),
+                      device_id=self.device.index or 0 if gpu else None, seed=cfg.train.seed + 1,
+                      enable_checkpointing=True, prefetch_queue_depth=2)
+        def pipe():
+            jpg, mask = fn.readers.webdataset(
+                paths=tars, index_paths=idx, ext=["jpg", "mask.png"], shard_id=self.rank, num_shards=self.world,
+                pad_last_batch=True, name="Reader",
+                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.train.seed) if train else {}))
+            info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[INFO_BYTES])
+            img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            m = fn.decoders.image(mask, device="cpu", output_type=types.GRAY)
+            if lut is not None:
+                keys = list(range(256))
+                m = fn.lookup_table(m, keys=keys, values=[int(v) for v in lut], default_value=255,
+                                    dtype=types.UINT8)
+            if gpu:
+                m = m.gpu()
+            if train:
+                hw = fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT)
+                s = fn.random.uniform(range=list(d.scale))
+                size = hw * s
+                img = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+                m = fn.resize(m, size=size, interp_type=types.INTERP_NN)
+                if d.color > 0:
+                    rng = [1 - d.color, 1 + d.color]
+                    img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
+                                         contrast=fn.random.uniform(range=rng), saturation=fn.random.uniform(range=rng))
+                flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
+                cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
+                crop = dict(crop=list(d.crop)) if d.crop else {}
+                # one set of random nodes feeds both: the mask follows the image exactly
+                img = fn.crop_mirror_normalize(img, **crop, crop_pos_x=cx, crop_pos_y=cy, mirror=flip, mean=mean,
+                                               std=std, dtype=types.FLOAT, output_layout="CHW",
+                                               out_of_bounds_policy="pad", fill_values=0.0)
+                m = fn.crop_mirror_normalize(m, **crop, crop_pos_x=cx, crop_pos_y=cy, mirror=flip, mean=[0.0],
+                                             std=[1.0], dtype=types.UINT8, output_layout="CHW",
+                                             out_of_bounds_policy="pad", fill_values=255.0)
+            else:
+                if d.val_scale != 1.0:
+                    img = fn.resize(img, size=fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT) * d.val_scale,
+                                    interp_type=types.INTERP_LINEAR, antialias=False)
+                img = fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+                m = fn.transpose(m, perm=[2, 0, 1])
+            return img, m, info
+
+        self.pipe = pipe(checkpoint=checkpoint) if checkpoint else pipe()
+        self.pipe.build()
+        self.it = DALIGenericIterator([self.pipe], ["image", "mask", "info"], reader_name="Reader",
+                                      last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
+
+    # -- loader protocol (same as TorchLoader) ----------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.n
+
+    def __len__(self) -> int:
+        return math.ceil(self.max_shard / self.batch_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """DALI keeps its own epoch order; `skip_batches` is the position a restored checkpoint resumes at."""
+        self._batch = skip_batches
+
+    def state_dict(self) -> str:
+        return self.it.checkpoints()[0]
+
+    def load_state_dict(self, state: str) -> None:
+        self._build(state)
+
+    def __iter__(self):
+        for out in self.it:
+            o = out[0]
+            n = o["image"].shape[0]
+            pos = self._batch * self.batch_size + torch.arange(n)
+            self._batch += 1
+            info = o["info"].cpu().numpy().astype(np.uint8)
+            keys = [bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1].split(".", 1)[0] for row in info]
+            yield {"image": o["image"].to(self.device), "mask": o["mask"][:, 0].long().to(self.device),
+                   "key": keys, "valid": (pos < self.shard_len).to(self.device)}
+        self._batch = 0
