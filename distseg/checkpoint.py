@@ -38,7 +38,7 @@ def read_state(ckpt: Path) -> dict:
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int, rank_files: dict | None = None) -> Path:
-    """Collective: every rank must call it at the same step. `rank_files` ({name: text}) are written by
+    """Collective: every rank must call it at the same step. `rank_files` ({name: str or bytes}) are written by
     each rank with its index appended (e.g. a DALI reader position, which differs per rank)."""
     final = ckpt_dir / f"step-{state['step']:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
@@ -48,8 +48,9 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int, ra
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    for name, text in (rank_files or {}).items():
-        (tmp / f"{name}_{accelerator.process_index}").write_text(text)
+    for name, data in (rank_files or {}).items():
+        f = tmp / f"{name}_{accelerator.process_index}"
+        f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w") as f:

@@ -167,7 +167,7 @@ def train(cfg, accelerator) -> dict:
         loader_state = resume_from / f"loader_state_{acc.process_index}"
         if hasattr(train_loader, "load_state_dict"):
             if loader_state.is_file() and state.get("world", world) == world:
-                train_loader.load_state_dict(loader_state.read_text())
+                train_loader.load_state_dict(loader_state.read_bytes())
             elif state["batch_in_epoch"]:
                 raise UserError(f"{resume_from} was written with another loader or process count; the DALI reader "
                                 "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")

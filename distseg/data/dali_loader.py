@@ -73,7 +73,10 @@ class DaliLoader:
             jpg, mask = fn.readers.webdataset(
                 paths=tars, index_paths=idx, ext=["jpg", "mask.png"], shard_id=self.rank, num_shards=self.world,
                 pad_last_batch=True, name="Reader",
-                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.train.seed) if train else {}))
+                # training: one global reshuffle per epoch, shard ranges fixed; validation: no shuffle, and
+                # stick_to_shard, or DALI would move each rank to the next shard every epoch
+                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.train.seed) if train
+                   else dict(stick_to_shard=True)))
             info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[INFO_BYTES])
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
             m = fn.decoders.image(mask, device="cpu", output_type=types.GRAY)
