@@ -48,3 +48,61 @@ def predict(run, checkpoint, out, alpha, inputs) -> None:
 
     n = run_predict(run, tuple(inputs), out, checkpoint, alpha)
     click.echo(f"wrote {n} predictions to {out} (overlays in {out}/overlay)")
+
+
+@cli.group()
+def bench() -> None:
+    """Throughput benchmarks (Markdown tables)."""
+
+
+def _emit(text: str, out: str | None) -> None:
+    click.echo(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n\n")
+
+
+@bench.command("data")
+@click.option("--config", "-c", default=None, help="training config (data section is used)")
+@click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
+@click.option("--split", default="train", show_default=True)
+@click.option("--batches", default=20, show_default=True)
+@click.option("--modes", default="png,torch-cpu,torch-gpu,dali", show_default=True)
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_data_cmd(config, root, split, batches, modes, out, overrides) -> None:
+    """Raw PNG folder vs torch loader (CPU / GPU decode) vs DALI: img/s and CPU use."""
+    from distseg.bench import bench_data
+    from distseg.config import load_config
+
+    cfg = load_config(config, overrides)
+    _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
+
+
+@bench.command("train")
+@click.option("--config", "-c", default=None)
+@click.option("--variants", default="fp32,tf32,bf16,bf16+cl,bf16+cl+compile", show_default=True)
+@click.option("--steps", default=10, show_default=True)
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--loader", "real_loader", is_flag=True, help="feed the real shard loader instead of synthetic tensors")
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_train_cmd(config, variants, steps, warmup, real_loader, out, overrides) -> None:
+    """Training-step img/s, TFLOP/s, MFU and data-wait for precision/layout/compile variants."""
+    from distseg.bench import bench_train
+    from distseg.config import load_config
+
+    cfg = load_config(config, overrides)
+    _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader), out)
+
+
+@bench.command("shard")
+@click.option("--root", default=None)
+@click.option("--split", default="train", show_default=True)
+@click.option("--limit", default=50, show_default=True, help="images to encode")
+@click.option("--out", default=None)
+def bench_shard_cmd(root, split, limit, out) -> None:
+    """Shard encoding speed per core and size vs the raw PNGs, JPEG vs PNG."""
+    from distseg.bench import bench_shard
+
+    _emit(bench_shard(root, split, 1, limit), out)
