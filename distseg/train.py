@@ -77,7 +77,10 @@ def run_validation(model, loader, accelerator, scheme, cfg, n_images: int = 0):
         cm.update(pred, mask)
         for i in range(len(pred)):
             if len(examples) < n_images and bool(b["valid"][i]):
-                examples.append((b["image"][i].cpu(), b["mask"][i].cpu(), pred[i].cpu()))
+                img = b["image"][i : i + 1].float()
+                if img.shape[-2:] != mask.shape[-2:]:  # data.val_scale: show the input at label size
+                    img = F.interpolate(img, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+                examples.append((img[0].cpu(), b["mask"][i].cpu(), pred[i].cpu()))
     cm.reduce(accelerator)
     model.train(was_training)
     return cm, examples
@@ -91,15 +94,22 @@ def parse_args(argv):
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's warning before the time limit); acted on at a step boundary."""
+    """A request to checkpoint and exit with EXIT_PREEMPTED, acted on at the next optimizer step by all
+    ranks together: SIGUSR1/SIGTERM to a rank, or the file named by $DISTSEG_STOP_FILE appearing (what
+    slurm/train.sh creates when Slurm warns its batch shell before the time limit)."""
 
     def __init__(self):
-        self.set = False
+        self._signalled = False
+        self.file = os.environ.get("DISTSEG_STOP_FILE") or None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
     def _handler(self, *_):
-        self.set = True
+        self._signalled = True
+
+    @property
+    def set(self) -> bool:
+        return self._signalled or (self.file is not None and os.path.exists(self.file))
 
 
 def train(cfg, accelerator) -> dict:
@@ -285,7 +295,9 @@ def train(cfg, accelerator) -> dict:
                 win.update(t=time.time(), wait=0.0, imgs=0)
             if flags[4] > 0:
                 log(f"stop requested: checkpointing at step {state['step']}")
-                checkpoint()
+                ck = checkpoint()
+                if main_proc and stop.file:  # tells slurm/train.sh the checkpoint is complete: requeue
+                    write_text_atomic(Path(stop.file + ".done"), f"{ck}\n")
                 preempted = True
                 break
             if state["step"] >= max_steps:

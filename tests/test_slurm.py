@@ -1,0 +1,128 @@
+"""slurm/train.sh and slurm/shard.sh on a real Slurm cluster (slurmctld + 2 emulated slurmd on 127.0.0.1,
+started by the team's local-slurm scripts): array sharding, a 2-node run equal to a 1-process run, and a
+SIGUSR1 -> checkpoint -> requeue -> resume cycle that ends with the uninterrupted run's weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_train_e2e import SGD, base_overrides, run_train, val_pixels, weights
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+SLURM_TOOLS = Path(os.environ.get("DISTSEG_LOCAL_SLURM", ROOT.parent / "shared" / "tools" / "local-slurm"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    start = SLURM_TOOLS / "start-local-slurm.sh"
+    if not start.is_file():
+        pytest.skip(f"no local Slurm scripts at {SLURM_TOOLS} (set DISTSEG_LOCAL_SLURM)")
+    if os.geteuid() != 0:
+        pytest.skip("starting a local Slurm cluster needs root")
+    env = dict(os.environ, SLURM_LOCAL_NODES="2", SLURM_LOCAL_DIR="/tmp/distseg-test-slurm",
+               SLURM_LOCAL_CTLD_PORT="6917", SLURM_LOCAL_SLURMD_PORT="6918")
+    p = subprocess.run(["bash", str(start)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    env["SLURM_CONF"] = "/tmp/distseg-test-slurm/etc/slurm.conf"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["OMP_NUM_THREADS"] = "1"
+    yield env
+    subprocess.run(["bash", str(SLURM_TOOLS / "stop-local-slurm.sh")], env=env, capture_output=True, timeout=120)
+
+
+def sbatch(env, *args, extra_env=None):
+    e = dict(env, **(extra_env or {}))
+    p = subprocess.run(["sbatch", "--parsable", *map(str, args)], env=e, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def job_info(env, jid) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_job(env, jid, timeout=300) -> list[dict]:
+    """Wait until every task of the job (or array) is finished; returns their scontrol records."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True).stdout
+        recs = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line]
+        if recs and all(r["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") for r in recs):
+            return recs
+        time.sleep(1)
+    raise AssertionError(f"job {jid} did not finish in {timeout}s")
+
+
+def empty_config(tmp_path) -> str:
+    """All settings from the overrides, exactly as the direct reference run gets them."""
+    p = tmp_path / "empty.yaml"
+    p.write_text("{}\n")
+    return str(p)
+
+
+def test_shard_array_job(cluster, synth_root, tmp_path):
+    from distseg.data.shard import ShardOptions, run_shard
+
+    out = tmp_path / "shards"
+    jid = sbatch(cluster, "--array=0-1", f"--output={tmp_path}/shard-%a.out", "slurm/shard.sh",
+                 extra_env={"SPLITS": "train val", "CITYSCAPES_DATASET": str(synth_root), "SHARD_OUT": str(out),
+                            "SHARD_ARGS": "--maxcount 4"})
+    recs = wait_job(cluster, jid)
+    assert len(recs) == 2 and all(r["JobState"] == "COMPLETED" for r in recs), recs
+    ref = tmp_path / "ref"
+    for split in ("train", "val"):
+        run_shard(synth_root, ref, ShardOptions(split=split, maxcount=4), progress=False, log=lambda *a: None)
+        a = json.loads((out / f"{split}.json").read_text())["shards"]
+        b = json.loads((ref / f"{split}.json").read_text())["shards"]
+        assert a == b
+
+
+def test_two_node_job_equals_one_process_run(cluster, shards, tmp_path):
+    ov = base_overrides(shards, tmp_path, "one", **SGD)
+    run_train(ov)
+    ov2 = base_overrides(shards, tmp_path, "two", **SGD, **{"data.batch_size": 2})
+    jid = sbatch(cluster, "--nodes=2", f"--output={tmp_path}/two.out", "slurm/train.sh", *ov2,
+                 extra_env={"CONFIG": empty_config(tmp_path)})
+    (rec,) = wait_job(cluster, jid)
+    log = (tmp_path / "two.out").read_text()
+    assert rec["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 node(s) x 1 process(es)" in log
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["processes"] == 2 and s["final_pixels"] == val_pixels(shards)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_preempted_job_requeues_and_resumes_to_the_same_result(cluster, shards, tmp_path):
+    extra = {"data.batch_size": 2, "data.num_workers": 0, "train.ckpt_every": 3}
+    run_train(base_overrides(shards, tmp_path, "ref", **extra))
+    ov = base_overrides(shards, tmp_path, "pre", **extra)
+    jid = sbatch(cluster, "--nodes=1", f"--output={tmp_path}/pre.out", "slurm/train.sh", *ov,
+                 extra_env={"CONFIG": empty_config(tmp_path)})
+    ck = tmp_path / "pre" / "checkpoints" / "step-00000003"
+    deadline = time.time() + 180
+    while time.time() < deadline and not ck.exists():
+        time.sleep(0.05)
+    assert ck.exists(), (tmp_path / "pre.out").read_text()[-3000:]
+    # what Slurm does before the time limit with --signal=B:USR1@N
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=cluster, check=True)
+    (rec,) = wait_job(cluster, jid, timeout=300)
+    log = (tmp_path / "pre.out").read_text()
+    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", log[-3000:]
+    assert "requeueing job" in log and "resumed from" in log
+    wr, wp = weights(tmp_path / "ref"), weights(tmp_path / "pre")
+    for k in wr:
+        assert torch.equal(wr[k], wp[k]), k
+    assert json.loads((tmp_path / "pre" / "summary.json").read_text())["steps"] == \
+        json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
+    assert not list(ROOT.glob(f".distseg-stop-{jid}*"))
