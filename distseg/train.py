@@ -132,6 +132,10 @@ def train(cfg, accelerator) -> dict:
     stop = StopFlag()
     scheme = get_scheme(cfg.data.scheme)
     on_cuda = acc.device.type == "cuda"
+    if on_cuda:  # fixed input shapes (crops): let cuDNN pick the fastest kernels; TF32 for fp32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.yaml", dump_config(cfg))

@@ -148,3 +148,16 @@ def test_dali_gpu_decode_matches_cpu_pipeline(shards):
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
     torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
     assert (gpu["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG vs libjpeg rounding
+
+
+@pytest.mark.gpu
+def test_torch_loader_gpu_decode_matches_cpu_decode(shards):
+    cfg = cfg_for(shards)
+    man = load_manifest(shards, "val")
+    cpu = next(iter(TorchLoader(cfg, "val", False, "cpu", 1, 0, None, man)))
+    gpu_loader = TorchLoader(cfg, "val", False, "cuda", 1, 0, None, man)
+    assert gpu_loader.gpu_decode
+    gpu = next(iter(gpu_loader))
+    assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
+    torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
+    assert (gpu["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG vs libjpeg rounding
