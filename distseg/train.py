@@ -236,31 +236,34 @@ def train(cfg, accelerator) -> dict:
         it = iter(train_loader)
         micro = state["batch_in_epoch"]
         acc_sum = torch.zeros(3, device=acc.device)  # pixel loss sum, valid pixels, images (this step)
-        while True:
+        while micro < batches_per_epoch:
+            # one optimizer step's micro-batches, fetched first: the loss is normalised by the labelled
+            # pixels of the whole accumulation group on all ranks, so grad_accum and world size do not
+            # change the gradient
+            group_len = min(accum, batches_per_epoch - micro)
             t0 = time.time()
-            b = next(it, None)
+            group = [b for b in (next(it, None) for _ in range(group_len)) if b is not None]
             win["wait"] += time.time() - t0
-            if b is None:
+            if not group:
                 break
-            group_start = micro - micro % accum
-            group_len = min(accum, batches_per_epoch - group_start)
-            boundary = micro + 1 == group_start + group_len
-            mask = torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], 255))
-            n_local = (mask != 255).sum().float()
-            n_global = acc.reduce(n_local.clone(), reduction="sum") if world > 1 else n_local
-            x = b["image"]
-            if on_cuda and cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with (nullcontext() if boundary or world == 1 else acc.no_sync(model)):
-                with acc.autocast():
-                    logits = model(x)
-                pix = loss_fn.pixel_sum(logits, mask)
-                loss = (pix * world / n_global.clamp(min=1) + loss_fn.mean_terms(logits, mask)) / group_len
-                acc.backward(loss)
-            acc_sum += torch.stack([pix.detach().float(), n_local, b["valid"].sum().float()])
-            micro += 1
-            if not boundary:
-                continue
+            masks = [torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], 255)) for b in group]
+            n_locals = [(m != 255).sum().float() for m in masks]
+            n_global = torch.stack(n_locals).sum()
+            if world > 1:
+                n_global = acc.reduce(n_global, reduction="sum")
+            for k, (b, mask) in enumerate(zip(group, masks)):
+                x = b["image"]
+                if on_cuda and cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                last_micro = k == len(group) - 1
+                with (nullcontext() if last_micro or world == 1 else acc.no_sync(model)):
+                    with acc.autocast():
+                        logits = model(x)
+                    pix = loss_fn.pixel_sum(logits, mask)
+                    loss = pix * world / n_global.clamp(min=1) + loss_fn.mean_terms(logits, mask) / len(group)
+                    acc.backward(loss)
+                acc_sum += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float()])
+            micro += len(group)
             flags = torch.cat([acc_sum, torch.tensor([float(not torch.isfinite(acc_sum[0])), float(stop.set)],
                                                      device=acc.device)])
             if world > 1:

@@ -90,6 +90,32 @@ def test_one_vs_two_processes_same_weights_and_exactly_once_val(shards, one_proc
     assert s1["final_miou"] == pytest.approx(s2["final_miou"], abs=1e-3)
 
 
+def test_grad_accumulation_equals_the_same_global_batch(shards, one_proc_run, tmp_path):
+    """2 processes x batch 1 x 2 accumulation steps == 1 process x batch 4 (global batch 4)."""
+    run_train(base_overrides(shards, tmp_path, "acc", **SGD, **{"data.batch_size": 1, "train.grad_accum": 2}),
+              procs=2)
+    w1, w2 = weights(one_proc_run), weights(tmp_path / "acc")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((tmp_path / "acc" / "summary.json").read_text())["steps"] == 8
+
+
+def test_tensorboard_and_run_folder(one_proc_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(one_proc_run / "tb"))
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "perf/img_per_s", "perf/data_wait_frac", "val/mIoU", "val/pixel_acc"} <= scalars
+    assert any(t.startswith("val_iou/") for t in scalars)
+    assert len(ea.Tags()["images"]) == 4
+    losses = [e.value for e in ea.Scalars("train/loss")]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    lrs = [e.value for e in ea.Scalars("train/lr")]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]  # warmup, then poly decay
+    assert (one_proc_run / "config.yaml").is_file() and (one_proc_run / "best" / "model.safetensors").is_file()
+
+
 def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
     ov = {"data.batch_size": 2, "data.num_workers": 1, "train.ckpt_every": 3, "train.epochs": 2}
     run_train(base_overrides(shards, tmp_path, "ref", **ov))
