@@ -104,7 +104,9 @@ class StopFlag:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
 
-    def _handler(self, *_):
+    def _handler(self, signum, _frame):
+        if self._signalled and signum == signal.SIGTERM:  # asked twice (e.g. a launcher tearing down): go now
+            raise SystemExit(128 + signum)
         self._signalled = True
 
     @property

@@ -15,6 +15,7 @@
 #SBATCH --job-name=distseg
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --exclusive
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -42,7 +43,8 @@ echo "distseg: job ${SLURM_JOB_ID:-} restart ${SLURM_RESTART_COUNT:-0}: $NNODES 
      "rendezvous $MASTER_ADDR:$MASTER_PORT, config $CONFIG"
 
 trap 'echo "distseg: SIGUSR1 (time limit near): asking all ranks to checkpoint"; touch "$DISTSEG_STOP_FILE"' USR1
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash slurm/launch-node.sh "$@" &
+# one task per node with all of the node's CPUs (data workers); srun does not inherit sbatch's CPU count
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 bash slurm/launch-node.sh "$@" &
 SRUN_PID=$!
 while :; do
   wait "$SRUN_PID"; rc=$?

@@ -104,7 +104,9 @@ def test_two_node_job_equals_one_process_run(cluster, shards, tmp_path):
 
 
 def test_preempted_job_requeues_and_resumes_to_the_same_result(cluster, shards, tmp_path):
-    extra = {"data.batch_size": 2, "data.num_workers": 0, "train.ckpt_every": 3}
+    # 6 epochs x 7 steps: long enough that the signal surely lands before the end
+    extra = {"data.batch_size": 2, "data.num_workers": 0, "train.ckpt_every": 3, "train.epochs": 6,
+             "train.val_every": 3}
     run_train(base_overrides(shards, tmp_path, "ref", **extra))
     ov = base_overrides(shards, tmp_path, "pre", **extra)
     jid = sbatch(cluster, "--nodes=1", f"--output={tmp_path}/pre.out", "slurm/train.sh", *ov,
