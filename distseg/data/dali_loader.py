@@ -92,20 +92,22 @@ class DaliLoader:
                 size = hw * s
                 img = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
                 m = fn.resize(m, size=size, interp_type=types.INTERP_NN)
+                flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
+                cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
+                if d.crop:  # crop first, so colour and normalisation touch only the crop
+                    img = fn.crop(img, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
+                                  out_of_bounds_policy="pad", fill_values=mean)  # pads to 0 after normalising
+                    m = fn.crop(m, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
+                                out_of_bounds_policy="pad", fill_values=255)
                 if d.color > 0:
                     rng = [1 - d.color, 1 + d.color]
                     img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
                                          contrast=fn.random.uniform(range=rng), saturation=fn.random.uniform(range=rng))
-                flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
-                cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
-                crop = dict(crop=list(d.crop)) if d.crop else {}
                 # one set of random nodes feeds both: the mask follows the image exactly
-                img = fn.crop_mirror_normalize(img, **crop, crop_pos_x=cx, crop_pos_y=cy, mirror=flip, mean=mean,
-                                               std=std, dtype=types.FLOAT, output_layout="CHW",
-                                               out_of_bounds_policy="pad", fill_values=0.0)
-                m = fn.crop_mirror_normalize(m, **crop, crop_pos_x=cx, crop_pos_y=cy, mirror=flip, mean=[0.0],
-                                             std=[1.0], dtype=types.UINT8, output_layout="CHW",
-                                             out_of_bounds_policy="pad", fill_values=255.0)
+                img = fn.crop_mirror_normalize(img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
+                                               output_layout="CHW")
+                m = fn.crop_mirror_normalize(m, mirror=flip, mean=[0.0], std=[1.0], dtype=types.UINT8,
+                                             output_layout="CHW")
             else:
                 if d.val_scale != 1.0:
                     img = fn.resize(img, size=fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT) * d.val_scale,
