@@ -55,6 +55,11 @@ _ENC: tuple[ShardOptions, Scheme] | None = None
 
 def _init_worker(opts: ShardOptions, scheme: Scheme) -> None:
     global _ENC
+    import signal
+
+    # the parent owns cleanup: workers die plainly on TERM (pool.terminate) and leave Ctrl-C to it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _ENC = (opts, scheme)
 
 
