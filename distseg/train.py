@@ -177,6 +177,7 @@ def train(cfg, accelerator) -> dict:
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_miou": -1.0, "samples": 0}
+    world = acc.num_processes
     if resume_from is not None:
         acc.load_state(str(resume_from))
         state.update(read_state(resume_from))
@@ -191,14 +192,13 @@ def train(cfg, accelerator) -> dict:
                   f"batch {state['batch_in_epoch']})")
 
     tb = make_writer(run_dir / "tb", main_proc)
-    world = acc.num_processes
     bar = tqdm(total=max_steps, initial=state["step"], desc=cfg.name, unit="step", mininterval=2,
                disable=not (main_proc and cfg.train.progress), dynamic_ncols=True)
     log = bar.write if not bar.disable else acc.print
     acc.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val samples, "
               f"{world} process(es) on {acc.device.type}, {batches_per_epoch} batches/epoch/process, "
               f"{max_steps} steps, mixed precision {acc.mixed_precision}")
-    last_scores, t_start, steps_run = None, time.time(), 0
+    last_scores, t_start, samples_run = None, time.time(), 0
     win = {"t": time.time(), "wait": 0.0, "imgs": 0}
     preempted = False
 
@@ -285,7 +285,7 @@ def train(cfg, accelerator) -> dict:
             state["step"] += 1
             state["batch_in_epoch"] = micro
             state["samples"] += int(flags[2])
-            steps_run += 1
+            samples_run += int(flags[2])
             win["imgs"] += int(flags[2])
             acc_sum.zero_()
             bar.update(1)
@@ -331,7 +331,7 @@ def train(cfg, accelerator) -> dict:
     summary = {"name": cfg.name, "steps": state["step"], "epochs": state["epoch"], "best_miou": state["best_miou"],
                "final_miou": last_scores["miou"] if last_scores else None,
                "final_pixels": last_scores["pixels"] if last_scores else None, "seconds": elapsed,
-               "img_per_s": state["samples"] / elapsed if steps_run else 0.0, "processes": world,
+               "img_per_s": samples_run / elapsed, "processes": world,
                "preempted": preempted, "final_iou": {scheme.class_names[c]: v for c, v in last_scores["iou"].items()}
                if last_scores else {}}
     if main_proc:

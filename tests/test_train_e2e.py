@@ -116,9 +116,10 @@ def test_tensorboard_and_run_folder(one_proc_run):
     assert (one_proc_run / "config.yaml").is_file() and (one_proc_run / "best" / "model.safetensors").is_file()
 
 
-def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, loader):
     ov = {"data.batch_size": 2, "data.num_workers": 1, "train.ckpt_every": 3, "train.epochs": 2,
-          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5}
+          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5, "data.loader": loader}
     run_train(base_overrides(shards, tmp_path, "ref", **ov))
     args = base_overrides(shards, tmp_path, "killed", **ov)
     proc = subprocess.Popen([sys.executable, TRAIN, *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
