@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,7 +116,7 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
                 continue
             c = _with(cfg, decode="cpu" if mode == "torch-cpu" else "gpu")
             L = TorchLoader(c, split, True, "cuda" if cuda else "cpu", 1, 0, lut, man)
-            r = _time_batches(_epochs(L, need), n_batches, bs)
+            r = _time_batches(_epochs(L), n_batches, bs)
             name = "torch loader, CPU decode" if mode == "torch-cpu" else "torch loader, GPU decode (nvJPEG)"
             del L
         elif mode == "dali":
@@ -125,7 +124,7 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
                 rows.append(["DALI", "skipped: DALI not installed", "", ""])
                 continue
             L = DaliLoader(cfg, split, True, "cuda:0" if cuda else "cpu", 1, 0, lut, man)
-            r = _time_batches(_epochs(L, need), n_batches, bs)
+            r = _time_batches(_epochs(L), n_batches, bs)
             name = "DALI, mixed (GPU) decode" if cuda else "DALI, CPU mode (device_id=None)"
             del L
         else:
@@ -147,7 +146,7 @@ def _with(cfg, **data_kw):
     return c
 
 
-def _epochs(loader, need: int):
+def _epochs(loader):
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -220,7 +219,7 @@ def bench_train(cfg, variants: list[str], steps: int, warmup: int, real_loader: 
             num_processes, process_index = 1, 0
 
         _Acc.device = device
-        loader = _epochs(build_loader(cfg, cfg.data.train_split, _Acc, scheme, train=True), 0)
+        loader = _epochs(build_loader(cfg, cfg.data.train_split, _Acc, scheme, train=True))
     rows, fp32_ips = [], None
     for v in variants:
         if v not in VARIANTS:
@@ -268,7 +267,6 @@ def bench_train(cfg, variants: list[str], steps: int, warmup: int, real_loader: 
         fp32_ips = ips if v == "fp32" else fp32_ips
         rows.append([v, ips, tflops, 100 * tflops / peak, 100 * wait / m["wall"],
                      f"{ips / fp32_ips:.2f}x" if fp32_ips else "-"])
-        del model, opt, fwd
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     head = (f"training step, U-Net base {cfg.model.base} depth {cfg.model.depth}, {w}x{h}, batch {bs}, "
             f"{fl / 1e12:.3f} TFLOP/image fwd+bwd, {'real shard loader' if real_loader else 'synthetic input'}, "

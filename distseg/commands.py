@@ -7,7 +7,6 @@ import sys
 import click
 
 from distseg.cli import cli
-from distseg.errors import UserError
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from distseg.data.manifest import atomic_save_png
 from distseg.errors import UserError
 
 
@@ -61,12 +62,6 @@ def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best
             logits = F.interpolate(logits.float(), size=rgb.shape[:2], mode="bilinear", align_corners=False)
         cls = predict_classes(logits)[0].cpu().numpy().astype(np.uint8)
         key = key_of(path)
-        _save(Image.fromarray(export[cls]), out_dir / f"{key}_pred_labelIds.png")
-        _save(Image.fromarray(overlay(rgb, cls, pal, alpha)), out_dir / "overlay" / f"{key}_overlay.png")
+        atomic_save_png(Image.fromarray(export[cls]), out_dir / f"{key}_pred_labelIds.png")
+        atomic_save_png(Image.fromarray(overlay(rgb, cls, pal, alpha)), out_dir / "overlay" / f"{key}_overlay.png")
     return len(images)
-
-
-def _save(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)

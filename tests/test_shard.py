@@ -134,7 +134,6 @@ def test_kill_mid_run_leaves_no_partial_tar_and_rerun_resumes(synth_root, tmp_pa
     assert not (out / "train.json").exists()
     state = json.loads((out / "train.state.json").read_text())
     ref_man = json.loads((ref / "train.json").read_text())
-    by_name = {sh["name"]: sh for sh in ref_man["shards"]}
     for t in tars:  # every .tar on disk is complete: identical to the uninterrupted run's shard
         assert read_tar(t).keys() == read_tar(ref / t.name).keys()
         assert t.read_bytes() == (ref / t.name).read_bytes()
@@ -145,7 +144,6 @@ def test_kill_mid_run_leaves_no_partial_tar_and_rerun_resumes(synth_root, tmp_pa
     assert [(s["name"], s["sha256"], s["keys"]) for s in man["shards"]] == \
         [(s["name"], s["sha256"], s["keys"]) for s in ref_man["shards"]]
     assert not list(out.glob("*.tmp")) and not (out / "train.state.json").exists()
-    assert by_name  # reference used
 
 
 def _copy_tree(src, dst):
@@ -177,8 +175,6 @@ def test_bad_inputs_give_one_line_and_no_partial_shard(synth_root, tmp_path):
     # corrupt PNG, found after some shards were written: those stay valid, no partial one is left
     root = _copy_tree(synth_root, tmp_path / "r3")
     out = tmp_path / "o3"
-    order = json.loads((tmp_path / "o2" / "train.state.json").read_text())  # any run's order is the same
-    assert order["params"]["seed"] == 0
     imgs = sorted((root / "leftImg8bit" / "train").glob("*/*.png"))
     ref = tmp_path / "ref"
     run_cli("shard", "--split", "train", "--root", synth_root, "--out", ref, "--maxcount", "2")

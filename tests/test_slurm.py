@@ -4,7 +4,6 @@ SIGUSR1 -> checkpoint -> requeue -> resume cycle that ends with the uninterrupte
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time

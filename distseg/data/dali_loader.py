@@ -32,8 +32,7 @@ def dali_available() -> bool:
 
 
 class DaliLoader:
-    def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict,
-                 checkpoint: str | None = None):
+    def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict):
         if not dali_available():
             raise UserError("data.loader=dali needs nvidia-dali-cuda120 (pip install nvidia-dali-cuda120)")
         if man["image_ext"] != "jpg":
@@ -51,10 +50,10 @@ class DaliLoader:
         self.shard_len = self.n * (rank + 1) // world - self.n * rank // world
         self.max_shard = max(self.n * (r + 1) // world - self.n * r // world for r in range(world))
         self._batch = 0
-        self._build(checkpoint)
+        self._build(None)
 
     # -- pipeline ---------------------------------------------------------------------------------
-    def _build(self, checkpoint: str | None) -> None:
+    def _build(self, checkpoint: bytes | None) -> None:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -133,10 +132,10 @@ class DaliLoader:
         """DALI keeps its own epoch order; `skip_batches` is the position a restored checkpoint resumes at."""
         self._batch = skip_batches
 
-    def state_dict(self) -> str:
+    def state_dict(self) -> bytes:
         return self.it.checkpoints()[0]
 
-    def load_state_dict(self, state: str) -> None:
+    def load_state_dict(self, state: bytes) -> None:
         self._build(state)
 
     def __iter__(self):

@@ -24,6 +24,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def atomic_save_png(image, path: Path) -> None:
+    """Save a PIL image as PNG via a temp name and rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 

@@ -7,6 +7,7 @@ a small state file lists finished shards so that a rerun after a crash resumes w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,7 +22,8 @@ from PIL import Image
 
 from distseg import __version__
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
-from distseg.data.manifest import MANIFEST_VERSION, atomic_write_json, atomic_write_text, load_manifest
+from distseg.data.manifest import (MANIFEST_VERSION, atomic_write_json, atomic_write_text, load_manifest,
+                                   sha256_file)
 from distseg.errors import UserError
 from distseg.labels import IGNORE, Scheme, get_scheme
 
@@ -144,8 +146,6 @@ class ShardWriter:
         self.f.close()
         idx = self.path.with_suffix(".idx")
         atomic_write_text(idx, f"v1.2 {len(self.index)}\n" + "".join(" ".join(map(str, e)) + "\n" for e in self.index))
-        from distseg.data.manifest import sha256_file
-
         digest = sha256_file(self.tmp)
         self.tmp.replace(self.path)
         return {"name": self.path.name, "index": idx.name, "count": len(self.keys), "bytes": self.path.stat().st_size,
@@ -159,8 +159,6 @@ class ShardWriter:
 
 
 def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -> dict:
-    import hashlib
-
     keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
     d = asdict(opts)
     d["resize"] = list(opts.resize) if opts.resize else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from distseg.data.manifest import atomic_save_png
 from distseg.labels import ID2LABEL, NAME2LABEL
 
 CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"]}
@@ -154,14 +155,8 @@ def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int
         gt_dir = out / "gtFine" / split / city
         img_dir.mkdir(parents=True, exist_ok=True)
         gt_dir.mkdir(parents=True, exist_ok=True)
-        _save(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
-        _save(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
-        _save(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
-        _save(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
+        atomic_save_png(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
+        atomic_save_png(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
+        atomic_save_png(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
+        atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
     return len(todo)
-
-
-def _save(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)

@@ -7,7 +7,6 @@ decoded in CPU workers, or on the GPU with torchvision's nvJPEG when data.decode
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 from pathlib import Path
