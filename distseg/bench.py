@@ -84,16 +84,16 @@ def _time_batches(iterable, n_batches: int, batch_size: int, warmup: int = 2) ->
 
 def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
     from distseg.data.cityscapes import find_pairs, resolve_root
-    from distseg.data.dali_loader import DaliLoader, dali_available
-    from distseg.data.manifest import check_scheme, load_manifest
-    from distseg.data.wds_loader import TorchLoader
+    from distseg.data.dali_loader import dali_available
+    from distseg.data.loader import make_loader
+    from distseg.data.manifest import load_manifest
     from distseg.labels import get_scheme
 
     scheme = get_scheme(cfg.data.scheme)
     man = load_manifest(cfg.data.shards, split)
-    lut = scheme.lut if check_scheme(man, scheme) else None
     bs, nw = cfg.data.batch_size, cfg.data.num_workers
     cuda = torch.cuda.is_available()
+    device = "cuda:0" if cuda else "cpu"
     need = (n_batches + 2) * bs
     rows = []
     for mode in modes:
@@ -114,8 +114,8 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
             if mode == "torch-gpu" and not cuda:
                 rows.append(["torch loader, GPU decode (nvJPEG)", "skipped: no CUDA", "", ""])
                 continue
-            c = _with(cfg, decode="cpu" if mode == "torch-cpu" else "gpu")
-            L = TorchLoader(c, split, True, "cuda" if cuda else "cpu", 1, 0, lut, man)
+            c = _with(cfg, loader="torch", decode="cpu" if mode == "torch-cpu" else "gpu")
+            L = make_loader(c, split, scheme, True, device)
             r = _time_batches(_epochs(L), n_batches, bs)
             name = "torch loader, CPU decode" if mode == "torch-cpu" else "torch loader, GPU decode (nvJPEG)"
             del L
@@ -123,7 +123,7 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
             if not dali_available():
                 rows.append(["DALI", "skipped: DALI not installed", "", ""])
                 continue
-            L = DaliLoader(cfg, split, True, "cuda:0" if cuda else "cpu", 1, 0, lut, man)
+            L = make_loader(_with(cfg, loader="dali"), split, scheme, True, device)
             r = _time_batches(_epochs(L), n_batches, bs)
             name = "DALI, mixed (GPU) decode" if cuda else "DALI, CPU mode (device_id=None)"
             del L
@@ -213,13 +213,9 @@ def bench_train(cfg, variants: list[str], steps: int, warmup: int, real_loader: 
     peak = matmul_peak_tflops(device)
     loader = None
     if real_loader:
-        from distseg.data.loader import build_loader
+        from distseg.data.loader import make_loader
 
-        class _Acc:  # the loader needs only these from an Accelerator
-            num_processes, process_index = 1, 0
-
-        _Acc.device = device
-        loader = _epochs(build_loader(cfg, cfg.data.train_split, _Acc, scheme, train=True))
+        loader = _epochs(make_loader(cfg, cfg.data.train_split, scheme, True, device))
     rows, fp32_ips = [], None
     for v in variants:
         if v not in VARIANTS:

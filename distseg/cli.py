@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from distseg.errors import UserError
+from distseg.errors import UserError, describe_os_error
 
 
 def _size(text: str) -> int:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except OSError as e:  # unwritable output, full disk, ...: say which file, no traceback
-        click.echo(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", err=True)
+        click.echo(f"error: {describe_os_error(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

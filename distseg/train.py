@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # started as a script: make the package importabl
 import torch
 import torch.nn.functional as F
 
-from distseg.errors import UserError
+from distseg.errors import UserError, describe_os_error
 
 EXIT_PREEMPTED = 75  # checkpoint written on SIGUSR1/SIGTERM: requeue me
 EXIT_DIVERGED = 3
@@ -53,6 +53,12 @@ def build_optimizer(cfg, params, on_cuda: bool):
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **kw)
 
 
+def targets(batch: dict) -> torch.Tensor:
+    """The batch's masks with padded (invalid) samples set to ignore: they count in no loss or metric."""
+    m = batch["mask"]
+    return torch.where(batch["valid"].view(-1, 1, 1), m, torch.full_like(m, 255))
+
+
 @torch.no_grad()
 def run_validation(model, loader, accelerator, scheme, cfg, n_images: int = 0):
     """Sample-exact validation: padded samples are masked out, the confusion matrix summed over ranks."""
@@ -73,7 +79,7 @@ def run_validation(model, loader, accelerator, scheme, cfg, n_images: int = 0):
         if logits.shape[-2:] != b["mask"].shape[-2:]:
             logits = F.interpolate(logits.float(), size=b["mask"].shape[-2:], mode="bilinear", align_corners=False)
         pred = predict_classes(logits)
-        mask = torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], 255))
+        mask = targets(b)
         cm.update(pred, mask)
         for i in range(len(pred)):
             if len(examples) < n_images and bool(b["valid"][i]):
@@ -122,7 +128,7 @@ def train(cfg, accelerator) -> dict:
     from distseg.data.loader import build_loader
     from distseg.labels import get_scheme
     from distseg.losses import SegLoss
-    from distseg.data.manifest import atomic_write_text as write_text_atomic
+    from distseg.data.manifest import atomic_write_text
     from distseg.metrics import format_table
     from distseg.models.unet import build_model, out_channels
     from distseg.tb import denormalize, make_writer, panel
@@ -140,7 +146,7 @@ def train(cfg, accelerator) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
     val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
 
@@ -248,7 +254,7 @@ def train(cfg, accelerator) -> dict:
             win["wait"] += time.time() - t0
             if not group:
                 break
-            masks = [torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], 255)) for b in group]
+            masks = [targets(b) for b in group]
             n_locals = [(m != 255).sum().float() for m in masks]
             n_global = torch.stack(n_locals).sum()
             if world > 1:
@@ -306,7 +312,7 @@ def train(cfg, accelerator) -> dict:
                 log(f"stop requested: checkpointing at step {state['step']}")
                 ck = checkpoint()
                 if main_proc and stop.file:  # tells slurm/train.sh the checkpoint is complete: requeue
-                    write_text_atomic(Path(stop.file + ".done"), f"{ck}\n")
+                    atomic_write_text(Path(stop.file + ".done"), f"{ck}\n")
                 preempted = True
                 break
             if state["step"] >= max_steps:
@@ -335,7 +341,7 @@ def train(cfg, accelerator) -> dict:
                "preempted": preempted, "final_iou": {scheme.class_names[c]: v for c, v in last_scores["iou"].items()}
                if last_scores else {}}
     if main_proc:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
         if last_scores and not preempted:
             print(format_table(last_scores, scheme.class_names))
             print(f"steps {state['step']}  epochs {state['epoch']}  best mIoU {100 * state['best_miou']:.2f}  "
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except OSError as e:
-        print(f"error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,11 +9,14 @@ from distseg.labels import Scheme
 
 
 def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
+    """The configured loader for this process: device, world size and rank come from the Accelerator."""
+    return make_loader(cfg, split, scheme, train, accelerator.device, accelerator.num_processes,
+                       accelerator.process_index)
+
+
+def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", world: int = 1, rank: int = 0):
     man = load_manifest(cfg.data.shards, split)
     lut = scheme.lut if check_scheme(man, scheme) else None
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    device = accelerator.device if accelerator is not None else "cpu"
     if cfg.data.loader == "dali":
         from distseg.data.dali_loader import DaliLoader
 
