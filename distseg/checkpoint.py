@@ -1,12 +1,19 @@
-"""Atomic checkpoints: written under a temp name by all ranks (Accelerate's save_state), then renamed by
-rank 0 once complete, so `latest` always names a checkpoint that can be loaded."""
+"""Atomic checkpoints and the run state they carry.
+
+A checkpoint is `checkpoints/step-NNNNNNNN/`: Accelerate's `save_state` files (model.safetensors,
+optimizer.bin, random states), `loader_state_<rank>` where the loader has its own position (DALI), and
+`trainer_state.json` = `RunState` below, written last. All ranks write under `.step-N.tmp`; rank 0 renames
+it once complete, so only a folder named `step-N` with `trainer_state.json` counts as a checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -14,7 +21,51 @@ import torch
 from distseg.errors import UserError
 
 STATE_FILE = "trainer_state.json"
+STATE_VERSION = 1
 _STEP = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class RunState:
+    """Where a run stands; saved as trainer_state.json in every checkpoint (schema version 1).
+
+    Fields: `step` optimizer steps done; `epoch` epochs completed (the epoch in progress is epoch + 1,
+    1-based); `batch_in_epoch` micro-batches of that epoch each process has consumed (0 at an epoch end);
+    `samples` training samples seen, padding excluded; `world`, `batch_size`, `grad_accum` the layout that
+    wrote it; `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the
+    foreground IoU of a binary scheme; -1 before any); `history` one {"epoch", "step", "score"} per
+    validation; `run_id` drawn at a fresh start and kept by every resume (pruning touches only this run's
+    checkpoints); `config` the run name.
+    """
+
+    run_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    config: str = ""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+    world: int = 1
+    batch_size: int = 0
+    grad_accum: int = 1
+    best_score: float = -1.0
+    best_step: int = 0
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    def to_json(self) -> str:
+        """The trainer_state.json text."""
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunState:
+        """Parse trainer_state.json: unknown keys are an error (a newer schema), missing ones get defaults."""
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        newer = isinstance(data, dict) and data.get("version", STATE_VERSION) > STATE_VERSION
+        if not isinstance(data, dict) or set(data) - known or newer:
+            raise ValueError(f"not a version-{STATE_VERSION} distseg trainer state")
+        return cls(**data)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -26,21 +77,24 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
     ck = list_checkpoints(ckpt_dir)
     return ck[-1] if ck else None
 
 
-def read_state(ckpt: Path) -> dict:
+def read_state(ckpt: Path) -> RunState:
+    """The RunState of a checkpoint folder, or one clear error."""
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return RunState.from_json((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{ckpt} is not a complete distseg checkpoint: {e}") from None
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int, rank_files: dict | None = None) -> Path:
-    """Collective: every rank must call it at the same step. `rank_files` ({name: str or bytes}) are written by
-    each rank with its index appended (e.g. a DALI reader position, which differs per rank)."""
-    final = ckpt_dir / f"step-{state['step']:08d}"
+def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int,
+                    rank_files: dict | None = None) -> Path:
+    """Collective: every rank must call it at the same step. `rank_files` ({name: str or bytes}) are written
+    by each rank with its index appended (e.g. a DALI reader position, which differs per rank)."""
+    final = ckpt_dir / f"step-{state.step:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -54,16 +108,28 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict, keep_last: int, ra
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=1)
+            f.write(state.to_json())
             f.flush()
             os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(ckpt_dir, state.run_id, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(ckpt_dir: Path, run_id: str, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` checkpoints of run `run_id`; other runs' checkpoints stay."""
+    mine = []
+    for ck in list_checkpoints(ckpt_dir):
+        try:
+            if read_state(ck).run_id == run_id:
+                mine.append(ck)
+        except UserError:
+            continue
+    for old in mine[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(state_dict: dict, out_dir: Path, meta: dict) -> None:
@@ -74,7 +140,8 @@ def save_weights(state_dict: dict, out_dir: Path, meta: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+              str(tmp / "model.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():

@@ -18,6 +18,7 @@ from distseg.errors import UserError
 
 @dataclass
 class DataCfg:
+    """Where the shards are and how samples are loaded and augmented."""
     shards: str = "shards"  # folder with <split>.json manifests
     train_split: str = "train"
     val_split: str = "val"
@@ -33,11 +34,23 @@ class DataCfg:
     color: float = 0.2  # brightness/contrast/saturation jitter strength (0 = off)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    val_scale: float = 1.0  # validation input scale; logits are upsampled back to the label size
+
+
+@dataclass
+class EvalCfg:
+    """How validation, evaluate, predict and the report run the model (distseg/inference.py)."""
+
+    mode: str = "whole"  # whole | slide
+    crop: list[int] = field(default_factory=list)  # slide window [height, width]; [] = data.crop
+    stride: list[int] = field(default_factory=list)  # [height, width] between windows; [] = 2/3 of the window
+    flip: bool = False  # horizontal-flip test-time augmentation
+    scales: list[float] = field(default_factory=lambda: [1.0])  # input scales; logits averaged at label size
+    batch: int = 4  # slide windows (or whole images) per forward pass: bounds inference memory
 
 
 @dataclass
 class ModelCfg:
+    """The U-Net's size, normalisation and memory layout."""
     base: int = 64  # channels of the first level (the seed's U-Net: 64)
     depth: int = 4  # number of down-sampling steps
     norm: str = "batch"  # batch | sync_batch | group | none
@@ -47,6 +60,7 @@ class ModelCfg:
 
 @dataclass
 class LossCfg:
+    """Weights of the loss terms (distseg/losses.py)."""
     ce: float = 1.0  # cross-entropy weight (ignore 255)
     dice: float = 0.0  # soft Dice weight
     bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
@@ -54,6 +68,7 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
+    """Optimizer (distseg/optim.py)."""
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -64,6 +79,7 @@ class OptimCfg:
 
 @dataclass
 class SchedCfg:
+    """Learning rate: linear warm-up, then poly decay."""
     warmup_steps: int = 0
     power: float = 0.9  # poly decay exponent
     min_lr: float = 0.0
@@ -71,6 +87,7 @@ class SchedCfg:
 
 @dataclass
 class TrainCfg:
+    """The loop: length, precision, checkpoints, resume, logging."""
     epochs: int = 10
     max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
     grad_accum: int = 1
@@ -90,6 +107,7 @@ class TrainCfg:
 
 @dataclass
 class Config:
+    """A whole run's settings; saved as runs/<name>/config.yaml."""
     name: str = "run"
     output_dir: str = "runs"
     data: DataCfg = field(default_factory=DataCfg)
@@ -98,14 +116,16 @@ class Config:
     optim: OptimCfg = field(default_factory=OptimCfg)
     sched: SchedCfg = field(default_factory=SchedCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
 
     @property
     def run_dir(self) -> Path:
+        """runs/<name>: the run folder."""
         return Path(self.output_dir) / self.name
 
 
 CHOICES = {
-    "data.loader": ("torch", "dali"), "data.decode": ("cpu", "gpu", "auto"),
+    "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
     "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -208,20 +228,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def validate(cfg: Config) -> None:
+    """Check value ranges and combinations; raise one UserError naming the key."""
     for key, allowed in CHOICES.items():
         sec, name = key.split(".")
         val = getattr(getattr(cfg, sec), name)
         if val not in allowed:
             raise UserError(f"config: {key} must be one of {', '.join(allowed)}, got {val!r}")
     d, t = cfg.data, cfg.train
-    positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size, "model.base": cfg.model.base,
-                "model.depth": cfg.model.depth, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+    positive = {"data.batch_size": d.batch_size, "data.val_batch_size": d.val_batch_size,
+                "model.base": cfg.model.base,
+                "model.depth": cfg.model.depth, "train.grad_accum": t.grad_accum,
+                "train.log_every": t.log_every,
                 "train.val_every": t.val_every, "train.keep_last": t.keep_last}
     for k, v in positive.items():
         if v < 1:
             raise UserError(f"config: {k} must be at least 1, got {v}")
     if d.num_workers < 0 or t.epochs < 0 or t.max_steps < 0 or t.ckpt_every < 0:
-        raise UserError("config: data.num_workers, train.epochs, train.max_steps and train.ckpt_every must be >= 0")
+        raise UserError("config: data.num_workers, train.epochs, train.max_steps and train.ckpt_every must "
+                        "be >= 0")
     if t.epochs == 0 and t.max_steps == 0:
         raise UserError("config: set train.epochs or train.max_steps")
     if d.crop and (len(d.crop) != 2 or min(d.crop) < 1):
@@ -232,8 +256,14 @@ def validate(cfg: Config) -> None:
         raise UserError("config: data.mean and data.std need 3 values, std > 0")
     if not 0 <= d.color < 1:
         raise UserError("config: data.color must be in [0, 1)")
-    if d.val_scale <= 0:
-        raise UserError("config: data.val_scale must be > 0")
+    e = cfg.eval
+    for key, v in (("eval.crop", e.crop), ("eval.stride", e.stride)):
+        if v and (len(v) != 2 or min(v) < 1):
+            raise UserError(f"config: {key} must be [height, width] or [], got {v}")
+    if not e.scales or min(e.scales) <= 0:
+        raise UserError(f"config: eval.scales must be a non-empty list of positive scales, got {e.scales}")
+    if e.batch < 1:
+        raise UserError(f"config: eval.batch must be at least 1, got {e.batch}")
     if cfg.optim.lr <= 0:
         raise UserError("config: optim.lr must be > 0")
     if min(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce) < 0 or cfg.loss.ce + cfg.loss.dice + cfg.loss.bce == 0:
@@ -243,8 +273,10 @@ def validate(cfg: Config) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts."""
     return dataclasses.asdict(cfg)
 
 
 def dump_config(cfg: Config) -> str:
+    """The config as YAML (what runs/<name>/config.yaml holds)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

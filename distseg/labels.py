@@ -20,6 +20,7 @@ IGNORE = 255
 
 
 class Label(NamedTuple):
+    """One row of the Cityscapes label table (cityscapesScripts' labels.py)."""
     name: str
     id: int
     trainId: int
@@ -94,7 +95,13 @@ class Scheme:
 
     @property
     def num_classes(self) -> int:
+        """Number of training classes (255 = ignore is not one)."""
         return len(self.class_names)
+
+    @property
+    def official(self) -> bool:
+        """Its class maps export to Cityscapes label ids: the official results format and scores apply."""
+        return not self.source and self.name in ("trainid", "labelid")
 
     def remap(self, label_ids: np.ndarray) -> np.ndarray:
         """Map a labelIds array (any integer dtype) to class values (uint8)."""
@@ -120,6 +127,7 @@ class Scheme:
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
+        """Name, classes and fingerprint, as stored in manifests and checkpoints."""
         return {"name": self.name, "num_classes": self.num_classes, "class_names": self.class_names,
                 "fingerprint": self.fingerprint(), "source": self.source}
 
@@ -143,7 +151,7 @@ def _binary(name: str, members: list[str]) -> Scheme:
 
 
 def _trainid() -> Scheme:
-    train = sorted((lab for lab in LABELS if 0 <= lab.trainId < 255), key=lambda l: l.trainId)
+    train = sorted((lab for lab in LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId)
     lut = _table_lut({lab.id: lab.trainId for lab in LABELS if lab.id >= 0})
     return Scheme("trainid", [lab.name for lab in train], lut, [lab.color for lab in train],
                   [lab.id for lab in train], eval_classes=list(range(len(train))))

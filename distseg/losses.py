@@ -10,6 +10,7 @@ from distseg.labels import IGNORE
 
 
 def ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over labelled pixels (255 ignored)."""
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
 
 
@@ -48,6 +49,7 @@ class SegLoss:
         self.ce, self.dice, self.bce = ce, dice, bce
 
     def pixel_sum(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The per-pixel loss terms summed over labelled pixels (normalised by the trainer)."""
         total = logits.new_zeros((), dtype=torch.float32)
         if self.ce:
             total = total + self.ce * ce_sum(logits, target)
@@ -56,6 +58,7 @@ class SegLoss:
         return total
 
     def mean_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Terms that are already means over the batch (Dice)."""
         if not self.dice:
             return logits.new_zeros((), dtype=torch.float32)
         return self.dice * dice_loss(logits, target)

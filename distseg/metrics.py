@@ -13,6 +13,7 @@ from distseg.labels import IGNORE
 
 
 class ConfusionMatrix:
+    """Counts of (true class, predicted class) on a device; summed over ranks by `reduce`."""
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
         self.n = num_classes
         # one extra column for predictions outside 0..n-1 (e.g. an ignored label id in a results file):
@@ -28,7 +29,8 @@ class ConfusionMatrix:
         pk = p[keep]
         pk = torch.where((pk >= 0) & (pk < self.n), pk, torch.full_like(pk, self.n))
         idx = t[keep] * (self.n + 1) + pk
-        self.mat += torch.bincount(idx, minlength=self.n * (self.n + 1)).reshape(self.n, self.n + 1).to(self.mat.device)
+        counts = torch.bincount(idx, minlength=self.n * (self.n + 1)).reshape(self.n, self.n + 1)
+        self.mat += counts.to(self.mat.device)
 
     def reduce(self, accelerator) -> "ConfusionMatrix":
         """Sum over ranks (each rank must have counted disjoint samples)."""
@@ -37,6 +39,7 @@ class ConfusionMatrix:
         return self
 
     def scores(self, eval_classes: list[int] | None = None) -> dict:
+        """Per-class IoU, mIoU over non-NaN classes, pixel accuracy, labelled pixel count."""
         cls = list(range(self.n)) if eval_classes is None else list(eval_classes)
         m = self.mat.double().cpu().numpy()
         rows = np.zeros(self.n, bool)
@@ -56,6 +59,7 @@ class ConfusionMatrix:
 
 
 def format_table(scores: dict, class_names: list[str]) -> str:
+    """Per-class IoU, mIoU and pixel accuracy as an aligned text table."""
     lines = [f"{'class':<16}{'IoU':>8}"]
     for c, v in scores["iou"].items():
         lines.append(f"{class_names[c]:<16}{'  n/a' if math.isnan(v) else f'{100 * v:8.2f}'}")

@@ -1,67 +1,107 @@
-"""`distseg predict`: segment images; write labelId PNGs in the official Cityscapes results format
-(<key>_pred_labelIds.png, values = Cityscapes label ids) and colour overlays."""
+"""`distseg predict`: segment images into the official Cityscapes results format.
+
+`--out` receives exactly one PNG per input image and nothing else, so `csEvalPixelLevelSemanticLabeling`
+(which takes every `<city>_<seq>_<frame>*.png` under the folder) accepts it as it is: label ids for
+trainid/labelid runs (`<key>_pred_labelIds.png`), the scheme's class indexes otherwise
+(`<key>_pred_classes.png`). Colour masks and overlays go to `--overlays` only when asked. Images are decoded
+by DataLoader workers and batched by size; under `accelerate launch` rank r predicts every world-th image,
+so each image is predicted exactly once whatever the number of processes.
+"""
 
 from __future__ import annotations
 
+import io
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
-from distseg.data.manifest import atomic_save_png
+from distseg.data.image_files import ImageFiles, ImageItem, find_inputs, raise_errors
 from distseg.errors import UserError
+from distseg.files import atomic_save_png, atomic_write_bytes
+from distseg.inference import InferenceSpec, Segmenter, segment_images
+from distseg.labels import Scheme
+from distseg.runs import load_run
+from distseg.tb import overlay
 
 
-def find_images(inputs: tuple[str, ...]) -> list[Path]:
-    out = []
-    for s in inputs:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(p.rglob("*_leftImg8bit.png")) or sorted(
-                q for q in p.rglob("*") if q.suffix.lower() in (".png", ".jpg", ".jpeg"))
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise UserError(f"input not found: {p}")
-    if not out:
-        raise UserError("no images found in the inputs")
-    return out
+def result_name(key: str, scheme: Scheme) -> str:
+    """File name of one result: the official suffix for label-id schemes."""
+    return f"{key}_pred_labelIds.png" if scheme.official else f"{key}_pred_classes.png"
 
 
-def key_of(path: Path) -> str:
-    name = path.stem
-    return name[: -len("_leftImg8bit")] if name.endswith("_leftImg8bit") else name
+def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best", root: str | None = None,
+            split: str | None = None, overlays: str | None = None, zip_path: str | None = None,
+            alpha: float = 0.5, batch_size: int | None = None, workers: int = 2, precision: str | None = None,
+            overrides: tuple[str, ...] = ()) -> int:
+    """Write one result per input image; returns how many images all ranks predicted."""
+    from accelerate import Accelerator
 
-
-@torch.no_grad()
-def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best", alpha: float = 0.5) -> int:
-    from distseg.evaluate import load_run
-    from distseg.models.unet import predict_classes
-    from distseg.tb import overlay
-    from distseg.data.transforms import prepare_val
-
-    cfg, scheme, model, _ = load_run(run, checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
+    loaded = load_run(run, checkpoint, overrides)
+    items = find_inputs(inputs, root, split)
     out_dir = Path(out)
-    (out_dir / "overlay").mkdir(parents=True, exist_ok=True)
-    export, pal = scheme.export_lut(), scheme.palette()
-    images = find_images(inputs)
-    for path in images:
-        try:
-            rgb = np.array(Image.open(path).convert("RGB"))
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
-        img = torch.from_numpy(rgb).permute(2, 0, 1).to(device)
-        x, _ = prepare_val(img, torch.zeros(1), cfg.data.mean, cfg.data.std, cfg.data.val_scale)
-        logits = model(x.unsqueeze(0))
-        if logits.shape[-2:] != rgb.shape[:2]:
-            logits = F.interpolate(logits.float(), size=rgb.shape[:2], mode="bilinear", align_corners=False)
-        cls = predict_classes(logits)[0].cpu().numpy().astype(np.uint8)
-        key = key_of(path)
-        atomic_save_png(Image.fromarray(export[cls]), out_dir / f"{key}_pred_labelIds.png")
-        atomic_save_png(Image.fromarray(overlay(rgb, cls, pal, alpha)), out_dir / "overlay" / f"{key}_overlay.png")
-    return len(images)
+    if overlays and Path(overlays).resolve() == out_dir.resolve():
+        raise UserError("--overlays must be another folder than --out: the official evaluation takes every "
+                        "<key>*.png under the results folder")
+    cfg, scheme = loaded.cfg, loaded.scheme
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    seg = Segmenter(loaded.model.to(acc.device), InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std,
+                    acc.device, precision or cfg.train.mixed_precision, cfg.model.channels_last)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overlays:
+        Path(overlays).mkdir(parents=True, exist_ok=True)
+    mine = items[acc.process_index::acc.num_processes]
+    loader = torch.utils.data.DataLoader(ImageFiles(mine), batch_size=batch_size or cfg.data.val_batch_size,
+                                         num_workers=workers, collate_fn=list)
+    export = scheme.export_lut() if scheme.official else np.arange(256, dtype=np.uint8)
+    pal = scheme.palette()
+    show = acc.is_main_process and sys.stderr.isatty()
+    with tqdm(total=len(mine), desc="predict", unit="img", disable=not show) as bar:
+        for batch in loader:
+            raise_errors(batch)
+            for it, cls in zip(batch, segment_images(seg, [b["image"] for b in batch])):
+                item = mine[it["index"]]
+                c = cls.cpu().numpy().astype(np.uint8)
+                atomic_save_png(Image.fromarray(export[c]), out_dir / result_name(item.key, scheme))
+                if overlays:
+                    _write_overlays(Path(overlays), item, it["image"], c, pal, alpha)
+            bar.update(len(batch))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _warn_foreign_files(out_dir, items, scheme)
+        if zip_path:
+            write_zip(Path(zip_path), out_dir, items, scheme)
+    return len(items)
+
+
+def _write_overlays(folder: Path, item: ImageItem, image: torch.Tensor, classes: np.ndarray, pal,
+                    alpha) -> None:
+    rgb = image.permute(1, 2, 0).numpy()
+    atomic_save_png(Image.fromarray(pal[classes]), folder / f"{item.key}_color.png")
+    atomic_save_png(Image.fromarray(overlay(rgb, classes, pal, alpha)), folder / f"{item.key}_overlay.png")
+
+
+def _warn_foreign_files(out_dir: Path, items: list[ImageItem], scheme: Scheme) -> None:
+    """Files left in --out by something else would make the official evaluation refuse the folder."""
+    ours = {result_name(it.key, scheme) for it in items}
+    keys = {it.key for it in items}
+    other = [p for p in out_dir.rglob("*.png")
+             if p.name not in ours and any(p.name.startswith(k) for k in keys)]
+    if other:
+        print(f"warning: {len(other)} other file(s) in {out_dir} match these images (e.g. {other[0].name}); "
+              "the official evaluation will find several predictions per image: remove them", file=sys.stderr)
+
+
+def write_zip(path: Path, out_dir: Path, items: list[ImageItem], scheme: Scheme) -> None:
+    """The archive the Cityscapes benchmark server takes: the result PNGs, flat, written atomically."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for it in items:
+            name = result_name(it.key, scheme)
+            z.write(out_dir / name, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())

@@ -7,11 +7,13 @@ import torch
 
 
 class NullWriter:
+    """Stands in for SummaryWriter on ranks other than 0: every call does nothing."""
     def __getattr__(self, name):
         return lambda *a, **k: None
 
 
 def make_writer(log_dir, enabled: bool):
+    """A TensorBoard SummaryWriter on rank 0, a NullWriter elsewhere."""
     if not enabled:
         return NullWriter()
     from torch.utils.tensorboard import SummaryWriter

@@ -1,102 +1,63 @@
 """Training entry: `accelerate launch distseg/train.py --config configs/X.yaml [section.key=value ...]`.
 
-Also importable (`distseg.train.main(argv)`) and run by `distseg train`. Accelerate owns devices, DDP,
-mixed precision and checkpoint state; this loop owns sample-exact data, global loss normalisation,
-gradient accumulation, poly LR, atomic checkpoints with mid-epoch resume, TensorBoard and the summary.
+Also importable (`distseg.train.main(argv)`) and run by `distseg train`. Read `train()` top to bottom:
+`setup` builds everything and decides where to resume; `train_one_epoch` runs optimizer steps until the
+epoch ends, `max_steps` is reached or a stop is requested; `validate` scores the val split through the one
+inference path (distseg/inference.py); `checkpoint` saves atomically; `finish` writes the summary.
+
+Accelerate owns devices, DDP, mixed precision and checkpoint state; this loop owns sample-exact data,
+global loss normalisation, gradient accumulation, poly LR, mid-epoch resume, TensorBoard and the summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a script: make the package importable by absolute name
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 
+from distseg.checkpoint import (
+    RunState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_state,
+    save_checkpoint,
+    save_weights,
+)
+from distseg.config import Config, dump_config, load_config
+from distseg.data.loader import build_loader, masked_targets
 from distseg.errors import UserError, describe_os_error
+from distseg.files import atomic_write_json, atomic_write_text
+from distseg.inference import InferenceSpec, Segmenter
+from distseg.labels import Scheme, get_scheme
+from distseg.losses import SegLoss
+from distseg.metrics import format_table
+from distseg.models.unet import build_model, out_channels
+from distseg.optim import build_optimizer, lr_at
+from distseg.step_log import StepLogger
+from distseg.tb import denormalize, make_writer, panel
+from distseg.validation import score_loader
 
 EXIT_PREEMPTED = 75  # checkpoint written on SIGUSR1/SIGTERM: requeue me
 EXIT_DIVERGED = 3
+# settings that change the weights' shapes or meaning: a run cannot resume across a change of these
+MODEL_KEYS = ("model.base", "model.depth", "model.norm", "data.scheme")
 
 
 class Diverged(UserError):
-    pass
-
-
-def lr_at(step: int, cfg, max_steps: int) -> float:
-    base, s = cfg.optim.lr, cfg.sched
-    if s.warmup_steps and step < s.warmup_steps:
-        return base * (step + 1) / s.warmup_steps
-    span = max(1, max_steps - s.warmup_steps)
-    frac = min(1.0, (step - s.warmup_steps) / span)
-    return s.min_lr + (base - s.min_lr) * (1 - frac) ** s.power
-
-
-def build_optimizer(cfg, params, on_cuda: bool):
-    o = cfg.optim
-    fused = on_cuda if o.fused == "auto" else o.fused == "true"
-    if fused and not on_cuda:
-        raise UserError("optim.fused=true needs CUDA")
-    kw = {"fused": True} if fused else {}
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **kw)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **kw)
-
-
-def targets(batch: dict) -> torch.Tensor:
-    """The batch's masks with padded (invalid) samples set to ignore: they count in no loss or metric."""
-    m = batch["mask"]
-    return torch.where(batch["valid"].view(-1, 1, 1), m, torch.full_like(m, 255))
-
-
-@torch.no_grad()
-def run_validation(model, loader, accelerator, scheme, cfg, n_images: int = 0):
-    """Sample-exact validation: padded samples are masked out, the confusion matrix summed over ranks."""
-    from distseg.metrics import ConfusionMatrix
-    from distseg.models.unet import predict_classes
-
-    was_training = model.training
-    model.eval()
-    cm = ConfusionMatrix(scheme.num_classes, accelerator.device)
-    examples = []
-    loader.set_epoch(0)
-    for b in loader:
-        x = b["image"]
-        if accelerator.device.type == "cuda" and cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(x)
-        if logits.shape[-2:] != b["mask"].shape[-2:]:
-            logits = F.interpolate(logits.float(), size=b["mask"].shape[-2:], mode="bilinear", align_corners=False)
-        pred = predict_classes(logits)
-        mask = targets(b)
-        cm.update(pred, mask)
-        for i in range(len(pred)):
-            if len(examples) < n_images and bool(b["valid"][i]):
-                img = b["image"][i : i + 1].float()
-                if img.shape[-2:] != mask.shape[-2:]:  # data.val_scale: show the input at label size
-                    img = F.interpolate(img, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-                examples.append((img[0].cpu(), b["mask"][i].cpu(), pred[i].cpu()))
-    cm.reduce(accelerator)
-    model.train(was_training)
-    return cm, examples
-
-
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="distseg train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", "-c", default=None, help="YAML config (configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 data.batch_size=4")
-    return ap.parse_args(argv)
+    """The loss became NaN or infinite: training stops on every rank (exit status 3)."""
 
 
 class StopFlag:
@@ -117,57 +78,138 @@ class StopFlag:
 
     @property
     def set(self) -> bool:
+        """Whether a stop was requested on this rank."""
         return self._signalled or (self.file is not None and os.path.exists(self.file))
 
 
-def train(cfg, accelerator) -> dict:
-    from tqdm import tqdm
+@dataclass
+class Run:
+    """Everything one training run holds; built by `setup`, advanced by the steps below."""
 
-    from distseg.checkpoint import latest_checkpoint, load_weights, read_state, save_checkpoint, save_weights
-    from distseg.config import dump_config
-    from distseg.data.loader import build_loader
-    from distseg.labels import get_scheme
-    from distseg.losses import SegLoss
-    from distseg.data.manifest import atomic_write_text
-    from distseg.metrics import format_table
-    from distseg.models.unet import build_model, out_channels
-    from distseg.tb import denormalize, make_writer, panel
+    cfg: Config
+    acc: object  # accelerate.Accelerator
+    scheme: Scheme
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: SegLoss
+    train_loader: object
+    val_loader: object
+    segmenter: Segmenter
+    state: RunState
+    max_steps: int
+    log: StepLogger
+    tb: object
+    stop: StopFlag
+    last_scores: dict | None = None
+    preempted: bool = False
 
-    acc = accelerator
-    main_proc = acc.is_main_process
+    @property
+    def ckpt_dir(self) -> Path:
+        """runs/<name>/checkpoints."""
+        return self.cfg.run_dir / "checkpoints"
+
+
+# --- setup -----------------------------------------------------------------------------------------
+
+def model_differences(saved: Config, cfg: Config) -> list[str]:
+    """Settings in MODEL_KEYS that differ between a run's saved config and this one, as `key old -> new`."""
+    out = []
+    for key in MODEL_KEYS:
+        sec, name = key.split(".")
+        a, b = getattr(getattr(saved, sec), name), getattr(getattr(cfg, sec), name)
+        if a != b:
+            out.append(f"{key} {a} -> {b}")
+    if not out:
+        n = get_scheme(cfg.data.scheme).num_classes
+        a, b = out_channels(saved, n), out_channels(cfg, n)
+        if a != b:
+            out.append(f"model outputs {a} -> {b} (loss.bce alone uses one logit)")
+    return out
+
+
+def choose_resume(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after checking the run folder may be used."""
+    run_dir, r = cfg.run_dir, cfg.train.resume
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if r not in ("auto", "never", "fresh"):
+        read_state(Path(r))
+        return Path(r)
+    if r == "never" and ckpts:
+        raise UserError(f"{run_dir} holds checkpoints of an earlier run (newest: {ckpts[-1].name}): "
+                        "continue it "
+                        "with train.resume=auto, move it aside and start again with train.resume=fresh, or "
+                        "choose another name=...")
+    if r != "auto" or not ckpts:
+        return None
+    saved_cfg = run_dir / "config.yaml"
+    if saved_cfg.is_file():
+        try:
+            diff = model_differences(load_config(saved_cfg), cfg)
+        except UserError:
+            diff = []
+        if diff:
+            raise UserError(f"{run_dir} was trained with other model settings ({'; '.join(diff)}): resume "
+                            "with the old settings, or start a new run with name=... or train.resume=fresh")
+    return ckpts[-1]
+
+
+def prepare_run_dir(cfg: Config, acc) -> None:
+    """Rank 0: move an old run aside (train.resume=fresh), then write the resolved config. Called only after
+    every input was validated, so a start that fails early leaves nothing behind."""
     run_dir = cfg.run_dir
-    ckpt_dir = run_dir / "checkpoints"
-    stop = StopFlag()
-    scheme = get_scheme(cfg.data.scheme)
+    if acc.is_main_process:
+        if cfg.train.resume == "fresh" and run_dir.exists() and any(run_dir.iterdir()):
+            aside = run_dir.with_name(f"{run_dir.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+            run_dir.rename(aside)
+            print(f"moved the earlier run aside to {aside}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    acc.wait_for_everyone()
+
+
+def init_weights(cfg: Config, model: torch.nn.Module, acc) -> None:
+    """Fine-tuning: load train.init_from into the matching tensors (a new 1x1 head with train.reset_head)."""
+    sd = load_weights(cfg.train.init_from)
+    own = model.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
+            and not (cfg.train.reset_head and k.startswith("head."))}
+    if not any(k.startswith("down.") for k in keep):
+        raise UserError(f"{cfg.train.init_from} does not fit this model (model.base / model.depth differ?)")
+    model.load_state_dict(keep, strict=False)
+    acc.print(f"initialised {len(keep)}/{len(own)} tensors from {cfg.train.init_from}"
+              f"{' (new head)' if cfg.train.reset_head else ''}")
+
+
+def warn_about_settings(cfg: Config, acc, max_steps: int) -> None:
+    """Settings that silently make a run learn nothing or run slowly."""
+    if cfg.sched.warmup_steps >= max_steps:
+        acc.print(f"warning: sched.warmup_steps={cfg.sched.warmup_steps} >= the run's {max_steps} steps: the "
+                  "learning rate never reaches optim.lr (it ends at "
+                  f"{lr_at(max_steps - 1, cfg, max_steps):.2e}); "
+                  "lower sched.warmup_steps")
+    if acc.device.type == "cpu" and cfg.train.mixed_precision != "no":
+        acc.print(f"note: train.mixed_precision={cfg.train.mixed_precision} runs as CPU autocast here "
+                  "(no GPU): slower than on a GPU, and not what a GPU run computes bit for bit")
+
+
+def setup(cfg: Config, acc) -> Run:
+    """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
     on_cuda = acc.device.type == "cuda"
     if on_cuda:  # fixed input shapes (crops): let cuDNN pick the fastest kernels; TF32 for fp32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    scheme = get_scheme(cfg.data.scheme)
     train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
     val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
-
+    resume_from = choose_resume(cfg)
+    state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, out_channels(cfg, scheme.num_classes))
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_dir)
-    elif cfg.train.resume != "never":
-        resume_from = Path(cfg.train.resume)
-        read_state(resume_from)
     if cfg.train.init_from and resume_from is None:
-        sd = load_weights(cfg.train.init_from)
-        own = model.state_dict()
-        keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
-                and not (cfg.train.reset_head and k.startswith("head."))}
-        if not any(k.startswith("down.") for k in keep):
-            raise UserError(f"{cfg.train.init_from} does not fit this model (model.base / model.depth differ?)")
-        model.load_state_dict(keep, strict=False)
-        acc.print(f"initialised {len(keep)}/{len(own)} tensors from {cfg.train.init_from}"
-                  f"{' (new head)' if cfg.train.reset_head else ''}")
+        init_weights(cfg, model, acc)
+    prepare_run_dir(cfg, acc)
+
     if cfg.model.norm == "sync_batch" and acc.num_processes > 1 and on_cuda:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if on_cuda and cfg.model.channels_last:
@@ -176,185 +218,225 @@ def train(cfg, accelerator) -> dict:
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
-    loss_fn = SegLoss(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce)
-
-    batches_per_epoch = len(train_loader)
-    accum = cfg.train.grad_accum
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_miou": -1.0, "samples": 0}
-    world = acc.num_processes
     if resume_from is not None:
-        acc.load_state(str(resume_from))
-        state.update(read_state(resume_from))
-        loader_state = resume_from / f"loader_state_{acc.process_index}"
-        if hasattr(train_loader, "load_state_dict"):
-            if loader_state.is_file() and state.get("world", world) == world:
-                train_loader.load_state_dict(loader_state.read_bytes())
-            elif state["batch_in_epoch"]:
-                raise UserError(f"{resume_from} was written with another loader or process count; the DALI reader "
-                                "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")
-        acc.print(f"resumed from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
-                  f"batch {state['batch_in_epoch']})")
+        restore(acc, resume_from, state, train_loader)
 
-    tb = make_writer(run_dir / "tb", main_proc)
-    bar = tqdm(total=max_steps, initial=state["step"], desc=cfg.name, unit="step", mininterval=2,
-               disable=not (main_proc and cfg.train.progress), dynamic_ncols=True)
-    log = bar.write if not bar.disable else acc.print
-    acc.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val samples, "
-              f"{world} process(es) on {acc.device.type}, {batches_per_epoch} batches/epoch/process, "
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    state.world, state.batch_size = acc.num_processes, cfg.data.batch_size
+    state.grad_accum = cfg.train.grad_accum
+    warn_about_settings(cfg, acc, max_steps)
+    tb = make_writer(cfg.run_dir / "tb", acc.is_main_process)
+    log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, math.ceil(max_steps / steps_per_epoch),
+                     cfg.name, acc.is_main_process, cfg.train.progress)
+    segmenter = Segmenter(model, InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std, acc.device,
+                          cfg.train.mixed_precision, cfg.model.channels_last)
+    log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
+              "samples, "
+              f"{acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
+              "batches/epoch/process, "
               f"{max_steps} steps, mixed precision {acc.mixed_precision}")
-    last_scores, t_start, samples_run = None, time.time(), 0
-    win = {"t": time.time(), "wait": 0.0, "imgs": 0}
-    preempted = False
+    return Run(cfg, acc, scheme, model, optimizer, SegLoss(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce),
+               train_loader,
+               val_loader, segmenter, state, max_steps, log, tb, StopFlag())
 
-    def checkpoint():
-        extra = {"loader_state": train_loader.state_dict()} if hasattr(train_loader, "state_dict") else None
-        return save_checkpoint(acc, ckpt_dir, dict(state, config=cfg.name, world=world), cfg.train.keep_last, extra)
 
-    def validate():
-        nonlocal last_scores
-        cm, examples = run_validation(model, val_loader, acc, scheme, cfg, cfg.train.tb_images if main_proc else 0)
-        scores = cm.scores(scheme.eval_classes)
-        last_scores = scores
-        tb.add_scalar("val/mIoU", scores["miou"], state["step"])
-        tb.add_scalar("val/pixel_acc", scores["pixel_acc"], state["step"])
-        for c, v in scores["iou"].items():
-            if not math.isnan(v):
-                tb.add_scalar(f"val_iou/{scheme.class_names[c]}", v, state["step"])
-        pal = scheme.palette()
-        for i, (img, gt, pred) in enumerate(examples):
-            tb.add_image(f"val/example_{i}", panel(denormalize(img, cfg.data.mean, cfg.data.std),
-                                                    gt.numpy().astype("uint8"), pred.numpy().astype("uint8"), pal),
-                         state["step"], dataformats="HWC")
-        log(f"epoch {state['epoch']} step {state['step']}: val mIoU {100 * scores['miou']:.2f} "
-            f"pixel acc {100 * scores['pixel_acc']:.2f} ({scores['pixels']} px)")
-        if scores["miou"] > state["best_miou"]:
-            state["best_miou"] = scores["miou"]
-            if main_proc:
-                save_weights(acc.unwrap_model(model).state_dict(), run_dir / "best",
-                             {"step": state["step"], "epoch": state["epoch"], "miou": scores["miou"],
-                              "scheme": scheme.describe(), "config": cfg.name})
-        acc.wait_for_everyone()
+def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
+    """Accelerate's state (weights, optimizer, RNG) and, where the loader keeps one, its position."""
+    acc.load_state(str(ckpt))
+    loader_state = ckpt / f"loader_state_{acc.process_index}"
+    if hasattr(train_loader, "load_state_dict"):
+        if loader_state.is_file() and state.world == acc.num_processes:
+            train_loader.load_state_dict(loader_state.read_bytes())
+        elif state.batch_in_epoch:
+            raise UserError(f"{ckpt} was written with another loader or process count; the DALI reader "
+                            "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")
+    acc.print(f"resumed from {ckpt} (step {state.step}, epoch {state.epoch + 1}, batch "
+              f"{state.batch_in_epoch})")
 
-    model.train()
-    while state["step"] < max_steps and not preempted:
-        epoch = state["epoch"]
-        train_loader.set_epoch(epoch, state["batch_in_epoch"])
-        it = iter(train_loader)
-        micro = state["batch_in_epoch"]
-        acc_sum = torch.zeros(3, device=acc.device)  # pixel loss sum, valid pixels, images (this step)
-        while micro < batches_per_epoch:
-            # one optimizer step's micro-batches, fetched first: the loss is normalised by the labelled
-            # pixels of the whole accumulation group on all ranks, so grad_accum and world size do not
-            # change the gradient
-            group_len = min(accum, batches_per_epoch - micro)
-            t0 = time.time()
-            group = [b for b in (next(it, None) for _ in range(group_len)) if b is not None]
-            win["wait"] += time.time() - t0
-            if not group:
-                break
-            masks = [targets(b) for b in group]
-            n_locals = [(m != 255).sum().float() for m in masks]
-            n_global = torch.stack(n_locals).sum()
-            if world > 1:
-                n_global = acc.reduce(n_global, reduction="sum")
-            for k, (b, mask) in enumerate(zip(group, masks)):
-                x = b["image"]
-                if on_cuda and cfg.model.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                last_micro = k == len(group) - 1
-                with (nullcontext() if last_micro or world == 1 else acc.no_sync(model)):
-                    with acc.autocast():
-                        logits = model(x)
-                    pix = loss_fn.pixel_sum(logits, mask)
-                    loss = pix * world / n_global.clamp(min=1) + loss_fn.mean_terms(logits, mask) / len(group)
-                    acc.backward(loss)
-                acc_sum += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float()])
-            micro += len(group)
-            flags = torch.cat([acc_sum, torch.tensor([float(not torch.isfinite(acc_sum[0])), float(stop.set)],
-                                                     device=acc.device)])
-            if world > 1:
-                flags = acc.reduce(flags, reduction="sum")
-            if flags[3] > 0:
-                last = latest_checkpoint(ckpt_dir)
-                raise Diverged(f"loss is not finite at step {state['step'] + 1} (epoch {epoch}): training stopped; "
-                               f"last good checkpoint: {last or 'none'}. Lower optim.lr, add train.clip_grad, "
-                               "or use train.mixed_precision=bf16 instead of fp16")
-            lr = lr_at(state["step"], cfg, max_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if cfg.train.clip_grad > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["batch_in_epoch"] = micro
-            state["samples"] += int(flags[2])
-            samples_run += int(flags[2])
-            win["imgs"] += int(flags[2])
-            acc_sum.zero_()
-            bar.update(1)
-            step_loss = float(flags[0] / flags[1].clamp(min=1))
-            if state["step"] % cfg.train.log_every == 0 or state["step"] == max_steps:
-                dt = time.time() - win["t"]
-                ips, wait = win["imgs"] / max(dt, 1e-9), win["wait"] / max(dt, 1e-9)
-                tb.add_scalar("train/loss", step_loss, state["step"])
-                tb.add_scalar("train/lr", lr, state["step"])
-                tb.add_scalar("perf/img_per_s", ips, state["step"])
-                tb.add_scalar("perf/data_wait_frac", wait, state["step"])
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
-                if bar.disable:
-                    log(f"step {state['step']}/{max_steps} epoch {epoch} loss {step_loss:.4f} lr {lr:.2e} "
-                        f"{ips:.1f} img/s data-wait {100 * wait:.0f}%")
-                win.update(t=time.time(), wait=0.0, imgs=0)
-            if flags[4] > 0:
-                log(f"stop requested: checkpointing at step {state['step']}")
-                ck = checkpoint()
-                if main_proc and stop.file:  # tells slurm/train.sh the checkpoint is complete: requeue
-                    atomic_write_text(Path(stop.file + ".done"), f"{ck}\n")
-                preempted = True
-                break
-            if state["step"] >= max_steps:
-                break
-            if cfg.train.ckpt_every and state["step"] % cfg.train.ckpt_every == 0 and micro < batches_per_epoch:
-                checkpoint()
-        if preempted:
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def train_step(run: Run, group: list[dict]) -> torch.Tensor:
+    """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
+    labelled pixels of the whole group on all ranks, so grad_accum and world size do not change the
+    gradient. Returns the all-reduced [pixel loss sum, labelled pixels, images, non-finite, stop] flags."""
+    acc, model, world = run.acc, run.model, run.acc.num_processes
+    masks = [masked_targets(b) for b in group]
+    n_locals = [(m != 255).sum().float() for m in masks]
+    n_global = torch.stack(n_locals).sum()
+    if world > 1:
+        n_global = acc.reduce(n_global, reduction="sum")
+    sums = torch.zeros(3, device=acc.device)  # pixel loss sum, labelled pixels, images (this step, this rank)
+    for k, (b, mask) in enumerate(zip(group, masks)):
+        x = b["image"]
+        if run.segmenter.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (nullcontext() if k == len(group) - 1 or world == 1 else acc.no_sync(model)):
+            with acc.autocast():
+                logits = model(x)
+            pix = run.loss_fn.pixel_sum(logits, mask)
+            loss = pix * world / n_global.clamp(min=1) + run.loss_fn.mean_terms(logits, mask) / len(group)
+            acc.backward(loss)
+        sums += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float()])
+    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set)],
+                                          device=acc.device)])
+    if world > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    if flags[3] > 0:
+        last = latest_checkpoint(run.ckpt_dir) or "none"
+        raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
+                       f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
+                       "train.clip_grad, or use train.mixed_precision=bf16 instead of fp16")
+    lr = lr_at(run.state.step, run.cfg, run.max_steps)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    if run.cfg.train.clip_grad > 0:
+        acc.clip_grad_norm_(model.parameters(), run.cfg.train.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return torch.cat([flags, torch.tensor([lr], device=flags.device)])
+
+
+def train_one_epoch(run: Run) -> None:
+    """Optimizer steps from the state's position until the epoch ends, max_steps, or a stop request."""
+    st, cfg = run.state, run.cfg
+    run.train_loader.set_epoch(st.epoch, st.batch_in_epoch)
+    it = iter(run.train_loader)
+    per_epoch = len(run.train_loader)
+    while st.batch_in_epoch < per_epoch:
+        t0 = time.time()
+        n = min(cfg.train.grad_accum, per_epoch - st.batch_in_epoch)
+        group = [b for b in (next(it, None) for _ in range(n)) if b is not None]
+        run.log.waited(time.time() - t0)
+        if not group:
             break
-        if micro >= batches_per_epoch:  # epoch finished
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            if state["epoch"] % cfg.train.val_every == 0 or state["step"] >= max_steps:
-                validate()
-            checkpoint()
-        elif state["step"] >= max_steps:  # stopped inside an epoch by max_steps
-            validate()
-            checkpoint()
-    bar.close()
-    if not preempted and last_scores is None:
-        validate()
-    elapsed = time.time() - t_start
-    summary = {"name": cfg.name, "steps": state["step"], "epochs": state["epoch"], "best_miou": state["best_miou"],
-               "final_miou": last_scores["miou"] if last_scores else None,
-               "final_pixels": last_scores["pixels"] if last_scores else None, "seconds": elapsed,
-               "img_per_s": samples_run / elapsed, "processes": world,
-               "preempted": preempted, "final_iou": {scheme.class_names[c]: v for c, v in last_scores["iou"].items()}
-               if last_scores else {}}
-    if main_proc:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-        if last_scores and not preempted:
-            print(format_table(last_scores, scheme.class_names))
-            print(f"steps {state['step']}  epochs {state['epoch']}  best mIoU {100 * state['best_miou']:.2f}  "
-                  f"time {elapsed:.0f}s  processes {world}  -> {run_dir}")
-    tb.close()
+        flags = train_step(run, group)
+        st.step += 1
+        st.batch_in_epoch += len(group)
+        st.samples += int(flags[2])
+        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[5]),
+                     int(flags[2]))
+        if flags[4] > 0:
+            run.log.print(f"stop requested: checkpointing at step {st.step}")
+            ck = checkpoint(run)
+            if run.acc.is_main_process and run.stop.file:  # tells slurm/train.sh the checkpoint is complete
+                atomic_write_text(Path(run.stop.file + ".done"), f"{ck}\n")
+            run.preempted = True
+            return
+        if st.step >= run.max_steps:
+            return
+        if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.batch_in_epoch < per_epoch:
+            checkpoint(run)
+
+
+def score_of(scheme: Scheme, scores: dict) -> tuple[str, float]:
+    """The number that picks the best checkpoint: mIoU, or the foreground IoU of a binary scheme."""
+    if scheme.num_classes == 2:
+        return "foreground IoU", scores["iou"].get(1, math.nan)
+    return "mIoU", scores["miou"]
+
+
+def validate(run: Run) -> None:
+    """Score the val split (every image once, whatever the number of ranks); log it; keep the best weights."""
+    st, scheme, main = run.state, run.scheme, run.acc.is_main_process
+    cm, examples = score_loader(run.segmenter, run.val_loader, scheme, run.acc,
+                                run.cfg.train.tb_images if main else 0)
+    scores = cm.scores(scheme.eval_classes)
+    run.last_scores = scores
+    name, score = score_of(scheme, scores)
+    run.tb.add_scalar("val/mIoU", scores["miou"], st.step)
+    run.tb.add_scalar("val/pixel_acc", scores["pixel_acc"], st.step)
+    for c, v in scores["iou"].items():
+        if not math.isnan(v):
+            run.tb.add_scalar(f"val_iou/{scheme.class_names[c]}", v, st.step)
+    pal = scheme.palette()
+    for i, (img, gt, pred) in enumerate(examples):
+        rgb = denormalize(img, run.cfg.data.mean, run.cfg.data.std)
+        picture = panel(rgb, gt.numpy().astype("uint8"), pred.numpy().astype("uint8"), pal)
+        run.tb.add_image(f"val/example_{i}", picture, st.step, dataformats="HWC")
+    st.history.append({"epoch": st.epoch, "step": st.step, "score": None if math.isnan(score) else score})
+    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {100 * score:.2f}, mIoU "
+                  f"{100 * scores['miou']:.2f}, pixel acc {100 * scores['pixel_acc']:.2f} "
+                  f"({scores['pixels']} px)")
+    if score > st.best_score:
+        st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
+        if main:
+            save_weights(run.acc.unwrap_model(run.model).state_dict(), run.cfg.run_dir / "best",
+                         {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
+                          "miou": scores["miou"], "scheme": scheme.describe(), "config": run.cfg.name})
+    run.acc.wait_for_everyone()
+
+
+def checkpoint(run: Run) -> Path:
+    """Save a checkpoint on all ranks (collective), with the loader's own position where it has one."""
+    loader = run.train_loader
+    extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
+    return save_checkpoint(run.acc, run.ckpt_dir, run.state, run.cfg.train.keep_last, extra)
+
+
+def finish(run: Run) -> dict:
+    """Write summary.json (valid JSON: absent classes are null) and print the final table on rank 0."""
+    st, scheme = run.state, run.scheme
+    s = run.last_scores
+    summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
+               "best_score_name": score_of(scheme, s)[0] if s else None, "best_epoch": st.best_epoch,
+               "best_step": st.best_step, "final_miou": s["miou"] if s else None,
+               "final_pixels": s["pixels"] if s else None, "seconds": time.time() - run.log.t_start,
+               "img_per_s": run.log.throughput(), "processes": run.acc.num_processes,
+               "preempted": run.preempted,
+               "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
+               "history": st.history}
+    if run.acc.is_main_process:
+        atomic_write_json(run.cfg.run_dir / "summary.json", summary)
+        if s and not run.preempted:
+            print(format_table(s, scheme.class_names))
+            print(f"steps {st.step}  epochs {st.epoch}  best {score_of(scheme, s)[0]} "
+                  f"{100 * st.best_score:.2f} "
+                  f"(epoch {st.best_epoch})  time {summary['seconds']:.0f}s  processes "
+                  f"{run.acc.num_processes}  "
+                  f"-> {run.cfg.run_dir}")
+    run.tb.close()
     return summary
 
 
+def train(cfg: Config, acc) -> dict:
+    """Run (or resume) training to max_steps; returns the summary."""
+    run = setup(cfg, acc)
+    st = run.state
+    while st.step < run.max_steps and not run.preempted:
+        train_one_epoch(run)
+        if run.preempted:
+            break
+        if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
+                validate(run)
+            checkpoint(run)
+        elif st.step >= run.max_steps:  # stopped inside an epoch by max_steps
+            validate(run)
+            checkpoint(run)
+    run.log.close()
+    if not run.preempted and run.last_scores is None:
+        validate(run)
+    return finish(run)
+
+
+# --- entry -----------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    """--config and dotted overrides."""
+    ap = argparse.ArgumentParser(prog="distseg train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", "-c", default=None, help="YAML config (configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 data.batch_size=4")
+    return ap.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status (0, 2 user error, 3 diverged, 75 preempted, 130 interrupted)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from distseg.config import load_config
 
     code = 0
     acc = None

@@ -1,4 +1,6 @@
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +17,15 @@ def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     p = subprocess.run([sys.executable, "-m", "distseg", *map(str, args)], capture_output=True, text=True,
                        env=e, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
-        raise AssertionError(f"distseg {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(f"distseg {' '.join(map(str, args))} failed "
+                             f"({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
 
 
 def assert_user_error(p, needle: str):
     """Exit 2, exactly one line on stderr mentioning `needle`, and no traceback."""
     assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
     assert "Traceback" not in p.stderr
@@ -39,13 +42,72 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shards(synth_root, tmp_path_factory) -> Path:
-    """train + val shards of the synthetic tree (trainid, jpg)."""
+    """train + val shards of the synthetic tree (trainid; train JPEG, val PNG: the defaults)."""
     from distseg.data.shard import ShardOptions, run_shard
 
     out = tmp_path_factory.mktemp("shards")
     for split, maxcount in (("train", 4), ("val", 2)):
-        run_shard(synth_root, out, ShardOptions(split=split, maxcount=maxcount), progress=False, log=lambda *a: None)
+        run_shard(synth_root, out, ShardOptions(split=split, maxcount=maxcount), progress=False,
+                  log=lambda *a: None)
     return out
+
+
+TRAIN = str(ROOT / "distseg" / "train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_overrides(shards, out, name, **extra):
+    o = {"name": name, "output_dir": out, "data.shards": shards, "data.batch_size": 4,
+         "data.val_batch_size": 2,
+         "data.num_workers": 0, "data.crop": "[96,192]", "data.scale": "[0.75,1.25]", "model.base": 8,
+         "model.depth": 2, "model.norm": "group", "optim.lr": 0.003, "train.epochs": 2, "train.val_every": 1,
+         "train.progress": "false", "train.log_every": 1, "sched.warmup_steps": 2}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_train(overrides, procs=1, check=True, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if procs == 1:
+        cmd = [sys.executable, TRAIN, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(procs),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", TRAIN, *overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def weights(run_dir: Path, which="latest"):
+    from distseg.checkpoint import latest_checkpoint, load_weights
+
+    path = latest_checkpoint(run_dir / "checkpoints") if which == "latest" else run_dir / which
+    return load_weights(path)
+
+
+def val_pixels(shards: Path) -> int:
+    man = json.loads((shards / "val.json").read_text())
+    return sum(man["class_pixels"].values())
+
+
+# SGD: the update is linear in the gradient, so equal gradients give equal weights up to float
+# rounding (Adam would amplify rounding noise in near-zero gradients to whole learning-rate steps)
+SGD = {"optim.name": "sgd", "optim.lr": 0.05, "optim.momentum": 0.9}
+
+
+@pytest.fixture(scope="session")
+def one_proc_run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run_train(base_overrides(shards, out, "one", **SGD))
+    return out / "one"
 
 
 def pytest_collection_modifyitems(config, items):

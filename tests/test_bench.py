@@ -6,13 +6,14 @@ from conftest import run_cli
 
 
 def rows(text):
-    return [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| pipeline")
-            and not l.startswith("| variant") and not l.startswith("| image format")]
+    heads = ("| pipeline", "| variant", "| image format")
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(heads)]
 
 
 def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     out = tmp_path / "b.md"
-    p = run_cli("bench", "data", "--root", synth_root, "--batches", "3", "--out", out, f"data.shards={shards}",
+    p = run_cli("bench", "data", "--root", synth_root, "--batches", "3", "--out", out,
+                f"data.shards={shards}",
                 "data.batch_size=2", "data.num_workers=1", "data.crop=[64,128]")
     r = rows(p.stdout)
     assert [x.split("|")[1].strip() for x in r] == [
@@ -39,3 +40,16 @@ def test_bench_train_reports_throughput_and_mfu(shards):
 def test_bench_shard(synth_root):
     p = run_cli("bench", "shard", "--root", synth_root, "--limit", "4")
     assert [x.split("|")[1].strip() for x in rows(p.stdout)] == ["png", "jpg q95"]
+
+
+def test_bench_eval_runs_every_mode_through_the_segmenter():
+    p = run_cli("bench", "eval", "--size", "96x64", "--images", "1", "--crop", "48x32", "--stride", "24x16",
+                "--precision", "no", "model.base=8", "model.depth=2", "model.norm=group")
+    r = rows(p.stdout.replace("| mode", "| pipeline"))
+    assert [x.split("|")[1].strip() for x in r] == ["whole", "whole+flip", "slide", "slide+flip", "ms",
+                                                    "ms+flip"]
+    passes = {x.split("|")[1].strip(): float(x.split("|")[4]) for x in r}
+    # 3x3 windows of 48x32 at stride 24x16 over 96x64, batch 4 -> 3 passes; flip doubles; 5 scales x 1 pass
+    assert passes == {"whole": 1, "whole+flip": 2, "slide": 3, "slide+flip": 6, "ms": 5, "ms+flip": 10}
+    for line in r:
+        assert float(line.split("|")[3]) > 0 and float(line.split("|")[5]) >= 0

@@ -75,13 +75,16 @@ def coded_shards(synth_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("coded")
     shutil.copytree(synth_root / "gtFine", root / "gtFine")
     scheme = get_scheme("trainid")
-    pal = np.array([[(37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256] for i in range(256)], np.uint8)
+    pal = np.array([[(37 * i) % 256, (91 * i + 60) % 256, (151 * i + 120) % 256] for i in range(256)],
+                   np.uint8)
     for lab in (root / "gtFine" / "train").glob("*/*_labelIds.png"):
-        img_path = root / "leftImg8bit" / "train" / lab.parent.name / lab.name.replace("_gtFine_labelIds", "_leftImg8bit")
+        name = lab.name.replace("_gtFine_labelIds", "_leftImg8bit")
+        img_path = root / "leftImg8bit" / "train" / lab.parent.name / name
         img_path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pal[scheme.remap(np.asarray(Image.open(lab)))]).save(img_path)
     out = root / "shards"
-    run_shard(root, out, ShardOptions(split="train", maxcount=5, quality=98), progress=False, log=lambda *a: None)
+    run_shard(root, out, ShardOptions(split="train", maxcount=5, quality=98), progress=False,
+              log=lambda *a: None)
     return out, pal
 
 
@@ -101,7 +104,8 @@ def test_augmented_image_and_mask_stay_aligned(coded_shards, kind):
                 rgb = (img * std + mean) * 255
                 # judge interior pixels (3x3 neighbourhood of one class): edges blur under resize and JPEG
                 mf = m.float()[None, None]
-                same = (torch.nn.functional.max_pool2d(mf, 3, 1, 1) == -torch.nn.functional.max_pool2d(-mf, 3, 1, 1))[0, 0]
+                pool = torch.nn.functional.max_pool2d
+                same = (pool(mf, 3, 1, 1) == -pool(-mf, 3, 1, 1))[0, 0]
                 valid = (m != 255) & same
                 d = ((rgb.permute(1, 2, 0)[valid][:, None, :] - colours[None]) ** 2).sum(-1)
                 agree = (d.argmin(1) == m[valid]).float().mean().item()
@@ -133,7 +137,8 @@ def test_dali_resume_mid_epoch_continues_exactly(shards):
 def test_training_with_dali_loader_two_processes(shards, tmp_path):
     from test_train_e2e import base_overrides, run_train, val_pixels
 
-    run_train(base_overrides(shards, tmp_path, "dali", **{"data.loader": "dali", "data.batch_size": 2}), procs=2)
+    run_train(base_overrides(shards, tmp_path, "dali", **{"data.loader": "dali", "data.batch_size": 2}),
+              procs=2)
     s = json.loads((tmp_path / "dali" / "summary.json").read_text())
     assert s["processes"] == 2 and s["steps"] == 8
     assert s["final_pixels"] == val_pixels(shards)

@@ -8,19 +8,19 @@ cs = pytest.importorskip("cityscapesscripts.helpers.labels")
 
 
 def test_table_matches_cityscapesscripts():
-    ours = [tuple(l) for l in LABELS]
-    theirs = [(l.name, l.id, l.trainId, l.category, l.categoryId, l.hasInstances, l.ignoreInEval, tuple(l.color))
-              for l in cs.labels]
+    ours = [tuple(lab) for lab in LABELS]
+    theirs = [(lab.name, lab.id, lab.trainId, lab.category, lab.categoryId, lab.hasInstances,
+               lab.ignoreInEval, tuple(lab.color)) for lab in cs.labels]
     assert ours == theirs
 
 
 def test_trainid_lut_matches_official_mapping():
     s = get_scheme("trainid")
     assert s.num_classes == 19
-    for l in cs.labels:
-        if l.id >= 0:
-            want = l.trainId if 0 <= l.trainId < 255 else IGNORE
-            assert s.lut[l.id] == want, l.name
+    for lab in cs.labels:
+        if lab.id >= 0:
+            want = lab.trainId if 0 <= lab.trainId < 255 else IGNORE
+            assert s.lut[lab.id] == want, lab.name
     assert s.lut[IGNORE] == IGNORE
     # results exporter: trainId -> id is the official inverse
     assert [s.export_lut()[t] for t in range(19)] == [cs.trainId2label[t].id for t in range(19)]
@@ -29,10 +29,10 @@ def test_trainid_lut_matches_official_mapping():
 def test_category_and_binary_schemes():
     cat = get_scheme("category")
     assert cat.class_names == ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
-    for l in cs.labels:
-        if l.id >= 0:
-            want = IGNORE if (l.ignoreInEval or l.categoryId == 0) else l.categoryId - 1
-            assert cat.lut[l.id] == want, l.name
+    for lab in cs.labels:
+        if lab.id >= 0:
+            want = IGNORE if (lab.ignoreInEval or lab.categoryId == 0) else lab.categoryId - 1
+            assert cat.lut[lab.id] == want, lab.name
     auto = get_scheme("automobile")
     fg = {cs.name2label[n].id for n in ("car", "truck", "bus", "caravan", "trailer")}
     assert {i for i in range(256) if auto.lut[i] == 1} == fg

@@ -55,26 +55,41 @@ def test_round_trip_png_is_bit_exact(synth_root, tmp_path):
     assert man["ignore_pixels"] == int(hist[255])
 
 
+def test_val_is_lossless_by_default_and_jpeg_val_states_the_drift(synth_root, tmp_path):
+    for split, ext in (("val", "png"), ("train", "jpg")):
+        p = run_cli("shard", "--split", split, "--root", synth_root, "--out", tmp_path / "d")
+        assert json.loads((tmp_path / "d" / f"{split}.json").read_text())["image_ext"] == ext
+        assert "note:" not in p.stdout
+    p = run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path / "j", "--image-format",
+                "jpg")
+    assert "note: val images as JPEG q95" in p.stdout and "differ slightly" in p.stdout
+
+
 def test_jpeg_masks_exact_images_close_and_resize(synth_root, tmp_path):
     out = tmp_path / "s"
-    run_cli("shard", "--split", "val", "--root", synth_root, "--out", out, "--resize", "128x64", "--scheme", "category")
+    run_cli("shard", "--split", "val", "--root", synth_root, "--out", out, "--resize", "128x64", "--scheme",
+            "category",
+            "--image-format", "jpg")
     man, samples = all_samples(out, "val")
     pairs = {p.key: p for p in find_pairs(synth_root, "val")}
     scheme = get_scheme("category")
     for k, files in samples.items():
         img = np.asarray(Image.open(io.BytesIO(files["jpg"])), np.float64)
         assert img.shape == (64, 128, 3)
-        ref = np.asarray(Image.open(pairs[k].image).convert("RGB").resize((128, 64), Image.Resampling.BILINEAR), np.float64)
+        ref = Image.open(pairs[k].image).convert("RGB").resize((128, 64), Image.Resampling.BILINEAR)
+        ref = np.asarray(ref, np.float64)
         psnr = 10 * np.log10(255 ** 2 / np.mean((img - ref) ** 2))
         assert psnr > 30, psnr
         lab = Image.open(pairs[k].label).resize((128, 64), Image.Resampling.NEAREST)
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(files["mask.png"]))), scheme.remap(np.asarray(lab)))
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(files["mask.png"]))),
+                                      scheme.remap(np.asarray(lab)))
 
 
 def test_workers_1_and_2_write_identical_shards(synth_root, tmp_path):
     mans = []
     for w in (1, 2):
-        run_cli("shard", "--split", "train", "--root", synth_root, "--out", tmp_path / f"w{w}", "--maxcount", "3",
+        run_cli("shard", "--split", "train", "--root", synth_root, "--out", tmp_path / f"w{w}", "--maxcount",
+                "3",
                 "--workers", w)
         mans.append(json.loads((tmp_path / f"w{w}" / "train.json").read_text())["shards"])
     assert mans[0] == mans[1]
@@ -122,8 +137,10 @@ def test_kill_mid_run_leaves_no_partial_tar_and_rerun_resumes(synth_root, tmp_pa
     run_cli("shard", "--split", "train", "--root", synth_root, "--out", ref, "--maxcount", "2")
     out = tmp_path / "out"
     env = dict(os.environ, DISTSEG_SHARD_THROTTLE="0.15")
-    proc = subprocess.Popen([sys.executable, "-m", "distseg", "shard", "--split", "train", "--root", str(synth_root),
-                             "--out", str(out), "--maxcount", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "distseg", "shard", "--split", "train", "--root",
+                             str(synth_root),
+                             "--out", str(out), "--maxcount", "2"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:
         time.sleep(0.02)
@@ -152,25 +169,31 @@ def _copy_tree(src, dst):
 
 
 def test_bad_inputs_give_one_line_and_no_partial_shard(synth_root, tmp_path):
-    assert_user_error(run_cli("shard", "--split", "train", "--root", tmp_path / "nope", "--out", tmp_path / "o",
+    assert_user_error(run_cli("shard", "--split", "train", "--root", tmp_path / "nope", "--out",
+                              tmp_path / "o",
                               check=False), "dataset root not found")
-    assert_user_error(run_cli("shard", "--split", "tain", "--root", synth_root, "--out", tmp_path / "o", check=False),
+    assert_user_error(run_cli("shard", "--split", "tain", "--root", synth_root, "--out", tmp_path / "o",
+                              check=False),
                       "split 'tain' not found")
-    assert_user_error(run_cli("shard", "--split", "train", "--root", synth_root, "--scheme", "foo", check=False),
+    assert_user_error(run_cli("shard", "--split", "train", "--root", synth_root, "--scheme", "foo",
+                              check=False),
                       "unknown scheme")
-    assert_user_error(run_cli("shard", "--split", "train", "--root", synth_root, "--resize", "12by4", check=False),
+    assert_user_error(run_cli("shard", "--split", "train", "--root", synth_root, "--resize", "12by4",
+                              check=False),
                       "bad size")
     # missing label
     root = _copy_tree(synth_root, tmp_path / "r1")
     victim = sorted((root / "gtFine" / "train").glob("*/*_labelIds.png"))[3]
     victim.unlink()
-    assert_user_error(run_cli("shard", "--split", "train", "--root", root, "--out", tmp_path / "o1", check=False),
+    assert_user_error(run_cli("shard", "--split", "train", "--root", root, "--out", tmp_path / "o1",
+                              check=False),
                       "missing label file")
     # size mismatch
     root = _copy_tree(synth_root, tmp_path / "r2")
     lab = sorted((root / "gtFine" / "train").glob("*/*_labelIds.png"))[5]
     Image.open(lab).resize((100, 50)).save(lab)
-    p = run_cli("shard", "--split", "train", "--root", root, "--out", tmp_path / "o2", "--maxcount", "2", check=False)
+    p = run_cli("shard", "--split", "train", "--root", root, "--out", tmp_path / "o2", "--maxcount", "2",
+                check=False)
     assert_user_error(p, "size mismatch")
     # corrupt PNG, found after some shards were written: those stay valid, no partial one is left
     root = _copy_tree(synth_root, tmp_path / "r3")
@@ -198,10 +221,12 @@ def test_bad_inputs_give_one_line_and_no_partial_shard(synth_root, tmp_path):
 def test_rerun_with_other_settings_refuses_without_overwrite(synth_root, tmp_path):
     run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path)
     before = (tmp_path / "val.json").read_text()
-    assert_user_error(run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path, "--quality", "80",
+    assert_user_error(run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path,
+                              "--quality", "80",
                               check=False), "--overwrite")
     assert (tmp_path / "val.json").read_text() == before
-    run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path, "--quality", "80", "--overwrite")
+    run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path, "--quality", "80",
+            "--overwrite")
     assert json.loads((tmp_path / "val.json").read_text())["params"]["quality"] == 80
     assert_user_error(run_cli("inspect", tmp_path / "train.json", check=False), "no manifest")
 
@@ -209,7 +234,8 @@ def test_rerun_with_other_settings_refuses_without_overwrite(synth_root, tmp_pat
 def test_sigterm_mid_run_cleans_up_and_rerun_resumes(synth_root, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, DISTSEG_SHARD_THROTTLE="0.15")
-    proc = subprocess.Popen([sys.executable, "-m", "distseg", "shard", "--split", "train", "--root", str(synth_root),
+    proc = subprocess.Popen([sys.executable, "-m", "distseg", "shard", "--split", "train", "--root",
+                             str(synth_root),
                              "--out", str(out), "--maxcount", "2", "--workers", "2"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from test_train_e2e import SGD, base_overrides, run_train, val_pixels, weights
+from conftest import ROOT, SGD, base_overrides, run_train, val_pixels, weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SLURM_TOOLS = Path(os.environ.get("DISTSEG_LOCAL_SLURM", ROOT.parent / "shared" / "tools" / "local-slurm"))
@@ -34,18 +33,21 @@ def cluster(tmp_path_factory):
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env["OMP_NUM_THREADS"] = "1"
     yield env
-    subprocess.run(["bash", str(SLURM_TOOLS / "stop-local-slurm.sh")], env=env, capture_output=True, timeout=120)
+    subprocess.run(["bash", str(SLURM_TOOLS / "stop-local-slurm.sh")], env=env, capture_output=True,
+                   timeout=120)
 
 
 def sbatch(env, *args, extra_env=None):
     e = dict(env, **(extra_env or {}))
-    p = subprocess.run(["sbatch", "--parsable", *map(str, args)], env=e, cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["sbatch", "--parsable", *map(str, args)], env=e, cwd=ROOT, capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
 
 
 def job_info(env, jid) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True,
+                         text=True).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
@@ -53,9 +55,12 @@ def wait_job(env, jid, timeout=300) -> list[dict]:
     """Wait until every task of the job (or array) is finished; returns their scontrol records."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True, text=True).stdout
-        recs = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line]
-        if recs and all(r["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") for r in recs):
+        out = subprocess.run(["scontrol", "show", "job", "-o", jid], env=env, capture_output=True,
+                             text=True).stdout
+        recs = [dict(kv.split("=",
+                              1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line]
+        if recs and all(r["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                          "NODE_FAIL") for r in recs):
             return recs
         time.sleep(1)
     raise AssertionError(f"job {jid} did not finish in {timeout}s")
@@ -73,7 +78,8 @@ def test_shard_array_job(cluster, synth_root, tmp_path):
 
     out = tmp_path / "shards"
     jid = sbatch(cluster, "--array=0-1", f"--output={tmp_path}/shard-%a.out", "slurm/shard.sh",
-                 extra_env={"SPLITS": "train val", "CITYSCAPES_DATASET": str(synth_root), "SHARD_OUT": str(out),
+                 extra_env={"SPLITS": "train val", "CITYSCAPES_DATASET": str(synth_root),
+                            "SHARD_OUT": str(out),
                             "SHARD_ARGS": "--maxcount 4"})
     recs = wait_job(cluster, jid)
     assert len(recs) == 2 and all(r["JobState"] == "COMPLETED" for r in recs), recs

@@ -66,7 +66,9 @@ def test_losses():
     target = torch.randint(0, 4, (2, 8, 8))
     target[0, :2] = 255
     loss = SegLoss(ce=1.0)
-    assert loss(logits, target).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(), rel=1e-5)
+    assert loss(logits,
+                target).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(),
+                                                rel=1e-5)
     perfect = F.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 50
     assert dice_loss(perfect, target).item() < 1e-3
     assert dice_loss(-perfect, target).item() > 0.9
@@ -118,7 +120,8 @@ def test_config_errors(tmp_path):
 
     cfg = load_config(None, ["train.epochs=3", "data.crop=[64,128]", "model.norm=group"])
     assert cfg.train.epochs == 3 and cfg.data.crop == [64, 128] and cfg.model.norm == "group"
-    for ov, msg in [("train.epoch=3", "unknown key train.epoch"), ("train.epochs=abc", "train.epochs must be int"),
+    for ov, msg in [("train.epoch=3", "unknown key train.epoch"),
+                    ("train.epochs=abc", "train.epochs must be int"),
                     ("model.norm=layer", "model.norm must be one of"), ("data.batch_size=0", "at least 1"),
                     ("trainepochs", "bad override")]:
         with pytest.raises(UserError, match=msg):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on built-in synthetic Cityscapes-format data, on 2 CPU cores:
-# synth -> shard -> 2-process training (Accelerate, gloo) -> evaluate -> prediction overlays.
+# synth -> shard -> 2-process training (Accelerate, gloo) -> official-metric evaluation -> predictions.
 # Everything goes under demo/ (ignored by git). Creates .venv on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ PORT="${DEMO_PORT:-$((29500 + RANDOM % 1000))}"
 
 echo "== 1/5 synthetic Cityscapes tree -> $OUT/cityscapes"
 distseg synth --out "$OUT/cityscapes" --train 64 --val 16 --size 512x256 --seed 0
-echo "== 2/5 shards (JPEG q95 images, PNG trainId masks, manifest, DALI index)"
+echo "== 2/5 shards (train: JPEG q95 images; val: lossless PNG; PNG trainId masks, manifest, DALI index)"
 distseg shard --split train --root "$OUT/cityscapes" --out "$OUT/shards" --maxcount 16 --workers 2
 distseg shard --split val --root "$OUT/cityscapes" --out "$OUT/shards" --maxcount 16 --workers 2
 distseg inspect "$OUT/shards/train.json" | sed -n 1,2p
@@ -22,14 +22,16 @@ accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --main_process_
   --mixed_precision no --dynamo_backend no \
   distseg/train.py --config configs/synth.yaml output_dir="$OUT/runs" data.shards="$OUT/shards" \
   train.progress=false "$@"
-echo "== 4/5 evaluate the best checkpoint on val"
+echo "== 4/5 evaluate the best checkpoint on the val source images (official Cityscapes IoU and iIoU)"
 distseg evaluate --run "$OUT/runs/synth" --checkpoint best --json "$OUT/runs/synth/eval.json"
-echo "== 5/5 predictions: Cityscapes results format + overlays"
-distseg predict --run "$OUT/runs/synth" --out "$OUT/predictions" "$OUT/cityscapes/leftImg8bit/val"
+echo "== 5/5 predictions: official results format (label-id PNGs) + overlays in their own folder"
+distseg predict --run "$OUT/runs/synth" --out "$OUT/predictions" --root "$OUT/cityscapes" --split val \
+  --overlays "$OUT/overlays"
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 s = json.load(open(f"{out}/runs/synth/eval.json"))
-print(f"demo done: val mIoU {100 * s['miou']:.1f}%  pixel acc {100 * s['pixel_acc']:.1f}%")
-print(f"overlays: {out}/predictions/overlay/  TensorBoard: tensorboard --logdir {out}/runs/synth/tb")
+print(f"demo done: val mIoU {100 * s['miou']:.1f}%  iIoU {100 * s['miiou']:.1f}%  "
+      f"pixel acc {100 * s['pixel_acc']:.1f}%")
+print(f"results: {out}/predictions/  overlays: {out}/overlays/  TensorBoard: tensorboard --logdir {out}/runs/synth/tb")
 PY

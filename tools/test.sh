@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup-venv.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+ruff check distseg tests   # lint first: pyflakes, import order, line length, docstrings (pyproject.toml)
 exec python -m pytest -q -rs "$@"

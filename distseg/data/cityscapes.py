@@ -15,6 +15,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Pair:
+    """One camera image and its labelIds file."""
     key: str  # <city>_<seq>_<frame>: unique, no dots (WebDataset splits keys at the first dot)
     city: str
     image: Path
@@ -41,7 +42,8 @@ def find_pairs(root: Path, split: str) -> list[Pair]:
     img_dir = root / "leftImg8bit" / split
     if not img_dir.is_dir():
         have = sorted(d.name for d in (root / "leftImg8bit").iterdir() if d.is_dir())
-        raise UserError(f"split {split!r} not found under {root / 'leftImg8bit'} (found: {', '.join(have) or 'none'})")
+        raise UserError(f"split {split!r} not found under {root / 'leftImg8bit'} (found: "
+                        f"{', '.join(have) or 'none'})")
     pairs, missing = [], []
     for img in sorted(img_dir.glob(f"*/*{IMG_SUFFIX}")):
         city = img.parent.name

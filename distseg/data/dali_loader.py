@@ -23,6 +23,7 @@ INFO_BYTES = 512
 
 
 def dali_available() -> bool:
+    """Whether nvidia.dali imports here."""
     try:
         import nvidia.dali  # noqa: F401
 
@@ -32,11 +33,10 @@ def dali_available() -> bool:
 
 
 class DaliLoader:
+    """DALI pipeline + iterator with the torch loader's interface and batch contract."""
     def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict):
         if not dali_available():
             raise UserError("data.loader=dali needs nvidia-dali-cuda120 (pip install nvidia-dali-cuda120)")
-        if man["image_ext"] != "jpg":
-            raise UserError("data.loader=dali reads JPEG shards: re-shard with --image-format jpg")
         self.cfg, self.train, self.man = cfg, train, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
@@ -69,8 +69,10 @@ class DaliLoader:
                       device_id=self.device.index or 0 if gpu else None, seed=cfg.train.seed + 1,
                       enable_checkpointing=True, prefetch_queue_depth=2)
         def pipe():
+            # JPEG decodes on the GPU in `mixed` mode; PNG (lossless val shards) on the CPU inside it
             jpg, mask = fn.readers.webdataset(
-                paths=tars, index_paths=idx, ext=["jpg", "mask.png"], shard_id=self.rank, num_shards=self.world,
+                paths=tars, index_paths=idx, ext=[self.man["image_ext"], "mask.png"], shard_id=self.rank,
+                num_shards=self.world,
                 pad_last_batch=True, name="Reader",
                 # training: one global reshuffle per epoch, shard ranges fixed; validation: no shuffle, and
                 # stick_to_shard, or DALI would move each rank to the next shard every epoch
@@ -101,17 +103,16 @@ class DaliLoader:
                 if d.color > 0:
                     rng = [1 - d.color, 1 + d.color]
                     img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
-                                         contrast=fn.random.uniform(range=rng), saturation=fn.random.uniform(range=rng))
+                                         contrast=fn.random.uniform(range=rng),
+                                         saturation=fn.random.uniform(range=rng))
                 # one set of random nodes feeds both: the mask follows the image exactly
                 img = fn.crop_mirror_normalize(img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
                                                output_layout="CHW")
                 m = fn.crop_mirror_normalize(m, mirror=flip, mean=[0.0], std=[1.0], dtype=types.UINT8,
                                              output_layout="CHW")
             else:
-                if d.val_scale != 1.0:
-                    img = fn.resize(img, size=fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT) * d.val_scale,
-                                    interp_type=types.INTERP_LINEAR, antialias=False)
-                img = fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+                img = fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT,
+                                               output_layout="CHW")
                 m = fn.transpose(m, perm=[2, 0, 1])
             return img, m, info
 
@@ -123,6 +124,7 @@ class DaliLoader:
     # -- loader protocol (same as TorchLoader) ----------------------------------------------------
     @property
     def num_samples(self) -> int:
+        """Samples in the split (padding excluded)."""
         return self.n
 
     def __len__(self) -> int:
@@ -133,9 +135,11 @@ class DaliLoader:
         self._batch = skip_batches
 
     def state_dict(self) -> bytes:
+        """DALI's own checkpoint of reader position and random state."""
         return self.it.checkpoints()[0]
 
     def load_state_dict(self, state: bytes) -> None:
+        """Rebuild the pipeline from a `state_dict` checkpoint."""
         self._build(state)
 
     def __iter__(self):

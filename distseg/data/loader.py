@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from distseg.data.manifest import check_scheme, load_manifest
 from distseg.labels import Scheme
 
@@ -15,6 +17,7 @@ def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
 
 
 def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", world: int = 1, rank: int = 0):
+    """The configured loader for an explicit device, world size and rank."""
     man = load_manifest(cfg.data.shards, split)
     lut = scheme.lut if check_scheme(man, scheme) else None
     if cfg.data.loader == "dali":
@@ -24,3 +27,9 @@ def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", worl
     from distseg.data.wds_loader import TorchLoader
 
     return TorchLoader(cfg, split, train, device, world, rank, lut, man)
+
+
+def masked_targets(batch: dict) -> torch.Tensor:
+    """The batch's masks with padded (invalid) samples set to ignore: they count in no loss or metric."""
+    m = batch["mask"]
+    return torch.where(batch["valid"].view(-1, 1, 1), m, torch.full_like(m, 255))

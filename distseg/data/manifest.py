@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from distseg.errors import UserError
+from distseg.files import sha256_file
 from distseg.labels import Scheme
 
 MANIFEST_VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def atomic_save_png(image, path: Path) -> None:
-    """Save a PIL image as PNG via a temp name and rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_path(shards: str | os.PathLike, split: str) -> Path:
@@ -53,8 +23,9 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
     """Read and check a manifest; every shard it lists must be on disk (sha256 checked if `verify`)."""
     path = manifest_path(shards, split)
     if not path.is_file():
-        hint = f" (an unfinished run left {path.with_suffix('.state.json').name}: rerun `distseg shard` to finish)" \
-            if path.with_suffix(".state.json").exists() else f" (run `distseg shard --split {split} --out {path.parent}`)"
+        state = path.with_suffix(".state.json")
+        hint = (f" (an unfinished run left {state.name}: rerun `distseg shard` to finish)" if state.exists()
+                else f" (run `distseg shard --split {split} --out {path.parent}`)")
         raise UserError(f"no manifest {path}{hint}")
     try:
         man = json.loads(path.read_text())
@@ -77,6 +48,7 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
 
 
 def shard_paths(man: dict) -> list[Path]:
+    """Paths of the manifest's shard tars, in manifest order."""
     return [Path(man["_dir"]) / sh["name"] for sh in man["shards"]]
 
 
@@ -88,5 +60,5 @@ def check_scheme(man: dict, scheme: Scheme) -> bool:
     if have["name"] == "labelid":
         return True
     raise UserError(f"{man['_path']} was sharded with scheme {have['name']!r} but the config asks for "
-                    f"{scheme.name!r}: set data.scheme={have['name']} or re-shard with --scheme {scheme.name} "
-                    "(or shard once with --scheme labelid to remap at load time)")
+                    f"{scheme.name!r}: set data.scheme={have['name']} or re-shard with --scheme "
+                    f"{scheme.name} (or shard once with --scheme labelid to remap at load time)")

@@ -14,10 +14,13 @@ import torch
 
 
 class EpochBatchSampler:
-    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, shuffle: bool = False, seed: int = 0):
+    """Batches of (sample index, epoch, valid) for one rank; see the module docstring."""
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, shuffle: bool = False,
+                 seed: int = 0):
         if n < 1:
             raise ValueError("empty dataset")
-        self.n, self.b, self.world, self.rank, self.shuffle, self.seed = n, batch_size, world, rank, shuffle, seed
+        self.n, self.b, self.world, self.rank = n, batch_size, world, rank
+        self.shuffle, self.seed = shuffle, seed
         self.epoch = 0
         self.skip = 0
 
@@ -29,6 +32,7 @@ class EpochBatchSampler:
         return math.ceil(self.n / (self.b * self.world))
 
     def order(self) -> list[int]:
+        """This epoch's sample order (shuffled by seed and epoch for training)."""
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

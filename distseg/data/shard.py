@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -22,19 +22,27 @@ from PIL import Image
 
 from distseg import __version__
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
-from distseg.data.manifest import (MANIFEST_VERSION, atomic_write_json, atomic_write_text, load_manifest,
-                                   sha256_file)
+from distseg.data.manifest import MANIFEST_VERSION, load_manifest
 from distseg.errors import UserError
+from distseg.files import atomic_write_json, atomic_write_text, sha256_file
 from distseg.labels import IGNORE, Scheme, get_scheme
 
 IMAGE_EXTS = ("jpg", "png")
 
 
+def default_image_format(split: str) -> str:
+    """PNG for val: it is small, and lossless val shards let validation during training, `distseg evaluate`
+    and `distseg predict` (which read the source PNGs) see identical pixels and report identical numbers.
+    JPEG elsewhere: ~5x smaller, ~3x faster to decode on a CPU and decodable on the GPU."""
+    return "png" if split == "val" else "jpg"
+
+
 @dataclass(frozen=True)
 class ShardOptions:
+    """Settings that define a set of shards (recorded in the manifest's params)."""
     split: str
     scheme: str = "trainid"
-    image_format: str = "jpg"
+    image_format: str = ""  # "" = default_image_format(split)
     quality: int = 95
     resize: tuple[int, int] | None = None  # (W, H)
     maxcount: int = 100
@@ -44,6 +52,7 @@ class ShardOptions:
 
 @dataclass
 class Encoded:
+    """One sample ready to be written: its files, class histogram and source size."""
     key: str
     files: list[tuple[str, bytes]]
     hist: np.ndarray
@@ -126,6 +135,7 @@ class ShardWriter:
         self.size = 0
 
     def add(self, enc: Encoded) -> None:
+        """Append one sample's files and record their offsets for the index."""
         entry = []
         for name, data in enc.files:
             ti = tarfile.TarInfo(name)
@@ -145,13 +155,16 @@ class ShardWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         idx = self.path.with_suffix(".idx")
-        atomic_write_text(idx, f"v1.2 {len(self.index)}\n" + "".join(" ".join(map(str, e)) + "\n" for e in self.index))
+        rows = "".join(" ".join(map(str, e)) + "\n" for e in self.index)
+        atomic_write_text(idx, f"v1.2 {len(self.index)}\n" + rows)
         digest = sha256_file(self.tmp)
         self.tmp.replace(self.path)
-        return {"name": self.path.name, "index": idx.name, "count": len(self.keys), "bytes": self.path.stat().st_size,
+        return {"name": self.path.name, "index": idx.name, "count": len(self.keys),
+                "bytes": self.path.stat().st_size,
                 "sha256": digest, "keys": self.keys, "hist": self.hist.tolist()}
 
     def abort(self) -> None:
+        """Close and remove the temp file (nothing under the final name)."""
         try:
             self.f.close()
         finally:
@@ -162,13 +175,15 @@ def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -
     keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
     d = asdict(opts)
     d["resize"] = list(opts.resize) if opts.resize else None
-    d.update(scheme_fingerprint=scheme.fingerprint(), source=str(root.resolve()), n_source=len(pairs), keys_sha=keys)
+    d.update(scheme_fingerprint=scheme.fingerprint(), source=str(root.resolve()), n_source=len(pairs),
+             keys_sha=keys)
     return d
 
 
 def _remove_split(out: Path, split: str) -> None:
-    for p in list(out.glob(f"{split}-*.tar")) + list(out.glob(f"{split}-*.idx")) + list(out.glob(f"{split}-*.tar.tmp")):
-        p.unlink()
+    for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
+        for p in list(out.glob(pattern)):
+            p.unlink()
     for p in (out / f"{split}.json", out / f"{split}.state.json"):
         p.unlink(missing_ok=True)
 
@@ -178,6 +193,11 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
     """Shard one split; returns the manifest. Resumes an interrupted run with the same settings."""
     from tqdm import tqdm
 
+    if not opts.image_format:
+        opts = replace(opts, image_format=default_image_format(opts.split))
+    elif opts.split == "val" and opts.image_format == "jpg":
+        log(f"note: val images as JPEG q{opts.quality}: validation during training will score re-encoded "
+            "pixels and differ slightly from `distseg evaluate`, which reads the source PNGs")
     if opts.image_format not in IMAGE_EXTS:
         raise UserError(f"--image-format must be one of {', '.join(IMAGE_EXTS)}")
     if not 1 <= opts.quality <= 100:
@@ -210,7 +230,8 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
         old = None
     if old is not None and man_path.exists():
         man = load_manifest(man_path)
-        log(f"{man_path} is up to date ({man['total']} samples in {len(man['shards'])} shards); nothing to do")
+        n = len(man["shards"])
+        log(f"{man_path} is up to date ({man['total']} samples in {n} shards); nothing to do")
         return man
 
     order = [pairs[i] for i in np.random.default_rng(opts.seed).permutation(len(pairs))]
@@ -244,10 +265,13 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
             stream = pool.imap(_encode_worker, todo, chunksize=1)
         else:
             stream = (encode_pair(p, opts, scheme) for p in todo)
-        bar = tqdm(total=len(pairs), initial=start, desc=f"shard {opts.split}", unit="img", disable=not progress)
+        bar = tqdm(total=len(pairs), initial=start, desc=f"shard {opts.split}", unit="img",
+                   disable=not progress)
         for enc in stream:
             size = sum(512 + (len(d) + 511) // 512 * 512 for _, d in enc.files)
-            if writer is not None and (len(writer.keys) >= opts.maxcount or writer.size + size > opts.maxsize):
+            full = writer is not None and (len(writer.keys) >= opts.maxcount
+                                           or writer.size + size > opts.maxsize)
+            if full:
                 done.append(writer.finish())
                 writer = None
                 save_state()
@@ -280,7 +304,8 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
         "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": opts.split,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
         "scheme": scheme.describe(), "image_ext": opts.image_format, "mask_ext": "mask.png",
-        "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done), "source_bytes": src_bytes,
+        "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),
+        "source_bytes": src_bytes,
         "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
         "ignore_pixels": int(hist[IGNORE]),
         "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
@@ -291,5 +316,6 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
     rate = n_new / elapsed if elapsed > 0 else float("inf")
     log(f"wrote {man_path}: {man['total']} samples in {len(done)} shards, {man['bytes'] / 1e6:.1f} MB "
         f"({man['bytes'] / max(src_bytes, 1):.2f}x the source PNGs); "
-        f"{rate:.1f} img/s with {workers} worker(s), {rate / max(1, min(workers, os.cpu_count() or 1)):.1f} img/s per core")
+        f"{rate:.1f} img/s with {workers} worker(s), {rate / max(1, min(workers, os.cpu_count() or 1)):.1f} "
+        "img/s per core")
     return load_manifest(man_path)

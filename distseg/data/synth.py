@@ -1,8 +1,9 @@
 """Synthetic Cityscapes-format data: street-like scenes a U-Net can learn, deterministic by seed.
 
 The tree has the real layout and file names (leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png,
-gtFine/... _gtFine_labelIds.png, _color.png, _instanceIds.png), so every tool that reads Cityscapes reads it.
-Each class has its own colour family and texture, with random geometry, so the task is learnable but not trivial.
+gtFine/... _gtFine_labelIds.png, _color.png, _instanceIds.png), so every tool that reads Cityscapes reads
+it. Each class has its own colour family and texture, with random geometry, so the task is learnable but not
+trivial.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distseg.data.manifest import atomic_save_png
+from distseg.files import atomic_save_png
 from distseg.labels import ID2LABEL, NAME2LABEL
 
 CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"]}
@@ -26,7 +27,8 @@ def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: int) -
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in base)
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, width: int, height: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW)."""
     W, H = width, height
     img = Image.new("RGB", (W, H))
@@ -74,8 +76,10 @@ def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.
     for k in range(6):  # dashed centre line (still road)
         t0, t1 = (k + 0.2) / 6, (k + 0.6) / 6
         ya, yb = horizon + (H - horizon) * t0 ** 1.5, horizon + (H - horizon) * t1 ** 1.5
-        xa, xb = vx + (W / 2 - vx) * (ya - horizon) / (H - horizon), vx + (W / 2 - vx) * (yb - horizon) / (H - horizon)
-        draw("line", [(xa, ya), (xb, yb)], L["road"], (200, 200, 190), width=max(1, int(W / 200 * (1 + 3 * t1))))
+        xa = vx + (W / 2 - vx) * (ya - horizon) / (H - horizon)
+        xb = vx + (W / 2 - vx) * (yb - horizon) / (H - horizon)
+        draw("line", [(xa, ya), (xb, yb)], L["road"], (200, 200, 190),
+             width=max(1, int(W / 200 * (1 + 3 * t1))))
     # poles with signs along the sidewalk
     for _ in range(int(rng.integers(0, 3))):
         px, pw = int(rng.integers(0, W)), max(2, W // 150)
@@ -83,7 +87,8 @@ def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.
         pbot = int(horizon + rng.integers(H // 20, H // 5))
         draw("rectangle", [px, ptop, px + pw, pbot], L["pole"], _jitter(rng, (150, 150, 150), 15))
         s = max(3, W // 50)
-        draw("rectangle", [px - s, ptop - s, px + pw + s, ptop + s], L["traffic sign"], _jitter(rng, (220, 210, 20), 20))
+        draw("rectangle", [px - s, ptop - s, px + pw + s, ptop + s], L["traffic sign"],
+             _jitter(rng, (220, 210, 20), 20))
     # objects sorted far to near so nearer ones are drawn on top
     objects = []
     for _ in range(int(rng.integers(1, 5))):
@@ -104,19 +109,24 @@ def render_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.
             draw("rectangle", [cx - cw / 2, y - ch, cx + cw / 2, y - ch * 0.2], L["car"], color, iid)
             draw("rectangle", [cx - cw / 3, y - ch * 1.45, cx + cw / 3, y - ch], L["car"],
                  tuple(min(255, c + 30) for c in color), iid)
-            draw("rectangle", [cx - cw / 3.6, y - ch * 1.35, cx + cw / 3.6, y - ch * 1.02], L["car"], (40, 50, 60), iid)
+            draw("rectangle", [cx - cw / 3.6, y - ch * 1.35, cx + cw / 3.6, y - ch * 1.02], L["car"],
+                 (40, 50, 60), iid)
             for wx in (cx - cw / 3, cx + cw / 3):
-                draw("ellipse", [wx - ch * 0.22, y - ch * 0.42, wx + ch * 0.22, y], L["car"], (15, 15, 15), iid)
+                draw("ellipse", [wx - ch * 0.22, y - ch * 0.42, wx + ch * 0.22, y], L["car"], (15, 15, 15),
+                     iid)
         else:
             ph, pw = H * 0.28 * scale, W * 0.022 * scale
             side = rng.choice([-1.0, 1.0])
-            cx = vx + (W / 2 - vx) * depth + side * (half_top + (half_bot - half_top) * depth + rng.uniform(2, W * 0.08))
+            off = half_top + (half_bot - half_top) * depth + rng.uniform(2, W * 0.08)
+            cx = vx + (W / 2 - vx) * depth + side * off
             iid = L["person"] * 1000 + n_inst["person"]
             n_inst["person"] += 1
             cloth = tuple(int(c) for c in rng.integers(20, 200, 3))
             draw("rectangle", [cx - pw, y - ph * 0.85, cx + pw, y - ph * 0.45], L["person"], cloth, iid)
-            draw("rectangle", [cx - pw * 0.8, y - ph * 0.45, cx + pw * 0.8, y], L["person"], _jitter(rng, (40, 40, 70), 20), iid)
-            draw("ellipse", [cx - pw * 0.7, y - ph, cx + pw * 0.7, y - ph * 0.83], L["person"], _jitter(rng, (225, 180, 150), 20), iid)
+            draw("rectangle", [cx - pw * 0.8, y - ph * 0.45, cx + pw * 0.8, y], L["person"],
+                 _jitter(rng, (40, 40, 70), 20), iid)
+            draw("ellipse", [cx - pw * 0.7, y - ph, cx + pw * 0.7, y - ph * 0.83], L["person"],
+                 _jitter(rng, (225, 180, 150), 20), iid)
     # ego vehicle hood at the bottom (void in Cityscapes, ignored by training)
     hood = int(H * rng.uniform(0.03, 0.08))
     draw("ellipse", [-W * 0.1, H - hood, W * 1.1, H + hood], L["ego vehicle"], (20, 20, 25))
@@ -137,6 +147,7 @@ def color_image(label_ids: np.ndarray) -> np.ndarray:
 
 
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one synthetic image: a function of (seed, split, index) only."""
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 

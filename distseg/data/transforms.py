@@ -18,6 +18,7 @@ from distseg.labels import IGNORE
 
 @dataclass(frozen=True)
 class AugParams:
+    """One sample's augmentation, drawn by `draw_params`."""
     scale: float
     cy: float  # crop offset as a fraction of the free room
     cx: float
@@ -27,7 +28,9 @@ class AugParams:
     saturation: float
 
 
-def draw_params(seed: int, epoch: int, index: int, scale: tuple[float, float], flip: bool, color: float) -> AugParams:
+def draw_params(seed: int, epoch: int, index: int, scale: tuple[float, float], flip: bool,
+                color: float) -> AugParams:
+    """The augmentation of one sample: a function of (seed, epoch, index) only."""
     rng = np.random.default_rng([seed, epoch, index, 7])
     u = rng.random(7)  # always 7 draws, in a fixed order
     s = scale[0] + (scale[1] - scale[0]) * u[0]
@@ -91,11 +94,6 @@ def augment(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: list[int]
     return x.contiguous(), m.contiguous()
 
 
-def prepare_val(img: torch.Tensor, mask: torch.Tensor, mean, std, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation: normalise (and optionally rescale the image only; the mask stays at full size)."""
-    x = normalize(img, mean, std)
-    if scale != 1.0:
-        h, w = x.shape[-2:]
-        x = F.interpolate(x.unsqueeze(0), size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                          mode="bilinear", align_corners=False)[0]
-    return x.contiguous(), mask.long()
+def prepare_val(img: torch.Tensor, mask: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation: normalise only. Rescaling for inference (eval.scales) is done by distseg/inference.py."""
+    return normalize(img, mean, std).contiguous(), mask.long()

@@ -55,7 +55,8 @@ class ShardSamples:
                     raise UserError(f"sample {key} in {tar} lacks .{self.image_ext} or .mask.png")
                 self.entries.append((tar, key, comps))
         if len(self.entries) != man["total"]:
-            raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold {len(self.entries)}")
+            raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold "
+                            f"{len(self.entries)}")
         self._files: dict[Path, object] = {}
         self._pid = None
 
@@ -63,9 +64,11 @@ class ShardSamples:
         return len(self.entries)
 
     def key(self, i: int) -> str:
+        """The sample key of index i."""
         return self.entries[i][1]
 
     def read(self, i: int, ext: str) -> bytes:
+        """The bytes of one member (`ext`) of sample i, read by offset."""
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         tar, _, comps = self.entries[i]
@@ -78,6 +81,7 @@ class ShardSamples:
 
 
 def decode_mask(data: bytes, lut: torch.Tensor | None) -> torch.Tensor:
+    """PNG bytes -> uint8 H x W mask, remapped through `lut` when given."""
     from torchvision.io import ImageReadMode, decode_png
 
     m = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
@@ -85,12 +89,14 @@ def decode_mask(data: bytes, lut: torch.Tensor | None) -> torch.Tensor:
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
+    """Image bytes -> uint8 3 x H x W."""
     from torchvision.io import ImageReadMode, decode_image
 
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
 
 
 class ShardDataset(Dataset):
+    """Item (index, epoch, valid) -> decoded, augmented sample (or raw JPEG bytes for GPU decode)."""
     def __init__(self, samples: ShardSamples, cfg, train: bool, lut: np.ndarray | None, gpu_decode: bool):
         self.s, self.cfg, self.train, self.gpu_decode = samples, cfg, train, gpu_decode
         self.lut = torch.from_numpy(lut.astype(np.int64)) if lut is not None else None
@@ -112,14 +118,16 @@ class ShardDataset(Dataset):
 
 
 def transform_sample(img, mask, cfg, train: bool, epoch: int, index: int):
+    """Training augmentation (parameters from seed, epoch, index) or validation normalisation."""
     d = cfg.data
     if train:
         p = draw_params(cfg.train.seed, epoch, index, tuple(d.scale), d.flip, d.color)
         return augment(img, mask, p, d.crop, d.mean, d.std)
-    return prepare_val(img, mask, d.mean, d.std, d.val_scale)
+    return prepare_val(img, mask, d.mean, d.std)
 
 
 def collate(items: list[dict]) -> dict:
+    """Stack a batch; GPU-decode batches keep lists of JPEG bytes."""
     out = {"key": [it["key"] for it in items], "index": torch.tensor([it["index"] for it in items]),
            "valid": torch.tensor([it["valid"] for it in items])}
     if "jpeg" in items[0]:
@@ -129,8 +137,8 @@ def collate(items: list[dict]) -> dict:
         return out
     shapes = {tuple(it["image"].shape) for it in items}
     if len(shapes) > 1:
-        raise UserError(f"images of different sizes in one batch ({sorted(shapes)}): set data.crop or re-shard "
-                        "with --resize")
+        raise UserError(f"images of different sizes in one batch ({sorted(shapes)}): set data.crop or "
+                        "re-shard with --resize")
     out["image"] = torch.stack([it["image"] for it in items])
     out["mask"] = torch.stack([it["mask"] for it in items])
     return out
@@ -145,11 +153,13 @@ class TorchLoader:
         self.man = man or load_manifest(cfg.data.shards, split)
         self.samples = ShardSamples(self.man)
         want = cfg.data.decode
-        self.gpu_decode = self.device.type == "cuda" and self.man["image_ext"] == "jpg" and want in ("gpu", "auto")
+        self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
+                           and want in ("gpu", "auto"))
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = cfg.data.batch_size if train else cfg.data.val_batch_size
-        self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train, seed=cfg.train.seed)
+        self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
+                                         seed=cfg.train.seed)
         ds = ShardDataset(self.samples, cfg, train, lut, self.gpu_decode)
         nw = cfg.data.num_workers
         self.dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
@@ -158,9 +168,11 @@ class TorchLoader:
 
     @property
     def num_samples(self) -> int:
+        """Samples in the split (padding excluded)."""
         return len(self.samples)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch and how many of its batches this rank already consumed."""
         self.sampler.set_epoch(epoch, skip_batches)
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
+    """The normalisation layer named by model.norm."""
     if kind in ("batch", "sync_batch"):  # sync_batch: converted by the trainer under multi-GPU DDP
         return nn.BatchNorm2d(channels)
     if kind == "group":
@@ -18,6 +19,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 
 
 class DoubleConv(nn.Sequential):
+    """(conv 3x3 -> norm -> ReLU) x 2: one U-Net level."""
     def __init__(self, cin: int, cout: int, norm: str = "batch"):
         bias = norm == "none"
         super().__init__(
@@ -27,17 +29,21 @@ class DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 3, num_classes: int = 19, base: int = 64, depth: int = 4, norm: str = "batch"):
+    """The seed's U-Net; see the module docstring."""
+    def __init__(self, in_channels: int = 3, num_classes: int = 19, base: int = 64, depth: int = 4,
+                 norm: str = "batch"):
         super().__init__()
         self.depth = depth
         chans = [base * 2 ** i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, chans[0], norm)
         self.down = nn.ModuleList(DoubleConv(chans[i], chans[i + 1], norm) for i in range(depth))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2,
+                                                   stride=2) for i in reversed(range(depth)))
         self.dec = nn.ModuleList(DoubleConv(chans[i] * 2, chans[i], norm) for i in reversed(range(depth)))
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images N x 3 x H x W -> logits N x C x H x W."""
         h, w = x.shape[-2:]
         m = 2 ** self.depth
         ph, pw = (-h) % m, (-w) % m
@@ -54,6 +60,7 @@ class UNet(nn.Module):
 
 
 def build_model(cfg, num_classes: int) -> UNet:
+    """The U-Net the config describes, with `num_classes` output channels."""
     return UNet(3, num_classes, cfg.model.base, cfg.model.depth, cfg.model.norm)
 
 

@@ -1,0 +1,60 @@
+"""`distseg bench eval`: inference img/s and peak memory for whole vs slide windows vs flip vs multi-scale,
+through the same Segmenter that validation, evaluate and predict use."""
+
+from __future__ import annotations
+
+import torch
+
+from distseg.bench.common import device_name, measure, table
+from distseg.config import Config
+from distseg.errors import UserError
+from distseg.inference import InferenceSpec, Segmenter
+from distseg.labels import get_scheme
+from distseg.models.unet import build_model, out_channels
+
+MS_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's Cityscapes multi-scale test
+MODES = ("whole", "whole+flip", "slide", "slide+flip", "ms", "ms+flip")
+
+
+def spec_for(mode: str, cfg: Config, crop: tuple[int, int], stride: tuple[int, int]) -> InferenceSpec:
+    """`whole`, `slide`, `ms` (multi-scale whole), each optionally `+flip`."""
+    base, _, flip = mode.partition("+")
+    if base not in ("whole", "slide", "ms") or flip not in ("", "flip"):
+        raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    return InferenceSpec("slide" if base == "slide" else "whole", crop, stride, flip == "flip",
+                         MS_SCALES if base == "ms" else (1.0,), cfg.eval.batch)
+
+
+def bench_eval(cfg: Config, modes: list[str], size: tuple[int, int], images: int, batch: int, precision: str,
+               crop: tuple[int, int], stride: tuple[int, int], warmup: int = 1) -> str:
+    """One row per mode: img/s, forward passes per image and peak memory, on random input of `size` (W, H)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    scheme = get_scheme(cfg.data.scheme)
+    model = build_model(cfg, out_channels(cfg, scheme.num_classes)).to(device).eval()
+    if device.type == "cuda" and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    w, h = size
+    x = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8)
+    rows = []
+    for mode in modes:
+        spec = spec_for(mode, cfg, crop, stride)
+        calls = []
+        counted = model.register_forward_hook(lambda *_: calls.append(1))
+        seg = Segmenter(model, spec, cfg.data.mean, cfg.data.std, device, precision, cfg.model.channels_last)
+        for _ in range(warmup):
+            seg.classes(seg.preprocess(x))
+        calls.clear()
+        rounds = max(1, images // batch)
+        with measure(memory=True) as m:
+            for _ in range(rounds):
+                seg.classes(seg.preprocess(x))
+        counted.remove()
+        n = rounds * batch
+        rows.append([mode, spec.describe(), n / m["wall"], len(calls) / rounds, m["peak_mb"]])
+    head = (f"inference, U-Net base {cfg.model.base} depth {cfg.model.depth}, {w}x{h} input, batch {batch} "
+            f"(slide: {spec_for('slide', cfg, crop, stride).batch} windows per pass), precision {precision}, "
+            f"{device_name()}; peak memory above the model's: "
+            f"{'GPU allocated' if device.type == 'cuda' else 'process RSS'}")
+    return head + "\n\n" + table(["mode", "inference", "img/s", "forward passes per batch", "peak MB"], rows)

@@ -1,0 +1,89 @@
+"""`distseg bench data|train|shard|eval`: throughput benchmarks printed as Markdown tables."""
+
+from __future__ import annotations
+
+import click
+
+from distseg.bench.data import bench_data
+from distseg.bench.eval import MODES, bench_eval
+from distseg.bench.shard import bench_shard
+from distseg.bench.train import VARIANTS, bench_train
+from distseg.commands.options import parse_wxh
+from distseg.config import load_config
+
+
+@click.group()
+def bench() -> None:
+    """Throughput benchmarks (Markdown tables; --out appends them to a file such as docs/BENCHMARKS.md)."""
+
+
+def _emit(text: str, out: str | None) -> None:
+    click.echo(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n\n")
+
+
+OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.batch_size=4."
+
+
+@bench.command("data")
+@click.option("--config", "-c", default=None, help="training config (data section is used)")
+@click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
+@click.option("--split", default="train", show_default=True, help="split whose shards to read")
+@click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
+@click.option("--modes", default="png,torch-cpu,torch-gpu,dali", show_default=True,
+              help="pipelines, comma-separated")
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_data_cmd(config, root, split, batches, modes, out, overrides) -> None:
+    """Raw PNG folder vs torch loader (CPU / GPU decode) vs DALI: img/s and CPU use.
+
+    OVERRIDES are config settings."""
+    cfg = load_config(config, overrides)
+    _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
+
+
+@bench.command("train")
+@click.option("--config", "-c", default=None, help="training config")
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="comma-separated")
+@click.option("--steps", default=10, show_default=True, help="timed steps per variant")
+@click.option("--warmup", default=3, show_default=True, help="untimed steps first")
+@click.option("--loader", "real_loader", is_flag=True,
+              help="feed the real shard loader instead of synthetic tensors")
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_train_cmd(config, variants, steps, warmup, real_loader, out, overrides) -> None:
+    """Training-step img/s, TFLOP/s, MFU and data-wait per variant. OVERRIDES: config settings."""
+    cfg = load_config(config, overrides)
+    _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader), out)
+
+
+@bench.command("shard")
+@click.option("--root", default=None, help="Cityscapes root [$CITYSCAPES_DATASET]")
+@click.option("--split", default="train", show_default=True, help="split to encode")
+@click.option("--limit", default=50, show_default=True, help="images to encode")
+@click.option("--out", default=None, help="append the table to this file")
+def bench_shard_cmd(root, split, limit, out) -> None:
+    """Shard encoding speed per core and size vs the raw PNGs, JPEG vs PNG."""
+    _emit(bench_shard(root, split, 1, limit), out)
+
+
+@bench.command("eval")
+@click.option("--config", "-c", default=None, help="config whose model and eval.batch to use")
+@click.option("--modes", default=",".join(MODES), show_default=True, help="comma-separated")
+@click.option("--size", default="2048x1024", show_default=True, help="WIDTHxHEIGHT of the input images")
+@click.option("--images", default=4, show_default=True, help="timed images per mode")
+@click.option("--batch", default=1, show_default=True, help="images per batch")
+@click.option("--crop", default="1024x512", show_default=True, help="slide window WIDTHxHEIGHT")
+@click.option("--stride", default="683x341", show_default=True, help="slide stride WIDTHxHEIGHT")
+@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["no", "bf16", "fp16"]))
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, out, overrides) -> None:
+    """Inference img/s and peak memory: whole vs slide vs flip vs multi-scale. OVERRIDES: config settings."""
+    cfg = load_config(config, overrides)
+    cw, ch = parse_wxh(crop)
+    sw, sh = parse_wxh(stride)
+    _emit(bench_eval(cfg, modes.split(","), parse_wxh(size), images, batch, precision, (ch, cw), (sh, sw)),
+          out)

@@ -1,0 +1,85 @@
+"""`distseg synth`, `distseg shard`, `distseg inspect`: data commands (no torch import)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from distseg.commands.options import parse_bytes, parse_wxh
+from distseg.data.manifest import load_manifest
+from distseg.data.shard import ShardOptions, run_shard
+from distseg.data.synth import write_synth
+from distseg.errors import UserError
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="folder for the Cityscapes-format tree")
+@click.option("--train", "n_train", default=48, show_default=True, help="train images")
+@click.option("--val", "n_val", default=12, show_default=True, help="val images")
+@click.option("--test", "n_test", default=0, show_default=True, help="test images")
+@click.option("--size", default="512x256", show_default=True, help="WIDTHxHEIGHT of every image")
+@click.option("--seed", default=0, show_default=True, help="scenes are a function of (seed, split, index)")
+def synth(out: str, n_train: int, n_val: int, n_test: int, size: str, seed: int) -> None:
+    """Write synthetic street scenes in the Cityscapes layout (deterministic by seed)."""
+    w, h = parse_wxh(size)
+    if min(n_train, n_val, n_test) < 0:
+        raise UserError("image counts must not be negative")
+    counts = {k: v for k, v in (("train", n_train), ("val", n_val), ("test", n_test)) if v}
+    n = write_synth(Path(out), counts, w, h, seed, progress=sys.stderr.isatty())
+    click.echo(f"wrote {n} synthetic images to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+
+
+@click.command()
+@click.option("--split", required=True, help="train, val or test")
+@click.option("--root", default=None, help="Cityscapes root [default: $CITYSCAPES_DATASET]")
+@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
+              help="shard folder")
+@click.option("--scheme", default="trainid", show_default=True,
+              help="trainid, category, automobile, person, labelid, or a scheme .yaml")
+@click.option("--image-format", default=None, type=click.Choice(["jpg", "png"]),
+              help="[default: png for val (lossless: validation sees the source pixels), jpg otherwise]")
+@click.option("--quality", default=95, show_default=True, help="JPEG quality")
+@click.option("--resize", default=None, help="WIDTHxHEIGHT (image bilinear, mask nearest)")
+@click.option("--maxcount", default=100, show_default=True, help="samples per shard at most")
+@click.option("--maxsize", default="1G", show_default=True, help="bytes per shard at most (K/M/G)")
+@click.option("--workers", default=1, show_default=True, help="encoding processes")
+@click.option("--seed", default=0, show_default=True, help="shuffle seed")
+@click.option("--overwrite", is_flag=True, help="replace shards made with other settings")
+def shard(split, root, out, scheme, image_format, quality, resize, maxcount, maxsize, workers, seed,
+          overwrite) -> None:
+    """Pack one split into WebDataset tars + <split>.json manifest + DALI .idx files."""
+    opts = ShardOptions(split=split, scheme=scheme, image_format=image_format or "", quality=quality,
+                        resize=parse_wxh(resize), maxcount=maxcount, maxsize=parse_bytes(maxsize), seed=seed)
+    run_shard(root, out, opts, workers=workers, overwrite=overwrite, progress=sys.stderr.isatty(),
+              log=click.echo)
+
+
+@click.command()
+@click.argument("manifest", type=click.Path())
+@click.option("--split", default="train", show_default=True, help="when MANIFEST is a folder")
+@click.option("--verify", is_flag=True, help="check every shard's sha256")
+def inspect(manifest: str, split: str, verify: bool) -> None:
+    """Print what a shard manifest holds."""
+    man = load_manifest(manifest, split, verify=verify)
+    p = man["params"]
+    n_sh = len(man["shards"])
+    click.echo(f"{man['_path']}: split {man['split']}, {man['total']} samples in {n_sh} "
+               f"shard{'s' * (n_sh != 1)}, "
+               f"{man['bytes'] / 1e6:.1f} MB ({man['bytes'] / max(man['source_bytes'], 1):.2f}x source)")
+    click.echo(f"scheme {man['scheme']['name']} ({man['scheme']['num_classes']} classes), image "
+               f"{man['image_ext']}"
+               f"{' q' + str(p['quality']) if man['image_ext'] == 'jpg' else ''}, "
+               f"resize {'x'.join(map(str, p['resize'])) if p['resize'] else 'none'}, seed {p['seed']}, "
+               f"{man['tool']}")
+    total = sum(man["class_pixels"].values()) + man["ignore_pixels"]
+    click.echo(f"{'class':<16}{'pixels':>14}{'share':>9}")
+    for name, n in list(man["class_pixels"].items()) + [("(ignore)", man["ignore_pixels"])]:
+        click.echo(f"{name:<16}{n:>14}{100 * n / max(total, 1):>8.2f}%")
+    click.echo(f"{'shard':<22}{'samples':>8}{'MB':>9}  sha256")
+    for sh in man["shards"]:
+        click.echo(f"{sh['name']:<22}{sh['count']:>8}{sh['bytes'] / 1e6:>9.2f}  {sh['sha256'][:16]}")
+    if verify:
+        click.echo("all shards match their sha256")

@@ -1,0 +1,43 @@
+"""`distseg evaluate`: official Cityscapes scores of a run's checkpoint or of a results folder."""
+
+from __future__ import annotations
+
+import click
+
+from distseg.errors import UserError
+from distseg.evaluate import score_checkpoint, score_results
+from distseg.runs import CHECKPOINT_HELP
+
+PRECISIONS = click.Choice(["no", "bf16", "fp16"])
+
+
+@click.command()
+@click.option("--run", default=None, help="run folder (runs/<name>) whose weights to score")
+@click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--results", default=None, help="score this folder of result PNGs instead of a run")
+@click.option("--root", default=None,
+              help="Cityscapes root [default: the run's source data, $CITYSCAPES_DATASET]")
+@click.option("--split", default=None,
+              help="split to score [default: the run's val split; val for --results]")
+@click.option("--scheme", default="trainid", show_default=True,
+              help="with --results: what the PNGs hold (trainid/labelid: label ids; else class indexes)")
+@click.option("--shards", default=None, help="score the images stored in these shards instead of the sources")
+@click.option("--json", "json_out", default=None, help="also write every score and the confusion matrix here")
+@click.option("--precision", default=None, type=PRECISIONS, help="[default: the run's train.mixed_precision]")
+@click.option("--workers", default=2, show_default=True, help="image decoding processes")
+@click.argument("overrides", nargs=-1)
+def evaluate(run, checkpoint, results, root, split, scheme, shards, json_out, precision, workers,
+             overrides) -> None:
+    """Official Cityscapes IoU and iIoU (classes and categories) of a run or a results folder.
+
+    OVERRIDES are section.key=value settings applied to the run's config, e.g. eval.mode=slide eval.flip=true
+    eval.scales=[0.75,1.0,1.25] data.val_batch_size=1.
+    """
+    if (run is None) == (results is None):
+        raise UserError("pass either --run RUN (score its weights) or --results DIR (score result PNGs)")
+    if results is not None:
+        if overrides or shards:
+            raise UserError("--results scores files as they are: config overrides and --shards do not apply")
+        score_results(results, root, split or "val", scheme, json_out)
+    else:
+        score_checkpoint(run, checkpoint, split, root, shards, tuple(overrides), json_out, precision, workers)

@@ -1,0 +1,42 @@
+"""`distseg predict`: official-format Cityscapes results for images, folders or a split."""
+
+from __future__ import annotations
+
+import click
+from accelerate import PartialState
+
+from distseg.predict import predict as run_predict
+from distseg.runs import CHECKPOINT_HELP
+
+
+@click.command()
+@click.option("--run", required=True, help="run folder (runs/<name>)")
+@click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
+@click.option("--out", required=True, help="results folder: one PNG per image, nothing else")
+@click.option("--root", default=None, envvar="CITYSCAPES_DATASET", help="Cityscapes root, with --split")
+@click.option("--split", default=None, help="predict every image of this split of --root")
+@click.option("--overlays", default=None, help="also write colour masks and overlays into this folder")
+@click.option("--zip", "zip_path", default=None,
+              help="also pack the results into this zip (benchmark server)")
+@click.option("--alpha", default=0.5, show_default=True, help="overlay opacity")
+@click.option("--batch-size", default=None, type=int, help="images per batch [default: data.val_batch_size]")
+@click.option("--workers", default=2, show_default=True, help="image decoding processes")
+@click.option("--precision", default=None, type=click.Choice(["no", "bf16", "fp16"]),
+              help="[default: the run's train.mixed_precision]")
+@click.option("--set", "overrides", multiple=True,
+              help="config override, e.g. --set eval.mode=slide (repeatable)")
+@click.argument("inputs", nargs=-1)
+def predict(run, checkpoint, out, root, split, overlays, zip_path, alpha, batch_size, workers, precision,
+            overrides,
+            inputs) -> None:
+    """Segment INPUTS (image files or folders) and/or --split of --root into official results.
+
+    Label-id PNGs <city>_<seq>_<frame>_pred_labelIds.png (other names: <stem>_pred_labelIds.png), ready for
+    csEvalPixelLevelSemanticLabeling or `distseg evaluate --results`. Several processes:
+    accelerate launch -m distseg predict ... (each image is predicted once).
+    """
+    n = run_predict(run, tuple(inputs), out, checkpoint, root, split, overlays, zip_path, alpha, batch_size,
+                    workers, precision, tuple(overrides))
+    if PartialState().is_main_process:
+        click.echo(f"wrote {n} results to {out}" + (f", overlays to {overlays}" if overlays else "")
+                   + (f", archive {zip_path}" if zip_path else ""))
