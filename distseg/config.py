@@ -6,6 +6,7 @@ Every mistake is a UserError naming the key, so `train.py` can stop with one cle
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,8 +139,11 @@ def _build(cls, data: dict, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise UserError(f"config: unknown key {where + '.' if where else ''}{sorted(unknown)[0]} "
-                        f"(known: {', '.join(sorted(names))})")
+        bad = sorted(unknown)[0]
+        close = difflib.get_close_matches(str(bad), sorted(names), n=1, cutoff=0.6)
+        hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else \
+            f"known: {', '.join(sorted(names))}"
+        raise UserError(f"config: unknown key {where + '.' if where else ''}{bad} ({hint})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -152,7 +156,20 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A command-line value: YAML-parsed for numbers, lists and booleans, but its text is kept, because
+    YAML 1.1 reads a bare `no` as false and a string setting (train.mixed_precision=no) must stay "no"."""
+
+    text: str
+    parsed: Any
+
+
 def _coerce(val: Any, typ, key: str):
+    if isinstance(val, _Override):
+        val = val.text if typ is str else val.parsed
+    elif typ is str and isinstance(val, bool) and key == "train.mixed_precision":
+        val = "no" if val is False else val  # `mixed_precision: no` in a YAML file
     origin = getattr(typ, "__origin__", None)
     try:
         if typ is bool:
@@ -187,6 +204,8 @@ def _coerce(val: Any, typ, key: str):
     else:
         return val
     name = getattr(typ, "__name__", str(typ))
+    if origin is list and isinstance(val, str) and "," in val:  # data.crop=64,128 on a command line
+        raise UserError(f"config: {key} must be a list, written {key}=[{val.strip('[]()')}]")
     raise UserError(f"config: {key} must be {name}, got {val!r}")
 
 
@@ -221,7 +240,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             parsed = yaml.safe_load(v) if v != "" else ""
         except yaml.YAMLError:
             parsed = v
-        _set_dotted(data, k.strip(), parsed)
+        _set_dotted(data, k.strip(), _Override(v, parsed))
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg

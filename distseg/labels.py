@@ -220,8 +220,15 @@ def _custom(path: Path) -> Scheme:
                   eval_classes=list(range(len(names))))
 
 
+# the Cityscapes spellings people type: trainIds, labelIds, categoryId, ... (case and plural ignored)
+ALIASES = {"trainids": "trainid", "labelids": "labelid", "categories": "category", "categoryid": "category",
+           "categoryids": "category", "automobiles": "automobile", "persons": "person", "people": "person"}
+
+
 def get_scheme(name: str) -> Scheme:
-    """A built-in scheme by name, or a custom one from a YAML file path."""
+    """A built-in scheme by name (any case, Cityscapes spellings such as trainIds), or a YAML file."""
+    if not name.endswith((".yaml", ".yml")):
+        name = ALIASES.get(name.lower(), name.lower())
     if name == "trainid":
         return _trainid()
     if name == "category":

@@ -425,9 +425,18 @@ def train(cfg: Config, acc) -> dict:
 
 # --- entry -----------------------------------------------------------------------------------------
 
+class _Args(argparse.ArgumentParser):
+    """argparse with its errors as distseg's one `error:` line (exit status 2) instead of usage + message."""
+
+    def error(self, message):
+        if "unrecognized arguments: --" in message:
+            message += " (settings are written section.key=value, without dashes: e.g. train.epochs=2)"
+        raise UserError(message)
+
+
 def parse_args(argv):
     """--config and dotted overrides."""
-    ap = argparse.ArgumentParser(prog="distseg train", description=__doc__.splitlines()[0])
+    ap = _Args(prog="distseg train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", "-c", default=None, help="YAML config (configs/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=5 data.batch_size=4")
     return ap.parse_args(argv)

@@ -24,8 +24,13 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
     path = manifest_path(shards, split)
     if not path.is_file():
         state = path.with_suffix(".state.json")
-        hint = (f" (an unfinished run left {state.name}: rerun `distseg shard` to finish)" if state.exists()
-                else f" (run `distseg shard --split {split} --out {path.parent}`)")
+        if state.exists():
+            hint = f" (an unfinished run left {state.name}: rerun `distseg shard` to finish)"
+        elif (path.parent / "config.yaml").is_file() or (path.parent / "checkpoints").is_dir():
+            hint = (f": {path.parent} is a training run folder, not a shard folder (its shards are the "
+                    "config.yaml's data.shards)")
+        else:
+            hint = f" (run `distseg shard --split {split} --out {path.parent}`)"
         raise UserError(f"no manifest {path}{hint}")
     try:
         man = json.loads(path.read_text())

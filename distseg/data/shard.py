@@ -180,6 +180,34 @@ def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -
     return d
 
 
+_FLAGS = {"scheme": "--scheme", "image_format": "--image-format", "quality": "--quality",
+          "resize": "--resize", "maxcount": "--maxcount", "maxsize": "--maxsize", "seed": "--seed",
+          "source": "--root",
+          "scheme_fingerprint": "the scheme's definition", "n_source": "the number of source images",
+          "keys_sha": "the source images"}
+
+
+def params_diff(old: dict | None, new: dict) -> str:
+    """What differs between two shard parameter sets, as the user would name it: `--quality 95 -> 90`."""
+    if not isinstance(old, dict):
+        return "the earlier run's state is unreadable"
+    def show(v):
+        return "x".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    out = []
+    for k, v in new.items():
+        if old.get(k) != v:
+            if k in ("scheme_fingerprint", "keys_sha", "n_source"):
+                out.append(f"{_FLAGS[k]} changed")
+            else:
+                out.append(f"{_FLAGS.get(k, k)} {show(old.get(k))} -> {show(v)}")
+    return "; ".join(out) or "settings changed"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _remove_split(out: Path, split: str) -> None:
     for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
         for p in list(out.glob(pattern)):
@@ -224,14 +252,17 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
             break
     if old is not None and old.get("params") != params:
         if not overwrite:
-            raise UserError(f"{out} already holds {opts.split!r} shards made with other settings or data; "
-                            "pass --overwrite to replace them, or choose another --out")
+            raise UserError(f"{out} already holds {opts.split!r} shards made with other settings or data "
+                            f"({params_diff(old.get('params'), params)}): pass --overwrite to replace them, "
+                            "or "
+                            "choose another --out")
         _remove_split(out, opts.split)
         old = None
     if old is not None and man_path.exists():
         man = load_manifest(man_path)
         n = len(man["shards"])
-        log(f"{man_path} is up to date ({man['total']} samples in {n} shards); nothing to do")
+        log(f"{man_path} is up to date ({_plural(man['total'], 'sample')} in {_plural(n, 'shard')}); "
+            "nothing to do")
         return man
 
     order = [pairs[i] for i in np.random.default_rng(opts.seed).permutation(len(pairs))]
@@ -247,7 +278,7 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
     if [k for sh in done for k in sh["keys"]] != [p.key for p in order[:start]]:
         done, start = [], 0
     if done:
-        log(f"resuming: {len(done)} finished shards ({start} samples) kept")
+        log(f"resuming: {_plural(len(done), 'finished shard')} ({_plural(start, 'sample')}) kept")
 
     def save_state():
         atomic_write_json(state_path, {"params": params, "shards": done})
@@ -314,7 +345,8 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
     state_path.unlink(missing_ok=True)
     n_new = len(todo)
     rate = n_new / elapsed if elapsed > 0 else float("inf")
-    log(f"wrote {man_path}: {man['total']} samples in {len(done)} shards, {man['bytes'] / 1e6:.1f} MB "
+    log(f"wrote {man_path}: {_plural(man['total'], 'sample')} in {_plural(len(done), 'shard')}, "
+        f"{man['bytes'] / 1e6:.1f} MB "
         f"({man['bytes'] / max(src_bytes, 1):.2f}x the source PNGs); "
         f"{rate:.1f} img/s with {workers} worker(s), {rate / max(1, min(workers, os.cpu_count() or 1)):.1f} "
         "img/s per core")

@@ -1,0 +1,136 @@
+"""A newcomer's first hour: run folders that cannot be mixed up, output without traps, errors that point
+further. Each test runs the real command and checks the exact line or file a user sees."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import assert_user_error, base_overrides, run_cli, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def strict_json(path):
+    def no_constants(c):
+        raise AssertionError(f"{path} holds {c}: not valid JSON")
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+def test_changed_model_settings_refuse_to_resume_and_touch_nothing(shards, one_proc_run, tmp_path):
+    run = tmp_path / "one"
+    shutil.copytree(one_proc_run, run)
+    before = listing(run)
+    p = run_train(base_overrides(shards, tmp_path, "one", **{"model.base": 16}), check=False)
+    assert_user_error(p, f"{run} was trained with other model settings (model.base 8 -> 16)")
+    assert "name=..." in p.stderr and "train.resume=fresh" in p.stderr
+    assert listing(run) == before
+
+
+def test_resume_never_refuses_and_fresh_moves_the_old_run_aside(shards, one_proc_run, tmp_path):
+    from distseg.checkpoint import list_checkpoints, read_state
+
+    run = tmp_path / "one"
+    shutil.copytree(one_proc_run, run)
+    old_ckpts = [c.name for c in list_checkpoints(run / "checkpoints")]
+    old_id = read_state(run / "checkpoints" / old_ckpts[-1]).run_id
+    before = listing(run)
+    p = run_train(base_overrides(shards, tmp_path, "one", **{"train.resume": "never"}), check=False)
+    assert_user_error(p, f"{run} holds checkpoints of an earlier run (newest: {old_ckpts[-1]})")
+    assert listing(run) == before
+    p = run_train(base_overrides(shards, tmp_path, "one", **{"train.resume": "fresh", "train.epochs": 1}))
+    (aside,) = tmp_path.glob("one.old-*")
+    assert "moved the earlier run aside to" in p.stdout and listing(aside) == before
+    new = list_checkpoints(run / "checkpoints")
+    assert [c.name for c in new] == ["step-00000004"]  # 1 epoch of 4 steps, nothing of the old run
+    assert read_state(new[0]).run_id != old_id
+
+
+def test_keep_last_prunes_only_this_runs_checkpoints(tmp_path):
+    from distseg.checkpoint import STATE_FILE, RunState, list_checkpoints, prune
+
+    ck = tmp_path / "checkpoints"
+    for step, rid in [(1, "old"), (2, "old"), (3, "new"), (4, "new"), (5, "new")]:
+        d = ck / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        (d / STATE_FILE).write_text(RunState(run_id=rid, step=step).to_json())
+    prune(ck, "new", keep_last=2)
+    assert [c.name for c in list_checkpoints(ck)] == ["step-00000001", "step-00000002", "step-00000004",
+                                                      "step-00000005"]
+
+
+def test_a_start_that_fails_on_its_inputs_writes_nothing(shards, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    (bad / "val.json").unlink()
+    p = run_train(base_overrides(bad, tmp_path / "runs", "x"), check=False)
+    assert_user_error(p, "no manifest")
+    assert not (tmp_path / "runs").exists()
+    # a folder that has a config but no checkpoints yet: one accurate hint, whichever checkpoint is asked
+    (tmp_path / "runs" / "y").mkdir(parents=True)
+    (tmp_path / "runs" / "y" / "config.yaml").write_text("name: y\n")
+    for ck in ("best", "latest"):
+        assert_user_error(run_cli("predict", "--run", tmp_path / "runs" / "y", "--checkpoint", ck, "--out",
+                                  tmp_path / "p", tmp_path, check=False), "has no checkpoints yet: train "
+                                                                          "first")
+
+
+def test_output_numbering_warnings_no_bar_in_logs_and_valid_summary(shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # progress bar asked for (the default), but stderr is a pipe here: no bar may garble the log
+    p = run_train(base_overrides(shards, tmp_path, "r",
+                                 **{"train.progress": "true", "sched.warmup_steps": 500,
+                                                           "train.mixed_precision": "bf16"}))
+    assert "\r" not in p.stderr + p.stdout and "step/s" not in p.stderr
+    out = p.stdout.splitlines()
+    warn = "warning: sched.warmup_steps=500 >= the run's 8 steps"
+    assert any(line.startswith(warn) for line in out), p.stdout
+    assert any(line.startswith("note: train.mixed_precision=bf16 runs as CPU autocast") for line in out)
+    # 14 samples, batch 4: 4 steps per epoch, 2 epochs, numbered from 1 on every line
+    assert "step 4/8 epoch 1/2 " in p.stdout and "step 5/8 epoch 2/2 " in p.stdout
+    assert "epoch 1 step 4: val" in p.stdout and "epoch 2 step 8: val" in p.stdout
+    assert "epoch 0" not in p.stdout and "epoch 3" not in p.stdout
+    summary = strict_json(tmp_path / "r" / "summary.json")
+    assert summary["epochs"] == 2 and summary["best_epoch"] in (1, 2)
+    assert None in summary["final_iou"].values()  # absent classes are null, not NaN
+    ea = EventAccumulator(str(tmp_path / "r" / "tb"))
+    ea.Reload()
+    assert sorted({e.value for e in ea.Scalars("train/epoch")}) == [1.0, 2.0]
+
+
+def test_help_texts(tmp_path):
+    assert "best, latest or a checkpoint path" in run_cli("predict", "--help").stdout
+    ev = run_cli("evaluate", "--help").stdout
+    assert "OVERRIDES are section.key=value settings" in ev
+    sh = run_cli("bench", "shard", "--help").stdout
+    assert "Cityscapes root" in sh and "append the table to this file" in sh
+    assert "OVERRIDES are section.key=value settings" in run_cli("train", "--help").stdout
+
+
+def test_sharper_hints(synth_root, shards, one_proc_run, tmp_path):
+    run_cli("shard", "--split", "train", "--root", synth_root, "--out", tmp_path / "s", "--maxcount", "20")
+    assert_user_error(run_cli("shard", "--split", "train", "--root", synth_root, "--out", tmp_path / "s",
+                              "--maxcount", "20", "--quality", "90", check=False), "(--quality 95 -> 90)")
+    assert_user_error(run_cli("evaluate", "--run", one_proc_run, "--checkpoint", "last", check=False),
+                      "checkpoint 'last' not found: use best|latest|PATH")
+    assert_user_error(run_cli("train", "data.crop=64,128", check=False),
+                      "data.crop must be a list, written data.crop=[64,128]")
+    assert_user_error(run_cli("train", "train.epoch=3", check=False), "unknown key train.epoch (did you mean "
+                                                                      "train.epochs?)")
+    assert_user_error(run_cli("train", "--train.epochs=2", check=False), "without dashes: e.g. "
+                                                                         "train.epochs=2")
+    p = run_cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path / "t", "--scheme",
+                "trainIds")
+    assert json.loads((tmp_path / "t" / "val.json").read_text())["scheme"]["name"] == "trainid"
+    assert "in 1 shard," in p.stdout  # 5 val images, 100 per shard: no "1 shards"
+    assert "in 1 shard," in run_cli("inspect", tmp_path / "t" / "val.json").stdout
+    p = run_cli("inspect", one_proc_run, check=False)
+    assert_user_error(p, "is a training run folder, not a shard folder")
+    assert "distseg shard" not in p.stderr
+    assert "//" not in run_cli("predict", "--run", one_proc_run, "--out", f"{tmp_path}/res/",
+                               synth_root / "leftImg8bit" / "val").stdout

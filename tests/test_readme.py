@@ -1,0 +1,78 @@
+"""Every command in the README's ```bash blocks runs as written, in order, on synthetic data: only tiny model
+settings are appended (and short benchmark options), so a README that drifts from the code fails here. Lines
+marked `# needs GPUs` / `# needs a Slurm cluster` are skipped (tests/test_slurm.py runs the Slurm scripts);
+`tools/test.sh` is this suite itself."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+README = ROOT / "README.md"
+TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
+        "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false",
+        "sched.warmup_steps=0", "train.mixed_precision=no"]
+BENCH = {"data": ["--batches", "2", "--modes", "png,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
+         "--variants", "fp32"], "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64",
+                                                                     "--modes", "whole,slide"]}
+MARKERS = ("# needs GPUs", "# needs a Slurm cluster")
+
+
+def readme_commands() -> list[str]:
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                cmds.append(line)
+    return cmds
+
+
+def tinier(cmd: str) -> list[str]:
+    """The command's words, with tiny settings appended where a model is built."""
+    words = shlex.split(re.sub(r"\s+#.*$", "", cmd))
+    if words[:2] == ["distseg", "bench"]:
+        return words + BENCH[words[2]] + ([] if words[2] == "shard" else TINY)
+    if "distseg/train.py" in words or words[:2] == ["distseg", "train"] or words[0] == "tools/demo.sh":
+        return words + TINY
+    return words
+
+
+def test_every_readme_command_runs_as_written(tmp_path):
+    for name in ("configs", "distseg", "slurm"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEMO_DIR=str(tmp_path / "demo"),
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env.pop("CITYSCAPES_DATASET", None)
+    ran, skipped = [], []
+    for cmd in readme_commands():
+        if any(m in cmd for m in MARKERS) or cmd.startswith("tools/test.sh"):
+            skipped.append(cmd)
+            continue
+        if cmd.startswith("export "):
+            key, value = cmd.split()[1].split("=", 1)
+            env[key] = value
+            continue
+        cwd = ROOT if cmd.startswith("tools/") else tmp_path  # the README runs tools/ from the repo root
+        p = subprocess.run(tinier(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, \
+            f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        ran.append(cmd)
+    assert len(skipped) == 4, skipped  # test.sh, 8-GPU training, two sbatch lines: nothing else is skipped
+    assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran
+    # what the commands were for is there
+    assert json.loads((tmp_path / "scores.json").read_text())["miou"] is not None
+    assert len(list((tmp_path / "results").glob("*_pred_labelIds.png"))) == 12
+    assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
+    with zipfile.ZipFile(tmp_path / "submission.zip") as z:
+        assert len(z.namelist()) == 4
+    for run in ("cityscapes_unet", "two", "automobile", "person"):
+        assert (tmp_path / "runs" / run / "summary.json").is_file(), run
