@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from distseg.errors import UserError
+from distseg.files import sha256_file
 
 STATE_FILE = "trainer_state.json"
+SUMS_FILE = "checksums.sha256"  # every other file of the checkpoint, `sha256sum` format
 STATE_VERSION = 1
 _STEP = re.compile(r"^step-(\d{8})$")
 
@@ -51,6 +53,7 @@ class RunState:
     best_step: int = 0
     best_epoch: int = 0
     history: list = field(default_factory=list)
+    shuffle: str = "global"
     version: int = STATE_VERSION
 
     def to_json(self) -> str:
@@ -107,6 +110,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int
         f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # durable before it is named complete: checksums of every file, fsynced, then the state, then rename
+        write_checksums(tmp)
         with open(tmp / STATE_FILE, "w") as f:
             f.write(state.to_json())
             f.flush()
@@ -114,9 +119,51 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync_dir(ckpt_dir)
         prune(ckpt_dir, state.run_id, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checksums(folder: Path) -> None:
+    """fsync every file of a checkpoint being written and record its sha256 in SUMS_FILE."""
+    lines = []
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name not in (STATE_FILE, SUMS_FILE)):
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        lines.append(f"{sha256_file(p)}  {p.relative_to(folder)}\n")
+    with open(folder / SUMS_FILE, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (truncated, corrupted, incomplete), or None when it can."""
+    try:
+        read_state(ckpt)
+    except UserError as e:
+        return str(e)
+    sums = ckpt / SUMS_FILE
+    if not sums.is_file():
+        return None  # written before checksums existed: as complete as its state file says
+    for line in sums.read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if sha256_file(p) != digest:
+            return f"{name} fails its sha256 check (truncated or corrupted)"
+    return None
 
 
 def prune(ckpt_dir: Path, run_id: str, keep_last: int) -> None:
@@ -163,10 +210,10 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"weights not found: {path}")
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        if p.suffix == ".safetensors":  # read whole: an mmap would break if the file changes while in use
+            from safetensors.torch import load
 
-            sd = load_file(str(p))
+            sd = load(p.read_bytes())
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -14,13 +14,22 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from distseg.data.storage import redact
 from distseg.errors import UserError
 
 
 @dataclass
 class DataCfg:
     """Where the shards are and how samples are loaded and augmented."""
-    shards: str = "shards"  # folder with <split>.json manifests
+
+    shards: str = "shards"  # folder or URL (s3://, http(s)://, file://, any fsspec URL) with <split>.json
+    cache_dir: str = ""  # node-local shard cache, required for remote shards
+    cache_size: str = "0"  # cache limit in bytes (K/M/G); 0 = no limit; least recently used shards go first
+    shuffle: str = "global"  # global: one permutation per epoch | shards: per-rank shard windows (for caches)
+    shuffle_window: int = 4  # with shuffle=shards: shards whose samples are shuffled together
+    prefetch_shards: int = 2  # remote shards downloaded ahead of the one being read
+    retries: int = 5  # tries per storage request (transient faults; exponential backoff)
+    on_corrupt: str = "error"  # a sample that fails to decode: error | skip (padding, masked out, counted)
     train_split: str = "train"
     val_split: str = "val"
     loader: str = "torch"  # torch | dali
@@ -126,7 +135,8 @@ class Config:
 
 
 CHOICES = {
-    "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.decode": ("cpu", "gpu", "auto"),
+    "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.shuffle": ("global", "shards"),
+    "data.on_corrupt": ("error", "skip"), "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
     "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -275,6 +285,10 @@ def validate(cfg: Config) -> None:
         raise UserError("config: data.mean and data.std need 3 values, std > 0")
     if not 0 <= d.color < 1:
         raise UserError("config: data.color must be in [0, 1)")
+    if d.shuffle_window < 1 or d.prefetch_shards < 0 or d.retries < 1:
+        raise UserError("config: data.shuffle_window and data.retries must be >= 1, data.prefetch_shards >= "
+                        "0")
+    parse_bytes(d.cache_size, "config: data.cache_size")
     e = cfg.eval
     for key, v in (("eval.crop", e.crop), ("eval.stride", e.stride)):
         if v and (len(v) != 2 or min(v) < 1):
@@ -291,11 +305,23 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: name must be a plain folder name, got {cfg.name!r}")
 
 
+def parse_bytes(text: str | int, what: str = "size") -> int:
+    """'1G', '60K', '123' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = str(text).strip().lower().rstrip("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError):
+        raise UserError(f"{what}: bad size {text!r}: use bytes or a number with K, M, G or T") from None
+
+
 def to_dict(cfg: Config) -> dict:
     """The config as nested plain dicts."""
     return dataclasses.asdict(cfg)
 
 
 def dump_config(cfg: Config) -> str:
-    """The config as YAML (what runs/<name>/config.yaml holds)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML (what runs/<name>/config.yaml holds), with passwords and URL signatures removed."""
+    d = to_dict(cfg)
+    d["data"]["shards"] = redact(d["data"]["shards"])
+    return yaml.safe_dump(d, sort_keys=False)

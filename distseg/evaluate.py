@@ -25,7 +25,7 @@ from distseg.cityscapes_metric import format_table as official_table
 from distseg.data.cityscapes import resolve_root
 from distseg.data.image_files import ImageFiles, ImageItem, labelled_items, raise_errors, read_array
 from distseg.data.loader import build_loader
-from distseg.data.manifest import manifest_path
+from distseg.data.manifest import manifest_location, read_manifest_text
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
 from distseg.inference import InferenceSpec, Segmenter, segment_images
@@ -116,10 +116,11 @@ def eval_root(root: str | None, cfg, split: str) -> Path:
     if root:
         return resolve_root(root)
     try:
-        source = json.loads(manifest_path(cfg.data.shards, split).read_text())["params"]["source"]
+        loc = manifest_location(cfg.data.shards, split)
+        source = json.loads(read_manifest_text(loc, split))["params"]["source"]
         if Path(source, "gtFine", split).is_dir():
             return Path(source)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, UserError):
         pass
     if os.environ.get("CITYSCAPES_DATASET"):
         return resolve_root(None)

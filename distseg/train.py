@@ -29,6 +29,7 @@ import torch
 
 from distseg.checkpoint import (
     RunState,
+    damage,
     latest_checkpoint,
     list_checkpoints,
     load_weights,
@@ -102,6 +103,7 @@ class Run:
     stop: StopFlag
     last_scores: dict | None = None
     preempted: bool = False
+    corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
 
     @property
     def ckpt_dir(self) -> Path:
@@ -127,18 +129,20 @@ def model_differences(saved: Config, cfg: Config) -> list[str]:
     return out
 
 
-def choose_resume(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start), after checking the run folder may be used."""
+def choose_resume(cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after checking the run folder may be used: the
+    newest complete and undamaged one; a damaged one is reported by name and the previous one taken."""
     run_dir, r = cfg.run_dir, cfg.train.resume
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if r not in ("auto", "never", "fresh"):
-        read_state(Path(r))
+        problem = damage(Path(r)) if Path(r).is_dir() else f"{r} is not a checkpoint folder"
+        if problem:
+            raise UserError(f"cannot resume from {r}: {problem}")
         return Path(r)
     if r == "never" and ckpts:
         raise UserError(f"{run_dir} holds checkpoints of an earlier run (newest: {ckpts[-1].name}): "
-                        "continue it "
-                        "with train.resume=auto, move it aside and start again with train.resume=fresh, or "
-                        "choose another name=...")
+                        "continue it with train.resume=auto, move it aside and start again with "
+                        "train.resume=fresh, or choose another name=...")
     if r != "auto" or not ckpts:
         return None
     saved_cfg = run_dir / "config.yaml"
@@ -150,7 +154,13 @@ def choose_resume(cfg: Config) -> Path | None:
         if diff:
             raise UserError(f"{run_dir} was trained with other model settings ({'; '.join(diff)}): resume "
                             "with the old settings, or start a new run with name=... or train.resume=fresh")
-    return ckpts[-1]
+    for ck in reversed(ckpts):
+        problem = damage(ck)
+        if problem is None:
+            return ck
+        log(f"warning: checkpoint {ck} is damaged ({problem}): resuming from the one before it")
+    raise UserError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged: start again with "
+                    "train.resume=fresh")
 
 
 def prepare_run_dir(cfg: Config, acc) -> None:
@@ -202,7 +212,7 @@ def setup(cfg: Config, acc) -> Run:
     scheme = get_scheme(cfg.data.scheme)
     train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
     val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
-    resume_from = choose_resume(cfg)
+    resume_from = choose_resume(cfg, acc.print)
     state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, out_channels(cfg, scheme.num_classes))
@@ -219,11 +229,12 @@ def setup(cfg: Config, acc) -> Run:
     if cfg.model.compile:
         model = torch.compile(model)
     if resume_from is not None:
+        check_layout(cfg, acc, resume_from, state)
         restore(acc, resume_from, state, train_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    state.world, state.batch_size = acc.num_processes, cfg.data.batch_size
+    state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
     state.grad_accum = cfg.train.grad_accum
     warn_about_settings(cfg, acc, max_steps)
     tb = make_writer(cfg.run_dir / "tb", acc.is_main_process)
@@ -239,6 +250,19 @@ def setup(cfg: Config, acc) -> Run:
     return Run(cfg, acc, scheme, model, optimizer, SegLoss(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce),
                train_loader,
                val_loader, segmenter, state, max_steps, log, tb, StopFlag())
+
+
+def check_layout(cfg: Config, acc, ckpt: Path, state: RunState) -> None:
+    """A mid-epoch position means something only in the layout that wrote it, for shard-window shuffling."""
+    if not state.batch_in_epoch or "shards" not in (state.shuffle, cfg.data.shuffle):
+        return
+    same = (state.shuffle == cfg.data.shuffle and state.world == acc.num_processes
+            and state.batch_size == cfg.data.batch_size)
+    if not same:
+        raise UserError(f"{ckpt} stopped mid-epoch with data.shuffle={state.shuffle}, {state.world} "
+                        "process(es) "
+                        f"x batch {state.batch_size}: with data.shuffle=shards each rank reads its own shard "
+                        "windows, so resume mid-epoch in that same layout, or from an epoch-end checkpoint")
 
 
 def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
@@ -260,14 +284,15 @@ def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
 def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
     labelled pixels of the whole group on all ranks, so grad_accum and world size do not change the
-    gradient. Returns the all-reduced [pixel loss sum, labelled pixels, images, non-finite, stop] flags."""
+    gradient. Returns the all-reduced [pixel loss sum, labelled pixels, images, corrupt samples, non-finite,
+    stop, lr]."""
     acc, model, world = run.acc, run.model, run.acc.num_processes
     masks = [masked_targets(b) for b in group]
     n_locals = [(m != 255).sum().float() for m in masks]
     n_global = torch.stack(n_locals).sum()
     if world > 1:
         n_global = acc.reduce(n_global, reduction="sum")
-    sums = torch.zeros(3, device=acc.device)  # pixel loss sum, labelled pixels, images (this step, this rank)
+    sums = torch.zeros(4, device=acc.device)  # pixel loss sum, labelled pixels, images, corrupt (this rank)
     for k, (b, mask) in enumerate(zip(group, masks)):
         x = b["image"]
         if run.segmenter.channels_last:
@@ -278,12 +303,13 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
             pix = run.loss_fn.pixel_sum(logits, mask)
             loss = pix * world / n_global.clamp(min=1) + run.loss_fn.mean_terms(logits, mask) / len(group)
             acc.backward(loss)
-        sums += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float()])
+        corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[3] * 0
+        sums += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float(), corrupt])
     flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set)],
                                           device=acc.device)])
     if world > 1:
         flags = acc.reduce(flags, reduction="sum")
-    if flags[3] > 0:
+    if flags[4] > 0:
         last = latest_checkpoint(run.ckpt_dir) or "none"
         raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
                        f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
@@ -315,9 +341,10 @@ def train_one_epoch(run: Run) -> None:
         st.step += 1
         st.batch_in_epoch += len(group)
         st.samples += int(flags[2])
-        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[5]),
+        run.corrupt += int(flags[3])
+        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[6]),
                      int(flags[2]))
-        if flags[4] > 0:
+        if flags[5] > 0:
             run.log.print(f"stop requested: checkpointing at step {st.step}")
             ck = checkpoint(run)
             if run.acc.is_main_process and run.stop.file:  # tells slurm/train.sh the checkpoint is complete
@@ -328,6 +355,16 @@ def train_one_epoch(run: Run) -> None:
             return
         if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.batch_in_epoch < per_epoch:
             checkpoint(run)
+
+
+def report_corrupt(run: Run) -> None:
+    """After an epoch with data.on_corrupt=skip: how many samples could not be decoded and were left out."""
+    if run.corrupt:
+        run.log.print(f"warning: epoch {run.state.epoch}: {run.corrupt} sample(s) could not be decoded and "
+                      "were "
+                      "left out (data.on_corrupt=skip)")
+        run.tb.add_scalar("data/corrupt_skipped", run.corrupt, run.state.step)
+    run.corrupt = 0
 
 
 def score_of(scheme: Scheme, scores: dict) -> tuple[str, float]:
@@ -411,6 +448,7 @@ def train(cfg: Config, acc) -> dict:
         if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
             st.epoch += 1
             st.batch_in_epoch = 0
+            report_corrupt(run)
             if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
                 validate(run)
             checkpoint(run)

@@ -15,14 +15,17 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     p = run_cli("bench", "data", "--root", synth_root, "--batches", "3", "--out", out,
                 f"data.shards={shards}",
                 "data.batch_size=2", "data.num_workers=1", "data.crop=[64,128]")
-    r = rows(p.stdout)
+    r = rows(p.stdout.split("\nshuffle:")[0])  # the pipeline table; the shuffle table follows it
     assert [x.split("|")[1].strip() for x in r] == [
         "raw Cityscapes PNG folder (seed)", "torch loader, CPU decode", "torch loader, GPU decode (nvJPEG)",
         "DALI, CPU mode (device_id=None)"]
     for line in (r[0], r[1], r[3]):
         assert float(line.split("|")[2]) > 0
     assert "skipped: no CUDA" in r[2]
-    assert out.read_text().strip() == p.stdout.strip()
+    def lines(text):
+        return [line for line in text.splitlines() if line.strip()]
+    assert lines(out.read_text()) == lines(p.stdout)  # every table printed was appended to --out
+    assert "| shards | 2 |" in p.stdout  # and the shuffle report
 
 
 def test_bench_train_reports_throughput_and_mfu(shards):

@@ -62,10 +62,11 @@ def test_tensorboard_and_run_folder(one_proc_run):
     assert (one_proc_run / "best" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", "dali", "torch+shards"])
 def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, loader):
     ov = {"data.batch_size": 2, "data.num_workers": 1, "train.ckpt_every": 3, "train.epochs": 2,
-          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5, "data.loader": loader}
+          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5,
+          "data.loader": loader.split("+")[0], "data.shuffle": "shards" if "shards" in loader else "global"}
     run_train(base_overrides(shards, tmp_path, "ref", **ov))
     args = base_overrides(shards, tmp_path, "killed", **ov)
     proc = subprocess.Popen([sys.executable, TRAIN, *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
@@ -124,3 +125,15 @@ def test_finetune_with_new_head(synth_root, one_proc_run, tmp_path):
     body = [k for k in src if not k.startswith("head.")]
     for k in body:
         torch.testing.assert_close(src[k], ft[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_shard_shuffle_refuses_a_mid_epoch_resume_in_another_layout(shards, tmp_path):
+    ov = {"data.shuffle": "shards", "data.batch_size": 2, "train.max_steps": 3}
+    run_train(base_overrides(shards, tmp_path, "r", **ov))  # stops inside epoch 1 (7 batches)
+    p = run_train(base_overrides(shards, tmp_path, "r",
+                                 **dict(ov, **{"train.max_steps": 6, "data.batch_size": 1})),
+                  procs=2, check=False)
+    assert "with data.shuffle=shards each rank reads its own shard windows" in p.stderr
+    assert p.returncode != 0
+    p = run_train(base_overrides(shards, tmp_path, "r", **dict(ov, **{"train.max_steps": 6})))
+    assert "resumed from" in p.stdout

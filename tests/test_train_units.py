@@ -128,3 +128,46 @@ def test_config_errors(tmp_path):
             load_config(None, [ov])
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("world,b", [(1, 4), (2, 3), (3, 2), (4, 1)])
+def test_shard_window_sampler_exactly_once_equal_batches_and_shard_share(world, b):
+    from distseg.data.sampler import ShardWindowSampler
+
+    sizes = [5, 4, 5, 3, 5, 4, 2, 5]
+    shard_of = [k for k, n in enumerate(sizes) for _ in range(n)]
+    orders = []
+    for epoch in (0, 1):
+        seen, lengths = [], set()
+        for rank in range(world):
+            s = ShardWindowSampler(sizes, b, world, rank, seed=3, window=2)
+            s.set_epoch(epoch)
+            batches = list(s)
+            lengths.add(len(batches))
+            assert all(len(bt) == b for bt in batches)
+            seen += [i for bt in batches for i, e, v in bt if v and e == epoch]
+            touched = {shard_of[i] for bt in batches for i, _, _ in bt}
+            assert touched == set(s.shard_order())
+            assert len(touched) <= math.ceil(len(sizes) / world) + 1  # its share, plus a boundary shard
+            first_window = {shard_of[i] for bt in batches for i, _, v in bt if v}
+            if rank == 0:
+                orders.append([i for bt in batches for i, _, _ in bt])
+            # resume mid-epoch: the same batches continue
+            s2 = ShardWindowSampler(sizes, b, world, rank, seed=3, window=2)
+            s2.set_epoch(epoch, skip_batches=1)
+            assert list(s2) == batches[1:]
+            assert first_window
+        assert len(lengths) == 1 and sorted(seen) == list(range(sum(sizes)))
+    assert orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_shard_window_shuffles_within_windows_only():
+    from distseg.data.sampler import ShardWindowSampler
+
+    sizes = [4] * 6
+    s = ShardWindowSampler(sizes, 4, 1, 0, seed=0, window=2)
+    order = [i for bt in s for i, _, _ in bt]
+    shards = [i // 4 for i in order]
+    for w in range(0, 24, 8):  # each run of 8 samples (2 shards) comes from exactly 2 shards
+        assert len(set(shards[w:w + 8])) == 2
+    assert order != sorted(order)

@@ -100,3 +100,93 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
             f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'no GPU'}, {os.cpu_count()} CPU cores")
     return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core"], rows)
 
+
+
+def _epoch_timing(cfg, split: str, scheme, n_batches: int, device) -> dict:
+    """img/s from building the loader to the last batch (start-up and verification included), and the bytes
+    the cache gained (every process's downloads: DataLoader workers fetch shards too)."""
+    from pathlib import Path
+
+    def cached() -> int:
+        d = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
+        return sum(f.stat().st_size for f in d.glob("*.*") if f.suffix in (".tar",
+                                                                           ".idx")) if d and d.is_dir() else 0
+    before = cached()
+    with measure() as m:
+        loader = make_loader(cfg, split, scheme, True, device)
+        r = _time_batches(endless(loader), n_batches, cfg.data.batch_size, warmup=0)
+    r["img_s"] = r["batches"] * cfg.data.batch_size / m["wall"]
+    r["downloaded"] = cached() - before
+    return r
+
+
+def bench_storage(cfg, url: str, split: str, n_batches: int, repeats: int = 3) -> str:
+    """The torch loader on local shards vs the same shards at `url`, cold cache (a fresh cache for every
+    repeat, downloads included) and warm cache (already filled): median img/s of `repeats` runs each."""
+    import tempfile
+
+    scheme = get_scheme(cfg.data.scheme)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    local_man = load_manifest(cfg.data.shards, split)
+    remote = with_data(cfg, shards=url)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="distseg-bench-cache-") as tmp:
+        runs = {"local shards": [], "remote, cold cache": [], "remote, warm cache": []}
+        for r in range(repeats):
+            runs["local shards"].append(_epoch_timing(cfg, split, scheme, n_batches, device))
+            cold = with_data(remote, cache_dir=f"{tmp}/cold-{r}")
+            runs["remote, cold cache"].append(_epoch_timing(cold, split, scheme, n_batches, device))
+            warm = with_data(remote, cache_dir=f"{tmp}/warm")
+            if r == 0:  # fill the warm cache once, untimed
+                make_loader(warm, split, scheme, True, device).files.all_tars()
+            runs["remote, warm cache"].append(_epoch_timing(warm, split, scheme, n_batches, device))
+        local = float(np.median([x["img_s"] for x in runs["local shards"]]))
+        for name, xs in runs.items():
+            ips = float(np.median([x["img_s"] for x in xs]))
+            mb = float(np.median([x["downloaded"] for x in xs])) / 1e6
+            rows.append([name, ips, f"{100 * ips / local:.1f}%", mb])
+    head = (f"storage: torch loader over {n_batches} batches of {cfg.data.batch_size}, "
+            f"{cfg.data.num_workers} "
+            f"workers, median of {repeats}; local {local_man['_path']} vs {url} "
+            f"({local_man['bytes'] / 1e6:.1f} "
+            "MB of shards)")
+    return head + "\n\n" + table(["shards", "img/s", "vs local", "MB downloaded per run"], rows)
+
+
+def shuffle_report(man: dict, batch_size: int, worlds: tuple[int, ...] = (1, 2, 4, 8), seed: int = 0,
+                   window: int = 4) -> str:
+    """Per shuffle and world size: shard bytes each rank reads per epoch (what it downloads with a cache that
+    holds its window), and how far apart samples stored next to each other land in the epoch's step order
+    (median distance as a share of a rank's epoch: about 0.29 for a uniform shuffle, near 0 for none)."""
+    from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
+
+    sizes = [sh["count"] for sh in man["shards"]]
+    nbytes = [sh["bytes"] for sh in man["shards"]]
+    shard_of = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(shard_of)
+    rows = []
+    for world in worlds:
+        if world > n:
+            continue
+        for mode in ("global", "shards"):
+            steps = np.zeros(n)
+            per_rank = []
+            for rank in range(world):
+                s = (EpochBatchSampler(n, batch_size, world, rank, shuffle=True,
+                                       seed=seed) if mode == "global"
+                     else ShardWindowSampler(sizes, batch_size, world, rank, seed, window))
+                batches = s.batches()
+                slots = max(1, len(batches) * batch_size)
+                for j, bt in enumerate(batches):
+                    for k, (i, _, v) in enumerate(bt):
+                        if v:  # where in this rank's epoch the sample is read, as a share of it
+                            steps[i] = (j * batch_size + k) / slots
+                per_rank.append(sum(nbytes[k] for k in {shard_of[i] for bt in batches for i, _, _ in bt}))
+            spread = float(np.median(np.abs(np.diff(steps))))
+            rows.append([mode, world, float(np.mean(per_rank)) / 1e6,
+                         f"{100 * np.mean(per_rank) / sum(nbytes):.0f}%",
+                         f"{spread:.3f}"])
+    head = (f"shuffle: {man['_path']}, {n} samples in {len(sizes)} shards, batch {batch_size} per rank, "
+            f"data.shuffle_window {window}")
+    return head + "\n\n" + table(["data.shuffle", "ranks", "MB read per rank per epoch", "share of the data",
+                                  "neighbour spread"], rows)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from distseg.bench.data import bench_data
+from distseg.bench.data import bench_data, bench_storage, shuffle_report
 from distseg.bench.eval import MODES, bench_eval
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import VARIANTS, bench_train
 from distseg.commands.options import parse_wxh
 from distseg.config import load_config
+from distseg.data.manifest import load_manifest
 
 
 @click.group()
@@ -34,14 +35,24 @@ OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.bat
 @click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
 @click.option("--modes", default="png,torch-cpu,torch-gpu,dali", show_default=True,
               help="pipelines, comma-separated")
+@click.option("--shards", "url", default=None,
+              help="also read the same shards from this URL: local vs cold vs warm cache (median of "
+                   "--repeats)")
+@click.option("--repeats", default=3, show_default=True, help="runs per storage row")
 @click.option("--out", default=None, help="append the table to this file")
 @click.argument("overrides", nargs=-1)
-def bench_data_cmd(config, root, split, batches, modes, out, overrides) -> None:
-    """Raw PNG folder vs torch loader (CPU / GPU decode) vs DALI: img/s and CPU use.
+def bench_data_cmd(config, root, split, batches, modes, url, repeats, out, overrides) -> None:
+    """Raw PNG folder vs torch loader (CPU / GPU decode) vs DALI: img/s and CPU use; shuffle quality and bytes
+    per rank; with --shards URL, remote shards through the cache.
 
     OVERRIDES are config settings."""
     cfg = load_config(config, overrides)
-    _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
+    if modes:
+        _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
+    man = load_manifest(cfg.data.shards, split)
+    _emit(shuffle_report(man, cfg.data.batch_size, seed=cfg.train.seed, window=cfg.data.shuffle_window), out)
+    if url:
+        _emit(bench_storage(cfg, url, split, batches, repeats), out)
 
 
 @bench.command("train")

@@ -52,7 +52,8 @@ def shard(split, root, out, scheme, image_format, quality, resize, maxcount, max
           overwrite) -> None:
     """Pack one split into WebDataset tars + <split>.json manifest + DALI .idx files."""
     opts = ShardOptions(split=split, scheme=scheme, image_format=image_format or "", quality=quality,
-                        resize=parse_wxh(resize), maxcount=maxcount, maxsize=parse_bytes(maxsize), seed=seed)
+                        resize=parse_wxh(resize), maxcount=maxcount, seed=seed,
+                        maxsize=parse_bytes(maxsize, "--maxsize"))
     run_shard(root, out, opts, workers=workers, overwrite=overwrite, progress=sys.stderr.isatty(),
               log=click.echo)
 

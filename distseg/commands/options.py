@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
+from distseg.config import parse_bytes  # noqa: F401  (re-exported for the commands)
 from distseg.errors import UserError
-
-
-def parse_bytes(text: str) -> int:
-    """'1G', '60K', '123' -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("b")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, IndexError):
-        raise UserError(f"bad size {text!r}: use bytes or a number with K, M or G") from None
 
 
 def parse_wxh(text: str | None) -> tuple[int, int] | None:

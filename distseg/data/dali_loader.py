@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from distseg.data.manifest import shard_paths
+from distseg.config import parse_bytes
+from distseg.data.manifest import ShardFiles
 from distseg.errors import UserError
 
 INFO_BYTES = 512
@@ -50,6 +51,18 @@ class DaliLoader:
         self.shard_len = self.n * (rank + 1) // world - self.n * rank // world
         self.max_shard = max(self.n * (r + 1) // world - self.n * r // world for r in range(world))
         self._batch = 0
+        d = cfg.data
+        self.files = ShardFiles(man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
+        limit, total = parse_bytes(d.cache_size), sum(sh["bytes"] for sh in man["shards"])
+        if man["_remote"] and limit and limit < total:
+            raise UserError(f"data.loader=dali reads every shard of {split} from the cache: data.cache_size "
+                            f"({d.cache_size}) must hold {total / 2**30:.2f} GiB (or use data.loader=torch "
+                            "with "
+                            "data.shuffle=shards)")
+        self.tars = [str(p) for p in self.files.all_tars()]  # verified, downloaded if remote
+        self.idx = [str(self.files.index(i) or "") for i in range(len(self.files))]
+        if not all(self.idx):
+            raise UserError(f"{man['_path']}: data.loader=dali needs the shards' .idx files")
         self._build(None)
 
     # -- pipeline ---------------------------------------------------------------------------------
@@ -58,8 +71,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cfg, d = self.cfg, self.cfg.data
-        tars = [str(p) for p in shard_paths(self.man)]
-        idx = [t[:-4] + ".idx" for t in tars]
+        tars, idx = self.tars, self.idx
         train, gpu = self.train, self.gpu
         mean = [255 * m for m in d.mean]
         std = [255 * s for s in d.std]

@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -21,8 +23,10 @@ import numpy as np
 from PIL import Image
 
 from distseg import __version__
+from distseg.data import storage
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
 from distseg.data.manifest import MANIFEST_VERSION, load_manifest
+from distseg.data.storage import StorageError, is_remote, join, local_path, redact
 from distseg.errors import UserError
 from distseg.files import atomic_write_json, atomic_write_text, sha256_file
 from distseg.labels import IGNORE, Scheme, get_scheme
@@ -156,12 +160,14 @@ class ShardWriter:
         self.f.close()
         idx = self.path.with_suffix(".idx")
         rows = "".join(" ".join(map(str, e)) + "\n" for e in self.index)
-        atomic_write_text(idx, f"v1.2 {len(self.index)}\n" + rows)
+        index_text = f"v1.2 {len(self.index)}\n" + rows
+        atomic_write_text(idx, index_text)
         digest = sha256_file(self.tmp)
         self.tmp.replace(self.path)
         return {"name": self.path.name, "index": idx.name, "count": len(self.keys),
-                "bytes": self.path.stat().st_size,
-                "sha256": digest, "keys": self.keys, "hist": self.hist.tolist()}
+                "bytes": self.path.stat().st_size, "sha256": digest,
+                "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(), "keys": self.keys,
+                "hist": self.hist.tolist()}
 
     def abort(self) -> None:
         """Close and remove the temp file (nothing under the final name)."""
@@ -208,19 +214,115 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _remove_split(out: Path, split: str) -> None:
-    for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
-        for p in list(out.glob(pattern)):
-            p.unlink()
-    for p in (out / f"{split}.json", out / f"{split}.state.json"):
-        p.unlink(missing_ok=True)
+class LocalOutput:
+    """Shards written in place: a shard is complete when its final name exists (temp + rename)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.dir = local_path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.where = self.dir, str(self.dir)
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON file of the output, None if absent, {"params": None} if unreadable."""
+        p = self.dir / name
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"params": None}
+
+    def size(self, name: str) -> int | None:
+        """Size of a finished file, None if absent."""
+        p = self.dir / name
+        return p.stat().st_size if p.is_file() else None
+
+    def commit(self, shard: dict) -> None:
+        """A finished shard is already in place."""
+
+    def write_json(self, name: str, obj) -> None:
+        """Write a JSON file atomically."""
+        atomic_write_json(self.dir / name, obj)
+
+    def remove(self, name: str) -> None:
+        """Delete a file if present."""
+        (self.dir / name).unlink(missing_ok=True)
+
+    def remove_split(self, split: str) -> None:
+        """Delete every shard, index, temp file, manifest and state of a split."""
+        for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
+            for p in list(self.dir.glob(pattern)):
+                p.unlink()
+        for name in (f"{split}.json", f"{split}.state.json"):
+            self.remove(name)
+
+    def close(self) -> None:
+        """Nothing to clean up."""
 
 
-def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: ShardOptions, workers: int = 1,
-              overwrite: bool = False, progress: bool = True, log=print) -> dict:
-    """Shard one split; returns the manifest. Resumes an interrupted run with the same settings."""
-    from tqdm import tqdm
+class RemoteOutput(LocalOutput):
+    """Shards written to a local staging folder, then uploaded one by one (tar, index, then the state that
+    lists it); the manifest is uploaded last, so a reader never sees a manifest naming a missing shard. An
+    object appears only when its upload completes, so a rerun after an interruption keeps exactly the shards
+    the remote state lists and finds intact."""
 
+    def __init__(self, url: str, tries: int = 5):
+        self.url, self.tries = url.rstrip("/"), tries
+        self.workdir = Path(tempfile.mkdtemp(prefix="distseg-shard-"))
+        self.where = redact(url)
+        self.fs, self.path = storage.filesystem(self.url)
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON object of the output, None if absent, {"params": None} if unreadable."""
+        try:
+            return json.loads(storage.read_bytes(join(self.url, name), self.tries))
+        except StorageError as e:
+            if str(e).startswith("not found"):
+                return None
+            raise
+        except json.JSONDecodeError:
+            return {"params": None}
+
+    def size(self, name: str) -> int | None:
+        """Size of an uploaded object, None if absent."""
+        return storage.object_size(join(self.url, name), self.tries)
+
+    def commit(self, shard: dict) -> None:
+        """Upload a finished shard and its index, then drop the local copies."""
+        for name in (shard["name"], shard["index"]):
+            storage.upload(self.workdir / name, join(self.url, name), self.tries)
+            (self.workdir / name).unlink()
+
+    def write_json(self, name: str, obj) -> None:
+        """Upload a JSON object (written whole, so readers never see half of it)."""
+        atomic_write_json(self.workdir / name, obj)
+        storage.upload(self.workdir / name, join(self.url, name), self.tries)
+        (self.workdir / name).unlink()
+
+    def remove(self, name: str) -> None:
+        """Delete an object if present."""
+        storage.retrying(lambda: self.fs.rm(f"{self.path}/{name}") if self.fs.exists(f"{self.path}/{name}")
+                         else None, join(self.url, name), self.tries)
+
+    def remove_split(self, split: str) -> None:
+        """Delete every object of a split."""
+        for p in storage.retrying(lambda: self.fs.glob(f"{self.path}/{split}-*"), self.url, self.tries):
+            storage.retrying(lambda p=p: self.fs.rm(p), self.url, self.tries)
+        for name in (f"{split}.json", f"{split}.state.json"):
+            self.remove(name)
+
+    def close(self) -> None:
+        """Remove the staging folder."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def open_output(out: str | os.PathLike) -> LocalOutput:
+    """A local folder (or file:// URL) or a remote URL to upload to."""
+    return RemoteOutput(str(out)) if is_remote(str(out)) else LocalOutput(out)
+
+
+def check_options(opts: ShardOptions, workers: int, log) -> ShardOptions:
+    """Validated options with the default image format filled in."""
     if not opts.image_format:
         opts = replace(opts, image_format=default_image_format(opts.split))
     elif opts.split == "val" and opts.image_format == "jpg":
@@ -234,61 +336,46 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
         raise UserError("--maxcount and --maxsize must be positive")
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    scheme = get_scheme(opts.scheme)
-    root = resolve_root(root)
-    pairs = find_pairs(root, opts.split)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    params = _params(opts, scheme, root, pairs)
-    man_path, state_path = out / f"{opts.split}.json", out / f"{opts.split}.state.json"
+    return opts
 
-    old = None
-    for p in (man_path, state_path):
-        if p.exists():
-            try:
-                old = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {"params": None}
-            break
+
+def earlier_run(output: LocalOutput, split: str, params: dict, overwrite: bool) -> dict | None:
+    """The state (or manifest) of an earlier run into this output with the same settings, or None.
+    Other settings: refused naming what differs, or removed with --overwrite."""
+    old = output.read_json(f"{split}.json") or output.read_json(f"{split}.state.json")
     if old is not None and old.get("params") != params:
         if not overwrite:
-            raise UserError(f"{out} already holds {opts.split!r} shards made with other settings or data "
+            raise UserError(f"{output.where} already holds {split!r} shards made with other settings or data "
                             f"({params_diff(old.get('params'), params)}): pass --overwrite to replace them, "
-                            "or "
-                            "choose another --out")
-        _remove_split(out, opts.split)
-        old = None
-    if old is not None and man_path.exists():
-        man = load_manifest(man_path)
-        n = len(man["shards"])
-        log(f"{man_path} is up to date ({_plural(man['total'], 'sample')} in {_plural(n, 'shard')}); "
-            "nothing to do")
-        return man
+                            "or choose another --out")
+        output.remove_split(split)
+        return None
+    return old
 
-    order = [pairs[i] for i in np.random.default_rng(opts.seed).permutation(len(pairs))]
-    done: list[dict] = []
-    for sh in (old or {}).get("shards", []):  # resume: keep finished shards that are intact on disk
-        tar = out / sh["name"]
-        if not tar.is_file() or tar.stat().st_size != sh["bytes"]:
+
+def kept_shards(output: LocalOutput, old: dict | None, order: list[Pair]) -> list[dict]:
+    """Finished shards of an interrupted run that are intact and hold the expected samples."""
+    done = []
+    for sh in (old or {}).get("shards", []):
+        if output.size(sh["name"]) != sh["bytes"]:
             break
         done.append(sh)
-    for stale in out.glob(f"{opts.split}-*.tar.tmp"):
-        stale.unlink()
     start = sum(sh["count"] for sh in done)
-    if [k for sh in done for k in sh["keys"]] != [p.key for p in order[:start]]:
-        done, start = [], 0
-    if done:
-        log(f"resuming: {_plural(len(done), 'finished shard')} ({_plural(start, 'sample')}) kept")
+    return done if [k for sh in done for k in sh["keys"]] == [p.key for p in order[:start]] else []
 
-    def save_state():
-        atomic_write_json(state_path, {"params": params, "shards": done})
 
-    save_state()
-    t0 = time.time()
+def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: ShardOptions, scheme: Scheme,
+                 workers: int, save_state, bar) -> None:
+    """Encode `todo` in order (in `workers` processes) into shards after `done`; commit each when full."""
     throttle = float(os.environ.get("DISTSEG_SHARD_THROTTLE", "0") or 0)
-    todo = order[start:]
     writer: ShardWriter | None = None
     pool = None
+
+    def finish():
+        done.append(writer.finish())
+        output.commit(done[-1])
+        save_state()
+
     try:
         if workers > 1 and len(todo) > 1:
             pool = get_context("spawn" if os.environ.get("DISTSEG_SPAWN") else "fork").Pool(
@@ -296,26 +383,21 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
             stream = pool.imap(_encode_worker, todo, chunksize=1)
         else:
             stream = (encode_pair(p, opts, scheme) for p in todo)
-        bar = tqdm(total=len(pairs), initial=start, desc=f"shard {opts.split}", unit="img",
-                   disable=not progress)
         for enc in stream:
             size = sum(512 + (len(d) + 511) // 512 * 512 for _, d in enc.files)
-            full = writer is not None and (len(writer.keys) >= opts.maxcount
-                                           or writer.size + size > opts.maxsize)
-            if full:
-                done.append(writer.finish())
+            if writer is not None and (len(writer.keys) >= opts.maxcount
+                                       or writer.size + size > opts.maxsize):
+                finish()
                 writer = None
-                save_state()
             if writer is None:
-                writer = ShardWriter(out / f"{opts.split}-{len(done):06d}.tar")
+                writer = ShardWriter(output.workdir / f"{opts.split}-{len(done):06d}.tar")
             writer.add(enc)
             bar.update(1)
             if throttle:  # test hook: slow the writer down so a test can kill it mid-run
                 time.sleep(throttle)
         if writer is not None:
-            done.append(writer.finish())
+            finish()
             writer = None
-        bar.close()
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -327,27 +409,69 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
         if pool is not None:
             pool.close()
             pool.join()
-    elapsed = time.time() - t0
 
+
+def build_manifest(opts: ShardOptions, scheme: Scheme, params: dict, pairs: list[Pair],
+                   done: list[dict]) -> dict:
+    """The <split>.json manifest of finished shards."""
     hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
-    src_bytes = sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs)
-    man = {
+    return {
         "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": opts.split,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
         "scheme": scheme.describe(), "image_ext": opts.image_format, "mask_ext": "mask.png",
         "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),
-        "source_bytes": src_bytes,
+        "source_bytes": sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs),
         "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
         "ignore_pixels": int(hist[IGNORE]),
         "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
     }
-    atomic_write_json(man_path, man)
-    state_path.unlink(missing_ok=True)
-    n_new = len(todo)
-    rate = n_new / elapsed if elapsed > 0 else float("inf")
-    log(f"wrote {man_path}: {_plural(man['total'], 'sample')} in {_plural(len(done), 'shard')}, "
-        f"{man['bytes'] / 1e6:.1f} MB "
-        f"({man['bytes'] / max(src_bytes, 1):.2f}x the source PNGs); "
+
+
+def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: ShardOptions, workers: int = 1,
+              overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Shard one split into a folder or URL; returns the manifest. Resumes an interrupted run with the same
+    settings."""
+    from tqdm import tqdm
+
+    opts = check_options(opts, workers, log)
+    scheme = get_scheme(opts.scheme)
+    root = resolve_root(root)
+    pairs = find_pairs(root, opts.split)
+    params = _params(opts, scheme, root, pairs)
+    output = open_output(out)
+    man_name, state_name = f"{opts.split}.json", f"{opts.split}.state.json"
+    try:
+        old = earlier_run(output, opts.split, params, overwrite)
+        if old is not None and output.read_json(man_name) is not None:
+            man = load_manifest(out, opts.split)
+            log(f"{man['_path']} is up to date ({_plural(man['total'], 'sample')} in "
+                f"{_plural(len(man['shards']), 'shard')}); nothing to do")
+            return man
+        order = [pairs[i] for i in np.random.default_rng(opts.seed).permutation(len(pairs))]
+        done = kept_shards(output, old, order)
+        for stale in output.workdir.glob(f"{opts.split}-*.tar.tmp"):
+            stale.unlink()
+        start = sum(sh["count"] for sh in done)
+        if done:
+            log(f"resuming: {_plural(len(done), 'finished shard')} ({_plural(start, 'sample')}) kept")
+
+        def save_state():
+            output.write_json(state_name, {"params": params, "shards": done})
+
+        save_state()
+        t0 = time.time()
+        with tqdm(total=len(pairs), initial=start, desc=f"shard {opts.split}", unit="img",
+                  disable=not progress) as bar:
+            write_shards(output, order[start:], done, opts, scheme, workers, save_state, bar)
+        rate = (len(pairs) - start) / max(time.time() - t0, 1e-9)
+        man = build_manifest(opts, scheme, params, pairs, done)
+        output.write_json(man_name, man)  # last: every shard it names is in place
+        output.remove(state_name)
+    finally:
+        output.close()
+    log(f"wrote {output.where}/{man_name}: {_plural(man['total'], 'sample')} in "
+        f"{_plural(len(done), 'shard')}, "
+        f"{man['bytes'] / 1e6:.1f} MB ({man['bytes'] / max(man['source_bytes'], 1):.2f}x the source PNGs); "
         f"{rate:.1f} img/s with {workers} worker(s), {rate / max(1, min(workers, os.cpu_count() or 1)):.1f} "
         "img/s per core")
-    return load_manifest(man_path)
+    return load_manifest(out, opts.split)

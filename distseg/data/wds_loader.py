@@ -1,12 +1,16 @@
 """Torch DataLoader over the WebDataset shards, with random access through the shards' index files.
 
-Random access (the approach of `wids`) lets the sampler decide exactly which sample each rank gets,
-so epochs are sample-exact and a resumed run skips consumed batches without decoding them. JPEG is
-decoded in CPU workers, or on the GPU with torchvision's nvJPEG when data.decode resolves to gpu.
+Random access (the approach of `wids`) lets the sampler decide exactly which sample each rank gets, so
+epochs are sample-exact and a resumed run skips consumed batches without decoding them. Shards come
+verified from `ShardFiles` (local, or a node-local cache of remote shards, prefetched in read order). JPEG
+is decoded in CPU workers, or on the GPU with torchvision's nvJPEG when data.decode resolves to gpu. A
+sample that fails to decode is one error naming shard and key, or (data.on_corrupt=skip) a padding sample
+flagged invalid and counted, so batches stay equal across ranks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -15,19 +19,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distseg.data.manifest import load_manifest, shard_paths
-from distseg.data.sampler import EpochBatchSampler
+from distseg.config import parse_bytes
+from distseg.data.manifest import ShardFiles, load_manifest
+from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
 from distseg.data.transforms import augment, draw_params, prepare_val
 from distseg.errors import UserError
+from distseg.labels import IGNORE
 
 
-def read_index(tar: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (offset, size)}) per sample, from the DALI .idx beside the tar or by scanning the tar."""
-    idx = tar.with_suffix(".idx")
+def read_index(idx: Path | None, tar: Path | None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, {ext: (offset, size)}) per sample, from a DALI .idx file or by scanning the tar."""
     out = []
-    if idx.is_file():
-        lines = idx.read_text().splitlines()
-        for line in lines[1:]:
+    if idx is not None:
+        for line in idx.read_text().splitlines()[1:]:
             f = line.split()
             comps = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
             out.append((f[3].split(".", 1)[0], comps))
@@ -46,18 +50,19 @@ def read_index(tar: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 class ShardSamples:
     """All samples of a manifest, readable by index (file handles reopened per process)."""
 
-    def __init__(self, man: dict):
-        self.image_ext = man["image_ext"]
-        self.entries: list[tuple[Path, str, dict]] = []
-        for tar in shard_paths(man):
-            for key, comps in read_index(tar):
+    def __init__(self, man: dict, files: ShardFiles):
+        self.image_ext, self.files = man["image_ext"], files
+        self.entries: list[tuple[int, str, dict]] = []  # (shard index, key, {ext: (offset, size)})
+        for k, sh in enumerate(man["shards"]):
+            idx = files.index(k)
+            for key, comps in read_index(idx, None if idx else files.tar(k)):
                 if self.image_ext not in comps or "mask.png" not in comps:
-                    raise UserError(f"sample {key} in {tar} lacks .{self.image_ext} or .mask.png")
-                self.entries.append((tar, key, comps))
+                    raise UserError(f"sample {key} in {sh['name']} lacks .{self.image_ext} or .mask.png")
+                self.entries.append((k, key, comps))
         if len(self.entries) != man["total"]:
             raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold "
                             f"{len(self.entries)}")
-        self._files: dict[Path, object] = {}
+        self._handles: dict[Path, object] = {}
         self._pid = None
 
     def __len__(self) -> int:
@@ -67,14 +72,23 @@ class ShardSamples:
         """The sample key of index i."""
         return self.entries[i][1]
 
+    def shard(self, i: int) -> int:
+        """Index (in the manifest) of the shard holding sample i."""
+        return self.entries[i][0]
+
+    def shard_name(self, i: int) -> str:
+        """File name of the shard holding sample i."""
+        return self.files.man["shards"][self.entries[i][0]]["name"]
+
     def read(self, i: int, ext: str) -> bytes:
-        """The bytes of one member (`ext`) of sample i, read by offset."""
+        """The bytes of one member (`ext`) of sample i, read by offset from its verified shard."""
         if self._pid != os.getpid():
-            self._files, self._pid = {}, os.getpid()
-        tar, _, comps = self.entries[i]
-        f = self._files.get(tar)
+            self._handles, self._pid = {}, os.getpid()
+        k, _, comps = self.entries[i]
+        tar = self.files.tar(k)
+        f = self._handles.get(tar)
         if f is None:
-            f = self._files[tar] = open(tar, "rb")
+            f = self._handles[tar] = open(tar, "rb")
         off, size = comps[ext]
         f.seek(off)
         return f.read(size)
@@ -97,6 +111,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 class ShardDataset(Dataset):
     """Item (index, epoch, valid) -> decoded, augmented sample (or raw JPEG bytes for GPU decode)."""
+
     def __init__(self, samples: ShardSamples, cfg, train: bool, lut: np.ndarray | None, gpu_decode: bool):
         self.s, self.cfg, self.train, self.gpu_decode = samples, cfg, train, gpu_decode
         self.lut = torch.from_numpy(lut.astype(np.int64)) if lut is not None else None
@@ -106,14 +121,30 @@ class ShardDataset(Dataset):
 
     def __getitem__(self, item):
         i, epoch, valid = item
-        mask = decode_mask(self.s.read(i, "mask.png"), self.lut)
-        raw = self.s.read(i, self.s.image_ext)
-        out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid}
-        if self.gpu_decode:
-            out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
-            return out
-        img, m = transform_sample(decode_rgb(raw), mask, self.cfg, self.train, epoch, i)
+        out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
+        mask_bytes, raw = self.s.read(i, "mask.png"), self.s.read(i, self.s.image_ext)
+        try:
+            mask = decode_mask(mask_bytes, self.lut)
+            if self.gpu_decode:
+                out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
+                return out
+            img, m = transform_sample(decode_rgb(raw), mask, self.cfg, self.train, epoch, i)
+        except (RuntimeError, ValueError) as e:  # torchvision's decode errors
+            return self._corrupt(out, i, e)
         out.update(image=img, mask=m)
+        return out
+
+    def _corrupt(self, out: dict, i: int, e: Exception) -> dict:
+        reason = str(e).splitlines()[0]
+        what = f"sample {self.s.key(i)} in shard {self.s.shard_name(i)} cannot be decoded ({reason})"
+        if self.cfg.data.on_corrupt != "skip":
+            return {"error": f"{what}: re-shard it, or set data.on_corrupt=skip to train without it"}
+        h, w = self.cfg.data.crop if self.cfg.data.crop and self.train else \
+            json.loads(self.s.read(i, "json"))["size"][::-1]
+        out.update(valid=False, corrupt=True, image=torch.zeros(3, h, w), mask=torch.full((h, w), IGNORE))
+        if self.gpu_decode:  # keep the batch's form; _decode_on_gpu pads it
+            out.pop("image"), out.pop("mask")
+            out.update(jpeg=None, mask_u8=torch.full((h, w), IGNORE, dtype=torch.uint8))
         return out
 
 
@@ -127,13 +158,16 @@ def transform_sample(img, mask, cfg, train: bool, epoch: int, index: int):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack a batch; GPU-decode batches keep lists of JPEG bytes."""
+    """Stack a batch; GPU-decode batches keep lists of JPEG bytes. A decoding error travels as data."""
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return {"error": errors[0]}
     out = {"key": [it["key"] for it in items], "index": torch.tensor([it["index"] for it in items]),
-           "valid": torch.tensor([it["valid"] for it in items])}
-    if "jpeg" in items[0]:
-        out["jpeg"] = [it["jpeg"] for it in items]
-        out["mask_u8"] = [it["mask_u8"] for it in items]
-        out["epoch"] = [it["epoch"] for it in items]
+           "valid": torch.tensor([it["valid"] for it in items]),
+           "corrupt": torch.tensor([it["corrupt"] for it in items])}
+    if "mask_u8" in items[0]:
+        for k in ("jpeg", "mask_u8", "epoch"):
+            out[k] = [it[k] for it in items]
         return out
     shapes = {tuple(it["image"].shape) for it in items}
     if len(shapes) > 1:
@@ -149,19 +183,26 @@ class TorchLoader:
 
     def __init__(self, cfg, split: str, train: bool, device: torch.device, world: int, rank: int,
                  lut: np.ndarray | None, man: dict | None = None):
+        d = cfg.data
         self.cfg, self.train, self.device = cfg, train, torch.device(device)
-        self.man = man or load_manifest(cfg.data.shards, split)
-        self.samples = ShardSamples(self.man)
-        want = cfg.data.decode
+        self.man = man or load_manifest(d.shards, split)
+        self.files = ShardFiles(self.man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
+        self.samples = ShardSamples(self.man, self.files)
+        want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
                            and want in ("gpu", "auto"))
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
-        bs = cfg.data.batch_size if train else cfg.data.val_batch_size
-        self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
-                                         seed=cfg.train.seed)
+        bs = d.batch_size if train else d.val_batch_size
+        if train and d.shuffle == "shards":
+            self.sampler = ShardWindowSampler([sh["count"] for sh in self.man["shards"]], bs, world, rank,
+                                              cfg.train.seed, d.shuffle_window)
+        else:
+            self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
+                                             seed=cfg.train.seed)
         ds = ShardDataset(self.samples, cfg, train, lut, self.gpu_decode)
-        nw = cfg.data.num_workers
+        nw = d.num_workers
+        self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
                              prefetch_factor=4 if nw > 0 else None)
@@ -178,22 +219,73 @@ class TorchLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def _shard_schedule(self) -> tuple[list[int], list[int]]:
+        """This rank's shards in first-read order for the rest of the epoch, and for each remaining batch
+        how many of them it has reached."""
+        order, seen, reached = [], set(), []
+        for batch in self.sampler.batches()[self.sampler.skip:]:
+            for i, _, _ in batch:
+                k = self.samples.shard(i)
+                if k not in seen:
+                    seen.add(k)
+                    order.append(k)
+            reached.append(len(order))
+        return order, reached
+
     def __iter__(self):
-        for b in self.dl:
-            yield self._finish(b)
+        prefetch, reached = None, []
+        if self.files.cache is not None:
+            order, reached = self._shard_schedule()
+            prefetch = self.files.prefetcher(order, self.cfg.data.prefetch_shards)
+        try:
+            for j, b in enumerate(self.dl):
+                if "error" in b:
+                    raise UserError(b["error"])
+                if prefetch is not None:  # the workers are `inflight` batches ahead of this loop
+                    prefetch.advance(reached[min(j + self.inflight, len(reached) - 1)])
+                yield self._finish(b)
+        finally:
+            if prefetch is not None:
+                prefetch.stop()
 
     def _finish(self, b: dict) -> dict:
         nb = self.device.type == "cuda"
         if "jpeg" in b:
-            from torchvision.io import decode_jpeg
-
-            imgs = decode_jpeg(b.pop("jpeg"), device=self.device)
-            pairs = [transform_sample(im, m.to(self.device, non_blocking=nb), self.cfg, self.train, e, int(i))
-                     for im, m, e, i in zip(imgs, b.pop("mask_u8"), b.pop("epoch"), b["index"])]
-            b["image"] = torch.stack([p[0] for p in pairs])
-            b["mask"] = torch.stack([p[1] for p in pairs])
+            self._decode_on_gpu(b)
         else:
             b["image"] = b["image"].to(self.device, non_blocking=nb)
             b["mask"] = b["mask"].to(self.device, non_blocking=nb)
         b["valid"] = b["valid"].to(self.device, non_blocking=nb)
         return b
+
+    def _decode_on_gpu(self, b: dict) -> None:
+        """nvJPEG decode of the batch (one call), then the same transforms as the CPU path, on the GPU."""
+        from torchvision.io import decode_jpeg
+
+        jpegs, masks, epochs = b.pop("jpeg"), b.pop("mask_u8"), b.pop("epoch")
+        good = [k for k, bad in enumerate(b["corrupt"].tolist()) if not bad]
+        try:
+            decoded = dict(zip(good, decode_jpeg([jpegs[k] for k in good], device=self.device)))
+        except RuntimeError:  # find the damaged one(s)
+            decoded = {}
+            for k in good:
+                try:
+                    decoded[k] = decode_jpeg(jpegs[k], device=self.device)
+                except RuntimeError as e:
+                    i = int(b["index"][k])
+                    what = (f"sample {self.samples.key(i)} in shard {self.samples.shard_name(i)} cannot be "
+                            f"decoded ({str(e).splitlines()[0]})")
+                    if self.cfg.data.on_corrupt != "skip":
+                        raise UserError(f"{what}: re-shard it, or set data.on_corrupt=skip") from None
+                    b["corrupt"][k], b["valid"][k] = True, False
+        pairs = []
+        for k, m in enumerate(masks):
+            m = m.to(self.device, non_blocking=True)
+            if k not in decoded:  # padding for a corrupt sample: nothing in it counts
+                h, w = self.cfg.data.crop if self.cfg.data.crop and self.train else m.shape
+                pairs.append((torch.zeros(3, h, w, device=self.device),
+                              torch.full((h, w), IGNORE, device=self.device, dtype=torch.long)))
+                continue
+            pairs.append(transform_sample(decoded[k], m, self.cfg, self.train, epochs[k], int(b["index"][k])))
+        b["image"] = torch.stack([p[0] for p in pairs])
+        b["mask"] = torch.stack([p[1] for p in pairs])
