@@ -273,3 +273,24 @@ def test_bench_data_reports_shuffle_share_and_remote_cache(shards):
     assert names == ["local shards", "remote, cold cache", "remote, warm cache"]
     cold = [line for line in p.stdout.splitlines() if line.startswith("| remote, cold")][0]
     assert float(cold.split("|")[4]) > 0  # the cold run downloaded
+
+
+def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from distseg.config import load_config
+    from distseg.data.dali_loader import DaliLoader
+    from distseg.data.manifest import load_manifest
+
+    with http_files(shards) as (base, _):
+        cfg = load_config(None, [f"data.shards={base}", f"data.cache_dir={tmp_path / 'c'}",
+                                 "data.crop=[64,96]", "data.batch_size=4", "data.num_workers=1"])
+        man = load_manifest(base, "train")
+        keys = []
+        L = DaliLoader(cfg, "train", True, "cpu", 1, 0, None, man)
+        for b in L:
+            keys += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
+    assert sorted(keys) == sorted(k for sh in man["shards"] for k in sh["keys"])
+    assert len(list((tmp_path / "c").glob("*.tar"))) == len(man["shards"])
+    cfg.data.cache_size = "1K"
+    with pytest.raises(Exception, match="must hold"):
+        DaliLoader(cfg, "train", True, "cpu", 1, 0, None, man)

@@ -59,6 +59,9 @@ class DaliLoader:
                             f"({d.cache_size}) must hold {total / 2**30:.2f} GiB (or use data.loader=torch "
                             "with "
                             "data.shuffle=shards)")
+        if train and d.shuffle == "shards" and rank == 0:
+            print("note: data.loader=dali shuffles with its own reader (shard ranges per rank, reshuffled "
+                  "each epoch); data.shuffle=shards applies to the torch loader", flush=True)
         self.tars = [str(p) for p in self.files.all_tars()]  # verified, downloaded if remote
         self.idx = [str(self.files.index(i) or "") for i in range(len(self.files))]
         if not all(self.idx):
