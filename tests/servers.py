@@ -20,6 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the test process dies, even killed, so no server is left over."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def s3_env(port: int) -> dict:
     """Test credentials and a loopback endpoint: nothing probes beyond 127.0.0.1 (no instance metadata)."""
     return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
@@ -34,7 +42,7 @@ def moto_s3():
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     try:
         deadline = time.time() + 30
         while time.time() < deadline:

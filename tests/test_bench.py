@@ -1,5 +1,6 @@
 """Benchmarks run and report every pipeline/variant asked for (numbers are shown, not asserted)."""
 
+import json
 import re
 
 from conftest import run_cli
@@ -16,16 +17,27 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
                 f"data.shards={shards}",
                 "data.batch_size=2", "data.num_workers=1", "data.crop=[64,128]")
     r = rows(p.stdout.split("\nshuffle:")[0])  # the pipeline table; the shuffle table follows it
-    assert [x.split("|")[1].strip() for x in r] == [
-        "raw Cityscapes PNG folder (seed)", "torch loader, CPU decode", "torch loader, GPU decode (nvJPEG)",
-        "DALI, CPU mode (device_id=None)"]
-    for line in (r[0], r[1], r[3]):
-        assert float(line.split("|")[2]) > 0
+    names = [x.split("|")[1].strip() for x in r]
+    assert names == ["decode only: full image + mask, the loader's decoders (1 process)", "torch loader, "
+                                                                                          "CPU decode",
+                     "torch loader, GPU decode (nvJPEG)", "DALI, CPU mode (device_id=None)",
+                     "torchvision reference, PNG folder", "torchvision reference, same JPEG shards"]
+    for line in r[:2] + r[3:]:
+        ips, cores, per_core = (float(v) for v in line.split("|")[2:5])
+        assert ips > 0 and cores >= 0 and per_core > 0  # a tiny run may finish within one jiffy
+    assert r[0].split("|")[5].strip() == "1.00x" and r[1].split("|")[5].strip().endswith("x")
     assert "skipped: no CUDA" in r[2]
+    assert "reduced (DCT) JPEG decode for" in p.stdout
+
     def lines(text):
         return [line for line in text.splitlines() if line.strip()]
     assert lines(out.read_text()) == lines(p.stdout)  # every table printed was appended to --out
     assert "| shards | 2 |" in p.stdout  # and the shuffle report
+    j = json.loads(run_cli("bench", "data", "--root", synth_root, "--batches", "2", "--modes",
+                           "decode,tv-jpg",
+                           "--json", f"data.shards={shards}", "data.batch_size=2", "data.num_workers=0",
+                           "data.crop=[64,128]").stdout)
+    assert set(j["pipelines"]) == {"decode", "tv-jpg"} and j["pipelines"]["decode"]["vs_decode_only"] == 1.0
 
 
 def test_bench_train_reports_throughput_and_mfu(shards):

@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
         "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false",
         "sched.warmup_steps=0", "train.mixed_precision=no"]
-BENCH = {"data": ["--batches", "2", "--modes", "png,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
+BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
          "--variants", "fp32"], "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64",
                                                                      "--modes", "whole,slide"]}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint")

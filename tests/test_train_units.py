@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distseg.data.sampler import EpochBatchSampler
-from distseg.data.transforms import augment, draw_params
+from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill
 from distseg.losses import SegLoss, dice_loss
 from distseg.metrics import ConfusionMatrix
 from distseg.models.unet import UNet
@@ -87,22 +87,33 @@ def test_unet_shapes_and_odd_sizes():
     assert 30e6 < sum(p.numel() for p in seed.parameters()) < 32e6  # the seed's 31M-parameter U-Net
 
 
-def test_joint_augmentation_keeps_image_and_mask_aligned():
+@pytest.mark.parametrize("path", ["pil", "tensor"])
+def test_joint_augmentation_keeps_image_and_mask_aligned(path):
+    import io
+
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     pal = rng.integers(0, 256, (5, 3)).astype(np.uint8)
     mask = np.zeros((96, 160), np.uint8)
     for k in range(1, 5):  # blocks of classes
         y, x = rng.integers(0, 70), rng.integers(0, 130)
         mask[y:y + 26, x:x + 30] = k
-    img = torch.from_numpy(pal[mask]).permute(2, 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray(pal[mask]).save(buf, "PNG")
     mean, std = [0.5] * 3, [0.25] * 3
     flips = set()
     for i in range(12):
         p = draw_params(0, 0, i, (0.6, 1.6), True, 0.0)
         flips.add(p.flip)
-        x, m = augment(img, torch.from_numpy(mask), p, (64, 96), mean, std)
-        assert x.shape == (3, 64, 96) and m.shape == (64, 96) and m.dtype == torch.int64
-        rgb = (x * 0.25 + 0.5) * 255
+        if path == "pil":
+            img, m = augment_pil(buf.getvalue(), mask, p, (64, 96), mean_fill(mean))
+            rgb, m = img.permute(2, 0, 1).float(), m.long()
+        else:
+            img = torch.from_numpy(pal[mask]).permute(2, 0, 1)
+            x, m = augment_tensor(img, torch.from_numpy(mask), p, (64, 96), mean, std)
+            rgb = (x * 0.25 + 0.5) * 255
+        assert rgb.shape == (3, 64, 96) and m.shape == (64, 96)
         valid = m != 255
         # the colour under each mask pixel must be that class's colour (edges may blur)
         d = ((rgb.permute(1, 2, 0)[valid][:, None, :] - torch.from_numpy(pal).float()[None]) ** 2).sum(-1)

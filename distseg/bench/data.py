@@ -2,36 +2,83 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
-from PIL import Image
+from torchvision import tv_tensors
 
 from distseg.bench.common import endless, measure, table, with_data
 from distseg.data.cityscapes import find_pairs, resolve_root
 from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
-from distseg.data.manifest import load_manifest
-from distseg.data.wds_loader import transform_sample
+from distseg.data.manifest import ShardFiles, check_scheme, load_manifest
+from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
+from distseg.data.wds_loader import ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
-from distseg.labels import get_scheme
+from distseg.labels import IGNORE, get_scheme
 
 
-class RawPngDataset(torch.utils.data.Dataset):
-    """The seed's way: PNG image + labelIds PNG from the Cityscapes folder, remapped in the worker."""
+class DecodeOnly(torch.utils.data.Dataset):
+    """The floor a loader is measured against: decode the full-size image and mask of each shard sample with
+    the loader's own decoders, nothing else."""
 
-    def __init__(self, pairs, cfg, lut):
-        self.pairs, self.cfg, self.lut = pairs, cfg, lut
+    def __init__(self, samples: ShardSamples, lut):
+        self.s, self.lut = samples, lut
 
     def __len__(self):
-        return len(self.pairs)
+        return len(self.s)
 
     def __getitem__(self, i):
-        p = self.pairs[i % len(self.pairs)]
-        img = torch.from_numpy(np.array(Image.open(p.image).convert("RGB"))).permute(2, 0, 1)
-        mask = torch.from_numpy(self.lut[np.asarray(Image.open(p.label))])
-        x, m = transform_sample(img, mask, self.cfg, True, 0, i)
+        i = i % len(self.s)
+        img, _ = decode_pil(self.s.read(i, self.s.image_ext))
+        img.load()
+        mask = decode_mask(self.s.read(i, "mask.png"), self.lut)
+        return {"image": torch.zeros(1), "mask": mask[:1, :1]}
+
+
+class TorchvisionReference(torch.utils.data.Dataset):
+    """The peer a user would otherwise pick: torchvision's references/segmentation pipeline (transforms v2:
+    RandomResize of the short side, RandomCrop with padding, RandomHorizontalFlip, ToDtype, Normalize), on
+    the Cityscapes PNG folder or on the same JPEG shards."""
+
+    def __init__(self, cfg, lut, pairs=None, samples: ShardSamples | None = None):
+        from torchvision.transforms import v2
+
+        self.pairs, self.samples, self.lut = pairs, samples, lut
+        d = cfg.data
+        short = self._short_side()
+        self.tf = v2.Compose([
+            v2.RandomResize(int(d.scale[0] * short), int(d.scale[1] * short) + 1),
+            v2.RandomCrop(tuple(d.crop), pad_if_needed=True,
+                          fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+            v2.RandomHorizontalFlip(0.5 if d.flip else 0.0),
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+            v2.Normalize(d.mean, d.std)])
+
+    def _short_side(self) -> int:
+        img, _ = self._read(0)
+        return min(img.shape[-2:])
+
+    def __len__(self):
+        return len(self.pairs) if self.pairs is not None else len(self.samples)
+
+    def _read(self, i):
+        from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
+
+        if self.pairs is not None:
+            p = self.pairs[i % len(self.pairs)]
+            img = decode_image(read_file(str(p.image)), ImageReadMode.RGB)
+            mask = decode_png(read_file(str(p.label)), ImageReadMode.GRAY)[0]
+            return img, torch.from_numpy(np.take(self.lut.astype(np.uint8), mask.numpy()))
+        i = i % len(self.samples)
+        return decode_rgb(self.samples.read(i, self.samples.image_ext)), \
+            decode_mask(self.samples.read(i, "mask.png"), self.lut)
+
+    def __getitem__(self, i):
+        img, mask = self._read(i)
+        x, m = self.tf(tv_tensors.Image(img), tv_tensors.Mask(mask))
         return {"image": x, "mask": m}
 
 
@@ -51,55 +98,97 @@ def _time_batches(iterable, n_batches: int, batch_size: int, warmup: int = 2) ->
     return {"img_s": done * batch_size / m["wall"], "cores": m["cores"], "batches": done}
 
 
-def bench_data(cfg, root, split: str, n_batches: int, modes: list[str]) -> str:
-    """One row per pipeline: img/s, CPU cores busy, img/s per busy core."""
+def _dataset_loader(ds, bs: int, nw: int, n: int, cuda: bool):
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=n)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=nw, pin_memory=cuda,
+                                     persistent_workers=False)
+    for b in dl:
+        yield {k: v.to("cuda", non_blocking=True) if cuda else v for k, v in b.items()}
+
+
+MODES = {"decode": "decode only: full image + mask, the loader's decoders (1 process)",
+         "torch-cpu": "torch loader, CPU decode", "torch-gpu": "torch loader, GPU decode (nvJPEG)",
+         "dali": "DALI, CPU mode (device_id=None)", "tv-png": "torchvision reference, PNG folder",
+         "tv-jpg": "torchvision reference, same JPEG shards"}
+
+
+def reduced_decode_share(cfg, man: dict, epochs: int = 4) -> float:
+    """Share of training samples whose crop window is downscaled 2x or more (decoded at reduced size), over a
+    few epochs of this split's sample sizes and the configured scale range."""
+    if man["image_ext"] != "jpg" or not cfg.data.crop:
+        return 0.0
+    samples = ShardSamples(man, ShardFiles(man, cfg.data.cache_dir or None))
+    w, h = json.loads(samples.read(0, "json"))["size"]  # the shards' image size (all alike in Cityscapes)
+    n = hits = 0
+    for e in range(epochs):
+        for i in range(man["total"]):
+            p = draw_params(cfg.train.seed, e, i, tuple(cfg.data.scale), cfg.data.flip, cfg.data.color)
+            hits += draft_factor(window(h, w, p, cfg.data.crop), w) > 1
+            n += 1
+    return hits / max(n, 1)
+
+
+def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
+    """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
+    per-core rate as a share of decode-only's."""
     scheme = get_scheme(cfg.data.scheme)
     man = load_manifest(cfg.data.shards, split)
+    lut = scheme.lut if check_scheme(man, scheme) else None
     bs, nw = cfg.data.batch_size, cfg.data.num_workers
     cuda = torch.cuda.is_available()
     device = "cuda:0" if cuda else "cpu"
     need = (n_batches + 2) * bs
-    rows = []
+    results = {}
     for mode in modes:
-        if mode == "png":
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+        if mode == "torch-gpu" and not cuda:
+            results[mode] = "skipped: no CUDA"
+            continue
+        if mode == "dali" and not dali_available():
+            results[mode] = "skipped: DALI not installed (pip install \"distseg[dali]\")"
+            continue
+        if mode in ("torch-cpu", "torch-gpu", "dali"):
+            c = with_data(cfg, loader="dali" if mode == "dali" else "torch",
+                          decode="gpu" if mode == "torch-gpu" else "cpu")
+            results[mode] = _time_batches(endless(make_loader(c, split, scheme, True, device)), n_batches, bs)
+            continue
+        samples = ShardSamples(man, ShardFiles(man, cfg.data.cache_dir or None))
+        shard_lut = lut if lut is not None else np.arange(256)  # shard masks: remap labelid shards only
+        if mode == "decode":  # one process: its rate is a rate per core
+            ds, workers = DecodeOnly(samples, lut), 0
+        elif mode == "tv-png":  # label ids from the folder: the scheme's whole remap
             pairs = find_pairs(resolve_root(root), split)
-            ds = RawPngDataset(pairs, cfg, scheme.lut)
-            sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=need)
-            dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=nw,
-                                             persistent_workers=False, pin_memory=cuda)
-
-            def moved(dl=dl):
-                for b in dl:
-                    yield {k: v.to("cuda", non_blocking=True) if cuda else v for k, v in b.items()}
-
-            r = _time_batches(moved(), n_batches, bs)
-            name = "raw Cityscapes PNG folder (seed)"
-        elif mode in ("torch-cpu", "torch-gpu"):
-            if mode == "torch-gpu" and not cuda:
-                rows.append(["torch loader, GPU decode (nvJPEG)", "skipped: no CUDA", "", ""])
-                continue
-            c = with_data(cfg, loader="torch", decode="cpu" if mode == "torch-cpu" else "gpu")
-            L = make_loader(c, split, scheme, True, device)
-            r = _time_batches(endless(L), n_batches, bs)
-            name = "torch loader, CPU decode" if mode == "torch-cpu" else "torch loader, GPU decode (nvJPEG)"
-            del L
-        elif mode == "dali":
-            if not dali_available():
-                rows.append(["DALI", "skipped: DALI not installed", "", ""])
-                continue
-            L = make_loader(with_data(cfg, loader="dali"), split, scheme, True, device)
-            r = _time_batches(endless(L), n_batches, bs)
-            name = "DALI, mixed (GPU) decode" if cuda else "DALI, CPU mode (device_id=None)"
-            del L
+            ds, workers = TorchvisionReference(cfg, scheme.lut, pairs=pairs), nw
         else:
-            raise UserError(f"unknown mode {mode!r}: use png, torch-cpu, torch-gpu, dali")
-        rows.append([name, r["img_s"], r["cores"], r["img_s"] / max(r["cores"], 1e-9)])
+            ds, workers = TorchvisionReference(cfg, shard_lut, samples=samples), nw
+        results[mode] = _time_batches(_dataset_loader(ds, bs, workers, need, cuda), n_batches, bs)
+        if mode == "decode":
+            results[mode]["cores"] = 1.0  # one process: one core by construction (jiffies are too coarse)
+    base = results.get("decode")
+    base_rate = base["img_s"] / max(base["cores"], 1e-9) if isinstance(base, dict) else None
+    rows, out = [], {}
+    for mode, r in results.items():
+        if isinstance(r, str):
+            rows.append([MODES[mode], r, "", "", ""])
+            out[mode] = {"skipped": r}
+            continue
+        per_core = r["img_s"] / max(r["cores"], 1e-9)
+        ratio = per_core / base_rate if base_rate else None
+        rows.append([MODES[mode], r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-"])
+        out[mode] = {"img_s": r["img_s"], "cores_busy": r["cores"], "img_s_per_busy_core": per_core,
+                     "vs_decode_only": ratio}
     crop = "x".join(map(str, cfg.data.crop[::-1])) if cfg.data.crop else "full"
-    head = (f"data pipelines, {split} split of {man['_path']} ({man['total']} samples), batch {bs}, "
-            f"{nw} workers/threads, crop {crop}, {n_batches} batches each, "
-            f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'no GPU'}, {os.cpu_count()} CPU cores")
-    return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core"], rows)
-
+    reduced = reduced_decode_share(cfg, man)
+    head = (f"data pipelines, {split} split of {man['_path']} ({man['total']} samples, {man['image_ext']}), "
+            f"batch {bs}, {nw} workers/threads, crop {crop}, scale {cfg.data.scale}, {n_batches} batches "
+            "each, "
+            f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'no GPU'}, {os.cpu_count()} CPU cores; "
+            f"reduced (DCT) JPEG decode for {100 * reduced:.1f}% of samples at data.scale={cfg.data.scale}")
+    if as_json:
+        return json.dumps({"setup": head, "reduced_decode_share": reduced, "pipelines": out}, indent=1)
+    return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core",
+                                   "per core vs decode only"], rows)
 
 
 def _epoch_timing(cfg, split: str, scheme, n_batches: int, device) -> dict:

@@ -33,20 +33,25 @@ OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.bat
 @click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
 @click.option("--split", default="train", show_default=True, help="split whose shards to read")
 @click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
-@click.option("--modes", default="png,torch-cpu,torch-gpu,dali", show_default=True,
-              help="pipelines, comma-separated")
+@click.option("--modes", default="decode,torch-cpu,torch-gpu,dali,tv-png,tv-jpg", show_default=True,
+              help="pipelines, comma-separated ('' for none)")
+@click.option("--json", "as_json", is_flag=True, help="print the pipeline figures as JSON (for machines)")
 @click.option("--shards", "url", default=None,
               help="also read the same shards from this URL: local vs cold vs warm cache (median of "
                    "--repeats)")
 @click.option("--repeats", default=3, show_default=True, help="runs per storage row")
 @click.option("--out", default=None, help="append the table to this file")
 @click.argument("overrides", nargs=-1)
-def bench_data_cmd(config, root, split, batches, modes, url, repeats, out, overrides) -> None:
-    """Raw PNG folder vs torch loader (CPU / GPU decode) vs DALI: img/s and CPU use; shuffle quality and bytes
-    per rank; with --shards URL, remote shards through the cache.
+def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, out, overrides) -> None:
+    """Decode-only vs torch loader (CPU / GPU decode) vs DALI vs torchvision's reference pipeline (PNG folder,
+    JPEG shards): img/s, CPU use, per busy core; shuffle quality and bytes per rank; with --shards URL,
+    remote shards through the cache.
 
     OVERRIDES are config settings."""
     cfg = load_config(config, overrides)
+    if as_json:
+        click.echo(bench_data(cfg, root, split, batches, modes.split(","), as_json=True))
+        return
     if modes:
         _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
     man = load_manifest(cfg.data.shards, split)

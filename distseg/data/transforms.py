@@ -1,17 +1,29 @@
-"""Joint image+mask augmentation in plain torch ops, so it runs the same on CPU workers and on the GPU.
+"""Joint image+mask augmentation: random scale, crop, flip and colour jitter.
 
 Random parameters come from a generator seeded by (seed, epoch, sample index): a sample gets the same
-augmentation whichever rank, worker or device processes it, which makes resume and 1-vs-N-process
-runs reproducible.
+augmentation whichever rank, worker or device processes it, which makes resume and 1-vs-N-process runs
+reproducible.
+
+The CPU path (DataLoader workers) works in source coordinates: the crop window of the scaled image is mapped
+back to a (fractional) box of the source image, and only that box is resized, with PIL's antialiased
+bilinear filter, whose float `box` argument keeps the sampling grid of resize-then-crop exactly (a test
+compares the two); a JPEG whose window is downscaled 2x or more is decoded at reduced size by the decoder's
+DCT scaling (PIL `draft`). Everything stays uint8 (PIL's ImageEnhance for the colour jitter) until the
+loader converts, normalises and lays out the batch on the device (`to_device`), so workers and the
+host->device copy move a quarter of the bytes of float. The GPU path (nvJPEG) uses `augment_tensor`, the
+same steps with torch ops on the device.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 
 from distseg.labels import IGNORE
 
@@ -19,6 +31,7 @@ from distseg.labels import IGNORE
 @dataclass(frozen=True)
 class AugParams:
     """One sample's augmentation, drawn by `draw_params`."""
+
     scale: float
     cy: float  # crop offset as a fraction of the free room
     cx: float
@@ -38,6 +51,121 @@ def draw_params(seed: int, epoch: int, index: int, scale: tuple[float, float], f
     return AugParams(float(s), float(u[1]), float(u[2]), bool(flip and u[3] < 0.5), *map(float, jit))
 
 
+@dataclass(frozen=True)
+class Window:
+    """A crop of the source scaled to (nh, nw): its offset (y0, x0) and valid size (h, w) there, the crop's
+    size `out` (the rest is padding), and the source size."""
+
+    y0: int
+    x0: int
+    valid: tuple[int, int]
+    out: tuple[int, int]
+    scaled: tuple[int, int]
+    source: tuple[int, int]
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the window in source pixels (fractional)."""
+        (nh, nw), (h, w), (vh, vw) = self.scaled, self.source, self.valid
+        return (self.x0 * w / nw, self.y0 * h / nh, (self.x0 + vw) * w / nw, (self.y0 + vh) * h / nh)
+
+
+def window(h: int, w: int, p: AugParams, crop) -> Window:
+    """The crop window for an h x w source: the scaled size, offsets and padding of resize-then-crop."""
+    nh, nw = max(1, round(h * p.scale)), max(1, round(w * p.scale))
+    ch, cw = crop if crop else (nh, nw)
+    y0, x0 = int(p.cy * max(0, nh - ch)), int(p.cx * max(0, nw - cw))
+    return Window(y0, x0, (min(ch, nh - y0), min(cw, nw - x0)), (ch, cw), (nh, nw), (h, w))
+
+
+def draft_factor(win: Window, w: int) -> int:
+    """1, 2, 4 or 8: how much smaller the JPEG may be decoded while the window is still downscaled."""
+    s = win.valid[1] / max(win.box[2] - win.box[0], 1e-9)
+    r = 1
+    while r < 8 and s * r * 2 <= 1.0:
+        r *= 2
+    return r
+
+
+def decode_pil(data: bytes, win: Window | None = None) -> tuple[Image.Image, float]:
+    """Decode an image (RGB); with a window downscaled 2x or more, a JPEG at reduced size. Returns the image
+    and the factor its pixels are smaller than the source's."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if win is not None and im.format == "JPEG":
+        r = draft_factor(win, w)
+        if r > 1:
+            im.draft("RGB", (math.ceil(w / r), math.ceil(h / r)))
+    im = im.convert("RGB") if im.mode != "RGB" else im
+    im.load()
+    return im, im.size[0] / w
+
+
+def nearest_window(mask: np.ndarray, win: Window) -> np.ndarray:
+    """The mask's window at the output size by pixel-centred nearest neighbour, computed as torch's
+    nearest-exact computes a whole-image resize (float32 source coordinates), so the pixels are exactly
+    those of resizing the whole mask and cropping. Rows, then columns: two cheap gathers."""
+    (nh, nw), (h, w), (vh, vw) = win.scaled, win.source, win.valid
+
+    def index(start: int, n: int, size: int, scaled: int) -> np.ndarray:
+        scale = np.float64(np.float32(size) / np.float32(scaled))  # ATen: a float scale, a double product
+        src = ((np.arange(start, start + n) + 0.5) * scale).astype(np.float32)  # ... rounded by floorf
+        return np.minimum(np.floor(src).astype(np.int64), size - 1)
+    rows = np.take(mask, index(win.y0, vh, h, nh), axis=0)
+    return np.take(rows, index(win.x0, vw, w, nw), axis=1)
+
+
+def jitter_pil(im: Image.Image, p: AugParams) -> Image.Image:
+    """Brightness, contrast, saturation in uint8 (PIL's ImageEnhance: the formulas of `augment_tensor`)."""
+    if p.brightness != 1.0:
+        im = ImageEnhance.Brightness(im).enhance(p.brightness)
+    if p.contrast != 1.0:
+        im = ImageEnhance.Contrast(im).enhance(p.contrast)
+    if p.saturation != 1.0:
+        im = ImageEnhance.Color(im).enhance(p.saturation)
+    return im
+
+
+def augment_pil(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[int, int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded image + uint8 mask (source size) -> uint8 h x w x 3 image and uint8 h x w mask of the crop:
+    window resize, colour jitter, flip, padding (image `fill`, mask ignore). Height x width x channels is
+    the decoder's own layout; the device turns it into channels_last NCHW without a copy."""
+    win = window(*mask.shape, p, crop)
+    im, f = decode_pil(data, win)
+    box = tuple(v * f for v in win.box)
+    im = jitter_pil(im.resize(win.valid[::-1], Image.Resampling.BILINEAR, box=box), p)
+    m = nearest_window(mask, win)
+    if p.flip:
+        im, m = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), m[:, ::-1]
+    (vh, vw), (ch, cw) = win.valid, win.out
+    if (vh, vw) == (ch, cw):
+        return torch.from_numpy(np.array(im)), torch.from_numpy(np.ascontiguousarray(m))
+    x0 = cw - vw if p.flip else 0  # padding goes right (left once flipped) and at the bottom
+    img = np.empty((ch, cw, 3), np.uint8)
+    img[:] = fill
+    img[:vh, x0:x0 + vw] = np.asarray(im)
+    out = np.full((ch, cw), IGNORE, np.uint8)
+    out[:vh, x0:x0 + vw] = m
+    return torch.from_numpy(img), torch.from_numpy(out)
+
+
+def mean_fill(mean) -> tuple[int, int, int]:
+    """The uint8 colour that normalises to (almost exactly) 0: the padding of a crop."""
+    return tuple(int(round(255 * m)) for m in mean)
+
+
+def to_device(images: torch.Tensor, device, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N x H x W x 3 (pinned on CUDA) -> normalised float N x 3 x H x W on `device`: the copy moves
+    uint8, and the permuted view is already channels_last."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if not channels_last:
+        x = x.contiguous()  # the transpose on uint8: a quarter of the bytes it would move as float
+    scale = torch.tensor([1 / (255 * s) for s in std], device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale)  # uint8 -> float in the same pass as the normalisation
+
+
 def normalize(img: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 or [0,1] float C x H x W -> normalised float32."""
     x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
@@ -50,29 +178,22 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
 
 
-def augment(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: list[int] | tuple, mean, std
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """img uint8 3xHxW, mask uint8 HxW -> (normalised float 3xhxw, int64 hxw), crop size (h, w) if given.
-
-    Order chosen for speed at Cityscapes size: resize (uint8 on CPU, where torch has a fast kernel),
-    crop, and only then the float work (colour, normalise) on the crop; padding comes last, so padded
-    image pixels are exactly 0 (the mean) and padded mask pixels are ignore.
-    """
+def augment_tensor(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: list[int] | tuple, mean, std
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPU path: img uint8 3xHxW, mask uint8 HxW (on the device) -> (normalised float 3xhxw, int64 hxw):
+    antialiased resize, crop, colour, normalise, padding (image 0 = the mean, mask ignore), flip."""
     h, w = img.shape[-2:]
     nh, nw = max(1, round(h * p.scale)), max(1, round(w * p.scale))
-    x = img.unsqueeze(0)
-    m = mask.unsqueeze(0).unsqueeze(0)
+    x, m = img.unsqueeze(0).float(), mask.unsqueeze(0).unsqueeze(0)
     if (nh, nw) != (h, w):
-        if x.device.type != "cpu":
-            x = x.float()
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
         m = F.interpolate(m.float(), size=(nh, nw), mode="nearest").to(torch.uint8)
     x, m = x[0], m[0, 0]
     if crop:
         ch, cw = crop
         y0, x0 = int(p.cy * max(0, nh - ch)), int(p.cx * max(0, nw - cw))
         x, m = x[:, y0:y0 + ch, x0:x0 + cw], m[y0:y0 + ch, x0:x0 + cw]
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else (x / 255.0).clamp(0, 1)
+    x = (x / 255.0).clamp(0, 1)
     if p.brightness != 1.0:
         x = (x * p.brightness).clamp(0, 1)
     if p.contrast != 1.0:
@@ -92,8 +213,3 @@ def augment(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: list[int]
         x = x.flip(-1)
         m = m.flip(-1)
     return x.contiguous(), m.contiguous()
-
-
-def prepare_val(img: torch.Tensor, mask: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation: normalise only. Rescaling for inference (eval.scales) is done by distseg/inference.py."""
-    return normalize(img, mean, std).contiguous(), mask.long()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from distseg.config import parse_bytes
 from distseg.data.manifest import ShardFiles, load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
-from distseg.data.transforms import augment, draw_params, prepare_val
+from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError
 from distseg.labels import IGNORE
 
@@ -94,12 +94,12 @@ class ShardSamples:
         return f.read(size)
 
 
-def decode_mask(data: bytes, lut: torch.Tensor | None) -> torch.Tensor:
-    """PNG bytes -> uint8 H x W mask, remapped through `lut` when given."""
+def decode_mask(data: bytes, lut: np.ndarray | None) -> torch.Tensor:
+    """PNG bytes -> uint8 H x W mask, remapped through a 256-entry `lut` when given (a uint8 table lookup)."""
     from torchvision.io import ImageReadMode, decode_png
 
     m = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
-    return lut[m.long()].to(torch.uint8) if lut is not None else m
+    return torch.from_numpy(np.take(lut, m.numpy())) if lut is not None else m
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -110,11 +110,12 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 
 class ShardDataset(Dataset):
-    """Item (index, epoch, valid) -> decoded, augmented sample (or raw JPEG bytes for GPU decode)."""
+    """Item (index, epoch, valid) -> uint8 image and mask of the (augmented) sample, or, for GPU decode, the
+    JPEG bytes and the mask."""
 
     def __init__(self, samples: ShardSamples, cfg, train: bool, lut: np.ndarray | None, gpu_decode: bool):
         self.s, self.cfg, self.train, self.gpu_decode = samples, cfg, train, gpu_decode
-        self.lut = torch.from_numpy(lut.astype(np.int64)) if lut is not None else None
+        self.lut = lut.astype(np.uint8) if lut is not None else None
 
     def __len__(self) -> int:
         return len(self.s)
@@ -128,33 +129,37 @@ class ShardDataset(Dataset):
             if self.gpu_decode:
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
                 return out
-            img, m = transform_sample(decode_rgb(raw), mask, self.cfg, self.train, epoch, i)
-        except (RuntimeError, ValueError) as e:  # torchvision's decode errors
+            img, m = transform_sample(raw, mask, self.cfg, self.train, epoch, i)
+        except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
         out.update(image=img, mask=m)
         return out
 
     def _corrupt(self, out: dict, i: int, e: Exception) -> dict:
-        reason = str(e).splitlines()[0]
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         what = f"sample {self.s.key(i)} in shard {self.s.shard_name(i)} cannot be decoded ({reason})"
         if self.cfg.data.on_corrupt != "skip":
             return {"error": f"{what}: re-shard it, or set data.on_corrupt=skip to train without it"}
         h, w = self.cfg.data.crop if self.cfg.data.crop and self.train else \
             json.loads(self.s.read(i, "json"))["size"][::-1]
-        out.update(valid=False, corrupt=True, image=torch.zeros(3, h, w), mask=torch.full((h, w), IGNORE))
+        fill = torch.tensor(mean_fill(self.cfg.data.mean), dtype=torch.uint8).view(3, 1, 1)
+        mask = torch.full((h, w), IGNORE, dtype=torch.uint8)
+        out.update(valid=False, corrupt=True, image=fill.view(1, 1, 3).expand(h, w, 3).clone(), mask=mask)
         if self.gpu_decode:  # keep the batch's form; _decode_on_gpu pads it
             out.pop("image"), out.pop("mask")
             out.update(jpeg=None, mask_u8=torch.full((h, w), IGNORE, dtype=torch.uint8))
         return out
 
 
-def transform_sample(img, mask, cfg, train: bool, epoch: int, index: int):
-    """Training augmentation (parameters from seed, epoch, index) or validation normalisation."""
+def transform_sample(raw: bytes, mask: torch.Tensor, cfg, train: bool, epoch: int, index: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded image + uint8 mask -> uint8 H x W x 3 image and uint8 mask: the training augmentation
+    (parameters from seed, epoch, index), or for validation the image as it is."""
     d = cfg.data
     if train:
         p = draw_params(cfg.train.seed, epoch, index, tuple(d.scale), d.flip, d.color)
-        return augment(img, mask, p, d.crop, d.mean, d.std)
-    return prepare_val(img, mask, d.mean, d.std)
+        return augment_pil(raw, mask.numpy(), p, d.crop, mean_fill(d.mean))
+    return decode_rgb(raw).permute(1, 2, 0), mask  # H x W x 3, as the training path
 
 
 def collate(items: list[dict]) -> dict:
@@ -191,6 +196,7 @@ class TorchLoader:
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
                            and want in ("gpu", "auto"))
+        self.channels_last = self.device.type == "cuda" and cfg.model.channels_last
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = d.batch_size if train else d.val_batch_size
@@ -249,12 +255,15 @@ class TorchLoader:
                 prefetch.stop()
 
     def _finish(self, b: dict) -> dict:
+        """Batch contract: uint8 from the workers -> normalised float (channels_last on CUDA when the model
+        uses it) and int64 masks on the device, converted after the copy."""
         nb = self.device.type == "cuda"
         if "jpeg" in b:
             self._decode_on_gpu(b)
         else:
-            b["image"] = b["image"].to(self.device, non_blocking=nb)
-            b["mask"] = b["mask"].to(self.device, non_blocking=nb)
+            d = self.cfg.data
+            b["image"] = to_device(b["image"], self.device, d.mean, d.std, self.channels_last)
+            b["mask"] = b["mask"].to(self.device, non_blocking=nb).long()
         b["valid"] = b["valid"].to(self.device, non_blocking=nb)
         return b
 
@@ -286,6 +295,15 @@ class TorchLoader:
                 pairs.append((torch.zeros(3, h, w, device=self.device),
                               torch.full((h, w), IGNORE, device=self.device, dtype=torch.long)))
                 continue
-            pairs.append(transform_sample(decoded[k], m, self.cfg, self.train, epochs[k], int(b["index"][k])))
+            pairs.append(self._gpu_transform(decoded[k], m, epochs[k], int(b["index"][k])))
         b["image"] = torch.stack([p[0] for p in pairs])
         b["mask"] = torch.stack([p[1] for p in pairs])
+        if self.channels_last:
+            b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
+
+    def _gpu_transform(self, img: torch.Tensor, mask: torch.Tensor, epoch: int, index: int):
+        d = self.cfg.data
+        if self.train:
+            p = draw_params(self.cfg.train.seed, epoch, index, tuple(d.scale), d.flip, d.color)
+            return augment_tensor(img, mask, p, d.crop, d.mean, d.std)
+        return normalize(img, d.mean, d.std), mask.long()

@@ -1,0 +1,117 @@
+"""The CPU augmentation path: crop-before-resize equals resize-then-crop (masks exactly, images to a fraction
+of a grey level), DCT-scaled JPEG decode where the window is downscaled 2x or more, uint8 out of the workers
+and the unchanged batch contract on the device."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distseg.data.transforms import (
+    AugParams,
+    augment_pil,
+    decode_pil,
+    draft_factor,
+    draw_params,
+    mean_fill,
+    to_device,
+    window,
+)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="module")
+def scene(synth_root):
+    """A synthetic 512x256 camera image (as JPEG q95 bytes and decoded) and its trainId mask."""
+    from distseg.data.cityscapes import find_pairs
+    from distseg.labels import get_scheme
+
+    pair = find_pairs(synth_root, "train")[0]
+    rgb = Image.open(pair.image).convert("RGB").resize((1024, 512), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=95)
+    mask = get_scheme("trainid").remap(np.asarray(Image.open(pair.label).resize((1024, 512),
+                                                                                Image.Resampling.NEAREST)))
+    return buf.getvalue(), mask
+
+
+def reference(data: bytes, mask: np.ndarray, p: AugParams, crop, fill):
+    """Resize-then-crop of the whole image (PIL's antialiased bilinear) and mask (pixel-centred nearest,
+    torch's nearest-exact), then pad and flip: what crop-first must reproduce."""
+    im, _ = decode_pil(data)
+    h, w = mask.shape
+    nh, nw = max(1, round(h * p.scale)), max(1, round(w * p.scale))
+    img = np.asarray(im.resize((nw, nh), Image.Resampling.BILINEAR))
+    m = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=(nh, nw),
+                                        mode="nearest-exact")[0, 0].byte().numpy()
+    ch, cw = crop
+    y0, x0 = int(p.cy * max(0, nh - ch)), int(p.cx * max(0, nw - cw))
+    img, m = img[y0:y0 + ch, x0:x0 + cw], m[y0:y0 + ch, x0:x0 + cw]
+    out, mo = np.empty((ch, cw, 3), np.uint8), np.full((ch, cw), 255, np.uint8)
+    out[:] = fill
+    out[:img.shape[0], :img.shape[1]], mo[:m.shape[0], :m.shape[1]] = img, m
+    return (out[:, ::-1], mo[:, ::-1]) if p.flip else (out, mo)
+
+
+def test_crop_first_equals_resize_then_crop(scene):
+    data, mask = scene
+    fill = mean_fill(MEAN)
+    for i in range(24):  # the default scale range and beyond it, with and without padding and flip
+        p = draw_params(0, 0, i, (0.35, 2.0), True, 0.0)
+        crop = (256, 512)
+        img, m = augment_pil(data, mask, p, crop, fill)
+        if draft_factor(window(*mask.shape, p, crop), mask.shape[1]) > 1:
+            continue  # DCT-scaled decode: its own test
+        ref_img, ref_m = reference(data, mask, p, crop, fill)
+        assert img.shape == (256, 512, 3) and m.shape == (256, 512) and img.dtype == torch.uint8
+        assert np.array_equal(m.numpy(), ref_m), (i, p.scale)  # masks: exactly equal
+        inner = np.zeros(m.shape, bool)
+        inner[4:-4, 4:-4] = True  # away from the window's borders
+        d = np.abs(img.numpy().astype(float) - ref_img.astype(float))[inner]
+        assert d.mean() <= 1.0, (i, p.scale, d.mean())
+
+
+def test_reduced_jpeg_decode_where_the_window_is_downscaled_twice(scene):
+    data, mask = scene
+    p = AugParams(0.4, 0.3, 0.6, False, 1.0, 1.0, 1.0)
+    win = window(*mask.shape, p, (128, 256))
+    assert draft_factor(win, mask.shape[1]) == 2
+    im, f = decode_pil(data, win)
+    assert im.size == (512, 256) and f == 0.5  # decoded at half size by the JPEG decoder's DCT scaling
+    img, m = augment_pil(data, mask, p, (128, 256), mean_fill(MEAN))
+    ref, ref_m = reference(data, mask, p, (128, 256), mean_fill(MEAN))
+    assert (m.numpy() == ref_m).mean() > 0.99
+    assert np.abs(img.numpy().astype(float) - ref.astype(float))[4:-4, 4:-4].mean() < 3.0
+    # the default scale range [0.5, 2.0] reaches 2x downscaling only at its very end
+    shares = [draft_factor(window(1024, 2048, draw_params(0, 0, i, (0.5, 2.0), True, 0.2), (512, 1024)),
+                           2048) > 1
+              for i in range(2000)]
+    assert sum(shares) / len(shares) < 0.01
+
+
+def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
+    from distseg.config import load_config
+    from distseg.data.wds_loader import TorchLoader
+
+    cfg = load_config(None,
+                      [f"data.shards={shards}", "data.batch_size=3", "data.num_workers=1",
+                       "data.crop=[64,96]"])
+    for train in (True, False):
+        loader = TorchLoader(cfg, "train" if train else "val", train, "cpu", 1, 0, None)
+        raw = next(iter(loader.dl))  # what the workers send
+        assert raw["image"].dtype == torch.uint8 and raw["image"].shape[-1] == 3
+        loader.set_epoch(0)
+        b = next(iter(loader))  # what the loop gets
+        assert b["image"].dtype == torch.float32 and b["image"].shape[1] == 3
+        assert b["mask"].dtype == torch.int64
+        expect = (raw["image"].permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+            / torch.tensor(STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(b["image"], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_normalises_to_about_zero():
+    x = to_device(torch.tensor(mean_fill(MEAN), dtype=torch.uint8).view(1, 1, 1, 3), "cpu", MEAN, STD)
+    assert x.abs().max() < 0.01
