@@ -20,6 +20,8 @@ COMMANDS = {  # name: "module:attribute"
     "evaluate": "distseg.commands.evaluate:evaluate",
     "predict": "distseg.commands.predict:predict",
     "bench": "distseg.commands.bench:bench",
+    "report": "distseg.commands.report:report",
+    "experiment": "distseg.commands.experiment:experiment",
 }
 
 

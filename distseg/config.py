@@ -176,8 +176,8 @@ class _Override:
 
 
 def _coerce(val: Any, typ, key: str):
-    if isinstance(val, _Override):
-        val = val.text if typ is str else val.parsed
+    if isinstance(val, _Override):  # a string setting takes YAML's string (quotes removed), else the text
+        val = (val.parsed if isinstance(val.parsed, str) else val.text) if typ is str else val.parsed
     elif typ is str and isinstance(val, bool) and key == "train.mixed_precision":
         val = "no" if val is False else val  # `mixed_precision: no` in a YAML file
     origin = getattr(typ, "__origin__", None)

@@ -421,7 +421,7 @@ def finish(run: Run) -> dict:
                "best_step": st.best_step, "final_miou": s["miou"] if s else None,
                "final_pixels": s["pixels"] if s else None, "seconds": time.time() - run.log.t_start,
                "img_per_s": run.log.throughput(), "processes": run.acc.num_processes,
-               "preempted": run.preempted,
+               "preempted": run.preempted, "finished": not run.preempted and st.step >= run.max_steps,
                "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
                "history": st.history}
     if run.acc.is_main_process:

@@ -44,6 +44,8 @@ def tinier(cmd: str) -> list[str]:
         return words + BENCH[words[2]] + ([] if words[2] == "shard" else TINY)
     if "distseg/train.py" in words or words[:2] == ["distseg", "train"] or words[0] == "tools/demo.sh":
         return words + TINY
+    if words[:2] == ["distseg", "experiment"]:
+        return words + [a for setting in TINY for a in ("--set", setting)]
     return words
 
 
@@ -77,5 +79,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         assert len(z.namelist()) == 4
-    for run in ("cityscapes_unet", "two", "automobile", "person"):
+    for run in ("cityscapes_unet", "two", "automobile", "person", "seed/person_finetuned"):
         assert (tmp_path / "runs" / run / "summary.json").is_file(), run
+    assert (tmp_path / "runs" / "seed" / "compare.html").stat().st_size > 0
+    assert (ROOT / "tools" / "demo.sh").is_file() and (tmp_path / "demo" / "report.html").is_file()

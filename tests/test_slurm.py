@@ -1,6 +1,6 @@
 """slurm/train.sh and slurm/shard.sh on a real Slurm cluster (slurmctld + 2 emulated slurmd on 127.0.0.1,
-started by the team's local-slurm scripts): array sharding, a 2-node run equal to a 1-process run, and a
-SIGUSR1 -> checkpoint -> requeue -> resume cycle that ends with the uninterrupted run's weights."""
+started and stopped here by tools/local-slurm/): array sharding, a 2-node run equal to a 1-process run, and
+a SIGUSR1 -> checkpoint -> requeue -> resume cycle that ends with the uninterrupted run's weights."""
 
 import json
 import os
@@ -15,26 +15,49 @@ import torch
 from conftest import ROOT, SGD, base_overrides, run_train, val_pixels, weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-SLURM_TOOLS = Path(os.environ.get("DISTSEG_LOCAL_SLURM", ROOT.parent / "shared" / "tools" / "local-slurm"))
+SLURM_TOOLS = ROOT / "tools" / "local-slurm"
+
+
+def free_ports(n: int) -> int:
+    """The first of n consecutive free loopback ports (slurmctld, then one slurmd per node)."""
+    import socket
+
+    from conftest import free_port
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+    for _ in range(50):
+        first = free_port()
+        if all(free(first + k) for k in range(n)):
+            return first
+    raise RuntimeError("no run of free ports")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    start = SLURM_TOOLS / "start-local-slurm.sh"
-    if not start.is_file():
-        pytest.skip(f"no local Slurm scripts at {SLURM_TOOLS} (set DISTSEG_LOCAL_SLURM)")
+    """A throw-away cluster: munge, slurmctld and two slurmd on 127.0.0.1, stopped (jobs cancelled, ports
+    freed) when the module's tests end, whether they passed or not."""
     if os.geteuid() != 0:
-        pytest.skip("starting a local Slurm cluster needs root")
-    env = dict(os.environ, SLURM_LOCAL_NODES="2", SLURM_LOCAL_DIR="/tmp/distseg-test-slurm",
-               SLURM_LOCAL_CTLD_PORT="6917", SLURM_LOCAL_SLURMD_PORT="6918")
-    p = subprocess.run(["bash", str(start)], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
-    env["SLURM_CONF"] = "/tmp/distseg-test-slurm/etc/slurm.conf"
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["OMP_NUM_THREADS"] = "1"
-    yield env
-    subprocess.run(["bash", str(SLURM_TOOLS / "stop-local-slurm.sh")], env=env, capture_output=True,
-                   timeout=120)
+        pytest.skip("starting a local Slurm cluster needs root (CI runs as root)")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="distseg-slurm-", dir="/tmp"))  # munged wants every parent world-x
+    base.chmod(0o755)
+    port = free_ports(3)
+    env = dict(os.environ, SLURM_LOCAL_NODES="2", SLURM_LOCAL_DIR=str(base), SLURM_LOCAL_CTLD_PORT=str(port),
+               SLURM_LOCAL_SLURMD_PORT=str(port + 1))
+    try:
+        p = subprocess.run(["bash", str(SLURM_TOOLS / "start-local-slurm.sh")], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert p.returncode == 0, p.stdout + p.stderr
+        env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        env["OMP_NUM_THREADS"] = "1"
+        yield env
+    finally:
+        subprocess.run(["bash", str(SLURM_TOOLS / "stop-local-slurm.sh"), "--purge"], env=env,
+                       capture_output=True, timeout=300)
 
 
 def sbatch(env, *args, extra_env=None):
@@ -133,3 +156,31 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(cluster, shards, 
     assert json.loads((tmp_path / "pre" / "summary.json").read_text())["steps"] == \
         json.loads((tmp_path / "ref" / "summary.json").read_text())["steps"]
     assert not list(ROOT.glob(f".distseg-stop-{jid}*"))
+
+
+def test_experiment_plan_as_dependent_jobs(cluster, synth_root, tmp_path):
+    import re
+
+    from test_experiment import TINY, write_plan
+
+    plan = write_plan(tmp_path, synth_root)
+    sets = [a for s in TINY + ["train.progress=false"] for a in ("--set", s)]
+    p = subprocess.run(["bash", "slurm/experiment.sh", plan, *sets, "--sbatch",
+                        f"--output={tmp_path}/%x-%j.out"],
+                       env=cluster, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    jobs = dict(re.findall(r"submitted (\S+): job (\d+)", p.stdout))
+    assert list(jobs) == ["shard", "automobile", "person_finetuned", "person_scratch", "compare"]
+    recs = {name: wait_job(cluster, jid, timeout=600)[0] for name, jid in jobs.items()}
+    logs = "".join(f.read_text() for f in tmp_path.glob("*.out"))
+    assert all(r["JobState"] == "COMPLETED" for r in recs.values()), (recs, logs[-3000:])
+
+    def t(name, key):
+        return time.mktime(time.strptime(recs[name][key], "%Y-%m-%dT%H:%M:%S"))
+    assert t("person_finetuned", "StartTime") >= t("automobile",
+                                                   "EndTime")  # afterok on the stage it starts from
+    assert t("automobile", "StartTime") >= t("shard", "EndTime")
+    assert t("compare", "StartTime") >= max(t(n, "EndTime") for n in ("automobile", "person_finetuned",
+                                                                       "person_scratch"))
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert all(summary["stages"][n]["finished"] for n in ("automobile", "person_finetuned", "person_scratch"))

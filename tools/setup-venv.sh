@@ -11,7 +11,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
     torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda120 accelerate webdataset wids tensorboard click pyyaml \
-    pillow numpy tqdm pytest ruff s3fs 'moto[server]' filelock 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    pillow numpy tqdm pytest ruff s3fs 'moto[server]' filelock selenium matplotlib 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$VENV/bin/pip" install -q --disable-pip-version-check cityscapesscripts 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$ROOT" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$VENV/bin/python" -c "import torch, torchvision, accelerate, webdataset, nvidia.dali, click, cityscapesscripts, s3fs, moto, distseg" \

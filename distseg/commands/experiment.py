@@ -1,0 +1,36 @@
+"""`distseg experiment`: run (or submit to Slurm) a staged plan such as configs/experiments/seed.yaml."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from distseg.experiment import StageFailed, compare, ensure_shards, load_plan, run_plan, submit
+
+
+@click.command()
+@click.argument("plan")
+@click.option("--set", "overrides", multiple=True, help="setting for every stage, e.g. --set train.epochs=2")
+@click.option("--procs", default=1, show_default=True, help="training processes per stage (accelerate "
+                                                            "launch)")
+@click.option("--report/--no-report", default=True, show_default=True, help="write <output_dir>/report.html")
+@click.option("--submit", "to_slurm", is_flag=True, help="submit the stages to Slurm as dependent jobs")
+@click.option("--sbatch", "sbatch_args", multiple=True, help="with --submit: an sbatch option for every job")
+@click.option("--shard-only", is_flag=True, help="only make the plan's shards (the Slurm shard job)")
+@click.option("--compare-only", is_flag=True, help="only print and save the comparison (the last Slurm job)")
+def experiment(plan, overrides, procs, report, to_slurm, sbatch_args, shard_only, compare_only) -> None:
+    """Run the stages of PLAN in order: finished stages are skipped, a half-done one resumes; then a table
+    compares the plan's `compare` stages (best val score, its epoch, score per epoch)."""
+    if shard_only:
+        ensure_shards(load_plan(plan), click.echo)
+    elif compare_only:
+        compare(load_plan(plan), report, click.echo)
+    elif to_slurm:
+        submit(plan, tuple(overrides), tuple(sbatch_args), click.echo)
+    else:
+        try:
+            run_plan(plan, tuple(overrides), procs, report, click.echo)
+        except StageFailed as e:  # the stage printed its own error; pass its exit status through
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.code)

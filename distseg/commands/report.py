@@ -1,0 +1,21 @@
+"""`distseg report`: one self-contained HTML page comparing runs."""
+
+from __future__ import annotations
+
+import click
+
+from distseg.report import write_report
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="report.html", show_default=True, help="the HTML file to write")
+@click.option("--images", default=8, show_default=True, help="val images in each run's gallery")
+@click.option("--checkpoints", default=5, show_default=True, help="checkpoints the gallery shows, best first")
+@click.option("--precision", default="no", show_default=True, type=click.Choice(["no", "bf16", "fp16"]),
+              help="inference precision")
+def report(runs, out, images, checkpoints, precision) -> None:
+    """Curves, per-class IoU, confusion matrix and a val gallery with a checkpoint chooser for RUNS (run
+    folders), in one HTML file that needs no network to view."""
+    path = write_report(list(runs), out, images, checkpoints, precision)
+    click.echo(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,242 @@
+"""`distseg experiment PLAN`: a staged study (the seed's: automobile, then person fine-tuned from it vs from
+scratch, then all classes) as one command.
+
+A plan is a YAML file: `name`, `output_dir`, `shards` (one `labelid` sharding that every stage remaps to its
+own scheme at load time), `root` (where to shard from if the shards are missing), `set` (overrides for every
+stage), `stages` (each: `name`, `config`, optional `set`, and `init_from: <stage>` = that stage's best
+checkpoint with a new head) and `compare` (stages to tabulate side by side). Each stage is an ordinary run
+folder `<output_dir>/<stage>`: a rerun skips stages that finished with the same settings and resumes a
+half-done one (training resumes from its newest checkpoint by itself). `--submit` sends the same plan to
+Slurm as dependent jobs through slurm/train.sh, so every stage is preemption-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from distseg.config import dump_config, load_config
+from distseg.data.manifest import manifest_location
+from distseg.data.storage import is_remote, local_path
+from distseg.errors import UserError
+from distseg.files import atomic_write_json
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+REPO = TRAIN_SCRIPT.parents[1]
+
+
+@dataclass
+class Stage:
+    """One stage of a plan: an ordinary training run with the plan's and its own overrides."""
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    init_from: str = ""  # a stage name
+
+
+@dataclass
+class Plan:
+    """A parsed experiment plan."""
+
+    name: str
+    output_dir: Path
+    shards: str
+    root: str
+    overrides: list[str]
+    stages: list[Stage]
+    compare: list[str]
+    sbatch: list[str]
+
+    def run_dir(self, stage: Stage) -> Path:
+        """<output_dir>/<stage>."""
+        return self.output_dir / stage.name
+
+    def stage_overrides(self, stage: Stage, extra: tuple[str, ...] = ()) -> list[str]:
+        """Everything a stage's training gets after its config file: where it lives, the shared shards, its
+        starting weights, the plan's and the stage's settings, then the command line's."""
+        ov = [f"name={stage.name}", f"output_dir={self.output_dir}", f"data.shards={self.shards}"]
+        if stage.init_from:
+            ov += [f"train.init_from={self.output_dir / stage.init_from / 'best'}", "train.reset_head=true"]
+        return ov + self.overrides + stage.overrides + list(extra)
+
+
+def _strings(v, where: str) -> list[str]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UserError(f"{where} must be a list of section.key=value strings")
+    return list(v)
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    """Read and check a plan file; every mistake is one line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"experiment plan not found: {p}")
+    try:
+        spec = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"experiment plan {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise UserError(f"{p}: expected a mapping with a non-empty list 'stages'")
+    stages, names = [], set()
+    for i, st in enumerate(spec["stages"]):
+        if not isinstance(st, dict) or "name" not in st or "config" not in st:
+            raise UserError(f"{p}: stages[{i}] needs 'name' and 'config'")
+        name = str(st["name"])
+        if name in names or "/" in name:
+            raise UserError(f"{p}: stage name {name!r} is repeated or not a plain folder name")
+        init = str(st.get("init_from") or "")
+        if init and init not in names:
+            raise UserError(f"{p}: stage {name!r} starts from {init!r}, which is not an earlier stage")
+        if not (REPO / st["config"]).is_file() and not Path(st["config"]).is_file():
+            raise UserError(f"{p}: stage {name!r}: config file not found: {st['config']}")
+        names.add(name)
+        stages.append(Stage(name, str(st["config"]), _strings(st.get("set"), f"{p}: stages[{i}].set"), init))
+    compare = _strings(spec.get("compare"), f"{p}: compare")
+    unknown = [c for c in compare if c not in names]
+    if unknown:
+        raise UserError(f"{p}: compare names unknown stage {unknown[0]!r}")
+    return Plan(str(spec.get("name", p.stem)), Path(spec.get("output_dir", f"runs/{p.stem}")),
+                str(spec.get("shards", "shards/labelid")), str(spec.get("root") or ""),
+                _strings(spec.get("set"), f"{p}: set"), stages, compare,
+                _strings((spec.get("slurm") or {}).get("sbatch"), f"{p}: slurm.sbatch"))
+
+
+def config_path(stage: Stage) -> str:
+    """A stage's config file: relative to the repository when it is there, else as written."""
+    return str(REPO / stage.config) if (REPO / stage.config).is_file() else stage.config
+
+
+def ensure_shards(plan: Plan, log=print) -> None:
+    """Shard train and val once with scheme labelid (every stage remaps it to its own scheme) if missing."""
+    from distseg.data.shard import ShardOptions, run_shard
+
+    if is_remote(plan.shards):
+        return  # remote shards are read, not made here
+    for split in ("train", "val"):
+        if not local_path(manifest_location(plan.shards, split)).is_file():
+            log(f"sharding {split} into {plan.shards} (scheme labelid)")
+            run_shard(plan.root or None, plan.shards, ShardOptions(split=split, scheme="labelid"),
+                      workers=max(1, min(8, os.cpu_count() or 1)), progress=sys.stderr.isatty(), log=log)
+
+
+def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
+    """The stage's run completed, with exactly the settings it would run with now."""
+    run = plan.run_dir(stage)
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        saved = (run / "config.yaml").read_text()
+    except (OSError, ValueError):
+        return False
+    now = dump_config(load_config(config_path(stage), plan.stage_overrides(stage, extra)))
+    return bool(summary.get("finished")) and saved == now
+
+
+def train_command(plan: Plan, stage: Stage, extra: tuple[str, ...], procs: int) -> list[str]:
+    """The training process(es) of a stage: train.py itself, or accelerate launch for several."""
+    args = [str(TRAIN_SCRIPT), "--config", config_path(stage), *plan.stage_overrides(stage, extra)]
+    if procs <= 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+            "--num_machines", "1", "--dynamo_backend", "no", *args]
+
+
+def run_plan(path: str, extra: tuple[str, ...] = (), procs: int = 1, report: bool = True, log=print) -> dict:
+    """Run every stage in order (skipping finished ones), then compare. Returns the experiment summary."""
+    plan = load_plan(path)
+    ensure_shards(plan, log)
+    for k, stage in enumerate(plan.stages, 1):
+        head = f"stage {k}/{len(plan.stages)} {stage.name}"
+        if finished(plan, stage, extra):
+            log(f"{head}: finished earlier with the same settings, skipped")
+            continue
+        log(f"{head}: training in {plan.run_dir(stage)}"
+            + (f" from {stage.init_from}'s best checkpoint" if stage.init_from else ""))
+        code = subprocess.run(train_command(plan, stage, extra, procs)).returncode
+        if code:
+            raise StageFailed(f"{head} failed (exit status {code}); rerun the same command to resume it",
+                              code)
+    return compare(plan, report, log)
+
+
+class StageFailed(UserError):
+    """A stage's training exited non-zero: the experiment stops with its exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def compare(plan: Plan, report: bool = True, log=print) -> dict:
+    """Table of the compared stages (best val score, its epoch, score per epoch) on the terminal and in
+    <output_dir>/summary.json; a report of every stage with `report`."""
+    stages = {}
+    for stage in plan.stages:
+        f = plan.run_dir(stage) / "summary.json"
+        stages[stage.name] = json.loads(f.read_text()) if f.is_file() else {"missing": True}
+    rows = [f"{'stage':<22}{'best score':>16}{'':>8}{'epoch':>6}  score per epoch (%)"]
+    for name in plan.compare or [s.name for s in plan.stages]:
+        s = stages[name]
+        per_epoch = " ".join(_pct(h["score"]) for h in s.get("history", []))
+        best = f"{s.get('best_score_name') or '-':>16}{_pct(s.get('best_score')):>8}"
+        score = f"{best}{s.get('best_epoch', '-'):>6}"
+        rows.append(f"{name:<22}{score}  {per_epoch}")
+    table = "\n".join(rows)
+    log(table)
+    keys = ("finished", "best_score", "best_score_name", "best_epoch", "history", "steps")
+    summary = {"plan": plan.name, "stages": {n: {k: s.get(k) for k in keys} for n, s in stages.items()},
+               "compare": plan.compare, "table": table}
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan.output_dir / "summary.json", summary)
+    if report:
+        from distseg.report import write_report
+
+        out = write_report([str(plan.run_dir(s)) for s in plan.stages], str(plan.output_dir / "report.html"))
+        log(f"report: {out}")
+    return summary
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def submit(path: str, extra: tuple[str, ...] = (), sbatch_args: tuple[str, ...] = (), log=print) -> list[str]:
+    """Submit the plan to Slurm: a shard job if shards are missing, one slurm/train.sh job per stage after the
+    stage it starts from (--dependency=afterok: a requeued stage keeps its dependents waiting), then a
+    comparison job after all of them. Returns the job ids."""
+    plan = load_plan(path)
+    ids: dict[str, str] = {}
+
+    def sbatch(name: str, after: list[str], argv: list[str], env: dict | None = None) -> str:
+        dep = [f"--dependency=afterok:{':'.join(after)}"] if after else []
+        cmd = ["sbatch", "--parsable", f"--job-name={plan.name}-{name}", f"--chdir={REPO}", *plan.sbatch,
+               *sbatch_args, *dep, *argv]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+        if p.returncode:
+            raise UserError(f"sbatch failed for {name}: "
+                            f"{p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}")
+        jid = p.stdout.strip().split(";")[0]
+        log(f"submitted {name}: job {jid}" + (f" (after {', '.join(after)})" if after else ""))
+        return jid
+
+    me = [sys.executable, "-m", "distseg", "experiment", str(Path(path).resolve())]
+    extra_set = [a for e in extra for a in ("--set", e)]
+    missing = any(not local_path(manifest_location(plan.shards, s)).is_file() for s in ("train", "val")) \
+        and not is_remote(plan.shards)
+    shard_job = [sbatch("shard", [], ["--wrap", " ".join([*me, "--shard-only"])])] if missing else []
+    for stage in plan.stages:
+        after = shard_job + ([ids[stage.init_from]] if stage.init_from else [])
+        ids[stage.name] = sbatch(stage.name, after, [str(REPO / "slurm" / "train.sh"),
+                                                     *plan.stage_overrides(stage, extra)],
+                                 env={"CONFIG": config_path(stage)})
+    final = sbatch("compare", list(ids.values()), ["--wrap", " ".join([*me, "--compare-only", *extra_set])])
+    return shard_job + list(ids.values()) + [final]

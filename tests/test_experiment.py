@@ -1,0 +1,87 @@
+"""`distseg experiment` with a tiny plan: stages in order, finished stages skipped on a rerun, a killed stage
+resumed, stage 2a really started from stage 1's weights (and 2b not), the comparison table; bad plans are
+one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, assert_user_error, run_cli
+
+pytestmark = pytest.mark.slow
+TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
+        "data.val_batch_size=2", "data.num_workers=0", "train.epochs=2", "train.progress=false",
+        "sched.warmup_steps=0", "train.mixed_precision=no", "train.log_every=1", "train.val_every=1",
+        "data.scale=[0.75,1.25]"]
+
+
+def write_plan(tmp_path, synth_root, **extra) -> str:
+    plan = {"name": "tiny", "output_dir": str(tmp_path / "runs"), "shards": str(tmp_path / "shards"),
+            "root": str(synth_root), "set": TINY,
+            "stages": [{"name": "automobile", "config": "configs/automobile.yaml"},
+                       {"name": "person_finetuned", "config": "configs/person.yaml",
+                        "init_from": "automobile",
+                        "set": ["optim.lr=1e-12", "train.ckpt_every=2"]},
+                       {"name": "person_scratch", "config": "configs/person.yaml",
+                        "set": ["train.init_from=''"]}],
+            "compare": ["person_finetuned", "person_scratch"]}
+    plan.update(extra)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
+    from distseg.checkpoint import latest_checkpoint, load_weights
+
+    plan = write_plan(tmp_path, synth_root)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # first run, killed (the whole process group) while the second stage has saved a checkpoint mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "distseg", "experiment", plan, "--no-report"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=ROOT)
+    ck = tmp_path / "runs" / "person_finetuned" / "checkpoints" / "step-00000002"
+    deadline = time.time() + 600
+    while time.time() < deadline and not ck.exists():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ck.exists()
+    p = run_cli("experiment", plan, "--no-report", env=env)
+    out = p.stdout
+    assert "stage 1/3 automobile: finished earlier with the same settings, skipped" in out
+    assert "resumed from" in out and "stage 2/3 person_finetuned: training" in out
+    assert out.index("stage 2/3") < out.index("stage 3/3")
+    # 2a starts from automobile's best weights (lr ~0 keeps them), 2b from fresh ones
+    best = load_weights(tmp_path / "runs" / "automobile" / "best")
+    ft = load_weights(latest_checkpoint(tmp_path / "runs" / "person_finetuned" / "checkpoints"))
+    scratch = load_weights(latest_checkpoint(tmp_path / "runs" / "person_scratch" / "checkpoints"))
+    body = [k for k in best if not k.startswith("head.")]
+    assert all(torch.allclose(best[k], ft[k], atol=1e-6) for k in body)
+    assert not all(torch.allclose(best[k], scratch[k], atol=1e-3) for k in body)
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert summary["compare"] == ["person_finetuned", "person_scratch"]
+    for name in summary["compare"]:
+        s = summary["stages"][name]
+        assert s["finished"] and s["best_score_name"] == "foreground IoU" and len(s["history"]) == 2
+        assert name in out.split("score per epoch")[-1]
+    # a rerun with nothing to do skips every stage
+    p = run_cli("experiment", plan, "--no-report", env=env)
+    assert p.stdout.count("skipped") == 3 and "training in" not in p.stdout
+
+
+def test_bad_plans_are_one_line(synth_root, tmp_path):
+    plan = write_plan(tmp_path, synth_root, stages=[{"name": "a", "config": "configs/person.yaml",
+                                                     "init_from": "zzz"}])
+    assert_user_error(run_cli("experiment", plan, check=False), "starts from 'zzz', which is not an earlier "
+                                                                "stage")
+    plan = write_plan(tmp_path, synth_root, stages=[{"name": "a", "config": "configs/nope.yaml"}])
+    assert_user_error(run_cli("experiment", plan, check=False), "config file not found: configs/nope.yaml")
+    assert_user_error(run_cli("experiment", tmp_path / "none.yaml", check=False), "experiment plan not found")
