@@ -223,10 +223,13 @@ class Prefetcher:
             self.cv.notify()
 
     def stop(self) -> None:
-        """End the thread (at the end of an epoch); a download in progress completes."""
+        """End the thread (at the end of an epoch) and wait for it: a download in progress completes, so
+        nothing writes into the cache after the reader is done with it (the cache may be removed next)."""
         with self.cv:
             self.stopped = True
             self.cv.notify()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
 
     def _run(self) -> None:
         cache, man = self.files.cache, self.files.man
