@@ -94,9 +94,10 @@ def read_state(ckpt: Path) -> RunState:
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int,
-                    rank_files: dict | None = None) -> Path:
+                    rank_files: dict | None = None, ema_state: dict | None = None) -> Path:
     """Collective: every rank must call it at the same step. `rank_files` ({name: str or bytes}) are written
-    by each rank with its index appended (e.g. a DALI reader position, which differs per rank)."""
+    by each rank with its index appended (e.g. a DALI reader position, which differs per rank); `ema_state`,
+    the weight average, also goes to ema.safetensors for evaluate, predict and export."""
     final = ckpt_dir / f"step-{state.step:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
     if accelerator.is_main_process:
@@ -110,6 +111,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int
         f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema_state is not None:
+            write_safetensors(ema_state, tmp / "ema.safetensors")
         # durable before it is named complete: checksums of every file, fsynced, then the state, then rename
         write_checksums(tmp)
         with open(tmp / STATE_FILE, "w") as f:
@@ -179,16 +182,16 @@ def prune(ckpt_dir: Path, run_id: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_weights(state_dict: dict, out_dir: Path, meta: dict) -> None:
-    """Model weights alone (for evaluate/predict/fine-tune), replaced atomically."""
-    from safetensors.torch import save_file
-
+def save_weights(state_dict: dict, out_dir: Path, meta: dict, ema_state: dict | None = None) -> None:
+    """Model weights alone (for evaluate/predict/fine-tune), and their EMA when training keeps one, replaced
+    atomically."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-              str(tmp / "model.safetensors"))
+    write_safetensors(state_dict, tmp / "model.safetensors")
+    if ema_state is not None:
+        write_safetensors(ema_state, tmp / "ema.safetensors")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
@@ -197,16 +200,32 @@ def save_weights(state_dict: dict, out_dir: Path, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint folder (model.safetensors inside) or a .safetensors / .pt file."""
+def write_safetensors(state_dict: dict, path: Path) -> None:
+    """A state dict as safetensors (CPU, contiguous)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path))
+
+
+def weights_file(folder: Path, which: str = "auto") -> Path:
+    """The weights file of a checkpoint or best/ folder: `ema` (the weight average), `raw` (the trained
+    weights) or `auto` (the average when the run keeps one)."""
+    ema = folder / "ema.safetensors"
+    if which == "ema" or (which == "auto" and ema.is_file()):
+        if not ema.is_file():
+            raise UserError(f"{folder} has no EMA weights (the run had train.ema_decay=0): use --weights raw")
+        return ema
+    for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"no model weights (model.safetensors) in {folder}")
+
+
+def load_weights(path: str | os.PathLike, which: str = "auto") -> dict[str, torch.Tensor]:
+    """A checkpoint folder (see `weights_file`) or a .safetensors / .pt file."""
     p = Path(path)
     if p.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            raise UserError(f"no model weights (model.safetensors) in {path}")
+        p = weights_file(p, which)
     if not p.is_file():
         raise UserError(f"weights not found: {path}")
     try:
@@ -217,6 +236,11 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read weights {p}: {e}") from None
+        raise UserError(f"cannot read weights {p}: {str(e).strip().splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):  # training checkpoints of other tools wrap the weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{p} holds no state dict of tensors (save model.state_dict(), not the model)")
     # strip wrappers' prefixes (DDP, torch.compile)
     return {k.replace("module.", "", 1).replace("_orig_mod.", "", 1): v for k, v in sd.items()}

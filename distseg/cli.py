@@ -22,6 +22,7 @@ COMMANDS = {  # name: "module:attribute"
     "bench": "distseg.commands.bench:bench",
     "report": "distseg.commands.report:report",
     "experiment": "distseg.commands.experiment:experiment",
+    "export": "distseg.commands.export:export",
 }
 
 

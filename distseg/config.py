@@ -60,8 +60,10 @@ class EvalCfg:
 
 @dataclass
 class ModelCfg:
-    """The U-Net's size, normalisation and memory layout."""
-    base: int = 64  # channels of the first level (the seed's U-Net: 64)
+    """The network: the seed's U-Net or a torchvision encoder with a U-Net decoder."""
+    encoder: str = "unet"  # unet (the seed's) | resnet18|34|50 | convnext_tiny | efficientnet_b0
+    pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, downloaded once) | PATH
+    base: int = 64  # channels of the shallowest level: the U-Net's first level, or an encoder's decoder
     depth: int = 4  # number of down-sampling steps
     norm: str = "batch"  # batch | sync_batch | group | none
     channels_last: bool = True
@@ -74,6 +76,10 @@ class LossCfg:
     ce: float = 1.0  # cross-entropy weight (ignore 255)
     dice: float = 0.0  # soft Dice weight
     bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
+    class_weights: str = "none"  # CE class weights from the train pixel counts: none | inv_log | median_freq
+    ohem: bool = False  # CE on hard pixels only (online hard example mining, as mmsegmentation's sampler)
+    ohem_thresh: float = 0.7  # with ohem: keep pixels whose true-class probability is below this ...
+    ohem_min_kept: int = 100000  # ... and at least this many per image of the micro-batch
 
 
 @dataclass
@@ -111,6 +117,7 @@ class TrainCfg:
     resume: str = "auto"  # auto | never | PATH to a checkpoint folder
     init_from: str = ""  # weights to start from (fine-tuning): a checkpoint folder or model.safetensors
     reset_head: bool = True  # with init_from: start the 1x1 head afresh (new classes)
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999); 0 = off
     tb_images: int = 4  # validation images shown in TensorBoard
     progress: bool = True  # tqdm bar on rank 0
 
@@ -136,7 +143,9 @@ class Config:
 
 CHOICES = {
     "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.shuffle": ("global", "shards"),
-    "data.on_corrupt": ("error", "skip"), "data.decode": ("cpu", "gpu", "auto"),
+    "data.on_corrupt": ("error", "skip"), "loss.class_weights": ("none", "inv_log", "median_freq"),
+    "data.decode": ("cpu", "gpu", "auto"),
+    "model.encoder": ("unet", "resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
     "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -297,6 +306,15 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: eval.scales must be a non-empty list of positive scales, got {e.scales}")
     if e.batch < 1:
         raise UserError(f"config: eval.batch must be at least 1, got {e.batch}")
+    lo = cfg.loss
+    if lo.ohem and (lo.ce <= 0 or lo.dice > 0 or lo.bce > 0):
+        raise UserError("config: loss.ohem selects hard pixels for cross-entropy alone: set loss.ce > 0 and "
+                        "loss.dice=0, loss.bce=0 (its loss is normalised by the kept pixels of all ranks and "
+                        "accumulation steps)")
+    if not 0 < lo.ohem_thresh <= 1 or lo.ohem_min_kept < 0:
+        raise UserError("config: loss.ohem_thresh must be in (0, 1] and loss.ohem_min_kept >= 0")
+    if not 0 <= t.ema_decay < 1:
+        raise UserError(f"config: train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if cfg.optim.lr <= 0:
         raise UserError("config: optim.lr must be > 0")
     if min(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce) < 0 or cfg.loss.ce + cfg.loss.dice + cfg.loss.bce == 0:

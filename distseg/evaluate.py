@@ -130,11 +130,11 @@ def eval_root(root: str | None, cfg, split: str) -> Path:
 
 def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = None, root: str | None = None,
                      shards: str | None = None, overrides: tuple[str, ...] = (), json_out: str | None = None,
-                     precision: str | None = None, workers: int = 2) -> dict:
+                     precision: str | None = None, workers: int = 2, weights: str = "auto") -> dict:
     """Score a run's weights on a split's source images (or on shards when `shards` is given)."""
     from accelerate import Accelerator
 
-    loaded = load_run(run, checkpoint, overrides)
+    loaded = load_run(run, checkpoint, overrides, weights)
     cfg, scheme = loaded.cfg, loaded.scheme
     split = split or cfg.data.val_split
     precision = precision or cfg.train.mixed_precision

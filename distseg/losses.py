@@ -1,17 +1,63 @@
-"""Losses as pixel *sums* plus the number of valid pixels, so the trainer can normalise by the global
-count across ranks: the gradient then does not depend on how a global batch is split over processes."""
+"""Losses as pixel *sums* plus their normaliser, so the trainer can divide by the global count across ranks
+and accumulation steps: the gradient then does not depend on how a global batch is split over processes.
+
+- CE (ignore 255), optionally class-weighted (weights from the train manifest's pixel histogram: ENet's
+  inverse log frequency or median frequency balancing); its normaliser is the summed weight of the
+  labelled pixels, as PyTorch's weighted mean.
+- OHEM CE (as mmsegmentation's OHEMPixelSampler): per micro-batch, keep the pixels whose true-class
+  probability is below `thresh`, and at least `min_kept` per image; the normaliser is the kept count (their
+  summed class weights when weighted), known only after the forward pass (the trainer divides the summed
+  gradients by the global count).
+- BCE for binary schemes with one logit; soft Dice as a batch mean.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distseg.labels import IGNORE
+from distseg.labels import IGNORE, Scheme
 
 
-def ce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over labelled pixels (255 ignored)."""
-    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+def class_weights(man: dict, scheme: Scheme, method: str) -> torch.Tensor | None:
+    """Per-class CE weights from the manifest's class pixel counts (classes never seen get the largest)."""
+    if method == "none":
+        return None
+    counts = np.array([man["class_pixels"].get(n, 0) for n in scheme.class_names], np.float64)
+    if man["scheme"]["name"] != scheme.name:  # labelid shards remapped at load time: count through the map
+        counts = np.zeros(scheme.num_classes)
+        for lid, n in enumerate(man["class_pixels"].values()):
+            c = int(scheme.lut[lid]) if lid < 256 else 255
+            if c < scheme.num_classes:
+                counts[c] += n
+    freq = counts / max(counts.sum(), 1)
+    if method == "inv_log":  # ENet: 1 / ln(1.02 + p)
+        w = 1.0 / np.log(1.02 + freq)
+    else:  # median frequency balancing: median(f) / f over the classes present
+        present = freq[freq > 0]
+        w = np.where(freq > 0, np.median(present) / np.maximum(freq, 1e-12), 0.0)
+        w[freq == 0] = w.max() if w.max() > 0 else 1.0
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def ce_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy summed over labelled pixels (255 ignored), each weighted by its class weight."""
+    return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE, reduction="sum")
+
+
+def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    """The hard pixels of a micro-batch: true-class probability below max(thresh, the probability of the
+    (min_kept x labelled images)-th easiest labelled pixel), as mmsegmentation's OHEMPixelSampler does."""
+    with torch.no_grad():
+        valid = target != IGNORE
+        prob = logits.float().softmax(1).gather(1, target.clamp(max=logits.shape[1] - 1).unsqueeze(1))[:, 0]
+        p = prob[valid]
+        if p.numel() == 0:
+            return valid
+        images = int(valid.flatten(1).any(1).sum())  # padded (all-ignored) images do not raise the minimum
+        kth = p.sort().values[min(min_kept * images, p.numel() - 1)]
+        return valid & (prob < max(float(kth), thresh))
 
 
 def bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,19 +89,38 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 
 class SegLoss:
-    """Weighted sum: (w_ce * CE_sum + w_bce * BCE_sum) / N_valid_global + w_dice * Dice."""
+    """(w_ce * CE_sum + w_bce * BCE_sum) / normaliser (global) + w_dice * Dice; see the module docstring."""
 
-    def __init__(self, ce: float = 1.0, dice: float = 0.0, bce: float = 0.0):
-        self.ce, self.dice, self.bce = ce, dice, bce
+    def __init__(self, ce: float = 1.0, dice: float = 0.0, bce: float = 0.0,
+                 weight: torch.Tensor | None = None,
+                 ohem: tuple[float, int] | None = None):
+        self.ce, self.dice, self.bce, self.weight, self.ohem = ce, dice, bce, weight, ohem
 
-    def pixel_sum(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The per-pixel loss terms summed over labelled pixels (normalised by the trainer)."""
+    @property
+    def count_after_forward(self) -> bool:
+        """Whether the normaliser depends on the logits (OHEM): known only after the forward pass."""
+        return self.ohem is not None
+
+    def norm_count(self, target: torch.Tensor) -> torch.Tensor:
+        """The normaliser known before the forward pass: labelled pixels, or their summed class weights."""
+        valid = target != IGNORE
+        if self.weight is None or not self.ce:
+            return valid.sum().float()
+        w = self.weight.to(target.device)
+        return w[target.clamp(max=len(w) - 1)][valid].sum()
+
+    def pixel_sum(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-pixel terms, its normaliser) for one micro-batch."""
         total = logits.new_zeros((), dtype=torch.float32)
+        if self.ohem is not None:
+            keep = ohem_mask(logits, target, *self.ohem)
+            target = torch.where(keep, target, torch.full_like(target, IGNORE))
+        w = self.weight.to(logits.device) if self.weight is not None else None
         if self.ce:
-            total = total + self.ce * ce_sum(logits, target)
+            total = total + self.ce * ce_sum(logits, target, w)
         if self.bce:
             total = total + self.bce * bce_sum(logits, target)
-        return total
+        return total, self.norm_count(target)
 
     def mean_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Terms that are already means over the batch (Dice)."""
@@ -64,6 +129,14 @@ class SegLoss:
         return self.dice * dice_loss(logits, target)
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Single-process convenience: the loss normalised by this batch's own valid pixels."""
-        n = (target != IGNORE).sum().clamp(min=1)
-        return self.pixel_sum(logits, target) / n + self.mean_terms(logits, target)
+        """Single-process convenience: the loss normalised by this batch's own normaliser."""
+        total, count = self.pixel_sum(logits, target)
+        return total / count.clamp(min=1e-12) + self.mean_terms(logits, target)
+
+
+def build_loss(cfg, scheme: Scheme, man: dict, device) -> SegLoss:
+    """The loss the config describes (class weights from the train manifest `man`)."""
+    lo = cfg.loss
+    weight = class_weights(man, scheme, lo.class_weights) if lo.ce else None
+    return SegLoss(lo.ce, lo.dice, lo.bce, weight.to(device) if weight is not None else None,
+                   (lo.ohem_thresh, lo.ohem_min_kept) if lo.ohem else None)

@@ -37,11 +37,11 @@ def result_name(key: str, scheme: Scheme) -> str:
 def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best", root: str | None = None,
             split: str | None = None, overlays: str | None = None, zip_path: str | None = None,
             alpha: float = 0.5, batch_size: int | None = None, workers: int = 2, precision: str | None = None,
-            overrides: tuple[str, ...] = ()) -> int:
+            overrides: tuple[str, ...] = (), weights: str = "auto") -> int:
     """Write one result per input image; returns how many images all ranks predicted."""
     from accelerate import Accelerator
 
-    loaded = load_run(run, checkpoint, overrides)
+    loaded = load_run(run, checkpoint, overrides, weights)
     items = find_inputs(inputs, root, split)
     out_dir = Path(out)
     if overlays and Path(overlays).resolve() == out_dir.resolve():

@@ -129,11 +129,12 @@ def val_images(loaded: LoadedRun, count: int) -> list[tuple[str, np.ndarray, np.
     return out
 
 
-def report_run(run_dir: Path, images: int, checkpoints: int, precision: str) -> RunReport:
+def report_run(run_dir: Path, images: int, checkpoints: int, precision: str,
+               weights: str = "auto") -> RunReport:
     """Scores of the best checkpoint; predictions of up to `checkpoints` checkpoints on `images` images."""
     from accelerate import Accelerator
 
-    loaded = load_run(run_dir, "best" if (run_dir / "best").is_dir() else "latest")
+    loaded = load_run(run_dir, "best" if (run_dir / "best").is_dir() else "latest", weights=weights)
     cfg, scheme = loaded.cfg, loaded.scheme
     acc = Accelerator(cpu=not torch.cuda.is_available())
     spec = InferenceSpec.from_config(cfg)
@@ -148,7 +149,7 @@ def report_run(run_dir: Path, images: int, checkpoints: int, precision: str) -> 
     ckpts = []
     per_image = {}
     for label, path in choose_checkpoints(run_dir, checkpoints):
-        seg.model.load_state_dict(load_weights(path))
+        seg.model.load_state_dict(load_weights(path, weights))
         preds = segment_images(seg, [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
                                      for _, im, _ in shown])
         shots = {}
@@ -260,7 +261,7 @@ def run_section(k: int, r: RunReport) -> str:
 
 
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
-                 precision: str = "no") -> Path:
+                 precision: str = "no", weights: str = "auto") -> Path:
     """Build the page for `run_dirs` and write it atomically to `out`; returns its path."""
     dirs = [Path(r) for r in run_dirs]
     for d in dirs:
@@ -269,7 +270,7 @@ def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: in
     if images < 1 or not 1 <= checkpoints <= 20:
         raise UserError("--images must be >= 1 and --checkpoints between 1 and 20")
     curves = {d.name: scalars(d) for d in dirs}
-    reports = [report_run(d, images, checkpoints, precision) for d in dirs]
+    reports = [report_run(d, images, checkpoints, precision, weights) for d in dirs]
     val_tag = {r.name: f"val_iou/{r.class_names[1]}" if len(r.class_names) == 2 else "val/mIoU"
                for r in reports}
 

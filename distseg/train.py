@@ -43,9 +43,9 @@ from distseg.errors import UserError, describe_os_error
 from distseg.files import atomic_write_json, atomic_write_text
 from distseg.inference import InferenceSpec, Segmenter
 from distseg.labels import Scheme, get_scheme
-from distseg.losses import SegLoss
+from distseg.losses import SegLoss, build_loss
 from distseg.metrics import format_table
-from distseg.models.unet import build_model, out_channels
+from distseg.models import build_model, out_channels
 from distseg.optim import build_optimizer, lr_at
 from distseg.step_log import StepLogger
 from distseg.tb import denormalize, make_writer, panel
@@ -54,7 +54,7 @@ from distseg.validation import score_loader
 EXIT_PREEMPTED = 75  # checkpoint written on SIGUSR1/SIGTERM: requeue me
 EXIT_DIVERGED = 3
 # settings that change the weights' shapes or meaning: a run cannot resume across a change of these
-MODEL_KEYS = ("model.base", "model.depth", "model.norm", "data.scheme")
+MODEL_KEYS = ("model.encoder", "model.base", "model.depth", "model.norm", "data.scheme")
 
 
 class Diverged(UserError):
@@ -95,7 +95,7 @@ class Run:
     loss_fn: SegLoss
     train_loader: object
     val_loader: object
-    segmenter: Segmenter
+    segmenter: Segmenter  # validation's: the EMA weights when the run keeps an average
     state: RunState
     max_steps: int
     log: StepLogger
@@ -104,6 +104,7 @@ class Run:
     last_scores: dict | None = None
     preempted: bool = False
     corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
+    ema: object = None  # torch.optim.swa_utils.AveragedModel of the weights (train.ema_decay > 0)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -183,8 +184,10 @@ def init_weights(cfg: Config, model: torch.nn.Module, acc) -> None:
     own = model.state_dict()
     keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
             and not (cfg.train.reset_head and k.startswith("head."))}
-    if not any(k.startswith("down.") for k in keep):
-        raise UserError(f"{cfg.train.init_from} does not fit this model (model.base / model.depth differ?)")
+    body = [k for k in own if not k.startswith("head.")]
+    if sum(k in keep for k in body) < len(body) / 2:
+        raise UserError(f"{cfg.train.init_from} does not fit this model: {sum(k in keep for k in body)} of "
+                        f"{len(body)} tensors match (model.encoder / model.base / model.depth differ?)")
     model.load_state_dict(keep, strict=False)
     acc.print(f"initialised {len(keep)}/{len(own)} tensors from {cfg.train.init_from}"
               f"{' (new head)' if cfg.train.reset_head else ''}")
@@ -200,6 +203,19 @@ def warn_about_settings(cfg: Config, acc, max_steps: int) -> None:
     if acc.device.type == "cpu" and cfg.train.mixed_precision != "no":
         acc.print(f"note: train.mixed_precision={cfg.train.mixed_precision} runs as CPU autocast here "
                   "(no GPU): slower than on a GPU, and not what a GPU run computes bit for bit")
+
+
+def make_ema(cfg: Config, acc, model: torch.nn.Module):
+    """An exponential moving average of the weights (and BN buffers), registered with Accelerate so that a
+    checkpoint holds it and a resume restores it exactly; None when train.ema_decay is 0."""
+    if not cfg.train.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(acc.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                        use_buffers=True)
+    acc.register_for_checkpointing(ema)
+    return ema
 
 
 def setup(cfg: Config, acc) -> Run:
@@ -228,6 +244,7 @@ def setup(cfg: Config, acc) -> Run:
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
+    ema = make_ema(cfg, acc, model)
     if resume_from is not None:
         check_layout(cfg, acc, resume_from, state)
         restore(acc, resume_from, state, train_loader)
@@ -240,16 +257,15 @@ def setup(cfg: Config, acc) -> Run:
     tb = make_writer(cfg.run_dir / "tb", acc.is_main_process)
     log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, math.ceil(max_steps / steps_per_epoch),
                      cfg.name, acc.is_main_process, cfg.train.progress)
-    segmenter = Segmenter(model, InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std, acc.device,
-                          cfg.train.mixed_precision, cfg.model.channels_last)
+    segmenter = Segmenter(ema.module if ema is not None else model, InferenceSpec.from_config(cfg),
+                          cfg.data.mean, cfg.data.std, acc.device, cfg.train.mixed_precision,
+                          cfg.model.channels_last)
     log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
-              "samples, "
-              f"{acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
-              "batches/epoch/process, "
-              f"{max_steps} steps, mixed precision {acc.mixed_precision}")
-    return Run(cfg, acc, scheme, model, optimizer, SegLoss(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce),
-               train_loader,
-               val_loader, segmenter, state, max_steps, log, tb, StopFlag())
+              f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
+              f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
+    loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
+    return Run(cfg, acc, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter, state,
+               max_steps, log, tb, StopFlag(), ema=ema)
 
 
 def check_layout(cfg: Config, acc, ckpt: Path, state: RunState) -> None:
@@ -283,16 +299,16 @@ def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
 
 def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
-    labelled pixels of the whole group on all ranks, so grad_accum and world size do not change the
-    gradient. Returns the all-reduced [pixel loss sum, labelled pixels, images, corrupt samples, non-finite,
-    stop, lr]."""
-    acc, model, world = run.acc, run.model, run.acc.num_processes
+    labelled pixels (summed class weights; OHEM: kept pixels) of the whole group on all ranks, so grad_accum
+    and world size do not change the gradient. Returns the all-reduced [pixel loss sum, normaliser, images,
+    corrupt samples, non-finite, stop, lr]."""
+    acc, model, world, loss_fn = run.acc, run.model, run.acc.num_processes, run.loss_fn
     masks = [masked_targets(b) for b in group]
-    n_locals = [(m != 255).sum().float() for m in masks]
-    n_global = torch.stack(n_locals).sum()
-    if world > 1:
+    after = loss_fn.count_after_forward  # OHEM: the kept pixels are known only after each forward
+    n_global = torch.stack([loss_fn.norm_count(m) for m in masks]).sum()
+    if world > 1 and not after:
         n_global = acc.reduce(n_global, reduction="sum")
-    sums = torch.zeros(4, device=acc.device)  # pixel loss sum, labelled pixels, images, corrupt (this rank)
+    sums = torch.zeros(4, device=acc.device)  # pixel loss sum, normaliser, images, corrupt (this rank)
     for k, (b, mask) in enumerate(zip(group, masks)):
         x = b["image"]
         if run.segmenter.channels_last:
@@ -300,11 +316,11 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
         with (nullcontext() if k == len(group) - 1 or world == 1 else acc.no_sync(model)):
             with acc.autocast():
                 logits = model(x)
-            pix = run.loss_fn.pixel_sum(logits, mask)
-            loss = pix * world / n_global.clamp(min=1) + run.loss_fn.mean_terms(logits, mask) / len(group)
-            acc.backward(loss)
+            pix, count = loss_fn.pixel_sum(logits, mask)
+            scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
+            acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
         corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[3] * 0
-        sums += torch.stack([pix.detach().float(), n_locals[k], b["valid"].sum().float(), corrupt])
+        sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
     flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set)],
                                           device=acc.device)])
     if world > 1:
@@ -314,6 +330,10 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
         raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
                        f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
                        "train.clip_grad, or use train.mixed_precision=bf16 instead of fp16")
+    if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(flags[1].clamp(min=1e-12))
     lr = lr_at(run.state.step, run.cfg, run.max_steps)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
@@ -321,6 +341,8 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
         acc.clip_grad_norm_(model.parameters(), run.cfg.train.clip_grad)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(acc.unwrap_model(model))
     return torch.cat([flags, torch.tensor([lr], device=flags.device)])
 
 
@@ -399,9 +421,11 @@ def validate(run: Run) -> None:
     if score > st.best_score:
         st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
         if main:
-            save_weights(run.acc.unwrap_model(run.model).state_dict(), run.cfg.run_dir / "best",
-                         {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
-                          "miou": scores["miou"], "scheme": scheme.describe(), "config": run.cfg.name})
+            meta = {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
+                    "miou": scores["miou"], "scheme": scheme.describe(), "config": run.cfg.name,
+                    "ema": run.ema is not None}
+            save_weights(run.acc.unwrap_model(run.model).state_dict(), run.cfg.run_dir / "best", meta,
+                         ema_state(run))
     run.acc.wait_for_everyone()
 
 
@@ -409,7 +433,12 @@ def checkpoint(run: Run) -> Path:
     """Save a checkpoint on all ranks (collective), with the loader's own position where it has one."""
     loader = run.train_loader
     extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
-    return save_checkpoint(run.acc, run.ckpt_dir, run.state, run.cfg.train.keep_last, extra)
+    return save_checkpoint(run.acc, run.ckpt_dir, run.state, run.cfg.train.keep_last, extra, ema_state(run))
+
+
+def ema_state(run: Run) -> dict | None:
+    """The averaged model's weights (what evaluate, predict and export load by default), or None."""
+    return run.ema.module.state_dict() if run.ema is not None else None
 
 
 def finish(run: Run) -> dict:

@@ -86,11 +86,12 @@ def run_train(overrides, procs=1, check=True, timeout=600):
     return p
 
 
-def weights(run_dir: Path, which="latest"):
+def weights(run_dir: Path, which="latest", kind="auto"):
+    """The weights of a run's latest checkpoint (or of `which`, e.g. best): kind raw, ema or auto."""
     from distseg.checkpoint import latest_checkpoint, load_weights
 
     path = latest_checkpoint(run_dir / "checkpoints") if which == "latest" else run_dir / which
-    return load_weights(path)
+    return load_weights(path, kind)
 
 
 def val_pixels(shards: Path) -> int:

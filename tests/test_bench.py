@@ -1,26 +1,26 @@
 """Benchmarks run and report every pipeline/variant asked for (numbers are shown, not asserted)."""
 
 import json
-import re
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
+from distseg.config import load_config
+from distseg.models import build_model
 
 
 def rows(text):
-    heads = ("| pipeline", "| variant", "| image format")
+    heads = ("| pipeline", "| variant", "| image format", "| model")
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(heads)]
 
 
 def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     out = tmp_path / "b.md"
     p = run_cli("bench", "data", "--root", synth_root, "--batches", "3", "--out", out,
-                f"data.shards={shards}",
-                "data.batch_size=2", "data.num_workers=1", "data.crop=[64,128]")
+                f"data.shards={shards}", "data.batch_size=2", "data.num_workers=1", "data.crop=[64,128]")
     r = rows(p.stdout.split("\nshuffle:")[0])  # the pipeline table; the shuffle table follows it
     names = [x.split("|")[1].strip() for x in r]
-    assert names == ["decode only: full image + mask, the loader's decoders (1 process)", "torch loader, "
-                                                                                          "CPU decode",
-                     "torch loader, GPU decode (nvJPEG)", "DALI, CPU mode (device_id=None)",
+    assert names == ["decode only: full image + mask, the loader's decoders (1 process)",
+                     "torch loader, CPU decode", "torch loader, GPU decode (nvJPEG)",
+                     "DALI, CPU mode (device_id=None)",
                      "torchvision reference, PNG folder", "torchvision reference, same JPEG shards"]
     for line in r[:2] + r[3:]:
         ips, cores, per_core = (float(v) for v in line.split("|")[2:5])
@@ -40,16 +40,22 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     assert set(j["pipelines"]) == {"decode", "tv-jpg"} and j["pipelines"]["decode"]["vs_decode_only"] == 1.0
 
 
-def test_bench_train_reports_throughput_and_mfu(shards):
+def test_bench_train_reports_throughput_and_mfu_per_encoder(shards):
     p = run_cli("bench", "train", "--variants", "fp32,bf16", "--steps", "2", "--warmup", "1", "--loader",
-                f"data.shards={shards}", "data.batch_size=2", "data.num_workers=0", "data.crop=[64,128]",
-                "model.base=8", "model.depth=2")
-    r = rows(p.stdout)
-    assert [x.split("|")[1].strip() for x in r] == ["fp32", "bf16"]
-    for line in r:
-        ips, tflops, mfu = (float(v) for v in line.split("|")[2:5])
+                "--encoders", "unet,resnet18", f"data.shards={shards}", "data.batch_size=2",
+                "data.num_workers=0", "data.crop=[64,128]", "model.base=8", "model.depth=2")
+    r = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(p.stdout)]
+    assert [(x[0], x[2]) for x in r] == [("unet", "fp32"), ("unet", "bf16"), ("resnet18", "fp32"),
+                                        ("resnet18", "bf16")]
+    for x in r:
+        ips, tflops, mfu = (float(v) for v in x[3:6])
         assert ips > 0 and tflops > 0 and mfu > 0
-    assert re.search(r"[0-9.]+ TFLOP/image", p.stdout)
+    sizes = {x[0]: x[1] for x in r}
+    resnet = build_model(load_config(None, ["model.encoder=resnet18", "model.base=32"]), 19)
+    assert sizes["resnet18"].startswith(f"{sum(p.numel() for p in resnet.parameters()) / 1e6:.1f}M")
+    assert "decoder width 32" in p.stdout
+    p = run_cli("bench", "train", "--encoders", "resnet19", check=False)
+    assert_user_error(p, "model.encoder")
 
 
 def test_bench_shard(synth_root):

@@ -1,7 +1,7 @@
 """Every command in the README's ```bash blocks runs as written, in order, on synthetic data: only tiny model
 settings are appended (and short benchmark options), so a README that drifts from the code fails here. Lines
-marked `# needs GPUs` / `# needs a Slurm cluster` / `# needs an S3 endpoint` are skipped (tests/test_slurm.py
-and tests/test_storage.py run those paths against real servers);
+marked `# needs GPUs` / `# needs a Slurm cluster` / `# needs an S3 endpoint` / `# needs a network` are skipped
+(tests/test_slurm.py and tests/test_storage.py run those paths against real servers);
 `tools/test.sh` is this suite itself."""
 
 import json
@@ -24,7 +24,7 @@ TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]
 BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
          "--variants", "fp32"], "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64",
                                                                      "--modes", "whole,slide"]}
-MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint")
+MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
 
 
 def readme_commands() -> list[str]:
@@ -70,13 +70,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
             f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         ran.append(cmd)
     # test.sh, 8-GPU training, two sbatch lines, four S3 lines (tests/test_storage.py runs those against a
-    # real S3 server): nothing else may be skipped
-    assert len(skipped) == 8, skipped
+    # real S3 server), the ImageNet download: nothing else may be skipped
+    assert len(skipped) == 9, skipped
     assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran
     # what the commands were for is there
     assert json.loads((tmp_path / "scores.json").read_text())["miou"] is not None
     assert len(list((tmp_path / "results").glob("*_pred_labelIds.png"))) == 12
     assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
+    assert (tmp_path / "resnet18.onnx").stat().st_size > 0 and (tmp_path / "resnet18.pt2").stat().st_size > 0
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         assert len(z.namelist()) == 4
     for run in ("cityscapes_unet", "two", "automobile", "person", "seed/person_finetuned"):

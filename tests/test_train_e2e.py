@@ -65,7 +65,7 @@ def test_tensorboard_and_run_folder(one_proc_run):
 @pytest.mark.parametrize("loader", ["torch", "dali", "torch+shards"])
 def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, loader):
     ov = {"data.batch_size": 2, "data.num_workers": 1, "train.ckpt_every": 3, "train.epochs": 2,
-          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5,
+          "train.mixed_precision": "bf16", "train.clip_grad": 0.5, "loss.dice": 0.5, "train.ema_decay": 0.9,
           "data.loader": loader.split("+")[0], "data.shuffle": "shards" if "shards" in loader else "global"}
     run_train(base_overrides(shards, tmp_path, "ref", **ov))
     args = base_overrides(shards, tmp_path, "killed", **ov)
@@ -82,9 +82,10 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, loader):
     assert "resumed from" in p.stdout
     batch = int(p.stdout.split("batch ")[1].split(")")[0])
     assert batch > 0, "the resume must start mid-epoch"
-    wr, wk = weights(tmp_path / "ref"), weights(tmp_path / "killed")
-    for k in wr:
-        assert torch.equal(wr[k], wk[k]), k
+    for kind in ("raw", "ema"):  # the weight average resumes exactly too
+        wr, wk = weights(tmp_path / "ref", kind=kind), weights(tmp_path / "killed", kind=kind)
+        for k in wr:
+            assert torch.equal(wr[k], wk[k]), (kind, k)
     sr = json.loads((tmp_path / "ref" / "summary.json").read_text())
     sk = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert sr["final_miou"] == sk["final_miou"] and sr["steps"] == sk["steps"]

@@ -10,7 +10,7 @@ from distseg.config import Config
 from distseg.errors import UserError
 from distseg.inference import InferenceSpec, Segmenter
 from distseg.labels import get_scheme
-from distseg.models.unet import build_model, out_channels
+from distseg.models import build_model, out_channels
 
 MS_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's Cityscapes multi-scale test
 MODES = ("whole", "whole+flip", "slide", "slide+flip", "ms", "ms+flip")

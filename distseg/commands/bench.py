@@ -67,12 +67,18 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
 @click.option("--warmup", default=3, show_default=True, help="untimed steps first")
 @click.option("--loader", "real_loader", is_flag=True,
               help="feed the real shard loader instead of synthetic tensors")
+@click.option("--encoders", default=None,
+              help="comma-separated model.encoder values to compare (e.g. unet,resnet18,resnet50,"
+                   "convnext_tiny,efficientnet_b0) [default: the config's]")
 @click.option("--out", default=None, help="append the table to this file")
 @click.argument("overrides", nargs=-1)
-def bench_train_cmd(config, variants, steps, warmup, real_loader, out, overrides) -> None:
-    """Training-step img/s, TFLOP/s, MFU and data-wait per variant. OVERRIDES: config settings."""
+def bench_train_cmd(config, variants, steps, warmup, real_loader, encoders, out, overrides) -> None:
+    """Training-step img/s, TFLOP/s, MFU and data-wait per encoder and variant. OVERRIDES: config settings."""
     cfg = load_config(config, overrides)
-    _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader), out)
+    names = encoders.split(",") if encoders else None
+    for name in names or []:
+        load_config(config, [*overrides, f"model.encoder={name}"])  # a clear error for an unknown encoder
+    _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader, names), out)
 
 
 @bench.command("shard")

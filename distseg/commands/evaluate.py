@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from distseg.commands.options import weights_option
 from distseg.errors import UserError
 from distseg.evaluate import score_checkpoint, score_results
 from distseg.runs import CHECKPOINT_HELP
@@ -25,8 +26,9 @@ PRECISIONS = click.Choice(["no", "bf16", "fp16"])
 @click.option("--json", "json_out", default=None, help="also write every score and the confusion matrix here")
 @click.option("--precision", default=None, type=PRECISIONS, help="[default: the run's train.mixed_precision]")
 @click.option("--workers", default=2, show_default=True, help="image decoding processes")
+@weights_option
 @click.argument("overrides", nargs=-1)
-def evaluate(run, checkpoint, results, root, split, scheme, shards, json_out, precision, workers,
+def evaluate(run, checkpoint, results, root, split, scheme, shards, json_out, precision, workers, weights,
              overrides) -> None:
     """Official Cityscapes IoU and iIoU (classes and categories) of a run or a results folder.
 
@@ -40,4 +42,5 @@ def evaluate(run, checkpoint, results, root, split, scheme, shards, json_out, pr
             raise UserError("--results scores files as they are: config overrides and --shards do not apply")
         score_results(results, root, split or "val", scheme, json_out)
     else:
-        score_checkpoint(run, checkpoint, split, root, shards, tuple(overrides), json_out, precision, workers)
+        score_checkpoint(run, checkpoint, split, root, shards, tuple(overrides), json_out, precision, workers,
+                         weights)

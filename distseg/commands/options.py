@@ -1,9 +1,16 @@
-"""Option parsers shared by several commands: sizes in bytes and WIDTHxHEIGHT."""
+"""Options shared by several commands: sizes in bytes, WIDTHxHEIGHT, and which weights of a run to use."""
 
 from __future__ import annotations
 
+import click
+
 from distseg.config import parse_bytes  # noqa: F401  (re-exported for the commands)
 from distseg.errors import UserError
+
+# evaluate, predict, export, report: which weights of a run to load (see checkpoint.weights_file)
+weights_option = click.option(
+    "--weights", default="auto", show_default=True, type=click.Choice(["auto", "ema", "raw"]),
+    help="ema (the weight average), raw (the trained weights), or auto: the average if the run kept one")
 
 
 def parse_wxh(text: str | None) -> tuple[int, int] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from accelerate import PartialState
 
+from distseg.commands.options import weights_option
 from distseg.predict import predict as run_predict
 from distseg.runs import CHECKPOINT_HELP
 
@@ -25,10 +26,10 @@ from distseg.runs import CHECKPOINT_HELP
               help="[default: the run's train.mixed_precision]")
 @click.option("--set", "overrides", multiple=True,
               help="config override, e.g. --set eval.mode=slide (repeatable)")
+@weights_option
 @click.argument("inputs", nargs=-1)
 def predict(run, checkpoint, out, root, split, overlays, zip_path, alpha, batch_size, workers, precision,
-            overrides,
-            inputs) -> None:
+            weights, overrides, inputs) -> None:
     """Segment INPUTS (image files or folders) and/or --split of --root into official results.
 
     Label-id PNGs <city>_<seq>_<frame>_pred_labelIds.png (other names: <stem>_pred_labelIds.png), ready for
@@ -36,7 +37,7 @@ def predict(run, checkpoint, out, root, split, overlays, zip_path, alpha, batch_
     accelerate launch -m distseg predict ... (each image is predicted once).
     """
     n = run_predict(run, tuple(inputs), out, checkpoint, root, split, overlays, zip_path, alpha, batch_size,
-                    workers, precision, tuple(overrides))
+                    workers, precision, tuple(overrides), weights)
     if PartialState().is_main_process:
         click.echo(f"wrote {n} results to {out}" + (f", overlays to {overlays}" if overlays else "")
                    + (f", archive {zip_path}" if zip_path else ""))

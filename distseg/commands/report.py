@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from distseg.commands.options import weights_option
 from distseg.report import write_report
 
 
@@ -14,8 +15,9 @@ from distseg.report import write_report
 @click.option("--checkpoints", default=5, show_default=True, help="checkpoints the gallery shows, best first")
 @click.option("--precision", default="no", show_default=True, type=click.Choice(["no", "bf16", "fp16"]),
               help="inference precision")
-def report(runs, out, images, checkpoints, precision) -> None:
+@weights_option
+def report(runs, out, images, checkpoints, precision, weights) -> None:
     """Curves, per-class IoU, confusion matrix and a val gallery with a checkpoint chooser for RUNS (run
     folders), in one HTML file that needs no network to view."""
-    path = write_report(list(runs), out, images, checkpoints, precision)
+    path = write_report(list(runs), out, images, checkpoints, precision, weights)
     click.echo(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")

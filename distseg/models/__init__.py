@@ -1,0 +1,27 @@
+"""The models: the seed's U-Net (unet.py) and torchvision encoders with a U-Net decoder (encoders.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distseg.errors import UserError
+from distseg.models.encoders import EncoderUNet
+from distseg.models.unet import UNet
+
+
+def build_model(cfg, num_classes: int) -> nn.Module:
+    """The model the config describes (model.encoder), with `num_classes` output channels."""
+    m = cfg.model
+    if m.encoder == "unet":
+        if m.pretrained not in ("", "none"):
+            raise UserError("model.pretrained needs a torchvision encoder (model.encoder=resnet50, ...); the "
+                            "seed's U-Net trains from scratch")
+        return UNet(3, num_classes, m.base, m.depth, m.norm)
+    return EncoderUNet(m.encoder, num_classes, m.pretrained, m.norm, m.base)
+
+
+def out_channels(cfg, num_classes: int) -> int:
+    """BCE-only training on a binary scheme uses one logit (foreground); everything else one per class."""
+    if num_classes == 2 and cfg.loss.bce > 0 and cfg.loss.ce == 0 and cfg.loss.dice == 0:
+        return 1
+    return num_classes

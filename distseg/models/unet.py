@@ -46,33 +46,11 @@ class UNet(nn.Module):
         """Images N x 3 x H x W -> logits N x C x H x W."""
         h, w = x.shape[-2:]
         m = 2 ** self.depth
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+        x = F.pad(x, (0, (-w) % m, 0, (-h) % m))  # always (maybe by 0): one graph for every size, exportable
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
         for up, dec in zip(self.up, self.dec):
             y = dec(torch.cat([skips.pop(), up(y)], dim=1))
-        y = self.head(y)
-        return y[..., :h, :w] if (ph or pw) else y
-
-
-def build_model(cfg, num_classes: int) -> UNet:
-    """The U-Net the config describes, with `num_classes` output channels."""
-    return UNet(3, num_classes, cfg.model.base, cfg.model.depth, cfg.model.norm)
-
-
-def out_channels(cfg, num_classes: int) -> int:
-    """BCE-only training on a binary scheme uses one logit (foreground); everything else one per class."""
-    if num_classes == 2 and cfg.loss.bce > 0 and cfg.loss.ce == 0 and cfg.loss.dice == 0:
-        return 1
-    return num_classes
-
-
-def predict_classes(logits: torch.Tensor) -> torch.Tensor:
-    """Logits N x C x H x W -> class map N x H x W (C == 1: foreground where logit > 0)."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)
+        return F.pad(self.head(y), (0, -((-w) % m), 0, -((-h) % m)))  # crop back: a new tensor, not a view

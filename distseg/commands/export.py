@@ -1,0 +1,40 @@
+"""`distseg export`: a run's weights as ONNX or a torch.export program (.pt2)."""
+
+from __future__ import annotations
+
+import click
+
+from distseg.commands.options import weights_option
+from distseg.errors import UserError
+from distseg.export import export_run
+from distseg.runs import CHECKPOINT_HELP, find_run, load_run
+
+
+@click.command()
+@click.option("--run", default=None, help="run folder (runs/<name>) [default: the one holding --checkpoint]")
+@click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
+@weights_option
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "pt2"]),
+              help="onnx (onnxruntime, TensorRT, ...) or pt2 (torch.export, the successor of TorchScript)")
+@click.option("--out", required=True, help="the file to write")
+@click.option("--height", default=1024, show_default=True, help="input height (the example size when "
+                                                                "--dynamic)")
+@click.option("--width", default=2048, show_default=True, help="input width (the example size when "
+                                                               "--dynamic)")
+@click.option("--dynamic", is_flag=True, help="any batch size, height and width")
+@click.option("--argmax", is_flag=True, help="output the int64 class map instead of float32 logits")
+@click.option("--input", "input_dtype", default="uint8", show_default=True,
+              type=click.Choice(["uint8", "float"]),
+              help="uint8 pixels 0-255, or float32 in [0, 1] (RGB, N x 3 x H x W; normalisation folded in)")
+def export(run, checkpoint, weights, fmt, out, height, width, dynamic, argmax, input_dtype) -> None:
+    """Export a run's weights for serving: normalisation folded in, logits or class map out."""
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise UserError('--format onnx needs onnx and onnxscript: pip install "distseg[export]"') \
+                from None
+    loaded = load_run(run or find_run(checkpoint), checkpoint, weights=weights)
+    path = export_run(loaded, fmt, out, height, width, dynamic, argmax, input_dtype)
+    click.echo(f"exported {loaded.weights} to {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,94 @@
+"""`distseg export`: a run's weights as an ONNX file or a `torch.export` program (.pt2, the successor of
+TorchScript) for serving without distseg.
+
+The exported graph takes RGB images N x 3 x H x W — uint8 pixels (default) or float32 in [0, 1] — with the
+training normalisation folded in, and returns float32 logits N x C x H x W or, with `argmax`, the int64
+class map N x H x W. Fixed sizes, or with `dynamic` any batch and size: the models pad to their stride
+inside the graph and crop back. The file's metadata (ONNX metadata_props; a `distseg.json` extra file in
+the .pt2) says so, with the class names and the scheme.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distseg.errors import UserError
+from distseg.files import atomic_write_bytes
+from distseg.inference import classes_from_logits
+from distseg.runs import LoadedRun
+
+
+class Deployable(nn.Module):
+    """The model with its input normalisation folded in and, optionally, the argmax."""
+
+    def __init__(self, model: nn.Module, mean, std, uint8: bool, argmax: bool):
+        super().__init__()
+        self.model, self.uint8, self.argmax = model, uint8, argmax
+        scale = 255.0 if uint8 else 1.0
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * scale)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, 3, 1, 1) * scale))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (uint8 0..255 or float 0..1) -> logits, or the class map with argmax."""
+        logits = self.model((images.float() - self.mean) * self.inv_std)
+        return classes_from_logits(logits) if self.argmax else logits
+
+
+def metadata(loaded: LoadedRun, uint8: bool, argmax: bool, dynamic: bool, size: tuple[int, int]) -> dict:
+    """What a consumer must know to use the file."""
+    cfg = loaded.cfg
+    return {"producer": "distseg", "weights": str(loaded.weights), "scheme": loaded.scheme.name,
+            "classes": json.dumps(loaded.scheme.class_names),
+            "input": ("uint8 RGB N x 3 x H x W, 0-255" if uint8 else "float32 RGB N x 3 x H x W, 0-1")
+            + f"; normalisation folded in (mean {cfg.data.mean}, std {cfg.data.std})",
+            "output": "int64 class map N x H x W" if argmax else "float32 logits N x C x H x W",
+            "shape": "dynamic batch, height and width" if dynamic else f"fixed {size[0]}x{size[1]} (H x W)",
+            "model": f"{cfg.model.encoder} base {cfg.model.base}"}
+
+
+def export_run(loaded: LoadedRun, fmt: str, out: str, height: int, width: int, dynamic: bool = False,
+               argmax: bool = False, input_dtype: str = "uint8") -> Path:
+    """Write the exported file atomically; returns its path."""
+    if fmt not in ("onnx", "pt2"):
+        raise UserError(f"--format must be onnx or pt2, not {fmt!r}")
+    if height < 8 or width < 8:
+        raise UserError("--height and --width must be at least 8")
+    uint8 = input_dtype == "uint8"
+    module = Deployable(loaded.model.eval(), loaded.cfg.data.mean, loaded.cfg.data.std, uint8, argmax).eval()
+    # dynamic: an odd example size, so the graph keeps the padding path for every size, and batch 2 (a
+    # dimension of size 1 would be specialised)
+    n, h, w = (2, height | 1, width | 1) if dynamic else (1, height, width)
+    example = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8) if uint8 else torch.rand(n, 3, h, w)
+    auto = torch.export.Dim.AUTO
+    dims = ({0: auto, 2: auto, 3: auto},) if dynamic else None
+    meta = metadata(loaded, uint8, argmax, dynamic, (height, width))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants its suffix
+    with torch.no_grad():
+        if fmt == "onnx":
+            output = "classes" if argmax else "logits"
+            onnx_program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dims,
+                                             verbose=False, input_names=["images"], output_names=[output])
+            onnx_program.save(str(tmp))
+            _add_onnx_metadata(tmp, meta)
+        else:
+            program = torch.export.export(module, (example,), dynamic_shapes=dims)
+            torch.export.save(program, str(tmp), extra_files={"distseg.json": json.dumps(meta)})
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+    return path
+
+
+def _add_onnx_metadata(path: Path, meta: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+    onnx.save(model, str(path))
