@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distseg.errors import UserError
+from distseg.errors import UserError, write_reason
 from distseg.files import sha256_file
 
 STATE_FILE = "trainer_state.json"
@@ -100,25 +100,34 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int
     the weight average, also goes to ema.safetensors for evaluate, predict and export."""
     final = ckpt_dir / f"step-{state.step:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
+    failure = None
+    try:
+        if accelerator.is_main_process:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        for name, data in (rank_files or {}).items():
+            f = tmp / f"{name}_{accelerator.process_index}"
+            f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
+    except Exception as e:  # a full disk, a quota: every rank must learn of it, or the others wait forever
+        failure = e
+    all_ranks_wrote(accelerator, failure, f"checkpoint {final}", ckpt_dir, cleanup=tmp)
     if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    for name, data in (rank_files or {}).items():
-        f = tmp / f"{name}_{accelerator.process_index}"
-        f.write_bytes(data) if isinstance(data, bytes) else f.write_text(data)
-    accelerator.wait_for_everyone()
+        try:
+            if ema_state is not None:
+                write_safetensors(ema_state, tmp / "ema.safetensors")
+            # durable before it is named complete: checksums of every file, fsynced, then the state, rename
+            write_checksums(tmp)
+            with open(tmp / STATE_FILE, "w") as f:
+                f.write(state.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            failure = e
+    all_ranks_wrote(accelerator, failure, f"checkpoint {final}", ckpt_dir, cleanup=tmp)
     if accelerator.is_main_process:
-        if ema_state is not None:
-            write_safetensors(ema_state, tmp / "ema.safetensors")
-        # durable before it is named complete: checksums of every file, fsynced, then the state, then rename
-        write_checksums(tmp)
-        with open(tmp / STATE_FILE, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -126,6 +135,30 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int
         prune(ckpt_dir, state.run_id, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+class NotWritten(UserError):
+    """A checkpoint or the best weights could not be written (full disk, quota): every rank stops, the
+    partial files are removed and the message names the newest complete checkpoint, which a rerun resumes."""
+
+    collective = True
+
+
+def all_ranks_wrote(accelerator, failure: BaseException | None, what: str, ckpt_dir: Path,
+                    cleanup: Path | None = None) -> None:
+    """Collective: if any rank failed to write its part of `what`, remove `cleanup` and raise NotWritten on
+    every rank (a rank that raised alone would leave the others waiting at the next collective forever)."""
+    failed = torch.tensor([float(failure is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failed.item() == 0:
+        return
+    reason = "another rank could not write its part" if failure is None else write_reason(failure, ckpt_dir)
+    if accelerator.is_main_process and cleanup is not None:  # after the reason: it may probe the free space
+        shutil.rmtree(cleanup, ignore_errors=True)
+    last = latest_checkpoint(ckpt_dir)
+    raise NotWritten(f"could not write {what}: {reason}; the newest complete checkpoint is {last or 'none'}: "
+                     "free space and run the same command again to resume")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,10 +222,14 @@ def save_weights(state_dict: dict, out_dir: Path, meta: dict, ema_state: dict | 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_safetensors(state_dict, tmp / "model.safetensors")
-    if ema_state is not None:
-        write_safetensors(ema_state, tmp / "ema.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        write_safetensors(state_dict, tmp / "model.safetensors")
+        if ema_state is not None:
+            write_safetensors(ema_state, tmp / "ema.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
         out_dir.rename(old)

@@ -142,11 +142,12 @@ def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
 
 
 def train_command(plan: Plan, stage: Stage, extra: tuple[str, ...], procs: int) -> list[str]:
-    """The training process(es) of a stage: train.py itself, or accelerate launch for several."""
+    """The training process(es) of a stage: train.py itself, or Accelerate's launcher through distseg.launch
+    (the ranks' own error line and exit status, without the launcher's traceback) for several."""
     args = [str(TRAIN_SCRIPT), "--config", config_path(stage), *plan.stage_overrides(stage, extra)]
     if procs <= 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+    return [sys.executable, "-m", "distseg.launch", "--multi_gpu", "--num_processes", str(procs),
             "--num_machines", "1", "--dynamo_backend", "no", *args]
 
 

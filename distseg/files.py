@@ -9,13 +9,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distseg.errors import naming
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp name in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -51,7 +53,8 @@ def atomic_save_png(image, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        image.save(tmp, format="PNG")
+        with naming(path):
+            image.save(tmp, format="PNG")
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -26,9 +25,12 @@ if __package__ in (None, ""):  # started as a script: make the package importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from distseg.checkpoint import (
+    NotWritten,
     RunState,
+    all_ranks_wrote,
     damage,
     latest_checkpoint,
     list_checkpoints,
@@ -39,7 +41,7 @@ from distseg.checkpoint import (
 )
 from distseg.config import Config, dump_config, load_config
 from distseg.data.loader import build_loader, masked_targets
-from distseg.errors import UserError, describe_os_error
+from distseg.errors import UserError, describe_os_error, write_reason
 from distseg.files import atomic_write_json, atomic_write_text
 from distseg.inference import InferenceSpec, Segmenter
 from distseg.labels import Scheme, get_scheme
@@ -47,7 +49,9 @@ from distseg.losses import SegLoss, build_loss
 from distseg.metrics import format_table
 from distseg.models import build_model, out_channels
 from distseg.optim import build_optimizer, lr_at
+from distseg.run_lock import Lease, RunLocked, acquire
 from distseg.step_log import StepLogger
+from distseg.stopping import StopFlag, die_with_launcher
 from distseg.tb import denormalize, make_writer, panel
 from distseg.validation import score_loader
 
@@ -60,27 +64,7 @@ MODEL_KEYS = ("model.encoder", "model.base", "model.depth", "model.norm", "data.
 class Diverged(UserError):
     """The loss became NaN or infinite: training stops on every rank (exit status 3)."""
 
-
-class StopFlag:
-    """A request to checkpoint and exit with EXIT_PREEMPTED, acted on at the next optimizer step by all
-    ranks together: SIGUSR1/SIGTERM to a rank, or the file named by $DISTSEG_STOP_FILE appearing (what
-    slurm/train.sh creates when Slurm warns its batch shell before the time limit)."""
-
-    def __init__(self):
-        self._signalled = False
-        self.file = os.environ.get("DISTSEG_STOP_FILE") or None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, _frame):
-        if self._signalled and signum == signal.SIGTERM:  # asked twice (e.g. a launcher tearing down): go now
-            raise SystemExit(128 + signum)
-        self._signalled = True
-
-    @property
-    def set(self) -> bool:
-        """Whether a stop was requested on this rank."""
-        return self._signalled or (self.file is not None and os.path.exists(self.file))
+    collective = True
 
 
 @dataclass
@@ -103,6 +87,8 @@ class Run:
     stop: StopFlag
     last_scores: dict | None = None
     preempted: bool = False
+    interrupted: bool = False  # the stop was a Ctrl-C (exit 130) rather than a scheduler's (75)
+    lease: Lease | None = None  # rank 0's hold on the run folder
     corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
     ema: object = None  # torch.optim.swa_utils.AveragedModel of the weights (train.ema_decay > 0)
 
@@ -218,7 +204,41 @@ def make_ema(cfg: Config, acc, model: torch.nn.Module):
     return ema
 
 
-def setup(cfg: Config, acc) -> Run:
+def take_lease(cfg: Config, acc) -> Lease | None:
+    """Rank 0 takes the run folder's lease (distseg/run_lock.py) before anything is read or written there;
+    when another live run holds it, every rank raises the same RunLocked."""
+    lease, refusal = None, ""
+    if acc.is_main_process:
+        try:
+            lease = acquire(cfg.run_dir, acc.print)
+        except RunLocked as e:
+            refusal = str(e)
+    if acc.num_processes > 1:
+        box = [refusal]
+        broadcast_object_list(box)
+        refusal = box[0]
+    if refusal:
+        raise RunLocked(refusal)
+    return lease
+
+
+def read_inputs(cfg: Config, acc, scheme: Scheme):
+    """The loaders and the checkpoint to resume from with its state, all validated. Every rank reads the
+    same files with the same settings, so a mistake here is the same on every rank: reported once."""
+    try:
+        train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
+        val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
+        resume_from = choose_resume(cfg, acc.print)
+        state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
+        if resume_from is not None:
+            check_layout(cfg, acc, resume_from, state)
+    except UserError as e:
+        e.collective = True
+        raise
+    return train_loader, val_loader, resume_from, state
+
+
+def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
     on_cuda = acc.device.type == "cuda"
     if on_cuda:  # fixed input shapes (crops): let cuDNN pick the fastest kernels; TF32 for fp32 matmuls
@@ -226,10 +246,7 @@ def setup(cfg: Config, acc) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     scheme = get_scheme(cfg.data.scheme)
-    train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
-    val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
-    resume_from = choose_resume(cfg, acc.print)
-    state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
+    train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, out_channels(cfg, scheme.num_classes))
     if cfg.train.init_from and resume_from is None:
@@ -246,7 +263,6 @@ def setup(cfg: Config, acc) -> Run:
         model = torch.compile(model)
     ema = make_ema(cfg, acc, model)
     if resume_from is not None:
-        check_layout(cfg, acc, resume_from, state)
         restore(acc, resume_from, state, train_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
@@ -265,20 +281,32 @@ def setup(cfg: Config, acc) -> Run:
               f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
     loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
     return Run(cfg, acc, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter, state,
-               max_steps, log, tb, StopFlag(), ema=ema)
+               max_steps, log, tb, StopFlag(), ema=ema, lease=lease)
 
 
 def check_layout(cfg: Config, acc, ckpt: Path, state: RunState) -> None:
-    """A mid-epoch position means something only in the layout that wrote it, for shard-window shuffling."""
-    if not state.batch_in_epoch or "shards" not in (state.shuffle, cfg.data.shuffle):
+    """Resuming in another layout (processes x data.batch_size x train.grad_accum): allowed when the global
+    batch is the same, and then the interrupted epoch continues exactly where it stopped, each sample once
+    (the global shuffle is one permutation cut into global batches, whatever their split over processes).
+    A different global batch would change what a step is, the step count and the learning-rate schedule:
+    refused. Shard-window shuffling assigns shards per rank: it resumes mid-epoch only in its own layout."""
+    old = (state.world, state.batch_size, state.grad_accum)
+    new = (acc.num_processes, cfg.data.batch_size, cfg.train.grad_accum)
+    if old == new or not state.batch_size:
         return
-    same = (state.shuffle == cfg.data.shuffle and state.world == acc.num_processes
-            and state.batch_size == cfg.data.batch_size)
-    if not same:
-        raise UserError(f"{ckpt} stopped mid-epoch with data.shuffle={state.shuffle}, {state.world} "
-                        "process(es) "
-                        f"x batch {state.batch_size}: with data.shuffle=shards each rank reads its own shard "
-                        "windows, so resume mid-epoch in that same layout, or from an epoch-end checkpoint")
+    layout = "{} process(es) x data.batch_size {} x train.grad_accum {}".format
+    if math.prod(old) != math.prod(new):
+        raise UserError(f"{ckpt} was trained with a global batch of {math.prod(old)} ({layout(*old)}), this "
+                        f"start has {math.prod(new)} ({layout(*new)}): choose data.batch_size and "
+                        f"train.grad_accum so that processes x batch x accumulation = {math.prod(old)}, "
+                        "or start a new run with name=...")
+    if state.batch_in_epoch and "shards" in (state.shuffle, cfg.data.shuffle):
+        raise UserError(f"{ckpt} stopped mid-epoch with data.shuffle={state.shuffle}, {layout(*old)}: with "
+                        "data.shuffle=shards each rank reads its own shard windows, so resume mid-epoch in "
+                        "that same layout, or from an epoch-end checkpoint")
+    consumed = state.batch_in_epoch * old[0] * old[1]  # samples of this epoch already trained on
+    state.batch_in_epoch = consumed // (new[0] * new[1])
+    acc.print(f"resuming {layout(*old)} as {layout(*new)}: the same global batch of {math.prod(new)}")
 
 
 def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
@@ -301,7 +329,7 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
     labelled pixels (summed class weights; OHEM: kept pixels) of the whole group on all ranks, so grad_accum
     and world size do not change the gradient. Returns the all-reduced [pixel loss sum, normaliser, images,
-    corrupt samples, non-finite, stop, lr]."""
+    corrupt samples, non-finite, stop, Ctrl-C, lease lost, TensorBoard write failed, lr]."""
     acc, model, world, loss_fn = run.acc, run.model, run.acc.num_processes, run.loss_fn
     masks = [masked_targets(b) for b in group]
     after = loss_fn.count_after_forward  # OHEM: the kept pixels are known only after each forward
@@ -321,10 +349,18 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
             acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
         corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[3] * 0
         sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
-    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set)],
-                                          device=acc.device)])
+    lost = run.lease is not None and run.lease.lost_to is not None
+    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set),
+                                           float(run.stop.interrupted), float(lost),
+                                           float(run.tb.failure is not None)], device=acc.device)])
     if world > 1:
         flags = acc.reduce(flags, reduction="sum")
+    if flags[7] > 0:
+        holder = run.lease.lost_to.describe() if lost else "another process"
+        raise RunLocked(f"the lease of {run.cfg.run_dir} was taken over by {holder}: this run stops here "
+                        "without writing anything more")
+    if flags[8] > 0:
+        raise events_not_written(run)
     if flags[4] > 0:
         last = latest_checkpoint(run.ckpt_dir) or "none"
         raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
@@ -364,14 +400,17 @@ def train_one_epoch(run: Run) -> None:
         st.batch_in_epoch += len(group)
         st.samples += int(flags[2])
         run.corrupt += int(flags[3])
-        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[6]),
+        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[9]),
                      int(flags[2]))
         if flags[5] > 0:
-            run.log.print(f"stop requested: checkpointing at step {st.step}")
+            run.interrupted = bool(flags[6] > 0)
+            run.log.print(f"{'interrupted' if run.interrupted else 'stop requested'}: checkpointing at step "
+                          f"{st.step} (a second Ctrl-C exits at once, without it)")
             ck = checkpoint(run)
             if run.acc.is_main_process and run.stop.file:  # tells slurm/train.sh the checkpoint is complete
                 atomic_write_text(Path(run.stop.file + ".done"), f"{ck}\n")
             run.preempted = True
+            run.log.print(f"checkpoint {ck} is complete: run the same command again to resume")
             return
         if st.step >= run.max_steps:
             return
@@ -383,8 +422,7 @@ def report_corrupt(run: Run) -> None:
     """After an epoch with data.on_corrupt=skip: how many samples could not be decoded and were left out."""
     if run.corrupt:
         run.log.print(f"warning: epoch {run.state.epoch}: {run.corrupt} sample(s) could not be decoded and "
-                      "were "
-                      "left out (data.on_corrupt=skip)")
+                      "were left out (data.on_corrupt=skip)")
         run.tb.add_scalar("data/corrupt_skipped", run.corrupt, run.state.step)
     run.corrupt = 0
 
@@ -420,12 +458,17 @@ def validate(run: Run) -> None:
                   f"({scores['pixels']} px)")
     if score > st.best_score:
         st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
+        failure = None
         if main:
             meta = {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
                     "miou": scores["miou"], "scheme": scheme.describe(), "config": run.cfg.name,
                     "ema": run.ema is not None}
-            save_weights(run.acc.unwrap_model(run.model).state_dict(), run.cfg.run_dir / "best", meta,
-                         ema_state(run))
+            try:
+                save_weights(run.acc.unwrap_model(run.model).state_dict(), run.cfg.run_dir / "best", meta,
+                             ema_state(run))
+            except Exception as e:  # a full disk: reported on every rank, the previous best stays
+                failure = e
+        all_ranks_wrote(run.acc, failure, f"the best weights {run.cfg.run_dir / 'best'}", run.ckpt_dir)
     run.acc.wait_for_everyone()
 
 
@@ -441,6 +484,16 @@ def ema_state(run: Run) -> dict | None:
     return run.ema.module.state_dict() if run.ema is not None else None
 
 
+def events_not_written(run: Run) -> NotWritten:
+    """The error for a failed TensorBoard write (a full disk), naming what a rerun resumes from."""
+    failure = run.tb.failure
+    reason = "failed on rank 0" if failure is None else write_reason(failure, run.cfg.run_dir)
+    last = latest_checkpoint(run.ckpt_dir)
+    return NotWritten(f"could not write TensorBoard events to {run.cfg.run_dir / 'tb'}: {reason}; the newest "
+                      f"complete checkpoint is {last or 'none'}: free space and run the same command again "
+                      "to resume")
+
+
 def finish(run: Run) -> dict:
     """Write summary.json (valid JSON: absent classes are null) and print the final table on rank 0."""
     st, scheme = run.state, run.scheme
@@ -450,44 +503,50 @@ def finish(run: Run) -> dict:
                "best_step": st.best_step, "final_miou": s["miou"] if s else None,
                "final_pixels": s["pixels"] if s else None, "seconds": time.time() - run.log.t_start,
                "img_per_s": run.log.throughput(), "processes": run.acc.num_processes,
-               "preempted": run.preempted, "finished": not run.preempted and st.step >= run.max_steps,
+               "preempted": run.preempted, "interrupted": run.interrupted,
+               "finished": not run.preempted and st.step >= run.max_steps,
                "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
                "history": st.history}
     if run.acc.is_main_process:
         atomic_write_json(run.cfg.run_dir / "summary.json", summary)
         if s and not run.preempted:
             print(format_table(s, scheme.class_names))
-            print(f"steps {st.step}  epochs {st.epoch}  best {score_of(scheme, s)[0]} "
-                  f"{100 * st.best_score:.2f} "
-                  f"(epoch {st.best_epoch})  time {summary['seconds']:.0f}s  processes "
-                  f"{run.acc.num_processes}  "
-                  f"-> {run.cfg.run_dir}")
+            best = f"{score_of(scheme, s)[0]} {100 * st.best_score:.2f} (epoch {st.best_epoch})"
+            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {summary['seconds']:.0f}s  "
+                  f"processes {run.acc.num_processes}  -> {run.cfg.run_dir}")
     run.tb.close()
+    if run.tb.failure is not None:
+        raise events_not_written(run)
     return summary
 
 
 def train(cfg: Config, acc) -> dict:
-    """Run (or resume) training to max_steps; returns the summary."""
-    run = setup(cfg, acc)
-    st = run.state
-    while st.step < run.max_steps and not run.preempted:
-        train_one_epoch(run)
-        if run.preempted:
-            break
-        if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
-            st.epoch += 1
-            st.batch_in_epoch = 0
-            report_corrupt(run)
-            if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
+    """Run (or resume) training to max_steps, holding the run folder's lease; returns the summary."""
+    lease = take_lease(cfg, acc)
+    try:
+        run = setup(cfg, acc, lease)
+        st = run.state
+        while st.step < run.max_steps and not run.preempted:
+            train_one_epoch(run)
+            if run.preempted:
+                break
+            if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
+                st.epoch += 1
+                st.batch_in_epoch = 0
+                report_corrupt(run)
+                if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
+                    validate(run)
+                checkpoint(run)
+            elif st.step >= run.max_steps:  # stopped inside an epoch by max_steps
                 validate(run)
-            checkpoint(run)
-        elif st.step >= run.max_steps:  # stopped inside an epoch by max_steps
+                checkpoint(run)
+        run.log.close()
+        if not run.preempted and run.last_scores is None:
             validate(run)
-            checkpoint(run)
-    run.log.close()
-    if not run.preempted and run.last_scores is None:
-        validate(run)
-    return finish(run)
+        return finish(run)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 # --- entry -----------------------------------------------------------------------------------------
@@ -509,31 +568,40 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def report(e: BaseException, acc, cfg: Config | None) -> None:
+    """Print an error as one line: once for an error every rank raises alike (rank 0), else on each rank
+    that has it. Errors before the Accelerator exists (arguments, config) are alike on every rank."""
+    collective = acc is None or getattr(e, "collective", False)
+    if collective and not (acc.is_main_process if acc is not None else os.environ.get("RANK", "0") == "0"):
+        return
+    if isinstance(e, OSError):  # a write failed: say where, and what a rerun resumes from
+        last = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg is not None else None
+        text = f"{describe_os_error(e)}{f'; the newest complete checkpoint is {last}' if last else ''}"
+    else:
+        text = str(e)
+    print(f"error: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train; returns the exit status (0, 2 user error, 3 diverged, 75 preempted, 130 interrupted)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    code = 0
-    acc = None
+    die_with_launcher()
+    code, acc, cfg = 0, None, None
     try:
         args = parse_args(argv)
         cfg = load_config(args.config, args.overrides)
         acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
         set_seed(cfg.train.seed)
         summary = train(cfg, acc)
-        code = EXIT_PREEMPTED if summary["preempted"] else 0
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_DIVERGED
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        code = 2
+        code = 130 if summary["interrupted"] else EXIT_PREEMPTED if summary["preempted"] else 0
+    except (UserError, OSError) as e:
+        report(e, acc, cfg)
+        code = EXIT_DIVERGED if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (no checkpoint written: the run resumes from its newest checkpoint)",
+              file=sys.stderr)
         code = 130
     multi = acc is not None and acc.num_processes > 1
     if acc is not None:

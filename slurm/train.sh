@@ -50,7 +50,8 @@ while :; do
   wait "$SRUN_PID"; rc=$?
   kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned early for the trap: keep waiting
 done
-# launchers do not pass the trainer's exit status 75 through: the trainer leaves <stop file>.done instead
+# a completed stop checkpoint is marked by <stop file>.done, which the trainer writes (srun reports a
+# step's status its own way; distseg.launch passes the ranks' 75 through, but the marker is what counts)
 if [ -f "$DISTSEG_STOP_FILE.done" ]; then
   rm -f "$DISTSEG_STOP_FILE" "$DISTSEG_STOP_FILE.done"
   echo "distseg: checkpoint written; requeueing job $SLURM_JOB_ID"

@@ -71,16 +71,18 @@ def base_overrides(shards, out, name, **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def run_train(overrides, procs=1, check=True, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def train_cmd(overrides, procs=1):
+    """train.py itself for one process, distseg.launch (accelerate launch) with gloo on CPU for several."""
     if procs == 1:
-        cmd = [sys.executable, TRAIN, *overrides]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(procs),
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-               "--dynamo_backend", "no", TRAIN, *overrides]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return [sys.executable, TRAIN, *map(str, overrides)]
+    return [sys.executable, "-m", "distseg.launch", "--multi_gpu", "--num_processes", str(procs),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", TRAIN, *map(str, overrides)]
+
+
+def run_train(overrides, procs=1, check=True, timeout=600, env=None):
+    p = subprocess.run(train_cmd(overrides, procs), capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p

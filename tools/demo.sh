@@ -16,10 +16,10 @@ echo "== 2/6 shards (train: JPEG q95 images; val: lossless PNG; PNG trainId mask
 distseg shard --split train --root "$OUT/cityscapes" --out "$OUT/shards" --maxcount 16 --workers 2
 distseg shard --split val --root "$OUT/cityscapes" --out "$OUT/shards" --maxcount 16 --workers 2
 distseg inspect "$OUT/shards/train.json" | sed -n 1,2p
-echo "== 3/6 training: accelerate launch, 2 CPU processes"
+echo "== 3/6 training: 2 CPU processes (distseg.launch = accelerate launch, distseg's messages only)"
 rm -rf "$OUT/runs/synth"
 # --multi_gpu + a CPU Accelerator inside train.py: `--cpu --num_processes 2` would start ONE process
-accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --main_process_port "$PORT" \
+python -m distseg.launch --multi_gpu --num_processes 2 --num_machines 1 --main_process_port "$PORT" \
   --mixed_precision no --dynamo_backend no \
   distseg/train.py --config configs/synth.yaml output_dir="$OUT/runs" data.shards="$OUT/shards" \
   train.progress=false "$@"

@@ -27,7 +27,7 @@ from distseg.data import storage
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
 from distseg.data.manifest import MANIFEST_VERSION, load_manifest
 from distseg.data.storage import StorageError, is_remote, join, local_path, redact
-from distseg.errors import UserError
+from distseg.errors import UserError, naming
 from distseg.files import atomic_write_json, atomic_write_text, sha256_file
 from distseg.labels import IGNORE, Scheme, get_scheme
 
@@ -146,7 +146,8 @@ class ShardWriter:
             ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
             header = len(ti.tobuf(tarfile.USTAR_FORMAT, self.tar.encoding, self.tar.errors))
             entry += [name.split(".", 1)[1], self.tar.offset + header, len(data), name]
-            self.tar.addfile(ti, io.BytesIO(data))
+            with naming(self.path):
+                self.tar.addfile(ti, io.BytesIO(data))
         self.index.append(entry)
         self.keys.append(enc.key)
         self.hist += enc.hist
@@ -154,10 +155,11 @@ class ShardWriter:
 
     def finish(self) -> dict:
         """Close, fsync, write the index, then rename: the .tar name exists only for a complete shard."""
-        self.tar.close()
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        with naming(self.path):
+            self.tar.close()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
         idx = self.path.with_suffix(".idx")
         rows = "".join(" ".join(map(str, e)) + "\n" for e in self.index)
         index_text = f"v1.2 {len(self.index)}\n" + rows
@@ -170,9 +172,12 @@ class ShardWriter:
                 "hist": self.hist.tolist()}
 
     def abort(self) -> None:
-        """Close and remove the temp file (nothing under the final name)."""
+        """Close and remove the temp file (nothing under the final name). Called while an error propagates:
+        a close that fails too (a full disk flushing its buffer) must not replace that error."""
         try:
             self.f.close()
+        except OSError:
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)
 

@@ -25,6 +25,7 @@ from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError
 from distseg.labels import IGNORE
+from distseg.stopping import worker_init
 
 
 def read_index(idx: Path | None, tar: Path | None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -211,7 +212,7 @@ class TorchLoader:
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
-                             prefetch_factor=4 if nw > 0 else None)
+                             prefetch_factor=4 if nw > 0 else None, worker_init_fn=worker_init)
 
     @property
     def num_samples(self) -> int:

@@ -1,0 +1,312 @@
+"""Runs that survive their operators: the run lock, no orphan ranks, Ctrl-C, full disks, and resuming on
+another number of processes. Real processes, real signals, a real filesystem that fills up."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (
+    SGD,
+    assert_user_error,
+    base_overrides,
+    run_cli,
+    run_train,
+    train_cmd,
+    weights,
+)
+from distseg import run_lock
+from distseg.checkpoint import damage, latest_checkpoint, list_checkpoints
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def close(a: dict, b: dict) -> None:
+    """Weights equal within the float noise of 1 vs 2 processes (the tolerance of test_train_e2e)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (ranks, and their DataLoader workers)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout=300.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def newest_step(run: Path) -> int:
+    ck = list_checkpoints(run / "checkpoints")
+    return int(ck[-1].name.split("-")[1]) if ck else 0
+
+
+# --- the lease, in-process ----------------------------------------------------------------------------
+
+def write_lease(run: Path, **fields) -> Path:
+    holder = dict(host="node-elsewhere", pid=4242, start="1", job="", started="2026-11-26T00:00:00",
+                  token="t" * 32)
+    holder.update(fields)
+    path = run_lock.lease_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder))
+    return path
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    run = tmp_path / "runs" / "x"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        write_lease(run, host=run_lock.Holder.me().host, pid=sleeper.pid,
+                    start=run_lock._start_time(sleeper.pid))
+        with pytest.raises(run_lock.RunLocked, match=f"in use by pid {sleeper.pid} on "):
+            run_lock.acquire(run, log=lambda m: None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    said = []
+    lease = run_lock.acquire(run, log=said.append)
+    assert said and f"its process {sleeper.pid} is gone" in said[0]
+    assert json.loads(run_lock.lease_path(run).read_text())["pid"] == os.getpid()
+    lease.release()
+    assert not run_lock.lease_path(run).exists()
+
+
+def test_lease_of_the_same_slurm_job_or_without_heartbeat_is_taken_over(tmp_path, monkeypatch):
+    run = tmp_path / "y"
+    path = write_lease(run, job="777")  # another node, heartbeat fresh
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(run_lock.RunLocked, match="node-elsewhere \\(Slurm job 777\\)"):
+        run_lock.acquire(run, log=lambda m: None)
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job takes over its own lease at once
+    said = []
+    run_lock.acquire(run, log=said.append).release()
+    assert "the same Slurm job 777, requeued" in said[0]
+
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    path = write_lease(run, job="777")
+    old = time.time() - run_lock.STALE_AFTER_S - 60
+    os.utime(path, (old, old))
+    said = []
+    run_lock.acquire(run, log=said.append).release()
+    assert "no heartbeat for" in said[0]
+
+
+def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    run = tmp_path / "z"
+    lease = run_lock.acquire(run, log=lambda m: None)
+    path = run_lock.lease_path(run)
+    os.utime(path, (1, 1))
+    wait_for(lambda: path.stat().st_mtime > 1, 10, "a heartbeat")
+    write_lease(run, pid=99, token="u" * 32)  # someone took it over (e.g. judged it stale)
+    wait_for(lambda: lease.lost_to is not None, 10, "the loss to be noticed")
+    assert lease.lost_to.pid == 99
+    lease.release()
+    assert path.exists(), "release must not remove a lease that is no longer ours"
+
+
+# --- signals -------------------------------------------------------------------------------------------
+
+def test_one_ctrl_c_asks_for_a_checkpoint_a_second_exits_at_once():
+    code = ("from distseg.stopping import StopFlag\nimport time\nf = StopFlag()\nprint('ready', flush=True)\n"
+            "while not f.set: time.sleep(0.01)\nprint('stop requested', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    assert p.stdout.readline().strip() == "ready"
+    os.killpg(p.pid, signal.SIGINT)
+    os.killpg(p.pid, signal.SIGINT)  # the same keypress, forwarded by a launcher: still one request
+    assert p.stdout.readline().strip() == "stop requested"
+    time.sleep(1.2)
+    assert p.poll() is None, "the first Ctrl-C must not end the process"
+    t = time.time()
+    os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=10)
+    assert time.time() - t < 5  # and as Python itself exits on an unhandled Ctrl-C:
+    assert p.returncode == -signal.SIGINT and "KeyboardInterrupt" in p.stderr.read()
+
+
+def test_ctrl_c_checkpoints_and_the_rerun_resumes(shards, tmp_path):
+    args = base_overrides(shards, tmp_path, "cc", **{"train.epochs": 60, "train.ckpt_every": 2})
+    p = subprocess.Popen([sys.executable, "-m", "distseg", "train", *args], env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: newest_step(tmp_path / "cc") >= 2 or p.poll() is not None, what="a checkpoint")
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "run the same command again to resume" in out
+    stopped = newest_step(tmp_path / "cc")
+    assert f"checkpointing at step {stopped}" in out and damage(latest_checkpoint(tmp_path / "cc" /
+                                                                                  "checkpoints")) is None
+    again = run_train(args + [f"train.max_steps={stopped + 1}"])
+    assert f"resumed from {tmp_path / 'cc' / 'checkpoints' / f'step-{stopped:08d}'}" in again.stdout
+
+
+@pytest.mark.slow
+def test_lock_ctrl_c_and_orphans_under_the_launcher(shards, tmp_path):
+    """2 processes under distseg.launch: a second start is refused without touching the run; Ctrl-C to
+    the process group checkpoints and exits 130 with one message; SIGKILL of the launcher alone takes
+    every rank and data worker down within 10 s; the rerun, on 1 process, takes the lease over."""
+    run = tmp_path / "ops"
+    two = base_overrides(shards, tmp_path, "ops", **{"train.epochs": 60, "train.ckpt_every": 2,
+                                                     "data.batch_size": 2, "data.num_workers": 1})
+
+    def start():
+        return subprocess.Popen(train_cmd(two, procs=2), env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    p = start()
+    wait_for(lambda: newest_step(run) >= 2 or p.poll() is not None, what="the first checkpoint")
+    holder = json.loads(run_lock.lease_path(run).read_text())
+    assert holder["pid"] in descendants(p.pid)  # rank 0 holds it
+    before = (run / "config.yaml").stat().st_mtime_ns, sorted(os.listdir(run / "tb"))
+    second = run_train(base_overrides(shards, tmp_path, "ops", **{"train.epochs": 60}), check=False)
+    assert_user_error(second, f"in use by pid {holder['pid']} on ")
+    assert ((run / "config.yaml").stat().st_mtime_ns, sorted(os.listdir(run / "tb"))) == before
+
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal: the launcher, both ranks, their workers
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert out.count("run the same command again to resume") == 1
+    assert not [c for c in (run / "checkpoints").iterdir() if c.name.endswith(".tmp")]
+    assert not run_lock.lease_path(run).exists()
+
+    p = start()
+    interrupted_at = newest_step(run)
+    wait_for(lambda: newest_step(run) > interrupted_at or p.poll() is not None, what="a new checkpoint")
+    below = descendants(p.pid)
+    assert len(below) >= 4, below  # 2 ranks, each with a data worker
+    p.kill()  # the launcher alone
+    p.communicate()
+    t = time.time()
+    wait_for(lambda: not any(alive(q) for q in below), 10, "the ranks and workers to exit")
+    gone_after = time.time() - t
+
+    resumed = run_train(base_overrides(shards, tmp_path, "ops", **{"train.epochs": 60, "train.ckpt_every": 2,
+                                                                   "train.max_steps": newest_step(run) + 2}))
+    assert "taking over the lease" in resumed.stdout and "is gone" in resumed.stdout
+    assert "resuming 2 process(es) x data.batch_size 2" in resumed.stdout
+    assert "resumed from" in resumed.stdout and gone_after < 10
+
+
+# --- resuming on another number of processes ---------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [((2, 2, 1), (1, 4, 1)), ((1, 4, 1), (2, 1, 2))],
+                         ids=["2x2 to 1x4", "1x4 to 2x1x2accum"])
+def test_resume_mid_epoch_on_another_number_of_processes(shards, one_proc_run, tmp_path, first, then):
+    """Stop after step 1 (mid-epoch) in one layout (processes, batch, accumulation), finish in another with
+    the same global batch of 4: the weights equal the uninterrupted 1-process run's within 1- vs 2-process
+    float noise, so every sample was trained on exactly once."""
+    def args(layout, **more):
+        return base_overrides(shards, tmp_path, "el", **SGD, **{"data.batch_size": layout[1],
+                                                               "train.grad_accum": layout[2]}, **more)
+    stop = tmp_path / "stop"
+    stop.touch()
+    p = run_train(args(first), procs=first[0], check=False, env={"DISTSEG_STOP_FILE": str(stop)})
+    assert p.returncode == 75, p.stderr[-3000:]
+    assert newest_step(tmp_path / "el") == 1
+    stop.unlink()
+    p = run_train(args(then), procs=then[0])
+    assert f"resuming {first[0]} process(es) x data.batch_size {first[1]}" in p.stdout
+    assert f"(step 1, epoch 1, batch {4 // (then[0] * then[1])})" in p.stdout  # 4 samples in
+    close(weights(one_proc_run), weights(tmp_path / "el"))
+    s = json.loads((tmp_path / "el" / "summary.json").read_text())
+    assert s["steps"] == 8 and s["finished"]
+
+    p = run_train(args((1, 3, 1)), check=False)
+    assert_user_error(p, "was trained with a global batch of 4")
+
+
+# --- full disks ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (a filesystem that really fills), grown to 64 MiB by calling the returned function."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+    def grow():
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+    try:
+        yield mnt, grow
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_while_training_is_one_line_and_the_rerun_resumes_exactly(shards, tmp_path, small_fs):
+    mnt, grow = small_fs
+    ov = {"train.ckpt_every": 1, "train.keep_last": 2}
+    ref = run_train(base_overrides(shards, tmp_path, "ref", **ov))
+    assert ref.returncode == 0
+    args = base_overrides(shards, mnt, "full", **ov)
+    p = run_train(args, check=False)
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write "), p.stderr[-3000:]
+    assert "No space left on device" in errors[0]
+    last = latest_checkpoint(mnt / "full" / "checkpoints")
+    assert f"the newest complete checkpoint is {last or 'none'}" in errors[0]
+    leftovers = [q for q in (mnt / "full").rglob("*") if ".tmp" in q.name]
+    assert not leftovers and all(damage(c) is None for c in list_checkpoints(mnt / "full" / "checkpoints"))
+
+    grow()
+    again = run_train(args)
+    if last:
+        assert f"resumed from {last}" in again.stdout
+    for kind in ("raw",):
+        wr, wf = weights(tmp_path / "ref", kind=kind), weights(mnt / "full", kind=kind)
+        for k in wr:
+            assert torch.equal(wr[k], wf[k]), k
+
+
+def test_full_disk_while_sharding_or_predicting_names_the_file(synth_root, one_proc_run, small_fs):
+    mnt, _ = small_fs
+    (mnt / "filler").write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # room for a few files only
+    p = run_cli("shard", "--root", synth_root, "--split", "train", "--out", mnt / "shards", check=False)
+    assert_user_error(p, f"No space left on device: {mnt / 'shards' / 'train-000000.tar'}")
+    assert not list((mnt / "shards").glob("*.tar*")), "no partial shard, under any name"
+    shutil.rmtree(mnt / "shards")
+    p = run_cli("predict", "--run", one_proc_run, "--root", synth_root, "--split", "val",
+                "--out", mnt / "pred", "--overlays", mnt / "ov", check=False)
+    assert_user_error(p, "No space left on device: " + str(mnt))
+    assert not [q for q in mnt.rglob("*") if ".tmp" in q.name]
