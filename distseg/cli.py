@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from distseg.errors import UserError, describe_os_error
+from distseg.errors import UserError, describe_os_error, missing_extra
 
 COMMANDS = {  # name: "module:attribute"
     "synth": "distseg.commands.data:synth",
@@ -38,7 +38,23 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as e:  # an optional dependency is not installed: the command says which
+            need = missing_extra(e)
+            if need is None:
+                raise
+            return unavailable(name, need)
+
+
+def unavailable(name: str, need: str) -> click.Command:
+    """A stand-in for a command whose optional dependency is missing: `distseg --help` still lists it,
+    and running it prints one line naming the extra to install."""
+    def run(**_):
+        raise UserError(f"distseg {name} {need}")
+    return click.Command(name, callback=run, help=f"(not installed here: {need})",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                           "help_option_names": []})
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -62,3 +62,20 @@ def naming(path):
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
+
+
+# optional dependencies: top-level module -> (what to call it, the distseg extra that installs it)
+EXTRAS = {"nvidia": ("DALI", "dali"), "matplotlib": ("matplotlib", "report"), "onnx": ("onnx", "export"),
+          "onnxscript": ("onnxscript", "export"), "onnxruntime": ("onnxruntime", "export"),
+          "s3fs": ("s3fs", "storage"), "aiohttp": ("aiohttp", "storage"), "gcsfs": ("gcsfs", "storage")}
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """'needs matplotlib: pip install "distseg[report]"' when `e` is an optional dependency missing,
+    else None (a broken install: let the ImportError show)."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name not in EXTRAS:
+        return None
+    what, extra = EXTRAS[name]
+    hint = ' (CUDA 13: "distseg[dali-cu13]")' if extra == "dali" else ""
+    return f'needs {what}: pip install "distseg[{extra}]"{hint}'

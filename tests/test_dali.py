@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali")
+pytest.importorskip("nvidia.dali", reason='DALI is not installed: pip install "distseg[dali]"')
 
 from distseg.config import load_config  # noqa: E402
 from distseg.data.dali_loader import DaliLoader  # noqa: E402

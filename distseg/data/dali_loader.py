@@ -37,7 +37,8 @@ class DaliLoader:
     """DALI pipeline + iterator with the torch loader's interface and batch contract."""
     def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict):
         if not dali_available():
-            raise UserError("data.loader=dali needs nvidia-dali-cuda120 (pip install nvidia-dali-cuda120)")
+            raise UserError('data.loader=dali needs DALI: pip install "distseg[dali]" (CUDA 13: '
+                            '"distseg[dali-cu13]")')
         self.cfg, self.train, self.man = cfg, train, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"

@@ -89,7 +89,7 @@ def filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
         scheme = urlsplit(url).scheme
-        extra = ' (pip install "distseg[storage]")' if scheme in ("s3", "gs", "gcs") else ""
+        extra = ' (pip install "distseg[storage]")' if scheme in ("s3", "gs", "gcs", "http", "https") else ""
         raise StorageError(f"cannot open {redact(url)}: no filesystem for {scheme}:// ({e}){extra}") from None
 
 
