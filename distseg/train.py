@@ -568,7 +568,7 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def report(e: BaseException, acc, cfg: Config | None) -> None:
+def print_error(e: BaseException, acc, cfg: Config | None) -> None:
     """Print an error as one line: once for an error every rank raises alike (rank 0), else on each rank
     that has it. Errors before the Accelerator exists (arguments, config) are alike on every rank."""
     collective = acc is None or getattr(e, "collective", False)
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg, acc)
         code = 130 if summary["interrupted"] else EXIT_PREEMPTED if summary["preempted"] else 0
     except (UserError, OSError) as e:
-        report(e, acc, cfg)
+        print_error(e, acc, cfg)
         code = EXIT_DIVERGED if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:
         print("interrupted (no checkpoint written: the run resumes from its newest checkpoint)",
