@@ -54,11 +54,6 @@ class StopFlag:
         """The stop came from Ctrl-C (exit 130) rather than a scheduler (exit 75, requeue)."""
         return self.signalled == signal.SIGINT
 
-    def restore(self) -> None:
-        """Default signal handling again (after the loop: a Ctrl-C then interrupts at once)."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
-
 
 def die_with_parent() -> bool:
     """Ask the kernel for SIGKILL when the parent process dies (Linux); False where that is unavailable.
@@ -69,7 +64,7 @@ def die_with_parent() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return False
-    if os.getppid() != parent or parent == 1:  # it died before the request was in place
+    if os.getppid() != parent:  # it died between the two calls: the request came too late
         os._exit(128 + signal.SIGKILL)
     return True
 

@@ -59,6 +59,8 @@ EXIT_PREEMPTED = 75  # checkpoint written on SIGUSR1/SIGTERM: requeue me
 EXIT_DIVERGED = 3
 # settings that change the weights' shapes or meaning: a run cannot resume across a change of these
 MODEL_KEYS = ("model.encoder", "model.base", "model.depth", "model.norm", "data.scheme")
+# the slots of train_step's all-reduced vector: sums over ranks of this step's numbers and stop reasons
+LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, LR = range(10)
 
 
 class Diverged(UserError):
@@ -347,21 +349,21 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
             pix, count = loss_fn.pixel_sum(logits, mask)
             scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
             acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
-        corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[3] * 0
+        corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[CORRUPT] * 0
         sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
     lost = run.lease is not None and run.lease.lost_to is not None
-    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[0])), float(run.stop.set),
+    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[LOSS_SUM])), float(run.stop.set),
                                            float(run.stop.interrupted), float(lost),
                                            float(run.tb.failure is not None)], device=acc.device)])
     if world > 1:
         flags = acc.reduce(flags, reduction="sum")
-    if flags[7] > 0:
+    if flags[LEASE_LOST] > 0:
         holder = run.lease.lost_to.describe() if lost else "another process"
         raise RunLocked(f"the lease of {run.cfg.run_dir} was taken over by {holder}: this run stops here "
                         "without writing anything more")
-    if flags[8] > 0:
+    if flags[EVENTS_FAILED] > 0:
         raise events_not_written(run)
-    if flags[4] > 0:
+    if flags[NONFINITE] > 0:
         last = latest_checkpoint(run.ckpt_dir) or "none"
         raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
                        f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
@@ -369,7 +371,7 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.div_(flags[1].clamp(min=1e-12))
+                p.grad.div_(flags[NORM].clamp(min=1e-12))
     lr = lr_at(run.state.step, run.cfg, run.max_steps)
     for g in run.optimizer.param_groups:
         g["lr"] = lr
@@ -398,12 +400,12 @@ def train_one_epoch(run: Run) -> None:
         flags = train_step(run, group)
         st.step += 1
         st.batch_in_epoch += len(group)
-        st.samples += int(flags[2])
-        run.corrupt += int(flags[3])
-        run.log.step(st.step, st.epoch + 1, float(flags[0] / flags[1].clamp(min=1)), float(flags[9]),
-                     int(flags[2]))
-        if flags[5] > 0:
-            run.interrupted = bool(flags[6] > 0)
+        st.samples += int(flags[IMAGES])
+        run.corrupt += int(flags[CORRUPT])
+        loss = float(flags[LOSS_SUM] / flags[NORM].clamp(min=1))
+        run.log.step(st.step, st.epoch + 1, loss, float(flags[LR]), int(flags[IMAGES]))
+        if flags[STOP] > 0:
+            run.interrupted = bool(flags[CTRL_C] > 0)
             run.log.print(f"{'interrupted' if run.interrupted else 'stop requested'}: checkpointing at step "
                           f"{st.step} (a second Ctrl-C exits at once, without it)")
             ck = checkpoint(run)
