@@ -1,5 +1,5 @@
-"""One exception type for mistakes a user can fix; the CLI turns it into one line on stderr."""
-
+"""Errors a user can act on: UserError, which the CLI prints as one line on stderr, and the helpers that
+turn a failed write (full disk, quota) or a missing optional package into such a line."""
 
 import errno
 import os

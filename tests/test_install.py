@@ -44,6 +44,12 @@ def site_env(tmp_path_factory):
     before = json.loads(run([py, "-c", TORCH]).stdout)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{venv / 'bin'}:{os.environ['PATH']}")
     run([py, "-m", "pip", "install", "--no-index", wheel], env=env, cwd=tmp)
+    distseg = [py, "-m", "distseg"]  # data made by the installed distseg, for the tests below
+    run([*distseg, "synth", "--out", tmp / "cs", "--train", 4, "--val", 2, "--test", 0, "--size", "128x64"],
+        env=env, cwd=tmp)
+    for split in ("train", "val"):
+        run([*distseg, "shard", "--root", tmp / "cs", "--split", split, "--out", tmp / "shards"], env=env,
+            cwd=tmp)
     return py, env, tmp, before
 
 
@@ -55,11 +61,7 @@ def test_the_wheel_installs_over_a_site_torch_and_trains(site_env):
     distseg = [py, "-m", "distseg"]
     assert run([*distseg, "--version"], env=env, cwd=tmp).stdout.strip().endswith("0.1.0")
     assert "shard" in run([*distseg, "--help"], env=env, cwd=tmp).stdout
-    run([*distseg, "synth", "--out", tmp / "cs", "--train", 4, "--val", 2, "--test", 0, "--size", "128x64"],
-        env=env, cwd=tmp)
-    for split in ("train", "val"):
-        run([*distseg, "shard", "--root", tmp / "cs", "--split", split, "--out", tmp / "shards"], env=env,
-            cwd=tmp)
+    assert (tmp / "shards" / "train.json").is_file()  # synth -> shard ran from the install (the fixture)
     run([*distseg, "train", "output_dir=runs", "name=t", f"data.shards={tmp / 'shards'}", "model.base=8",
          "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
          "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false"], env=env,
@@ -75,7 +77,7 @@ BLOCK = "import sys\nfor m in {mods!r}: sys.modules[m] = None\nfrom distseg.cli 
      'distseg report needs matplotlib: pip install "distseg[report]"'),
     (["onnx"], ["export", "--run", "runs/t", "--format", "onnx", "--out", "m.onnx"],
      'pip install "distseg[export]"'),
-    (["nvidia", "nvidia.dali"], ["train", "output_dir=runs", "name=t", "data.loader=dali"],
+    (["nvidia", "nvidia.dali"], ["train", "output_dir=runs", "name=d", "data.loader=dali"],
      'data.loader=dali needs DALI: pip install "distseg[dali]"'),
     (["s3fs"], ["train", "output_dir=runs", "name=u", "data.shards=s3://bucket/shards"],
      'pip install "distseg[storage]"'),

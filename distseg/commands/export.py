@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from distseg.commands.options import weights_option
-from distseg.errors import UserError
+from distseg.errors import UserError, missing_extra
 from distseg.export import export_run
 from distseg.runs import CHECKPOINT_HELP, find_run, load_run
 
@@ -32,9 +32,8 @@ def export(run, checkpoint, weights, fmt, out, height, width, dynamic, argmax, i
         try:
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
-        except ImportError:
-            raise UserError('--format onnx needs onnx and onnxscript: pip install "distseg[export]"') \
-                from None
+        except ImportError as e:
+            raise UserError(f"--format onnx {missing_extra(e) or e}") from None
     loaded = load_run(run or find_run(checkpoint), checkpoint, weights=weights)
     path = export_run(loaded, fmt, out, height, width, dynamic, argmax, input_dtype)
     click.echo(f"exported {loaded.weights} to {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")

@@ -18,27 +18,32 @@ import torch
 
 from distseg.config import parse_bytes
 from distseg.data.manifest import ShardFiles
-from distseg.errors import UserError
+from distseg.errors import UserError, missing_extra
 
 INFO_BYTES = 512
 
 
-def dali_available() -> bool:
-    """Whether nvidia.dali imports here."""
+def dali_missing() -> str | None:
+    """Why nvidia.dali does not import here (with the extra to install), or None when it does."""
     try:
         import nvidia.dali  # noqa: F401
 
-        return True
-    except ImportError:
-        return False
+        return None
+    except ImportError as e:
+        return missing_extra(e) or f"cannot import DALI ({e})"
+
+
+def dali_available() -> bool:
+    """Whether nvidia.dali imports here."""
+    return dali_missing() is None
 
 
 class DaliLoader:
     """DALI pipeline + iterator with the torch loader's interface and batch contract."""
     def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict):
-        if not dali_available():
-            raise UserError('data.loader=dali needs DALI: pip install "distseg[dali]" (CUDA 13: '
-                            '"distseg[dali-cu13]")')
+        missing = dali_missing()
+        if missing:
+            raise UserError(f"data.loader=dali {missing}")
         self.cfg, self.train, self.man = cfg, train, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
