@@ -34,7 +34,10 @@ STALE_AFTER_S = 300.0  # ten missed heartbeats
 
 
 class RunLocked(UserError):
-    """Another live process owns the run folder."""
+    """Another live process owns the run folder (every rank raises it: the trainer broadcasts rank 0's
+    answer)."""
+
+    collective = True
 
 
 def _start_time(pid: int) -> str:
