@@ -143,6 +143,13 @@ class NotWritten(UserError):
 
     collective = True
 
+    @classmethod
+    def naming_last(cls, what: str, reason: str, ckpt_dir: Path) -> NotWritten:
+        """The error naming what could not be written, why, and the checkpoint a rerun resumes from."""
+        last = latest_checkpoint(ckpt_dir)
+        return cls(f"could not write {what}: {reason}; the newest complete checkpoint is {last or 'none'}: "
+                   "free space and run the same command again to resume")
+
 
 def all_ranks_wrote(accelerator, failure: BaseException | None, what: str, ckpt_dir: Path,
                     cleanup: Path | None = None) -> None:
@@ -156,9 +163,7 @@ def all_ranks_wrote(accelerator, failure: BaseException | None, what: str, ckpt_
     reason = "another rank could not write its part" if failure is None else write_reason(failure, ckpt_dir)
     if accelerator.is_main_process and cleanup is not None:  # after the reason: it may probe the free space
         shutil.rmtree(cleanup, ignore_errors=True)
-    last = latest_checkpoint(ckpt_dir)
-    raise NotWritten(f"could not write {what}: {reason}; the newest complete checkpoint is {last or 'none'}: "
-                     "free space and run the same command again to resume")
+    raise NotWritten.naming_last(what, reason, ckpt_dir)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -68,6 +68,11 @@ class Holder:
         return cls(socket.gethostname(), pid, _start_time(pid), os.environ.get("SLURM_JOB_ID", ""),
                    datetime.now().isoformat(timespec="seconds"), uuid.uuid4().hex)
 
+    @classmethod
+    def unknown(cls) -> Holder:
+        """A lease that cannot be read (or vanished): judged by its age alone."""
+        return cls("?", -1, "", "", "?", "")
+
     def describe(self) -> str:
         """For messages: 'pid 123 on node7 (Slurm job 42), started 2026-11-26T10:00:00'."""
         job = f" (Slurm job {self.job})" if self.job else ""
@@ -84,8 +89,8 @@ def _read(path: Path) -> Holder | None:
         return Holder(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError):  # unreadable or foreign: judged by its age alone
-        return Holder("?", -1, "", "", "?", "")
+    except (OSError, ValueError, TypeError):  # unreadable or foreign
+        return Holder.unknown()
 
 
 def _create(path: Path, me: Holder) -> bool:
@@ -146,7 +151,7 @@ class Lease:
         while not self._stop.wait(HEARTBEAT_S):
             now = _read(self.path)
             if now is None or now.token != self.me.token:
-                self.lost_to = now or Holder("?", -1, "", "", "?", "")
+                self.lost_to = now or Holder.unknown()
                 return
             try:
                 os.utime(self.path)

@@ -490,10 +490,7 @@ def events_not_written(run: Run) -> NotWritten:
     """The error for a failed TensorBoard write (a full disk), naming what a rerun resumes from."""
     failure = run.tb.failure
     reason = "failed on rank 0" if failure is None else write_reason(failure, run.cfg.run_dir)
-    last = latest_checkpoint(run.ckpt_dir)
-    return NotWritten(f"could not write TensorBoard events to {run.cfg.run_dir / 'tb'}: {reason}; the newest "
-                      f"complete checkpoint is {last or 'none'}: free space and run the same command again "
-                      "to resume")
+    return NotWritten.naming_last(f"TensorBoard events to {run.cfg.run_dir / 'tb'}", reason, run.ckpt_dir)
 
 
 def finish(run: Run) -> dict:
