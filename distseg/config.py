@@ -14,8 +14,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from distseg.data.storage import redact
 from distseg.errors import UserError
+from distseg.units import parse_bytes
+from distseg.urls import redact
 
 
 @dataclass
@@ -61,7 +62,7 @@ class EvalCfg:
 @dataclass
 class ModelCfg:
     """The network: the seed's U-Net or a torchvision encoder with a U-Net decoder."""
-    encoder: str = "unet"  # unet (the seed's) | resnet18|34|50 | convnext_tiny | efficientnet_b0
+    encoder: str = "unet"  # unet (the seed's) | a torchvision encoder: distseg.models.encoder_names()
     pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, downloaded once) | PATH
     base: int = 64  # channels of the shallowest level: the U-Net's first level, or an encoder's decoder
     depth: int = 4  # number of down-sampling steps
@@ -124,7 +125,7 @@ class TrainCfg:
 
 @dataclass
 class Config:
-    """A whole run's settings; saved as runs/<name>/config.yaml."""
+    """A whole run's settings; saved as <output_dir>/<name>/config.yaml (distseg/runs/run_dir.py)."""
     name: str = "run"
     output_dir: str = "runs"
     data: DataCfg = field(default_factory=DataCfg)
@@ -135,17 +136,11 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
-    @property
-    def run_dir(self) -> Path:
-        """runs/<name>: the run folder."""
-        return Path(self.output_dir) / self.name
-
 
 CHOICES = {
     "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.shuffle": ("global", "shards"),
     "data.on_corrupt": ("error", "skip"), "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
-    "model.encoder": ("unet", "resnet18", "resnet34", "resnet50", "convnext_tiny", "efficientnet_b0"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
     "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
 }
@@ -252,6 +247,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise UserError(f"config file {p} must hold a mapping")
     for ov in overrides:
+        if ov.startswith("-"):
+            raise UserError(f"unrecognized argument {ov} (settings are written section.key=value, without "
+                            "dashes: e.g. train.epochs=2)")
         if "=" not in ov:
             raise UserError(f"bad override {ov!r}: use section.key=value, e.g. train.epochs=5")
         k, v = ov.split("=", 1)
@@ -321,16 +319,6 @@ def validate(cfg: Config) -> None:
         raise UserError("config: loss weights must be >= 0 and not all 0")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"config: name must be a plain folder name, got {cfg.name!r}")
-
-
-def parse_bytes(text: str | int, what: str = "size") -> int:
-    """'1G', '60K', '123' -> bytes."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = str(text).strip().lower().rstrip("b")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, IndexError):
-        raise UserError(f"{what}: bad size {text!r}: use bytes or a number with K, M, G or T") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -90,7 +90,8 @@ def run_train(overrides, procs=1, check=True, timeout=600, env=None):
 
 def weights(run_dir: Path, which="latest", kind="auto"):
     """The weights of a run's latest checkpoint (or of `which`, e.g. best): kind raw, ema or auto."""
-    from distseg.checkpoint import latest_checkpoint, load_weights
+    from distseg.models.weights import load_weights
+    from distseg.runs.checkpoint import latest_checkpoint
 
     path = latest_checkpoint(run_dir / "checkpoints") if which == "latest" else run_dir / which
     return load_weights(path, kind)

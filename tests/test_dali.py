@@ -14,7 +14,7 @@ pytest.importorskip("nvidia.dali", reason='DALI is not installed: pip install "d
 from distseg.config import load_config  # noqa: E402
 from distseg.data.dali_loader import DaliLoader  # noqa: E402
 from distseg.data.manifest import load_manifest  # noqa: E402
-from distseg.data.wds_loader import TorchLoader  # noqa: E402
+from distseg.data.torch_loader import TorchLoader  # noqa: E402
 
 
 def cfg_for(shards, **kw):
@@ -38,8 +38,9 @@ def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs):
     cfg = cfg_for(shards, **{"data.batch_size": bs})
     man = load_manifest(shards, "train")
     every = sorted(k for sh in man["shards"] for k in sh["keys"])
-    dali = [DaliLoader(cfg, "train", True, "cpu", world, r, None, man) for r in range(world)]
-    torch_l = [TorchLoader(cfg, "train", True, "cpu", world, r, None, man) for r in range(world)]
+    seed = cfg.train.seed
+    dali = [DaliLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
+    torch_l = [TorchLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
     for epoch in range(2):
         for loaders in (dali, torch_l):
             got, lens = [], set()
@@ -55,7 +56,7 @@ def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs):
 def test_dali_val_counts_each_image_once(shards):
     cfg = cfg_for(shards)
     man = load_manifest(shards, "val")
-    loaders = [DaliLoader(cfg, "val", False, "cpu", 2, r, None, man) for r in range(2)]
+    loaders = [DaliLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 2, r, None, man) for r in range(2)]
     for _ in range(3):  # every validation pass, not just the first
         got = []
         for L in loaders:
@@ -93,7 +94,7 @@ def test_augmented_image_and_mask_stay_aligned(coded_shards, kind):
     out, pal = coded_shards
     cfg = cfg_for(out, **{"data.batch_size": 4})
     man = load_manifest(out, "train")
-    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg, "train", True, "cpu", 1, 0, None, man)
+    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, "train", True, "cpu", 1, 0, None, man)
     mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
     colours = torch.from_numpy(pal[:19]).float()
     flipped_somewhere = False
@@ -114,17 +115,36 @@ def test_augmented_image_and_mask_stay_aligned(coded_shards, kind):
     assert flipped_somewhere
 
 
+@pytest.mark.parametrize("kind", ["dali", "torch"])
+def test_both_loaders_pad_a_small_image_as_the_table_says(shards, kind):
+    """distseg/data/transforms.py: a scaled image smaller than the crop sits at the top left (top right once
+    flipped), the padding is the mean colour (0 normalised) with ignored masks, and both flips occur."""
+    cfg = cfg_for(shards, **{"data.scale": "[0.5,0.5]", "data.crop": "[96,192]", "data.batch_size": 7})
+    man = load_manifest(shards, "train")
+    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, "train", True, "cpu", 1, 0, None, man)
+    sides = set()
+    for b in L:  # 256x128 sources at scale 0.5: 128x64 inside a 192x96 crop
+        for img, m in zip(b["image"], b["mask"]):
+            assert (m[64:] == 255).all() and img[:, 64:].abs().max() < 0.03
+            left = (m[:, :64] == 255).all()
+            assert left or (m[:, 128:] == 255).all()
+            pad = img[:, :, :64] if left else img[:, :, 128:]
+            assert pad.abs().max() < 0.03 and (m[:64, 64:128] != 255).any()
+            sides.add(bool(left))
+    assert sides == {True, False}
+
+
 def test_dali_resume_mid_epoch_continues_exactly(shards):
     cfg = cfg_for(shards)
     man = load_manifest(shards, "train")
-    a = DaliLoader(cfg, "train", True, "cpu", 2, 1, None, man)
+    a = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 2, 1, None, man)
     epoch_keys(a, 0)
     a.set_epoch(1)
     it = iter(a)
     first = [next(it)["key"] for _ in range(2)]
     state = a.state_dict()
     rest = [(b["key"], b["valid"].tolist(), b["image"].sum().item()) for b in it]
-    b = DaliLoader(cfg, "train", True, "cpu", 2, 1, None, man)
+    b = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 2, 1, None, man)
     b.load_state_dict(state)
     b.set_epoch(1, skip_batches=2)
     again = [(x["key"], x["valid"].tolist(), x["image"].sum().item()) for x in b]
@@ -148,8 +168,8 @@ def test_training_with_dali_loader_two_processes(shards, tmp_path):
 def test_dali_gpu_decode_matches_cpu_pipeline(shards):
     cfg = cfg_for(shards)
     man = load_manifest(shards, "val")
-    cpu = next(iter(DaliLoader(cfg, "val", False, "cpu", 1, 0, None, man)))
-    gpu = next(iter(DaliLoader(cfg, "val", False, "cuda:0", 1, 0, None, man)))
+    cpu = next(iter(DaliLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 1, 0, None, man)))
+    gpu = next(iter(DaliLoader(cfg.data, cfg.train.seed, "val", False, "cuda:0", 1, 0, None, man)))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
     torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
     assert (gpu["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG vs libjpeg rounding
@@ -159,8 +179,8 @@ def test_dali_gpu_decode_matches_cpu_pipeline(shards):
 def test_torch_loader_gpu_decode_matches_cpu_decode(shards):
     cfg = cfg_for(shards)
     man = load_manifest(shards, "val")
-    cpu = next(iter(TorchLoader(cfg, "val", False, "cpu", 1, 0, None, man)))
-    gpu_loader = TorchLoader(cfg, "val", False, "cuda", 1, 0, None, man)
+    cpu = next(iter(TorchLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 1, 0, None, man)))
+    gpu_loader = TorchLoader(cfg.data, cfg.train.seed, "val", False, "cuda", 1, 0, None, man)
     assert gpu_loader.gpu_decode
     gpu = next(iter(gpu_loader))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]

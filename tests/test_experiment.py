@@ -39,7 +39,8 @@ def write_plan(tmp_path, synth_root, **extra) -> str:
 
 
 def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
-    from distseg.checkpoint import latest_checkpoint, load_weights
+    from distseg.models.weights import load_weights
+    from distseg.runs.checkpoint import latest_checkpoint
 
     plan = write_plan(tmp_path, synth_root)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -49,7 +50,7 @@ def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
                             start_new_session=True, cwd=ROOT)
     ck = tmp_path / "runs" / "person_finetuned" / "checkpoints" / "step-00000002"
     deadline = time.time() + 600
-    while time.time() < deadline and not ck.exists():
+    while time.time() < deadline and not ck.exists() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distseg.inference import InferenceSpec, Segmenter, segment_images, window_starts
+from distseg.inference.segmenter import InferenceSpec, Segmenter, segment_images, window_starts
 from distseg.models.unet import UNet
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

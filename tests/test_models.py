@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, SGD, assert_user_error, base_overrides, run_cli, run_train
-from distseg.checkpoint import latest_checkpoint, load_weights, save_weights
 from distseg.config import dump_config, load_config
 from distseg.errors import UserError
 from distseg.labels import get_scheme
-from distseg.losses import SegLoss, class_weights
 from distseg.models import build_model
 from distseg.models.encoders import STAGES, EncoderUNet
-from distseg.runs import load_run
+from distseg.models.losses import SegLoss, class_weights
+from distseg.models.weights import load_weights, save_weights
+from distseg.runs.checkpoint import latest_checkpoint
+from distseg.runs.run_dir import load_run
 
 ENCODERS = ["unet", *STAGES]
 
@@ -175,7 +176,7 @@ def test_ohem_with_class_weights_normalises_by_their_sum():
     logits, target = batch(seed=4)
     w = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.25])
     total, norm = SegLoss(weight=w, ohem=(0.3, 5)).pixel_sum(logits, target)
-    from distseg.losses import ohem_mask
+    from distseg.models.losses import ohem_mask
 
     keep = ohem_mask(logits, target, 0.3, 5)
     masked = torch.where(keep, target, torch.full_like(target, 255))
@@ -305,7 +306,7 @@ def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("encoder", ["unet", "resnet18"])
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_exported_files_equal_torch(tmp_path, encoder, fmt):
-    from distseg.export import export_run
+    from distseg.flows.export import export_run
 
     run = make_run(tmp_path, encoder)
     loaded = load_run(run)  # the EMA weights

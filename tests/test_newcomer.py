@@ -32,7 +32,7 @@ def test_changed_model_settings_refuse_to_resume_and_touch_nothing(shards, one_p
 
 
 def test_resume_never_refuses_and_fresh_moves_the_old_run_aside(shards, one_proc_run, tmp_path):
-    from distseg.checkpoint import list_checkpoints, read_state
+    from distseg.runs.checkpoint import list_checkpoints, read_state
 
     run = tmp_path / "one"
     shutil.copytree(one_proc_run, run)
@@ -51,7 +51,7 @@ def test_resume_never_refuses_and_fresh_moves_the_old_run_aside(shards, one_proc
 
 
 def test_keep_last_prunes_only_this_runs_checkpoints(tmp_path):
-    from distseg.checkpoint import STATE_FILE, RunState, list_checkpoints, prune
+    from distseg.runs.checkpoint import STATE_FILE, RunState, list_checkpoints, prune
 
     ck = tmp_path / "checkpoints"
     for step, rid in [(1, "old"), (2, "old"), (3, "new"), (4, "new"), (5, "new")]:

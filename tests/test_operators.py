@@ -22,8 +22,9 @@ from conftest import (
     train_cmd,
     weights,
 )
-from distseg import run_lock
-from distseg.checkpoint import damage, latest_checkpoint, list_checkpoints
+from distseg.runs import run_lock
+from distseg.runs.checkpoint import damage, latest_checkpoint, list_checkpoints
+from distseg.runs.run_dir import RunDir
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -81,7 +82,7 @@ def write_lease(run: Path, **fields) -> Path:
     holder = dict(host="node-elsewhere", pid=4242, start="1", job="", started="2026-11-26T00:00:00",
                   token="t" * 32)
     holder.update(fields)
-    path = run_lock.lease_path(run)
+    path = RunDir(run).lease
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(holder))
     return path
@@ -94,16 +95,16 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         write_lease(run, host=run_lock.Holder.me().host, pid=sleeper.pid,
                     start=run_lock._start_time(sleeper.pid))
         with pytest.raises(run_lock.RunLocked, match=f"in use by pid {sleeper.pid} on "):
-            run_lock.acquire(run, log=lambda m: None)
+            run_lock.acquire(RunDir(run), log=lambda m: None)
     finally:
         sleeper.kill()
         sleeper.wait()
     said = []
-    lease = run_lock.acquire(run, log=said.append)
+    lease = run_lock.acquire(RunDir(run), log=said.append)
     assert said and f"its process {sleeper.pid} is gone" in said[0]
-    assert json.loads(run_lock.lease_path(run).read_text())["pid"] == os.getpid()
+    assert json.loads(RunDir(run).lease.read_text())["pid"] == os.getpid()
     lease.release()
-    assert not run_lock.lease_path(run).exists()
+    assert not RunDir(run).lease.exists()
 
 
 def test_lease_of_the_same_slurm_job_or_without_heartbeat_is_taken_over(tmp_path, monkeypatch):
@@ -111,10 +112,10 @@ def test_lease_of_the_same_slurm_job_or_without_heartbeat_is_taken_over(tmp_path
     path = write_lease(run, job="777")  # another node, heartbeat fresh
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(run_lock.RunLocked, match="node-elsewhere \\(Slurm job 777\\)"):
-        run_lock.acquire(run, log=lambda m: None)
+        run_lock.acquire(RunDir(run), log=lambda m: None)
     monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job takes over its own lease at once
     said = []
-    run_lock.acquire(run, log=said.append).release()
+    run_lock.acquire(RunDir(run), log=said.append).release()
     assert "the same Slurm job 777, requeued" in said[0]
 
     monkeypatch.setenv("SLURM_JOB_ID", "778")
@@ -122,15 +123,15 @@ def test_lease_of_the_same_slurm_job_or_without_heartbeat_is_taken_over(tmp_path
     old = time.time() - run_lock.STALE_AFTER_S - 60
     os.utime(path, (old, old))
     said = []
-    run_lock.acquire(run, log=said.append).release()
+    run_lock.acquire(RunDir(run), log=said.append).release()
     assert "no heartbeat for" in said[0]
 
 
 def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
     run = tmp_path / "z"
-    lease = run_lock.acquire(run, log=lambda m: None)
-    path = run_lock.lease_path(run)
+    lease = run_lock.acquire(RunDir(run), log=lambda m: None)
+    path = RunDir(run).lease
     os.utime(path, (1, 1))
     wait_for(lambda: path.stat().st_mtime > 1, 10, "a heartbeat")
     write_lease(run, pid=99, token="u" * 32)  # someone took it over (e.g. judged it stale)
@@ -143,8 +144,9 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
 # --- signals -------------------------------------------------------------------------------------------
 
 def test_one_ctrl_c_asks_for_a_checkpoint_a_second_exits_at_once():
-    code = ("from distseg.stopping import StopFlag\nimport time\nf = StopFlag()\nprint('ready', flush=True)\n"
-            "while not f.set: time.sleep(0.01)\nprint('stop requested', flush=True)\ntime.sleep(60)\n")
+    code = ("from distseg.training.stopping import StopFlag\nimport time\nf = StopFlag()\n"
+            "print('ready', flush=True)\nwhile not f.set: time.sleep(0.01)\n"
+            "print('stop requested', flush=True)\ntime.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     assert p.stdout.readline().strip() == "ready"
@@ -191,7 +193,7 @@ def test_lock_ctrl_c_and_orphans_under_the_launcher(shards, tmp_path):
 
     p = start()
     wait_for(lambda: newest_step(run) >= 2 or p.poll() is not None, what="the first checkpoint")
-    holder = json.loads(run_lock.lease_path(run).read_text())
+    holder = json.loads(RunDir(run).lease.read_text())
     assert holder["pid"] in descendants(p.pid)  # rank 0 holds it
     before = (run / "config.yaml").stat().st_mtime_ns, sorted(os.listdir(run / "tb"))
     second = run_train(base_overrides(shards, tmp_path, "ops", **{"train.epochs": 60}), check=False)
@@ -204,7 +206,7 @@ def test_lock_ctrl_c_and_orphans_under_the_launcher(shards, tmp_path):
     assert "Traceback" not in err and "ChildFailedError" not in err
     assert out.count("run the same command again to resume") == 1
     assert not [c for c in (run / "checkpoints").iterdir() if c.name.endswith(".tmp")]
-    assert not run_lock.lease_path(run).exists()
+    assert not RunDir(run).lease.exists()
 
     p = start()
     interrupted_at = newest_step(run)

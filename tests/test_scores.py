@@ -217,8 +217,8 @@ def test_binary_run_reports_foreground_iou(synth_root, shards, tmp_path):
 
     from conftest import base_overrides, run_train
     from distseg.data.shard import ShardOptions, run_shard
+    from distseg.inference.metrics import ConfusionMatrix
     from distseg.labels import get_scheme
-    from distseg.metrics import ConfusionMatrix
 
     person = tmp_path / "person"
     for split in ("train", "val"):

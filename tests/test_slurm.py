@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, SGD, base_overrides, run_train, val_pixels, weights
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster
 SLURM_TOOLS = ROOT / "tools" / "local-slurm"
 
 

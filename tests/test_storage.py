@@ -205,7 +205,7 @@ def _corrupt_one_sample(shards, dst):
 
 def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path):
     from distseg.config import load_config
-    from distseg.data.wds_loader import TorchLoader
+    from distseg.data.torch_loader import TorchLoader
 
     key, name, man = _corrupt_one_sample(shards, tmp_path / "s")
     p = run_train(base_overrides(tmp_path / "s", tmp_path, "r"), check=False)
@@ -216,7 +216,7 @@ def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path)
     for world in (1, 2):
         cfg = load_config(None, [f"data.shards={tmp_path / 's'}", "data.batch_size=3", "data.num_workers=1",
                                  "data.crop=[64,96]", "data.on_corrupt=skip"])
-        loaders = [TorchLoader(cfg, "train", True, "cpu", world, r, None) for r in range(world)]
+        loaders = [TorchLoader(cfg.data, 0, "train", True, "cpu", world, r, None) for r in range(world)]
         got, lengths = [], set()
         for L in loaders:
             L.set_epoch(0)
@@ -287,11 +287,11 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
                                  "data.crop=[64,96]", "data.batch_size=4", "data.num_workers=1"])
         man = load_manifest(base, "train")
         keys = []
-        L = DaliLoader(cfg, "train", True, "cpu", 1, 0, None, man)
+        L = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
         for b in L:
             keys += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
     assert sorted(keys) == sorted(k for sh in man["shards"] for k in sh["keys"])
     assert len(list((tmp_path / "c").glob("*.tar"))) == len(man["shards"])
     cfg.data.cache_size = "1K"
     with pytest.raises(Exception, match="must hold"):
-        DaliLoader(cfg, "train", True, "cpu", 1, 0, None, man)
+        DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)

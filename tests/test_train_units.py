@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from distseg.data.sampler import EpochBatchSampler
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill
-from distseg.losses import SegLoss, dice_loss
-from distseg.metrics import ConfusionMatrix
+from distseg.inference.metrics import ConfusionMatrix
+from distseg.models.losses import SegLoss, dice_loss
 from distseg.models.unet import UNet
 
 

@@ -94,13 +94,13 @@ def test_reduced_jpeg_decode_where_the_window_is_downscaled_twice(scene):
 
 def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
     from distseg.config import load_config
-    from distseg.data.wds_loader import TorchLoader
+    from distseg.data.torch_loader import TorchLoader
 
     cfg = load_config(None,
                       [f"data.shards={shards}", "data.batch_size=3", "data.num_workers=1",
                        "data.crop=[64,96]"])
     for train in (True, False):
-        loader = TorchLoader(cfg, "train" if train else "val", train, "cpu", 1, 0, None)
+        loader = TorchLoader(cfg.data, cfg.train.seed, "train" if train else "val", train, "cpu", 1, 0, None)
         raw = next(iter(loader.dl))  # what the workers send
         assert raw["image"].dtype == torch.uint8 and raw["image"].shape[-1] == 3
         loader.set_epoch(0)
@@ -115,3 +115,22 @@ def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
 def test_padding_normalises_to_about_zero():
     x = to_device(torch.tensor(mean_fill(MEAN), dtype=torch.uint8).view(1, 1, 1, 3), "cpu", MEAN, STD)
     assert x.abs().max() < 0.01
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_cpu_and_gpu_paths_agree_for_the_same_parameters(scene, index):
+    """The table in distseg/data/transforms.py, implemented twice: the CPU workers' uint8 path and the nvJPEG
+    path's float path (run here on the CPU) give images within a few grey levels and equal masks."""
+    from distseg.data.transforms import augment_tensor
+
+    data, mask = scene
+    p = draw_params(11, 0, index, (0.5, 1.5), True, 0.3)
+    crop = (384, 640)
+    img, m = augment_pil(data, mask, p, crop, mean_fill(MEAN))
+    decoded = torch.from_numpy(np.array(decode_pil(data)[0])).permute(2, 0, 1)
+    x, mt = augment_tensor(decoded, torch.from_numpy(mask), p, crop, MEAN, STD)
+    rgb = (x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)) * 255
+    diff = (rgb.permute(1, 2, 0) - img.float()).abs()
+    assert torch.equal(mt, m.long()), (index, (mt != m.long()).float().mean())
+    # uint8 rounding after each of PIL's steps against float throughout: about a grey level on average
+    assert diff.mean() < 2 and diff.max() <= 5, (index, diff.mean(), diff.max())

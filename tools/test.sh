@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite (creates .venv on first use). Extra arguments go to pytest, e.g. tools/test.sh -k shard
+# Run the test suite (creates .venv on first use) in parallel, one pytest worker per core (TEST_WORKERS=N to
+# choose). Extra arguments go to pytest, e.g. tools/test.sh -k shard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup-venv.sh
@@ -13,4 +14,4 @@ if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 ruff check distseg tests   # lint first: pyflakes, import order, line length, docstrings (pyproject.toml)
-exec python -m pytest -q -rs "$@"
+exec python -m pytest -q -rs -n "${TEST_WORKERS:-auto}" --dist loadgroup "$@"

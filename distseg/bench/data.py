@@ -13,9 +13,9 @@ from distseg.bench.common import endless, measure, table, with_data
 from distseg.data.cityscapes import find_pairs, resolve_root
 from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
-from distseg.data.manifest import ShardFiles, check_scheme, load_manifest
+from distseg.data.manifest import check_scheme, load_manifest
+from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
-from distseg.data.wds_loader import ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
 from distseg.labels import IGNORE, get_scheme
 

@@ -8,7 +8,7 @@ import torch
 from distseg.bench.common import device_name, measure, table
 from distseg.config import Config
 from distseg.errors import UserError
-from distseg.inference import InferenceSpec, Segmenter
+from distseg.inference.segmenter import InferenceSpec, Segmenter
 from distseg.labels import get_scheme
 from distseg.models import build_model, out_channels
 
@@ -42,7 +42,7 @@ def bench_eval(cfg: Config, modes: list[str], size: tuple[int, int], images: int
         spec = spec_for(mode, cfg, crop, stride)
         calls = []
         counted = model.register_forward_hook(lambda *_: calls.append(1))
-        seg = Segmenter(model, spec, cfg.data.mean, cfg.data.std, device, precision, cfg.model.channels_last)
+        seg = Segmenter.from_config(model, cfg, device, precision, spec)
         for _ in range(warmup):
             seg.classes(seg.preprocess(x))
         calls.clear()

@@ -14,7 +14,7 @@ from distseg.data.loader import make_loader
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import build_model, out_channels
-from distseg.optim import build_optimizer
+from distseg.models.optim import build_optimizer
 
 VARIANTS = {  # name: (precision, tf32, channels_last, compile)
     "fp32": ("no", False, False, False),

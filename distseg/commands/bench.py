@@ -8,9 +8,10 @@ from distseg.bench.data import bench_data, bench_storage, shuffle_report
 from distseg.bench.eval import MODES, bench_eval
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import VARIANTS, bench_train
-from distseg.commands.options import parse_wxh
 from distseg.config import load_config
 from distseg.data.manifest import load_manifest
+from distseg.models import check_encoder
+from distseg.units import parse_wxh
 
 
 @click.group()
@@ -77,7 +78,7 @@ def bench_train_cmd(config, variants, steps, warmup, real_loader, encoders, out,
     cfg = load_config(config, overrides)
     names = encoders.split(",") if encoders else None
     for name in names or []:
-        load_config(config, [*overrides, f"model.encoder={name}"])  # a clear error for an unknown encoder
+        check_encoder(name)
     _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader, names), out)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from distseg.commands.options import parse_bytes, parse_wxh
 from distseg.data.manifest import load_manifest
 from distseg.data.shard import ShardOptions, run_shard
 from distseg.data.synth import write_synth
 from distseg.errors import UserError
+from distseg.units import parse_bytes, parse_wxh
 
 
 @click.command()

@@ -6,8 +6,8 @@ import click
 
 from distseg.commands.options import weights_option
 from distseg.errors import UserError
-from distseg.evaluate import score_checkpoint, score_results
-from distseg.runs import CHECKPOINT_HELP
+from distseg.flows.evaluate import score_checkpoint, score_results
+from distseg.runs.run_dir import CHECKPOINT_HELP
 
 PRECISIONS = click.Choice(["no", "bf16", "fp16"])
 

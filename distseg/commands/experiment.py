@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from distseg.experiment import StageFailed, compare, ensure_shards, load_plan, run_plan, submit
+from distseg.reporting.experiment import StageFailed, compare, ensure_shards, load_plan, run_plan, submit
 
 
 @click.command()

@@ -6,8 +6,8 @@ import click
 
 from distseg.commands.options import weights_option
 from distseg.errors import UserError, missing_extra
-from distseg.export import export_run
-from distseg.runs import CHECKPOINT_HELP, find_run, load_run
+from distseg.flows.export import export_run
+from distseg.runs.run_dir import CHECKPOINT_HELP, find_run, load_run
 
 
 @click.command()

@@ -6,8 +6,8 @@ import click
 from accelerate import PartialState
 
 from distseg.commands.options import weights_option
-from distseg.predict import predict as run_predict
-from distseg.runs import CHECKPOINT_HELP
+from distseg.flows.predict import predict as run_predict
+from distseg.runs.run_dir import CHECKPOINT_HELP
 
 
 @click.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from distseg.commands.options import weights_option
-from distseg.report import write_report
+from distseg.reporting.report import write_report
 
 
 @click.command()

@@ -1,4 +1,5 @@
-"""`distseg train`: training in this process (several processes: accelerate launch distseg/train.py)."""
+"""`distseg train`: training in this process; `accelerate launch distseg/train.py` runs the same command once
+per rank (python -m distseg.launch for distseg's exit status and messages)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 
 import click
 
-from distseg.train import main as train_main
+from distseg.training.entry import main as train_main
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -17,6 +18,6 @@ def train(config, overrides) -> None:
 
     For several processes or GPUs: accelerate launch distseg/train.py --config ... [OVERRIDES]
     """
-    code = train_main((["--config", config] if config else []) + list(overrides))
+    code = train_main(config, list(overrides))
     if code:
         sys.exit(code)

@@ -11,14 +11,18 @@ shuffled when written). Mid-epoch resume uses DALI's own checkpoint of reader po
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
+import os
 
 import numpy as np
 import torch
 
-from distseg.config import parse_bytes
-from distseg.data.manifest import ShardFiles
+from distseg.config import DataCfg
+from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError, missing_extra
+from distseg.units import parse_bytes
 
 INFO_BYTES = 512
 
@@ -33,6 +37,14 @@ def dali_missing() -> str | None:
         return missing_extra(e) or f"cannot import DALI ({e})"
 
 
+@functools.cache
+def collect_before_fork() -> None:
+    """Registered once: collect garbage before this process forks (DataLoader workers, shard pools). A DALI
+    pipeline that became garbage must be finalised in the process that built it: a forked child that collects
+    it waits forever in its shutdown, for threads that do not exist in the child."""
+    os.register_at_fork(before=gc.collect)
+
+
 def dali_available() -> bool:
     """Whether nvidia.dali imports here."""
     return dali_missing() is None
@@ -40,24 +52,25 @@ def dali_available() -> bool:
 
 class DaliLoader:
     """DALI pipeline + iterator with the torch loader's interface and batch contract."""
-    def __init__(self, cfg, split: str, train: bool, device, world: int, rank: int, lut, man: dict):
+    def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device, world: int, rank: int, lut,
+                 man: dict):
         missing = dali_missing()
         if missing:
             raise UserError(f"data.loader=dali {missing}")
-        self.cfg, self.train, self.man = cfg, train, man
+        collect_before_fork()
+        self.data, self.seed, self.train, self.man = d, seed, train, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.world, self.rank = world, rank
         self.lut = lut
         self.n = man["total"]
-        self.batch_size = cfg.data.batch_size if train else cfg.data.val_batch_size
+        self.batch_size = d.batch_size if train else d.val_batch_size
         if self.n < world:
             raise UserError(f"{man['_path']}: {self.n} samples cannot be split over {world} processes")
         # DALI's shard of rank r: samples [n*r//world, n*(r+1)//world)
         self.shard_len = self.n * (rank + 1) // world - self.n * rank // world
         self.max_shard = max(self.n * (r + 1) // world - self.n * r // world for r in range(world))
         self._batch = 0
-        d = cfg.data
         self.files = ShardFiles(man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
         limit, total = parse_bytes(d.cache_size), sum(sh["bytes"] for sh in man["shards"])
         if man["_remote"] and limit and limit < total:
@@ -79,7 +92,7 @@ class DaliLoader:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        cfg, d = self.cfg, self.cfg.data
+        d, seed = self.data, self.seed
         tars, idx = self.tars, self.idx
         train, gpu = self.train, self.gpu
         mean = [255 * m for m in d.mean]
@@ -87,7 +100,7 @@ class DaliLoader:
         lut = self.lut
 
         @pipeline_def(batch_size=self.batch_size, num_threads=max(1, d.num_workers),
-                      device_id=self.device.index or 0 if gpu else None, seed=cfg.train.seed + 1,
+                      device_id=self.device.index or 0 if gpu else None, seed=seed + 1,
                       enable_checkpointing=True, prefetch_queue_depth=2)
         def pipe():
             # JPEG decodes on the GPU in `mixed` mode; PNG (lossless val shards) on the CPU inside it
@@ -97,7 +110,7 @@ class DaliLoader:
                 pad_last_batch=True, name="Reader",
                 # training: one global reshuffle per epoch, shard ranges fixed; validation: no shuffle, and
                 # stick_to_shard, or DALI would move each rank to the next shard every epoch
-                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=cfg.train.seed) if train
+                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if train
                    else dict(stick_to_shard=True)))
             info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[INFO_BYTES])
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -110,13 +123,17 @@ class DaliLoader:
                 m = m.gpu()
             if train:
                 hw = fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT)
-                s = fn.random.uniform(range=list(d.scale))
+                # a fixed scale (data.scale=[s,s]) is a constant: DALI refuses an empty range
+                s = fn.random.uniform(range=list(d.scale)) if d.scale[0] < d.scale[1] else float(d.scale[0])
                 size = hw * s
                 img = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
                 m = fn.resize(m, size=size, interp_type=types.INTERP_NN)
                 flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
                 cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
                 if d.crop:  # crop first, so colour and normalisation touch only the crop
+                    # a scaled image smaller than the crop sits at the top left: padding bottom and right
+                    cy = cy * fn.cast(size[0] >= d.crop[0], dtype=types.FLOAT)
+                    cx = cx * fn.cast(size[1] >= d.crop[1], dtype=types.FLOAT)
                     img = fn.crop(img, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
                                   out_of_bounds_policy="pad", fill_values=mean)  # pads to 0 after normalising
                     m = fn.crop(m, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,

@@ -17,16 +17,18 @@ def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
 
 
 def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", world: int = 1, rank: int = 0):
-    """The configured loader for an explicit device, world size and rank."""
+    """The configured loader for an explicit device, world size and rank. Loaders (and their workers) get the
+    `data` settings and the seed, not the whole config."""
     man = load_manifest(cfg.data.shards, split)
     lut = scheme.lut if check_scheme(man, scheme) else None
     if cfg.data.loader == "dali":
         from distseg.data.dali_loader import DaliLoader
 
-        return DaliLoader(cfg, split, train, device, world, rank, lut, man)
-    from distseg.data.wds_loader import TorchLoader
+        return DaliLoader(cfg.data, cfg.train.seed, split, train, device, world, rank, lut, man)
+    from distseg.data.torch_loader import TorchLoader
 
-    return TorchLoader(cfg, split, train, device, world, rank, lut, man)
+    return TorchLoader(cfg.data, cfg.train.seed, split, train, device, world, rank, lut, man,
+                       cfg.model.channels_last)
 
 
 def masked_targets(batch: dict) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""The per-split manifest (<split>.json) that describes a set of shards, the checks readers make, and
-`ShardFiles`: the verified local file of each shard, wherever the shards are stored.
+"""The per-split manifest (<split>.json) that describes a set of shards: how the writer builds it, how readers
+load and check it.
 
 Nothing read from storage is trusted: shard and index names must be plain names matching the manifest's
 own pattern (`<split>-NNNNNN.tar`), so a hostile or broken manifest cannot point a reader outside its
-folder or cache; every process checks a shard's sha256 against the manifest before its first read.
+folder or cache.
 """
 
 from __future__ import annotations
@@ -11,22 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
+import time
 from pathlib import Path
 
-from distseg.data.storage import (
-    ShardCache,
-    StorageError,
-    is_remote,
-    join,
-    local_path,
-    read_bytes,
-    redact,
-    sha256_remote,
-)
+import numpy as np
+
+from distseg import __version__
+from distseg.data.storage import NotFound, read_bytes, sha256_remote
 from distseg.errors import UserError
 from distseg.files import sha256_file
-from distseg.labels import Scheme
+from distseg.labels import IGNORE, Scheme
+from distseg.urls import is_remote, join, local_path, redact
 
 MANIFEST_VERSION = 1
 
@@ -55,10 +50,8 @@ def read_manifest_text(loc: str, split: str) -> str:
     if is_remote(loc):
         try:
             return read_bytes(loc).decode()
-        except StorageError as e:
-            if str(e).startswith("not found"):
-                raise UserError(f"no manifest {redact(loc)}{_missing_hint(loc, split)}") from None
-            raise
+        except NotFound:
+            raise UserError(f"no manifest {redact(loc)}{_missing_hint(loc, split)}") from None
     path = local_path(loc)
     if not path.is_file():
         raise UserError(f"no manifest {path}{_missing_hint(loc, split)}")
@@ -137,111 +130,16 @@ def check_scheme(man: dict, scheme: Scheme) -> bool:
                     f"{scheme.name} (or shard once with --scheme labelid to remap at load time)")
 
 
-class ShardFiles:
-    """The verified local file of each shard of a manifest: the shard itself when local, a node-local cache
-    copy (data.cache_dir) when remote. Each process checks each shard's sha256 before its first read; a
-    damaged cache copy is downloaded once more, a damaged local shard is an error."""
-
-    def __init__(self, man: dict, cache_dir: str | None = None, cache_size: int = 0, tries: int = 5):
-        self.man = man
-        if man["_remote"] and not cache_dir:
-            raise UserError(f"data.shards is remote ({redact(man['_base'])}): set data.cache_dir to a "
-                            "folder on "
-                            "node-local disk for the shard cache")
-        self.cache = ShardCache(cache_dir, cache_size, tries) if man["_remote"] else None
-        self._verified: set[int] = set()
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.man["shards"])
-
-    def tar(self, i: int) -> Path:
-        """Shard i's tar as a verified local file (downloaded into the cache if remote)."""
-        if self._pid != os.getpid():  # a new process (DataLoader worker): verify again before reading
-            self._verified, self._pid = set(), os.getpid()
-        sh = self.man["shards"][i]
-        if self.cache is None:
-            path = Path(self.man["_base"]) / sh["name"]
-        else:
-            path = self.cache.fetch(shard_url(self.man, i), sh["sha256"])
-        if i not in self._verified:
-            if sha256_file(path) != sh["sha256"]:
-                if self.cache is None:
-                    raise UserError(f"shard {path} fails its sha256 check: it changed since it was written; "
-                                    "re-shard")
-                self.cache.discard(shard_url(self.man, i))
-                path = self.cache.fetch(shard_url(self.man, i), sh["sha256"])
-                if sha256_file(path) != sh["sha256"]:
-                    raise UserError(f"cache copy of shard {sh['name']} in {self.cache.dir} keeps failing its "
-                                    "sha256 check: is the cache disk healthy?")
-            self._verified.add(i)
-        return path
-
-    def index(self, i: int) -> Path | None:
-        """Shard i's index file (DALI, random access), local or cached; checked if the manifest has a hash."""
-        sh = self.man["shards"][i]
-        if not sh.get("index"):
-            return None
-        if self.cache is None:
-            p = Path(self.man["_base"]) / sh["index"]
-            return p if p.is_file() else None
-        return self.cache.fetch(shard_url(self.man, i, "index"), sh.get("index_sha256"))
-
-    def all_tars(self) -> list[Path]:
-        """Every shard, verified and local (DALI reads whole shards by path)."""
-        return [self.tar(i) for i in range(len(self))]
-
-    def prefetcher(self, order: list[int], ahead: int) -> Prefetcher | None:
-        """A background downloader of the shards in `order`, kept `ahead` shards beyond the reader."""
-        if self.cache is None or not order:
-            return None
-        return Prefetcher(self, order, ahead)
-
-    @property
-    def downloaded_bytes(self) -> int:
-        """Bytes this process downloaded into the cache."""
-        return self.cache.downloaded if self.cache else 0
-
-
-class Prefetcher:
-    """Downloads the shards of one epoch in read order on a thread, never more than `ahead` shards beyond
-    the position the reader reported (`advance`), so a size-limited cache is not filled with shards that
-    push out the ones still being read."""
-
-    def __init__(self, files: ShardFiles, order: list[int], ahead: int):
-        self.files, self.order, self.ahead = files, order, max(1, ahead)
-        self.pos, self.done = 0, 0
-        self.cv = threading.Condition()
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
-        self.thread.start()
-
-    def advance(self, pos: int) -> None:
-        """The reader is at position `pos` of `order`."""
-        with self.cv:
-            self.pos = max(self.pos, pos)
-            self.cv.notify()
-
-    def stop(self) -> None:
-        """End the thread (at the end of an epoch) and wait for it: a download in progress completes, so
-        nothing writes into the cache after the reader is done with it (the cache may be removed next)."""
-        with self.cv:
-            self.stopped = True
-            self.cv.notify()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-
-    def _run(self) -> None:
-        cache, man = self.files.cache, self.files.man
-        while True:
-            with self.cv:
-                while not self.stopped and self.done >= min(len(self.order), self.pos + self.ahead + 1):
-                    self.cv.wait()
-                if self.stopped or self.done >= len(self.order):
-                    return
-                i = self.order[self.done]
-            try:
-                cache.fetch(shard_url(man, i), man["shards"][i]["sha256"])
-            except Exception:  # the reader fetches (and reports) it itself when it needs it
-                return
-            self.done += 1
+def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[dict]) -> dict:
+    """The <split>.json manifest of finished shards; `params` are the shard options that made them."""
+    hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
+    return {
+        "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": params["split"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
+        "scheme": scheme.describe(), "image_ext": params["image_format"], "mask_ext": "mask.png",
+        "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),
+        "source_bytes": source_bytes,
+        "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
+        "ignore_pixels": int(hist[IGNORE]),
+        "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
+    }

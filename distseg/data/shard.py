@@ -11,9 +11,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -22,14 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distseg import __version__
-from distseg.data import storage
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
-from distseg.data.manifest import MANIFEST_VERSION, load_manifest
-from distseg.data.storage import StorageError, is_remote, join, local_path, redact
+from distseg.data.manifest import build_manifest, load_manifest
+from distseg.data.shard_outputs import LocalOutput, open_output
 from distseg.errors import UserError, naming
-from distseg.files import atomic_write_json, atomic_write_text, sha256_file
-from distseg.labels import IGNORE, Scheme, get_scheme
+from distseg.files import atomic_write_text, sha256_file
+from distseg.labels import Scheme, get_scheme
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -219,113 +215,6 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-class LocalOutput:
-    """Shards written in place: a shard is complete when its final name exists (temp + rename)."""
-
-    def __init__(self, out: str | os.PathLike):
-        self.dir = local_path(out)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.workdir, self.where = self.dir, str(self.dir)
-
-    def read_json(self, name: str) -> dict | None:
-        """A JSON file of the output, None if absent, {"params": None} if unreadable."""
-        p = self.dir / name
-        if not p.exists():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {"params": None}
-
-    def size(self, name: str) -> int | None:
-        """Size of a finished file, None if absent."""
-        p = self.dir / name
-        return p.stat().st_size if p.is_file() else None
-
-    def commit(self, shard: dict) -> None:
-        """A finished shard is already in place."""
-
-    def write_json(self, name: str, obj) -> None:
-        """Write a JSON file atomically."""
-        atomic_write_json(self.dir / name, obj)
-
-    def remove(self, name: str) -> None:
-        """Delete a file if present."""
-        (self.dir / name).unlink(missing_ok=True)
-
-    def remove_split(self, split: str) -> None:
-        """Delete every shard, index, temp file, manifest and state of a split."""
-        for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
-            for p in list(self.dir.glob(pattern)):
-                p.unlink()
-        for name in (f"{split}.json", f"{split}.state.json"):
-            self.remove(name)
-
-    def close(self) -> None:
-        """Nothing to clean up."""
-
-
-class RemoteOutput(LocalOutput):
-    """Shards written to a local staging folder, then uploaded one by one (tar, index, then the state that
-    lists it); the manifest is uploaded last, so a reader never sees a manifest naming a missing shard. An
-    object appears only when its upload completes, so a rerun after an interruption keeps exactly the shards
-    the remote state lists and finds intact."""
-
-    def __init__(self, url: str, tries: int = 5):
-        self.url, self.tries = url.rstrip("/"), tries
-        self.workdir = Path(tempfile.mkdtemp(prefix="distseg-shard-"))
-        self.where = redact(url)
-        self.fs, self.path = storage.filesystem(self.url)
-
-    def read_json(self, name: str) -> dict | None:
-        """A JSON object of the output, None if absent, {"params": None} if unreadable."""
-        try:
-            return json.loads(storage.read_bytes(join(self.url, name), self.tries))
-        except StorageError as e:
-            if str(e).startswith("not found"):
-                return None
-            raise
-        except json.JSONDecodeError:
-            return {"params": None}
-
-    def size(self, name: str) -> int | None:
-        """Size of an uploaded object, None if absent."""
-        return storage.object_size(join(self.url, name), self.tries)
-
-    def commit(self, shard: dict) -> None:
-        """Upload a finished shard and its index, then drop the local copies."""
-        for name in (shard["name"], shard["index"]):
-            storage.upload(self.workdir / name, join(self.url, name), self.tries)
-            (self.workdir / name).unlink()
-
-    def write_json(self, name: str, obj) -> None:
-        """Upload a JSON object (written whole, so readers never see half of it)."""
-        atomic_write_json(self.workdir / name, obj)
-        storage.upload(self.workdir / name, join(self.url, name), self.tries)
-        (self.workdir / name).unlink()
-
-    def remove(self, name: str) -> None:
-        """Delete an object if present."""
-        storage.retrying(lambda: self.fs.rm(f"{self.path}/{name}") if self.fs.exists(f"{self.path}/{name}")
-                         else None, join(self.url, name), self.tries)
-
-    def remove_split(self, split: str) -> None:
-        """Delete every object of a split."""
-        for p in storage.retrying(lambda: self.fs.glob(f"{self.path}/{split}-*"), self.url, self.tries):
-            storage.retrying(lambda p=p: self.fs.rm(p), self.url, self.tries)
-        for name in (f"{split}.json", f"{split}.state.json"):
-            self.remove(name)
-
-    def close(self) -> None:
-        """Remove the staging folder."""
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def open_output(out: str | os.PathLike) -> LocalOutput:
-    """A local folder (or file:// URL) or a remote URL to upload to."""
-    return RemoteOutput(str(out)) if is_remote(str(out)) else LocalOutput(out)
-
-
 def check_options(opts: ShardOptions, workers: int, log) -> ShardOptions:
     """Validated options with the default image format filled in."""
     if not opts.image_format:
@@ -416,22 +305,6 @@ def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: 
             pool.join()
 
 
-def build_manifest(opts: ShardOptions, scheme: Scheme, params: dict, pairs: list[Pair],
-                   done: list[dict]) -> dict:
-    """The <split>.json manifest of finished shards."""
-    hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
-    return {
-        "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": opts.split,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
-        "scheme": scheme.describe(), "image_ext": opts.image_format, "mask_ext": "mask.png",
-        "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),
-        "source_bytes": sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs),
-        "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
-        "ignore_pixels": int(hist[IGNORE]),
-        "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
-    }
-
-
 def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: ShardOptions, workers: int = 1,
               overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Shard one split into a folder or URL; returns the manifest. Resumes an interrupted run with the same
@@ -469,7 +342,8 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
                   disable=not progress) as bar:
             write_shards(output, order[start:], done, opts, scheme, workers, save_state, bar)
         rate = (len(pairs) - start) / max(time.time() - t0, 1e-9)
-        man = build_manifest(opts, scheme, params, pairs, done)
+        source_bytes = sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs)
+        man = build_manifest(params, scheme, source_bytes, done)
         output.write_json(man_name, man)  # last: every shard it names is in place
         output.remove(state_name)
     finally:

@@ -22,56 +22,37 @@ import re
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from filelock import FileLock
 
 from distseg.errors import UserError
+from distseg.urls import redact
 
 CHUNK = 4 << 20
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 class StorageError(UserError):
-    """Storage that cannot be read or written after retries: one line naming the (redacted) URL."""
+    """Storage that cannot be read or written: one line naming the (redacted) URL. Callers tell the kinds
+    apart by type (they pickle with their type: a DataLoader worker's error reaches the main process as
+    itself)."""
+
+
+class NotFound(StorageError):
+    """The object or file does not exist (404, FileNotFoundError): permanent, not retried."""
+
+
+class Denied(StorageError):
+    """Access refused (401/403, other 4xx, PermissionError): the credentials or the policy, not retried."""
+
+
+class Unreachable(StorageError):
+    """Transient faults (5xx, throttling, resets, timeouts) that outlasted every retry."""
 
 
 class ChecksumError(StorageError):
     """Bytes that do not match the manifest's sha256."""
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    """Whether `location` is a URL (scheme://...) rather than a local path."""
-    return isinstance(location, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", location) is not None
-
-
-def is_remote(location: str | os.PathLike) -> bool:
-    """A URL that is not a local file: needs a download (and a cache) before random access."""
-    return is_url(location) and urlsplit(str(location)).scheme not in ("file", "local")
-
-
-def local_path(location: str | os.PathLike) -> Path:
-    """A local folder or file:// URL as a Path."""
-    s = str(location)
-    return Path(urlsplit(s).path) if is_url(s) else Path(s)
-
-
-def join(base: str | os.PathLike, name: str) -> str:
-    """base/name for URLs and paths alike."""
-    return f"{str(base).rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
-
-
-def redact(location: str | os.PathLike) -> str:
-    """A URL safe for logs, errors and saved configs: no password, no query string (signed URLs)."""
-    s = str(location)
-    if not is_url(s):
-        return s
-    u = urlsplit(s)
-    netloc = u.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else f"***@{host}"
-    return urlunsplit((u.scheme, netloc, u.path, "***" if u.query else "", ""))
 
 
 def filesystem(url: str):
@@ -126,15 +107,15 @@ def retrying(fn, what: str, tries: int = 5, delay: float = 0.2):
         except Exception as e:
             kind = classify(e)
             if kind == "missing":
-                raise StorageError(f"not found: {redact(what)}") from None
+                raise NotFound(f"not found: {redact(what)}") from None
             s3 = urlsplit(what).scheme in ("s3", "s3a")
             if kind == "denied":
                 hint = ("the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE) and the bucket policy" if s3
                         else "the credentials the server expects")
-                raise StorageError(f"access denied to {redact(what)} ({_short(e)}): check {hint}") from None
+                raise Denied(f"access denied to {redact(what)} ({_short(e)}): check {hint}") from None
             if attempt == tries:
                 hint = "the URL and the endpoint (AWS_ENDPOINT_URL)" if s3 else "the URL and the server"
-                raise StorageError(f"cannot read {redact(what)} after {tries} tries ({_short(e)}): check "
+                raise Unreachable(f"cannot read {redact(what)} after {tries} tries ({_short(e)}): check "
                                    f"{hint}") from None
             time.sleep(delay * 2 ** (attempt - 1))
 
@@ -155,10 +136,8 @@ def object_size(url: str, tries: int = 5) -> int | None:
     fs, path = filesystem(url)
     try:
         return retrying(lambda: fs.size(path), url, tries)
-    except StorageError as e:
-        if str(e).startswith("not found"):
-            return None
-        raise
+    except NotFound:
+        return None
 
 
 def sha256_remote(url: str, tries: int = 5) -> str:

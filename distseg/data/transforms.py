@@ -1,17 +1,37 @@
-"""Joint image+mask augmentation: random scale, crop, flip and colour jitter.
+"""The training augmentation, stated once. Three implementations follow this table: `augment_pil` (torch
+loader, CPU workers), `augment_tensor` (torch loader, nvJPEG on the GPU) and the DALI graph
+(distseg/data/dali_loader.py). Validation images are not augmented.
 
-Random parameters come from a generator seeded by (seed, epoch, sample index): a sample gets the same
-augmentation whichever rank, worker or device processes it, which makes resume and 1-vs-N-process runs
-reproducible.
+| # | step      | drawn per sample              | image                             | mask              |
+|---|-----------|-------------------------------|-----------------------------------|-------------------|
+| 1 | rescale   | s ~ U(data.scale)             | x s, bilinear, antialiased        | x s, nearest      |
+| 2 | crop      | cy, cx ~ U(0, 1)              | data.crop at c * (scaled - crop)  | the same window   |
+| 3 | pad       | -                             | bottom and right, the mean colour | ignore (255)      |
+| 4 | colour    | b, c, s ~ U(1 -+ data.color)  | brightness, contrast, saturation  | -                 |
+| 5 | flip      | p = 0.5 if data.flip          | horizontal                        | horizontal        |
+| 6 | normalise | -                             | (x / 255 - data.mean) / data.std  | int64             |
 
-The CPU path (DataLoader workers) works in source coordinates: the crop window of the scaled image is mapped
-back to a (fractional) box of the source image, and only that box is resized, with PIL's antialiased
-bilinear filter, whose float `box` argument keeps the sampling grid of resize-then-crop exactly (a test
-compares the two); a JPEG whose window is downscaled 2x or more is decoded at reduced size by the decoder's
-DCT scaling (PIL `draft`). Everything stays uint8 (PIL's ImageEnhance for the colour jitter) until the
-loader converts, normalises and lays out the batch on the device (`to_device`), so workers and the
-host->device copy move a quarter of the bytes of float. The GPU path (nvJPEG) uses `augment_tensor`, the
-same steps with torch ops on the device.
+Sizes round half to even (round(h * s)); a crop offset is int(c * room), 0 where the scaled image is smaller
+than the crop. Colour, in this order, on values clipped to [0, 255]: brightness x * b; contrast
+(x - m) * c + m with m the image's mean grey; saturation (x - g) * s + g with g each pixel's grey (ITU-R 601
+luma). The mean colour normalises to 0. After a flip the padding sits on the left.
+
+What agreement means (tests/test_data_transforms.py, tests/test_data_dali.py):
+- the torch paths draw their parameters from (seed, epoch, sample index) alone (`draw_params`), so a sample
+  gets the same augmentation on any rank, worker or device; for the same parameters their images agree
+  within a few grey levels (the CPU path works on uint8 between steps and resizes only the crop window, the
+  GPU path works in float) and their masks are equal;
+- DALI draws the same distributions from its own generator (seeded by train.seed), in the same order, one
+  random node feeding image and mask, and resizes the image without antialiasing: its samples follow the
+  table, not the torch paths' exact draws.
+
+The CPU path works in source coordinates: the crop window of the scaled image is mapped back to a
+(fractional) box of the source image, and only that box is resized, with PIL's antialiased bilinear filter,
+whose float `box` argument keeps the sampling grid of resize-then-crop exactly (a test compares the two); a
+JPEG whose window is downscaled 2x or more is decoded at reduced size by the decoder's DCT scaling (PIL
+`draft`). Everything stays uint8 (PIL's ImageEnhance for the colour jitter) until the loader converts,
+normalises and lays out the batch on the device (`to_device`), so workers and the host->device copy move a
+quarter of the bytes of float.
 """
 
 from __future__ import annotations
@@ -187,7 +207,7 @@ def augment_tensor(img: torch.Tensor, mask: torch.Tensor, p: AugParams, crop: li
     x, m = img.unsqueeze(0).float(), mask.unsqueeze(0).unsqueeze(0)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        m = F.interpolate(m.float(), size=(nh, nw), mode="nearest").to(torch.uint8)
+        m = F.interpolate(m.float(), size=(nh, nw), mode="nearest-exact").to(torch.uint8)
     x, m = x[0], m[0, 0]
     if crop:
         ch, cw = crop

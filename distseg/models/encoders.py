@@ -17,9 +17,9 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from distseg.checkpoint import load_weights
 from distseg.errors import UserError
 from distseg.models.unet import DoubleConv
+from distseg.models.weights import load_weights
 
 # encoder -> the nodes whose outputs are its stages, shallow to deep (strides 2 or 4, ..., 32)
 STAGES = {

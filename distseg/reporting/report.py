@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,18 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from distseg.checkpoint import list_checkpoints, load_weights, read_state
 from distseg.data.loader import make_loader
-from distseg.data.manifest import ShardFiles, load_manifest
-from distseg.data.wds_loader import ShardSamples, decode_mask, decode_rgb
+from distseg.data.manifest import load_manifest
+from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
-from distseg.inference import InferenceSpec, Segmenter, segment_images
-from distseg.runs import LoadedRun, load_run
-from distseg.validation import score_loader
+from distseg.inference.metrics import headline
+from distseg.inference.scoring import score_loader
+from distseg.inference.segmenter import Segmenter, segment_images
+from distseg.models.weights import load_weights
+from distseg.runs.checkpoint import list_checkpoints, read_state
+from distseg.runs.run_dir import LoadedRun, RunDir, load_run
+from distseg.training.tensorboard import score_tag
 
 FAVICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect "
            "width='16' height='16' fill='%23803080'/%3E%3C/svg%3E")
@@ -56,19 +58,19 @@ class RunReport:
 
 # --- data --------------------------------------------------------------------------------------------
 
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def scalars(run: RunDir) -> dict[str, list[tuple[int, float]]]:
     """Every TensorBoard scalar of a run: tag -> [(step, value)]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    ea = EventAccumulator(str(run.tb), size_guidance={"scalars": 0})
     ea.Reload()
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def choose_checkpoints(run_dir: Path, most: int) -> list[tuple[str, Path]]:
+def choose_checkpoints(run: RunDir, most: int) -> list[tuple[str, Path]]:
     """best, then saved checkpoints spread evenly from the newest back: at most `most` in all."""
-    out = [("best", run_dir / "best")] if (run_dir / "best").is_dir() else []
-    saved = list_checkpoints(run_dir / "checkpoints")
+    out = [("best", run.best)] if run.best.is_dir() else []
+    saved = list_checkpoints(run.checkpoints)
     room = max(0, most - len(out))
     if saved and room:
         pick = sorted({round(i * (len(saved) - 1) / max(1, room - 1)) for i in range(room)}) if room > 1 \
@@ -77,7 +79,7 @@ def choose_checkpoints(run_dir: Path, most: int) -> list[tuple[str, Path]]:
             st = read_state(saved[i])
             out.append((f"step {st.step} (epoch {st.epoch})", saved[i]))
     if not out:
-        raise UserError(f"{run_dir} has no checkpoints yet: train first")
+        raise UserError(f"{run.path} has no checkpoints yet: train first")
     return out
 
 
@@ -129,26 +131,23 @@ def val_images(loaded: LoadedRun, count: int) -> list[tuple[str, np.ndarray, np.
     return out
 
 
-def report_run(run_dir: Path, images: int, checkpoints: int, precision: str,
+def report_run(run: RunDir, images: int, checkpoints: int, precision: str,
                weights: str = "auto") -> RunReport:
     """Scores of the best checkpoint; predictions of up to `checkpoints` checkpoints on `images` images."""
     from accelerate import Accelerator
 
-    loaded = load_run(run_dir, "best" if (run_dir / "best").is_dir() else "latest", weights=weights)
+    loaded = load_run(run.path, "best" if run.best.is_dir() else "latest", weights=weights)
     cfg, scheme = loaded.cfg, loaded.scheme
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    spec = InferenceSpec.from_config(cfg)
-    seg = Segmenter(loaded.model.to(acc.device), spec, cfg.data.mean, cfg.data.std, acc.device, precision,
-                    cfg.model.channels_last)
+    seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
     cfg.data.num_workers = 0
     cm, _ = score_loader(seg, make_loader(cfg, cfg.data.val_split, scheme, False, acc.device), scheme, acc)
     scores = cm.scores(scheme.eval_classes)
-    binary = scheme.num_classes == 2
     pal = scheme.palette()
     shown = val_images(loaded, images)
     ckpts = []
     per_image = {}
-    for label, path in choose_checkpoints(run_dir, checkpoints):
+    for label, path in choose_checkpoints(run, checkpoints):
         seg.model.load_state_dict(load_weights(path, weights))
         preds = segment_images(seg, [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
                                      for _, im, _ in shown])
@@ -162,11 +161,11 @@ def report_run(run_dir: Path, images: int, checkpoints: int, precision: str,
     gallery = [(key, thumb(rgb, "JPEG"), thumb(pal[gt], "PNG"), per_image[key]) for key, rgb, gt in shown]
     gallery.sort(key=lambda g: (math.isnan(g[3]), g[3]))  # worst first
     iou = {scheme.class_names[c]: v for c, v in scores["iou"].items()}
-    score = iou.get(scheme.class_names[1]) if binary else scores["miou"]
     mat = cm.mat.cpu().numpy()[:, :scheme.num_classes].astype(float)
-    name = ("foreground IoU" if binary else "mIoU") + f" {_pct(score)}"
-    return RunReport(run_dir.name, scheme.name, name, iou, mat / np.maximum(mat.sum(1, keepdims=True), 1),
-                     scheme.class_names, ckpts, gallery)
+    name, score = headline(scheme, scores)
+    rows = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    return RunReport(run.name, scheme.name, f"{name} {_pct(score)}", iou, rows, scheme.class_names, ckpts,
+                     gallery)
 
 
 def _pct(v) -> str:
@@ -263,16 +262,12 @@ def run_section(k: int, r: RunReport) -> str:
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
                  precision: str = "no", weights: str = "auto") -> Path:
     """Build the page for `run_dirs` and write it atomically to `out`; returns its path."""
-    dirs = [Path(r) for r in run_dirs]
-    for d in dirs:
-        if not (d / "config.yaml").is_file():
-            raise UserError(f"{d} is not a training run (no config.yaml)")
+    dirs = [RunDir(Path(r)).require() for r in run_dirs]
     if images < 1 or not 1 <= checkpoints <= 20:
         raise UserError("--images must be >= 1 and --checkpoints between 1 and 20")
     curves = {d.name: scalars(d) for d in dirs}
     reports = [report_run(d, images, checkpoints, precision, weights) for d in dirs]
-    val_tag = {r.name: f"val_iou/{r.class_names[1]}" if len(r.class_names) == 2 else "val/mIoU"
-               for r in reports}
+    val_tag = {r.name: score_tag(r.class_names) for r in reports}
 
     def series(tag_of) -> dict:
         return {n: sc.get(tag_of(n), []) for n, sc in curves.items()}
@@ -280,8 +275,7 @@ def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: in
               series_chart(series(val_tag.get), "validation score (mIoU; foreground IoU for binary runs)",
                            "score"),
               series_chart(series(lambda n: "train/lr"), "learning rate", "lr")]
-    summary = {d.name: json.loads((d / "summary.json").read_text()) for d in dirs
-               if (d / "summary.json").is_file()}
+    summary = {d.name: d.read_summary() for d in dirs if d.read_summary() is not None}
     head = "".join(f"<li>{html.escape(n)}: {s.get('steps')} steps, {s.get('epochs')} epochs, best "
                    f"{html.escape(str(s.get('best_score_name')))} {_pct(s.get('best_score'))} (epoch "
                    f"{s.get('best_epoch')})</li>" for n, s in summary.items())

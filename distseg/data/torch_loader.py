@@ -11,111 +11,29 @@ flagged invalid and counted, so batches stay equal across ranks.
 from __future__ import annotations
 
 import json
-import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distseg.config import parse_bytes
-from distseg.data.manifest import ShardFiles, load_manifest
+from distseg.config import DataCfg
+from distseg.data.manifest import load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
+from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError
 from distseg.labels import IGNORE
-from distseg.stopping import worker_init
-
-
-def read_index(idx: Path | None, tar: Path | None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (offset, size)}) per sample, from a DALI .idx file or by scanning the tar."""
-    out = []
-    if idx is not None:
-        for line in idx.read_text().splitlines()[1:]:
-            f = line.split()
-            comps = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-            out.append((f[3].split(".", 1)[0], comps))
-        return out
-    with tarfile.open(tar) as t:
-        for m in t.getmembers():
-            if not m.isfile():
-                continue
-            key, ext = m.name.split(".", 1)
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = (m.offset_data, m.size)
-    return out
-
-
-class ShardSamples:
-    """All samples of a manifest, readable by index (file handles reopened per process)."""
-
-    def __init__(self, man: dict, files: ShardFiles):
-        self.image_ext, self.files = man["image_ext"], files
-        self.entries: list[tuple[int, str, dict]] = []  # (shard index, key, {ext: (offset, size)})
-        for k, sh in enumerate(man["shards"]):
-            idx = files.index(k)
-            for key, comps in read_index(idx, None if idx else files.tar(k)):
-                if self.image_ext not in comps or "mask.png" not in comps:
-                    raise UserError(f"sample {key} in {sh['name']} lacks .{self.image_ext} or .mask.png")
-                self.entries.append((k, key, comps))
-        if len(self.entries) != man["total"]:
-            raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold "
-                            f"{len(self.entries)}")
-        self._handles: dict[Path, object] = {}
-        self._pid = None
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def key(self, i: int) -> str:
-        """The sample key of index i."""
-        return self.entries[i][1]
-
-    def shard(self, i: int) -> int:
-        """Index (in the manifest) of the shard holding sample i."""
-        return self.entries[i][0]
-
-    def shard_name(self, i: int) -> str:
-        """File name of the shard holding sample i."""
-        return self.files.man["shards"][self.entries[i][0]]["name"]
-
-    def read(self, i: int, ext: str) -> bytes:
-        """The bytes of one member (`ext`) of sample i, read by offset from its verified shard."""
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        k, _, comps = self.entries[i]
-        tar = self.files.tar(k)
-        f = self._handles.get(tar)
-        if f is None:
-            f = self._handles[tar] = open(tar, "rb")
-        off, size = comps[ext]
-        f.seek(off)
-        return f.read(size)
-
-
-def decode_mask(data: bytes, lut: np.ndarray | None) -> torch.Tensor:
-    """PNG bytes -> uint8 H x W mask, remapped through a 256-entry `lut` when given (a uint8 table lookup)."""
-    from torchvision.io import ImageReadMode, decode_png
-
-    m = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
-    return torch.from_numpy(np.take(lut, m.numpy())) if lut is not None else m
-
-
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Image bytes -> uint8 3 x H x W."""
-    from torchvision.io import ImageReadMode, decode_image
-
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+from distseg.processes import worker_init
+from distseg.units import parse_bytes
 
 
 class ShardDataset(Dataset):
     """Item (index, epoch, valid) -> uint8 image and mask of the (augmented) sample, or, for GPU decode, the
     JPEG bytes and the mask."""
 
-    def __init__(self, samples: ShardSamples, cfg, train: bool, lut: np.ndarray | None, gpu_decode: bool):
-        self.s, self.cfg, self.train, self.gpu_decode = samples, cfg, train, gpu_decode
+    def __init__(self, samples: ShardSamples, data: DataCfg, seed: int, train: bool, lut: np.ndarray | None,
+                 gpu_decode: bool):
+        self.s, self.data, self.seed, self.train, self.gpu_decode = samples, data, seed, train, gpu_decode
         self.lut = lut.astype(np.uint8) if lut is not None else None
 
     def __len__(self) -> int:
@@ -130,7 +48,7 @@ class ShardDataset(Dataset):
             if self.gpu_decode:
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
                 return out
-            img, m = transform_sample(raw, mask, self.cfg, self.train, epoch, i)
+            img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
         out.update(image=img, mask=m)
@@ -139,11 +57,11 @@ class ShardDataset(Dataset):
     def _corrupt(self, out: dict, i: int, e: Exception) -> dict:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         what = f"sample {self.s.key(i)} in shard {self.s.shard_name(i)} cannot be decoded ({reason})"
-        if self.cfg.data.on_corrupt != "skip":
+        if self.data.on_corrupt != "skip":
             return {"error": f"{what}: re-shard it, or set data.on_corrupt=skip to train without it"}
-        h, w = self.cfg.data.crop if self.cfg.data.crop and self.train else \
+        h, w = self.data.crop if self.data.crop and self.train else \
             json.loads(self.s.read(i, "json"))["size"][::-1]
-        fill = torch.tensor(mean_fill(self.cfg.data.mean), dtype=torch.uint8).view(3, 1, 1)
+        fill = torch.tensor(mean_fill(self.data.mean), dtype=torch.uint8).view(3, 1, 1)
         mask = torch.full((h, w), IGNORE, dtype=torch.uint8)
         out.update(valid=False, corrupt=True, image=fill.view(1, 1, 3).expand(h, w, 3).clone(), mask=mask)
         if self.gpu_decode:  # keep the batch's form; _decode_on_gpu pads it
@@ -152,13 +70,12 @@ class ShardDataset(Dataset):
         return out
 
 
-def transform_sample(raw: bytes, mask: torch.Tensor, cfg, train: bool, epoch: int, index: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
+                     index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded image + uint8 mask -> uint8 H x W x 3 image and uint8 mask: the training augmentation
     (parameters from seed, epoch, index), or for validation the image as it is."""
-    d = cfg.data
     if train:
-        p = draw_params(cfg.train.seed, epoch, index, tuple(d.scale), d.flip, d.color)
+        p = draw_params(seed, epoch, index, tuple(d.scale), d.flip, d.color)
         return augment_pil(raw, mask.numpy(), p, d.crop, mean_fill(d.mean))
     return decode_rgb(raw).permute(1, 2, 0), mask  # H x W x 3, as the training path
 
@@ -187,27 +104,26 @@ def collate(items: list[dict]) -> dict:
 class TorchLoader:
     """Iterable of batches in the common contract, on `device`; `set_epoch(e, skip)` before each epoch."""
 
-    def __init__(self, cfg, split: str, train: bool, device: torch.device, world: int, rank: int,
-                 lut: np.ndarray | None, man: dict | None = None):
-        d = cfg.data
-        self.cfg, self.train, self.device = cfg, train, torch.device(device)
+    def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device: torch.device, world: int,
+                 rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
+        self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
         self.man = man or load_manifest(d.shards, split)
         self.files = ShardFiles(self.man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
         self.samples = ShardSamples(self.man, self.files)
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
                            and want in ("gpu", "auto"))
-        self.channels_last = self.device.type == "cuda" and cfg.model.channels_last
+        self.channels_last = self.device.type == "cuda" and channels_last
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = d.batch_size if train else d.val_batch_size
         if train and d.shuffle == "shards":
             self.sampler = ShardWindowSampler([sh["count"] for sh in self.man["shards"]], bs, world, rank,
-                                              cfg.train.seed, d.shuffle_window)
+                                              seed, d.shuffle_window)
         else:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
-                                             seed=cfg.train.seed)
-        ds = ShardDataset(self.samples, cfg, train, lut, self.gpu_decode)
+                                             seed=seed)
+        ds = ShardDataset(self.samples, d, seed, train, lut, self.gpu_decode)
         nw = d.num_workers
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
@@ -243,7 +159,7 @@ class TorchLoader:
         prefetch, reached = None, []
         if self.files.cache is not None:
             order, reached = self._shard_schedule()
-            prefetch = self.files.prefetcher(order, self.cfg.data.prefetch_shards)
+            prefetch = self.files.prefetcher(order, self.data.prefetch_shards)
         try:
             for j, b in enumerate(self.dl):
                 if "error" in b:
@@ -262,7 +178,7 @@ class TorchLoader:
         if "jpeg" in b:
             self._decode_on_gpu(b)
         else:
-            d = self.cfg.data
+            d = self.data
             b["image"] = to_device(b["image"], self.device, d.mean, d.std, self.channels_last)
             b["mask"] = b["mask"].to(self.device, non_blocking=nb).long()
         b["valid"] = b["valid"].to(self.device, non_blocking=nb)
@@ -285,14 +201,14 @@ class TorchLoader:
                     i = int(b["index"][k])
                     what = (f"sample {self.samples.key(i)} in shard {self.samples.shard_name(i)} cannot be "
                             f"decoded ({str(e).splitlines()[0]})")
-                    if self.cfg.data.on_corrupt != "skip":
+                    if self.data.on_corrupt != "skip":
                         raise UserError(f"{what}: re-shard it, or set data.on_corrupt=skip") from None
                     b["corrupt"][k], b["valid"][k] = True, False
         pairs = []
         for k, m in enumerate(masks):
             m = m.to(self.device, non_blocking=True)
             if k not in decoded:  # padding for a corrupt sample: nothing in it counts
-                h, w = self.cfg.data.crop if self.cfg.data.crop and self.train else m.shape
+                h, w = self.data.crop if self.data.crop and self.train else m.shape
                 pairs.append((torch.zeros(3, h, w, device=self.device),
                               torch.full((h, w), IGNORE, device=self.device, dtype=torch.long)))
                 continue
@@ -303,8 +219,8 @@ class TorchLoader:
             b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
 
     def _gpu_transform(self, img: torch.Tensor, mask: torch.Tensor, epoch: int, index: int):
-        d = self.cfg.data
+        d = self.data
         if self.train:
-            p = draw_params(self.cfg.train.seed, epoch, index, tuple(d.scale), d.flip, d.color)
+            p = draw_params(self.seed, epoch, index, tuple(d.scale), d.flip, d.color)
             return augment_tensor(img, mask, p, d.crop, d.mean, d.std)
         return normalize(img, d.mean, d.std), mask.long()

@@ -16,13 +16,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 import time
 
-PR_SET_PDEATHSIG = 1
+from distseg.processes import die_with_parent
+
 SAME_PRESS_S = 1.0
 
 
@@ -55,29 +54,7 @@ class StopFlag:
         return self.signalled == signal.SIGINT
 
 
-def die_with_parent() -> bool:
-    """Ask the kernel for SIGKILL when the parent process dies (Linux); False where that is unavailable.
-    Exits at once if the parent is already gone."""
-    if not sys.platform.startswith("linux"):
-        return False
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent:  # it died between the two calls: the request came too late
-        os._exit(128 + signal.SIGKILL)
-    return True
-
-
 def die_with_launcher() -> None:
     """A rank under a launcher (torch elastic sets TORCHELASTIC_RUN_ID): be SIGKILLed when it dies."""
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         die_with_parent()
-
-
-def worker_init(_worker_id: int = 0) -> None:
-    """DataLoader worker start: die with the training process at once (rather than at torch's next watchdog
-    check, seconds later), and leave Ctrl-C to it: it checkpoints before it exits, while a worker dying of
-    KeyboardInterrupt would fail the epoch."""
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from distseg.data.image_files import ImageFiles, ImageItem, find_inputs, raise_errors
+from distseg.data.image_files import ImageItem, find_inputs
 from distseg.errors import UserError
 from distseg.files import atomic_save_png, atomic_write_bytes
-from distseg.inference import InferenceSpec, Segmenter, segment_images
+from distseg.flows.images import segment_files
+from distseg.inference.segmenter import Segmenter
+from distseg.inference.visual import overlay
 from distseg.labels import Scheme
-from distseg.runs import load_run
-from distseg.tb import overlay
+from distseg.runs.run_dir import load_run
 
 
 def result_name(key: str, scheme: Scheme) -> str:
@@ -49,27 +49,18 @@ def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best
                         "<key>*.png under the results folder")
     cfg, scheme = loaded.cfg, loaded.scheme
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    seg = Segmenter(loaded.model.to(acc.device), InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std,
-                    acc.device, precision or cfg.train.mixed_precision, cfg.model.channels_last)
+    seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     if overlays:
         Path(overlays).mkdir(parents=True, exist_ok=True)
     mine = items[acc.process_index::acc.num_processes]
-    loader = torch.utils.data.DataLoader(ImageFiles(mine), batch_size=batch_size or cfg.data.val_batch_size,
-                                         num_workers=workers, collate_fn=list)
     export = scheme.export_lut() if scheme.official else np.arange(256, dtype=np.uint8)
     pal = scheme.palette()
-    show = acc.is_main_process and sys.stderr.isatty()
-    with tqdm(total=len(mine), desc="predict", unit="img", disable=not show) as bar:
-        for batch in loader:
-            raise_errors(batch)
-            for it, cls in zip(batch, segment_images(seg, [b["image"] for b in batch])):
-                item = mine[it["index"]]
-                c = cls.cpu().numpy().astype(np.uint8)
-                atomic_save_png(Image.fromarray(export[c]), out_dir / result_name(item.key, scheme))
-                if overlays:
-                    _write_overlays(Path(overlays), item, it["image"], c, pal, alpha)
-            bar.update(len(batch))
+    for item, sample, c in segment_files(seg, mine, batch_size or cfg.data.val_batch_size, workers, "predict",
+                                         acc.is_main_process):
+        atomic_save_png(Image.fromarray(export[c]), out_dir / result_name(item.key, scheme))
+        if overlays:
+            _write_overlays(Path(overlays), item, sample["image"], c, pal, alpha)
     acc.wait_for_everyone()
     if acc.is_main_process:
         _warn_foreign_files(out_dir, items, scheme)

@@ -83,6 +83,14 @@ class Segmenter:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.channels_last = channels_last and self.device.type == "cuda"
 
+    @classmethod
+    def from_config(cls, model, cfg, device, precision: str | None = None,
+                    spec: InferenceSpec | None = None) -> Segmenter:
+        """A run's Segmenter: its `eval` settings (or `spec`), normalisation and memory layout, in `precision`
+        (default: the run's train.mixed_precision). Every caller builds it here, so none can drift."""
+        return cls(model, spec or InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std, device,
+                   precision or cfg.train.mixed_precision, cfg.model.channels_last)
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x 3 x H x W (any device) -> normalised float on the model's device."""
         return normalize(images.to(self.device, non_blocking=True), self.mean, self.std)

@@ -1,11 +1,8 @@
-"""TensorBoard helpers: a writer on rank 0 only, and side-by-side prediction images."""
+"""TensorBoard: a writer on rank 0 only, whose write failures (a full disk) stop every rank with one line."""
 
 from __future__ import annotations
 
 import threading
-
-import numpy as np
-import torch
 
 
 class NullWriter:
@@ -58,22 +55,7 @@ def make_writer(log_dir, enabled: bool):
     return EventWriter(log_dir)
 
 
-def denormalize(img: torch.Tensor, mean, std) -> np.ndarray:
-    """Normalised 3xHxW -> uint8 HxWx3."""
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    x = (img.detach().float().cpu() * s + m).clamp(0, 1)
-    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def overlay(rgb: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend class colours over an image; ignore (255) pixels keep the image."""
-    col = palette[classes].astype(np.float32)
-    out = rgb.astype(np.float32) * (1 - alpha) + col * alpha
-    out[classes == 255] = rgb[classes == 255]
-    return out.round().astype(np.uint8)
-
-
-def panel(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Image | ground truth | prediction, stacked vertically (HxWx3 uint8)."""
-    return np.concatenate([rgb, palette[gt], palette[pred]], axis=0)
+def score_tag(class_names: list[str]) -> str:
+    """The TensorBoard tag of the score that ranks checkpoints (distseg.inference.metrics.headline): the
+    foreground class's IoU for a binary scheme, the mIoU otherwise."""
+    return f"val_iou/{class_names[1]}" if len(class_names) == 2 else "val/mIoU"

@@ -10,95 +10,25 @@ other schemes get that scheme's IoU (foreground IoU for binary schemes).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from distseg.cityscapes_metric import CityscapesMetric
-from distseg.cityscapes_metric import format_table as official_table
 from distseg.data.cityscapes import resolve_root
-from distseg.data.image_files import ImageFiles, ImageItem, labelled_items, raise_errors, read_array
+from distseg.data.image_files import ImageItem, labelled_items, read_array
 from distseg.data.loader import build_loader
 from distseg.data.manifest import manifest_location, read_manifest_text
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
-from distseg.inference import InferenceSpec, Segmenter, segment_images
-from distseg.labels import Scheme, get_scheme
-from distseg.metrics import ConfusionMatrix
-from distseg.metrics import format_table as scheme_table
-from distseg.runs import load_run
-from distseg.validation import score_loader
-
-
-class Scorer:
-    """Official metric for label-id schemes, the scheme's own confusion matrix otherwise."""
-
-    def __init__(self, scheme: Scheme, with_instances: bool, confusion: ConfusionMatrix | None = None):
-        self.scheme = scheme
-        self.official = scheme.official and confusion is None
-        self.metric = confusion or (CityscapesMetric(with_instances) if self.official
-                                    else ConfusionMatrix(scheme.num_classes))
-        self.export = scheme.export_lut()
-
-    def add_classes(self, classes: np.ndarray, gt_ids: np.ndarray, instances, name: str) -> None:
-        """A model's class map (scheme classes) against labelIds ground truth."""
-        if self.official:
-            self.metric.add(self.export[classes], gt_ids, instances, name)
-        else:
-            self.metric.update(torch.from_numpy(classes.astype(np.int64)),
-                               torch.from_numpy(self.scheme.remap(gt_ids).astype(np.int64)))
-
-    def add_result(self, pred: np.ndarray, gt_ids: np.ndarray, instances, name: str) -> None:
-        """A results file: label ids (official schemes) or the scheme's class values."""
-        if self.official:
-            self.metric.add(pred, gt_ids, instances, name)
-            return
-        if pred.ndim != 2 or pred.shape != gt_ids.shape:
-            raise UserError(f"{name}: a single-channel class map of the ground truth's size is needed")
-        if int(pred.max(initial=0)) >= self.scheme.num_classes:
-            raise UserError(f"{name} holds class {int(pred.max())}; scheme {self.scheme.name} has "
-                            f"{self.scheme.num_classes} classes")
-        self.add_classes(pred, gt_ids, None, name)
-
-    def reduce(self, accelerator) -> None:
-        """Sum every rank's counts (each rank scored disjoint images)."""
-        if accelerator is None or accelerator.num_processes == 1:
-            return
-        if self.official:
-            v = torch.from_numpy(self.metric.state()).to(accelerator.device)
-            self.metric.load_state(accelerator.reduce(v, reduction="sum").cpu().numpy())
-        else:
-            self.metric.reduce(accelerator)
-
-    def scores(self) -> dict:
-        """Official scores, or the scheme's {"iou", "miou", "pixel_acc", ...} (+ foreground_iou if binary)."""
-        if self.official:
-            return dict(self.metric.scores(), scheme=self.scheme.name, official=True)
-        s = self.metric.scores(self.scheme.eval_classes)
-        out = {"scheme": self.scheme.name, "official": False,
-               "iou": {self.scheme.class_names[c]: v for c, v in s["iou"].items()},
-               "miou": s["miou"], "pixel_acc": s["pixel_acc"], "pixels": s["pixels"],
-               "confusion": self.metric.mat.cpu().tolist()}
-        if self.scheme.num_classes == 2:
-            out["foreground_iou"] = s["iou"][1]
-        return out
-
-    def table(self, scores: dict) -> str:
-        """The printed result table."""
-        if self.official:
-            return official_table(scores)
-        t = scheme_table({"iou": dict(enumerate(scores["iou"].values())), "miou": scores["miou"],
-                          "pixel_acc": scores["pixel_acc"]}, list(scores["iou"]))
-        if "foreground_iou" in scores:
-            fg = scores["foreground_iou"]
-            t += f"\n{'foreground IoU':<16}{'  n/a' if math.isnan(fg) else f'{100 * fg:8.2f}'}"
-        return t
+from distseg.flows.images import segment_files
+from distseg.inference.scoring import Scorer, score_loader
+from distseg.inference.segmenter import Segmenter
+from distseg.labels import get_scheme
+from distseg.runs.run_dir import load_run
 
 
 def _report(scorer: Scorer, header: str, json_out: str | None, extra: dict) -> dict:
@@ -139,8 +69,7 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
     split = split or cfg.data.val_split
     precision = precision or cfg.train.mixed_precision
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    seg = Segmenter(loaded.model.to(acc.device), InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std,
-                    acc.device, precision, cfg.model.channels_last)
+    seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
     if shards:
         cfg.data.shards, cfg.data.num_workers = shards, workers
         loader = build_loader(cfg, split, acc, scheme, train=False)
@@ -166,17 +95,9 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
 
 def _score_items(seg: Segmenter, scorer: Scorer, items: list[ImageItem], batch_size: int, workers: int,
                  progress: bool) -> None:
-    loader = torch.utils.data.DataLoader(ImageFiles(items, with_gt=True), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list)
-    with tqdm(total=len(items), desc="evaluate", unit="img",
-              disable=not (progress and sys.stderr.isatty())) as bar:
-        for batch in loader:
-            raise_errors(batch)
-            for it, cls in zip(batch, segment_images(seg, [b["image"] for b in batch])):
-                item = items[it["index"]]
-                scorer.add_classes(cls.cpu().numpy().astype(np.uint8), it["gt"], it["instances"],
-                                   str(item.image))
-            bar.update(len(batch))
+    for item, sample, classes in segment_files(seg, items, batch_size, workers, "evaluate", progress,
+                                               with_gt=True):
+        scorer.add_classes(classes, sample["gt"], sample["instances"], str(item.image))
 
 
 _KEY = re.compile(r"^(.+?_\d{6}_\d{6})")

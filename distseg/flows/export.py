@@ -18,8 +18,8 @@ from torch import nn
 
 from distseg.errors import UserError
 from distseg.files import atomic_write_bytes
-from distseg.inference import classes_from_logits
-from distseg.runs import LoadedRun
+from distseg.inference.segmenter import classes_from_logits
+from distseg.runs.run_dir import LoadedRun
 
 
 class Deployable(nn.Module):

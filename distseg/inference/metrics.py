@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from distseg.labels import IGNORE
+from distseg.labels import IGNORE, Scheme
 
 
 class ConfusionMatrix:
@@ -56,6 +56,15 @@ class ConfusionMatrix:
         total = m.sum()
         return {"iou": iou, "miou": float(np.mean(valid)) if valid else math.nan,
                 "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan, "pixels": int(total)}
+
+
+def headline(scheme: Scheme, scores: dict) -> tuple[str, float]:
+    """The one number that ranks checkpoints, with its name: the foreground IoU of a binary scheme (its
+    background IoU would flatter any model), the mIoU of every other scheme. `scores` is
+    `ConfusionMatrix.scores`: per-class IoU by class index."""
+    if scheme.num_classes == 2:
+        return "foreground IoU", scores["iou"].get(1, math.nan)
+    return "mIoU", scores["miou"]
 
 
 def format_table(scores: dict, class_names: list[str]) -> str:

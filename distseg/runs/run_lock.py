@@ -12,8 +12,8 @@ HEARTBEAT_S seconds. A lease is stale, and taken over with a warning, when
 - its heartbeat is older than STALE_AFTER_S, measured against the file server's clock (a holder on a node
   that died, or was cut off).
 
-The lease lives beside the run folder (`<output_dir>/.<name>.lease`), not in it, so that moving an old run
-aside (train.resume=fresh) does not move the lock with it.
+The lease lives beside the run folder (`RunDir.lease`: `<output_dir>/.<name>.lease`), not in it, so that
+moving an old run aside (train.resume=fresh) does not move the lock with it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from distseg.errors import UserError
+from distseg.runs.run_dir import RunDir
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed heartbeats
@@ -77,11 +78,6 @@ class Holder:
         """For messages: 'pid 123 on node7 (Slurm job 42), started 2026-11-26T10:00:00'."""
         job = f" (Slurm job {self.job})" if self.job else ""
         return f"pid {self.pid} on {self.host}{job}, started {self.started}"
-
-
-def lease_path(run_dir: Path) -> Path:
-    """Where the lease of `run_dir` lives."""
-    return run_dir.parent / f".{run_dir.name}.lease"
 
 
 def _read(path: Path) -> Holder | None:
@@ -172,9 +168,9 @@ class Lease:
                 break
 
 
-def acquire(run_dir: Path, log=print) -> Lease:
-    """Take the lease of `run_dir` (creating its parent folder), or raise RunLocked naming the holder."""
-    path = lease_path(run_dir)
+def acquire(run: RunDir, log=print) -> Lease:
+    """Take the lease of a run folder (creating its parent folder), or raise RunLocked naming the holder."""
+    run_dir, path = run.path, run.lease
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     me = Holder.me()

@@ -12,7 +12,6 @@ Slurm as dependent jobs through slurm/train.sh, so every stage is preemption-saf
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -24,11 +23,12 @@ import yaml
 
 from distseg.config import dump_config, load_config
 from distseg.data.manifest import manifest_location
-from distseg.data.storage import is_remote, local_path
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
+from distseg.runs.run_dir import RunDir
+from distseg.urls import is_remote, local_path
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"  # distseg/train.py
 REPO = TRAIN_SCRIPT.parents[1]
 
 
@@ -55,16 +55,17 @@ class Plan:
     compare: list[str]
     sbatch: list[str]
 
-    def run_dir(self, stage: Stage) -> Path:
+    def run_dir(self, stage: Stage) -> RunDir:
         """<output_dir>/<stage>."""
-        return self.output_dir / stage.name
+        return RunDir(self.output_dir / stage.name)
 
     def stage_overrides(self, stage: Stage, extra: tuple[str, ...] = ()) -> list[str]:
         """Everything a stage's training gets after its config file: where it lives, the shared shards, its
         starting weights, the plan's and the stage's settings, then the command line's."""
         ov = [f"name={stage.name}", f"output_dir={self.output_dir}", f"data.shards={self.shards}"]
         if stage.init_from:
-            ov += [f"train.init_from={self.output_dir / stage.init_from / 'best'}", "train.reset_head=true"]
+            best = RunDir(self.output_dir / stage.init_from).best
+            ov += [f"train.init_from={best}", "train.reset_head=true"]
         return ov + self.overrides + stage.overrides + list(extra)
 
 
@@ -132,13 +133,13 @@ def ensure_shards(plan: Plan, log=print) -> None:
 def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
     """The stage's run completed, with exactly the settings it would run with now."""
     run = plan.run_dir(stage)
+    summary = run.read_summary()
     try:
-        summary = json.loads((run / "summary.json").read_text())
-        saved = (run / "config.yaml").read_text()
-    except (OSError, ValueError):
+        saved = run.config.read_text()
+    except OSError:
         return False
     now = dump_config(load_config(config_path(stage), plan.stage_overrides(stage, extra)))
-    return bool(summary.get("finished")) and saved == now
+    return bool(summary and summary.get("finished")) and saved == now
 
 
 def train_command(plan: Plan, stage: Stage, extra: tuple[str, ...], procs: int) -> list[str]:
@@ -160,7 +161,7 @@ def run_plan(path: str, extra: tuple[str, ...] = (), procs: int = 1, report: boo
         if finished(plan, stage, extra):
             log(f"{head}: finished earlier with the same settings, skipped")
             continue
-        log(f"{head}: training in {plan.run_dir(stage)}"
+        log(f"{head}: training in {plan.run_dir(stage).path}"
             + (f" from {stage.init_from}'s best checkpoint" if stage.init_from else ""))
         code = subprocess.run(train_command(plan, stage, extra, procs)).returncode
         if code:
@@ -182,8 +183,7 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     <output_dir>/summary.json; a report of every stage with `report`."""
     stages = {}
     for stage in plan.stages:
-        f = plan.run_dir(stage) / "summary.json"
-        stages[stage.name] = json.loads(f.read_text()) if f.is_file() else {"missing": True}
+        stages[stage.name] = plan.run_dir(stage).read_summary() or {"missing": True}
     rows = [f"{'stage':<22}{'best score':>16}{'':>8}{'epoch':>6}  score per epoch (%)"]
     for name in plan.compare or [s.name for s in plan.stages]:
         s = stages[name]
@@ -199,9 +199,10 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.output_dir / "summary.json", summary)
     if report:
-        from distseg.report import write_report
+        from distseg.reporting.report import write_report
 
-        out = write_report([str(plan.run_dir(s)) for s in plan.stages], str(plan.output_dir / "report.html"))
+        out = write_report([str(plan.run_dir(s).path) for s in plan.stages],
+                           str(plan.output_dir / "report.html"))
         log(f"report: {out}")
     return summary
 

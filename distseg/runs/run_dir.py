@@ -1,0 +1,159 @@
+"""Run folders (`runs/<name>/`): their layout (`RunDir`), which weights a name like `best` means, and the
+run's model with them.
+
+evaluate, predict, the report and export all load a run through `load_run`, so they agree on what
+`best`, `latest` or a path means and give the same error when a folder holds no weights yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distseg.config import Config, load_config
+from distseg.errors import UserError
+from distseg.labels import Scheme, get_scheme
+from distseg.models import build_model, out_channels
+from distseg.models.weights import load_weights, weights_file
+from distseg.runs.checkpoint import latest_checkpoint, list_checkpoints
+
+CHECKPOINT_HELP = "best, latest or a checkpoint path"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder `<output_dir>/<name>/`, the one place that names its parts:
+
+    - `config.yaml`  the resolved config the run was started with (passwords and URL signatures removed)
+    - `checkpoints/step-NNNNNNNN/`  complete checkpoints (distseg/runs/checkpoint.py), newest last
+    - `best/`  the best validation score's weights (model.safetensors, ema.safetensors, meta.json)
+    - `summary.json`  scores and timings, rewritten at the end of every training segment
+    - `tb/`  TensorBoard event files
+    - `../.<name>.lease`  the lease of the process that owns it (beside it: moving a run aside leaves it)
+    """
+
+    path: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunDir:
+        """The run folder a config trains into."""
+        return cls(Path(cfg.output_dir) / cfg.name)
+
+    @property
+    def name(self) -> str:
+        """The run's name (the folder's)."""
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        """config.yaml."""
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        """checkpoints/."""
+        return self.path / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        """best/."""
+        return self.path / "best"
+
+    @property
+    def summary(self) -> Path:
+        """summary.json."""
+        return self.path / "summary.json"
+
+    @property
+    def tb(self) -> Path:
+        """tb/ (TensorBoard)."""
+        return self.path / "tb"
+
+    @property
+    def lease(self) -> Path:
+        """The lease file, beside the folder."""
+        return self.path.parent / f".{self.name}.lease"
+
+    def is_run(self) -> bool:
+        """Whether the folder was started by training (it has its config.yaml)."""
+        return self.config.is_file()
+
+    def require(self) -> RunDir:
+        """Itself, or one error when the folder is not a training run."""
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a training run (no config.yaml)")
+        return self
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        return latest_checkpoint(self.checkpoints)
+
+    def read_summary(self) -> dict | None:
+        """summary.json as a dict, None when absent or unreadable."""
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def weights(self, checkpoint: str) -> Path:
+        """`best`, `latest` or a path -> a folder or file holding model weights, with a precise error."""
+        if checkpoint == "best":
+            if self.best.is_dir():
+                return self.best
+            if list_checkpoints(self.checkpoints):
+                raise UserError(f"{self.path} has no best/ weights yet (no validation has finished): "
+                                "use --checkpoint latest")
+            raise UserError(f"{self.path} has no checkpoints yet: train first")
+        if checkpoint == "latest":
+            path = self.latest()
+            if path is None:
+                raise UserError(f"{self.path} has no checkpoints yet: train first")
+            return path
+        path = Path(checkpoint)
+        if not path.exists():
+            raise UserError(f"checkpoint {checkpoint!r} not found: use best|latest|PATH")
+        return path
+
+
+@dataclass
+class LoadedRun:
+    """A run's resolved config, label scheme, model (eval mode, CPU) and the weights file it was given."""
+
+    cfg: Config
+    scheme: Scheme
+    model: torch.nn.Module
+    weights: Path
+
+
+def find_run(checkpoint: str) -> Path:
+    """The run folder holding a checkpoint path (runs/x/best, runs/x/checkpoints/step-N, a file inside):
+    the nearest folder above it with a config.yaml."""
+    path = Path(checkpoint).resolve()
+    if checkpoint in ("best", "latest") or not path.exists():
+        raise UserError(f"--checkpoint {checkpoint}: pass --run RUN, or the path of a checkpoint in a run")
+    for folder in [path, *path.parents][:4]:
+        if RunDir(folder).is_run():
+            return folder
+    raise UserError(f"{checkpoint} is not inside a training run (no config.yaml above it): pass --run RUN")
+
+
+def load_run(run: str | Path, checkpoint: str = "best", overrides: tuple[str, ...] = (),
+             weights: str = "auto") -> LoadedRun:
+    """The run's model with the chosen weights; `overrides` change its config (e.g. eval.mode=slide);
+    `weights` picks the EMA average (`ema`), the trained weights (`raw`) or the average if kept (`auto`)."""
+    run_dir = RunDir(Path(run)).require()
+    cfg = load_config(run_dir.config, overrides)
+    path = run_dir.weights(checkpoint)
+    scheme = get_scheme(cfg.data.scheme)
+    model = build_model(cfg, out_channels(cfg, scheme.num_classes))
+    if path.is_dir():
+        path = weights_file(path, weights)
+    sd = load_weights(path)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise UserError(f"weights in {path} do not fit the run's model: {str(e).splitlines()[0]}") from None
+    return LoadedRun(cfg, scheme, model.eval(), path)

@@ -1,0 +1,270 @@
+"""The training loop. Read `train()` top to bottom: `setup` (distseg/training/setup.py) builds everything and
+decides where to resume; `train_one_epoch` runs optimizer steps until the epoch ends, `max_steps` is reached
+or a stop is requested; `validate` scores the val split through the one inference path; `checkpoint` saves
+atomically; `finish` writes the summary.
+
+Accelerate owns devices, DDP, mixed precision and checkpoint state; this loop owns sample-exact data,
+global loss normalisation, gradient accumulation, poly LR, mid-epoch resume, TensorBoard and the summary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from distseg.config import Config
+from distseg.data.loader import masked_targets
+from distseg.errors import UserError, write_reason
+from distseg.files import atomic_write_json, atomic_write_text
+from distseg.inference.metrics import format_table, headline
+from distseg.inference.scoring import score_loader
+from distseg.inference.visual import denormalize, panel
+from distseg.models.optim import lr_at
+from distseg.models.weights import save_weights
+from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint, save_checkpoint
+from distseg.runs.run_lock import Lease, RunLocked
+from distseg.training.setup import Run, setup, take_lease
+
+# the slots of train_step's all-reduced vector: sums over ranks of this step's numbers and stop reasons
+LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, LR = range(10)
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: training stops on every rank (exit status 3)."""
+
+    collective = True
+
+
+def train_step(run: Run, group: list[dict]) -> torch.Tensor:
+    """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
+    labelled pixels (summed class weights; OHEM: kept pixels) of the whole group on all ranks, so grad_accum
+    and world size do not change the gradient. Returns the all-reduced [pixel loss sum, normaliser, images,
+    corrupt samples, non-finite, stop, Ctrl-C, lease lost, TensorBoard write failed, lr]."""
+    acc, model, world, loss_fn = run.acc, run.model, run.acc.num_processes, run.loss_fn
+    masks = [masked_targets(b) for b in group]
+    after = loss_fn.count_after_forward  # OHEM: the kept pixels are known only after each forward
+    n_global = torch.stack([loss_fn.norm_count(m) for m in masks]).sum()
+    if world > 1 and not after:
+        n_global = acc.reduce(n_global, reduction="sum")
+    sums = torch.zeros(4, device=acc.device)  # pixel loss sum, normaliser, images, corrupt (this rank)
+    for k, (b, mask) in enumerate(zip(group, masks)):
+        x = b["image"]
+        if run.segmenter.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (nullcontext() if k == len(group) - 1 or world == 1 else acc.no_sync(model)):
+            with acc.autocast():
+                logits = model(x)
+            pix, count = loss_fn.pixel_sum(logits, mask)
+            scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
+            acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
+        corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[CORRUPT] * 0
+        sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
+    lost = run.lease is not None and run.lease.lost_to is not None
+    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[LOSS_SUM])), float(run.stop.set),
+                                           float(run.stop.interrupted), float(lost),
+                                           float(run.tb.failure is not None)], device=acc.device)])
+    if world > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    check_flags(run, flags, lost)
+    if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(flags[NORM].clamp(min=1e-12))
+    lr = lr_at(run.state.step, run.cfg, run.max_steps)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    if run.cfg.train.clip_grad > 0:
+        acc.clip_grad_norm_(model.parameters(), run.cfg.train.clip_grad)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(acc.unwrap_model(model))
+    return torch.cat([flags, torch.tensor([lr], device=flags.device)])
+
+
+def check_flags(run: Run, flags: torch.Tensor, lost: bool) -> None:
+    """Stop every rank alike, before the optimizer step, when any rank lost the lease, could not write its
+    TensorBoard events or saw a loss that is not finite."""
+    if flags[LEASE_LOST] > 0:
+        holder = run.lease.lost_to.describe() if lost else "another process"
+        raise RunLocked(f"the lease of {run.dir.path} was taken over by {holder}: this run stops here "
+                        "without writing anything more")
+    if flags[EVENTS_FAILED] > 0:
+        raise events_not_written(run)
+    if flags[NONFINITE] > 0:
+        last = latest_checkpoint(run.dir.checkpoints) or "none"
+        raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
+                       f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
+                       "train.clip_grad, or use train.mixed_precision=bf16 instead of fp16")
+
+
+def train_one_epoch(run: Run) -> None:
+    """Optimizer steps from the state's position until the epoch ends, max_steps, or a stop request."""
+    st, cfg = run.state, run.cfg
+    run.train_loader.set_epoch(st.epoch, st.batch_in_epoch)
+    it = iter(run.train_loader)
+    per_epoch = len(run.train_loader)
+    while st.batch_in_epoch < per_epoch:
+        t0 = time.time()
+        n = min(cfg.train.grad_accum, per_epoch - st.batch_in_epoch)
+        group = [b for b in (next(it, None) for _ in range(n)) if b is not None]
+        run.log.waited(time.time() - t0)
+        if not group:
+            break
+        flags = train_step(run, group)
+        st.step += 1
+        st.batch_in_epoch += len(group)
+        st.samples += int(flags[IMAGES])
+        run.corrupt += int(flags[CORRUPT])
+        loss = float(flags[LOSS_SUM] / flags[NORM].clamp(min=1))
+        run.log.step(st.step, st.epoch + 1, loss, float(flags[LR]), int(flags[IMAGES]))
+        if flags[STOP] > 0:
+            stop_here(run, bool(flags[CTRL_C] > 0))
+            return
+        if st.step >= run.max_steps:
+            return
+        if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.batch_in_epoch < per_epoch:
+            checkpoint(run)
+
+
+def stop_here(run: Run, ctrl_c: bool) -> None:
+    """A stop was requested on some rank (Ctrl-C, SIGUSR1/SIGTERM, the stop file): checkpoint on all ranks,
+    tell slurm/train.sh the checkpoint is complete, and end the run as preempted."""
+    run.interrupted = ctrl_c
+    run.log.print(f"{'interrupted' if ctrl_c else 'stop requested'}: checkpointing at step {run.state.step} "
+                  "(a second Ctrl-C exits at once, without it)")
+    ck = checkpoint(run)
+    if run.acc.is_main_process and run.stop.file:
+        atomic_write_text(Path(run.stop.file + ".done"), f"{ck}\n")
+    run.preempted = True
+    run.log.print(f"checkpoint {ck} is complete: run the same command again to resume")
+
+
+def report_corrupt(run: Run) -> None:
+    """After an epoch with data.on_corrupt=skip: how many samples could not be decoded and were left out."""
+    if run.corrupt:
+        run.log.print(f"warning: epoch {run.state.epoch}: {run.corrupt} sample(s) could not be decoded and "
+                      "were left out (data.on_corrupt=skip)")
+        run.tb.add_scalar("data/corrupt_skipped", run.corrupt, run.state.step)
+    run.corrupt = 0
+
+
+def validate(run: Run) -> None:
+    """Score the val split (every image once, whatever the number of ranks); log it; keep the best weights."""
+    st, scheme, main = run.state, run.scheme, run.acc.is_main_process
+    cm, examples = score_loader(run.segmenter, run.val_loader, scheme, run.acc,
+                                run.cfg.train.tb_images if main else 0)
+    scores = cm.scores(scheme.eval_classes)
+    run.last_scores = scores
+    name, score = headline(scheme, scores)
+    run.tb.add_scalar("val/mIoU", scores["miou"], st.step)
+    run.tb.add_scalar("val/pixel_acc", scores["pixel_acc"], st.step)
+    for c, v in scores["iou"].items():
+        if not math.isnan(v):
+            run.tb.add_scalar(f"val_iou/{scheme.class_names[c]}", v, st.step)
+    pal = scheme.palette()
+    for i, (img, gt, pred) in enumerate(examples):
+        rgb = denormalize(img, run.cfg.data.mean, run.cfg.data.std)
+        picture = panel(rgb, gt.numpy().astype("uint8"), pred.numpy().astype("uint8"), pal)
+        run.tb.add_image(f"val/example_{i}", picture, st.step, dataformats="HWC")
+    st.history.append({"epoch": st.epoch, "step": st.step, "score": None if math.isnan(score) else score})
+    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {100 * score:.2f}, mIoU "
+                  f"{100 * scores['miou']:.2f}, pixel acc {100 * scores['pixel_acc']:.2f} "
+                  f"({scores['pixels']} px)")
+    if score > st.best_score:
+        st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
+        save_best(run, name, score, scores)
+    run.acc.wait_for_everyone()
+
+
+def save_best(run: Run, name: str, score: float, scores: dict) -> None:
+    """Rank 0 replaces best/ atomically; a failure (a full disk) stops every rank, the previous best stays."""
+    st, failure = run.state, None
+    if run.acc.is_main_process:
+        meta = {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
+                "miou": scores["miou"], "scheme": run.scheme.describe(), "config": run.cfg.name,
+                "ema": run.ema is not None}
+        try:
+            save_weights(run.acc.unwrap_model(run.model).state_dict(), run.dir.best, meta, ema_state(run))
+        except Exception as e:
+            failure = e
+    all_ranks_wrote(run.acc, failure, f"the best weights {run.dir.best}", run.dir.checkpoints)
+
+
+def checkpoint(run: Run) -> Path:
+    """Save a checkpoint on all ranks (collective), with the loader's own position where it has one."""
+    loader = run.train_loader
+    extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
+    return save_checkpoint(run.acc, run.dir.checkpoints, run.state, run.cfg.train.keep_last, extra,
+                           ema_state(run))
+
+
+def ema_state(run: Run) -> dict | None:
+    """The averaged model's weights (what evaluate, predict and export load by default), or None."""
+    return run.ema.module.state_dict() if run.ema is not None else None
+
+
+def events_not_written(run: Run) -> NotWritten:
+    """The error for a failed TensorBoard write (a full disk), naming what a rerun resumes from."""
+    failure = run.tb.failure
+    reason = "failed on rank 0" if failure is None else write_reason(failure, run.dir.path)
+    return NotWritten.naming_last(f"TensorBoard events to {run.dir.tb}", reason, run.dir.checkpoints)
+
+
+def finish(run: Run) -> dict:
+    """Write summary.json (valid JSON: absent classes are null) and print the final table on rank 0."""
+    st, scheme = run.state, run.scheme
+    s = run.last_scores
+    summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
+               "best_score_name": headline(scheme, s)[0] if s else None, "best_epoch": st.best_epoch,
+               "best_step": st.best_step, "final_miou": s["miou"] if s else None,
+               "final_pixels": s["pixels"] if s else None, "seconds": time.time() - run.log.t_start,
+               "img_per_s": run.log.throughput(), "processes": run.acc.num_processes,
+               "preempted": run.preempted, "interrupted": run.interrupted,
+               "finished": not run.preempted and st.step >= run.max_steps,
+               "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
+               "history": st.history}
+    if run.acc.is_main_process:
+        atomic_write_json(run.dir.summary, summary)
+        if s and not run.preempted:
+            print(format_table(s, scheme.class_names))
+            best = f"{headline(scheme, s)[0]} {100 * st.best_score:.2f} (epoch {st.best_epoch})"
+            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {summary['seconds']:.0f}s  "
+                  f"processes {run.acc.num_processes}  -> {run.dir.path}")
+    run.tb.close()
+    if run.tb.failure is not None:
+        raise events_not_written(run)
+    return summary
+
+
+def train(cfg: Config, acc) -> dict:
+    """Run (or resume) training to max_steps, holding the run folder's lease; returns the summary."""
+    lease: Lease | None = take_lease(cfg, acc)
+    try:
+        run = setup(cfg, acc, lease)
+        st = run.state
+        while st.step < run.max_steps and not run.preempted:
+            train_one_epoch(run)
+            if run.preempted:
+                break
+            if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
+                st.epoch += 1
+                st.batch_in_epoch = 0
+                report_corrupt(run)
+                if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
+                    validate(run)
+                checkpoint(run)
+            elif st.step >= run.max_steps:  # stopped inside an epoch by max_steps
+                validate(run)
+                checkpoint(run)
+        run.log.close()
+        if not run.preempted and run.last_scores is None:
+            validate(run)
+        return finish(run)
+    finally:
+        if lease is not None:
+            lease.release()

@@ -1,0 +1,108 @@
+"""Where a training start continues from: the resume policy (`train.resume=auto|never|fresh|PATH`), the model
+settings a run cannot change, a layout change (processes x batch x accumulation) and the restore itself.
+
+A run folder is never mixed up with another run: a resume across changed model settings is refused naming
+them, `never` refuses a folder with checkpoints, `fresh` moves the old run aside (distseg/training/setup.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from distseg.config import Config, load_config
+from distseg.errors import UserError
+from distseg.labels import get_scheme
+from distseg.models import out_channels
+from distseg.runs.checkpoint import RunState, damage, list_checkpoints
+from distseg.runs.run_dir import RunDir
+
+# settings that change the weights' shapes or meaning: a run cannot resume across a change of these
+MODEL_KEYS = ("model.encoder", "model.base", "model.depth", "model.norm", "data.scheme")
+
+
+def model_differences(saved: Config, cfg: Config) -> list[str]:
+    """Settings in MODEL_KEYS that differ between a run's saved config and this one, as `key old -> new`."""
+    out = []
+    for key in MODEL_KEYS:
+        sec, name = key.split(".")
+        a, b = getattr(getattr(saved, sec), name), getattr(getattr(cfg, sec), name)
+        if a != b:
+            out.append(f"{key} {a} -> {b}")
+    if not out:
+        n = get_scheme(cfg.data.scheme).num_classes
+        a, b = out_channels(saved, n), out_channels(cfg, n)
+        if a != b:
+            out.append(f"model outputs {a} -> {b} (loss.bce alone uses one logit)")
+    return out
+
+
+def choose_resume(cfg: Config, log) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), after checking the run folder may be used: the
+    newest complete and undamaged one; a damaged one is reported by name and the previous one taken."""
+    run, r = RunDir.of(cfg), cfg.train.resume
+    ckpts = list_checkpoints(run.checkpoints)
+    if r not in ("auto", "never", "fresh"):
+        problem = damage(Path(r)) if Path(r).is_dir() else f"{r} is not a checkpoint folder"
+        if problem:
+            raise UserError(f"cannot resume from {r}: {problem}")
+        return Path(r)
+    if r == "never" and ckpts:
+        raise UserError(f"{run.path} holds checkpoints of an earlier run (newest: {ckpts[-1].name}): "
+                        "continue it with train.resume=auto, move it aside and start again with "
+                        "train.resume=fresh, or choose another name=...")
+    if r != "auto" or not ckpts:
+        return None
+    if run.config.is_file():
+        try:
+            diff = model_differences(load_config(run.config), cfg)
+        except UserError:
+            diff = []
+        if diff:
+            raise UserError(f"{run.path} was trained with other model settings ({'; '.join(diff)}): resume "
+                            "with the old settings, or start a new run with name=... or train.resume=fresh")
+    for ck in reversed(ckpts):
+        problem = damage(ck)
+        if problem is None:
+            return ck
+        log(f"warning: checkpoint {ck} is damaged ({problem}): resuming from the one before it")
+    raise UserError(f"every checkpoint in {run.checkpoints} is damaged: start again with train.resume=fresh")
+
+
+def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log) -> None:
+    """Resuming in another layout (processes x data.batch_size x train.grad_accum): allowed when the global
+    batch is the same, and then the interrupted epoch continues exactly where it stopped, each sample once
+    (the global shuffle is one permutation cut into global batches, whatever their split over processes).
+    A different global batch would change what a step is, the step count and the learning-rate schedule:
+    refused. Shard-window shuffling assigns shards per rank: it resumes mid-epoch only in its own layout."""
+    old = (state.world, state.batch_size, state.grad_accum)
+    new = (world, cfg.data.batch_size, cfg.train.grad_accum)
+    if old == new or not state.batch_size:
+        return
+    layout = "{} process(es) x data.batch_size {} x train.grad_accum {}".format
+    if math.prod(old) != math.prod(new):
+        raise UserError(f"{ckpt} was trained with a global batch of {math.prod(old)} ({layout(*old)}), this "
+                        f"start has {math.prod(new)} ({layout(*new)}): choose data.batch_size and "
+                        f"train.grad_accum so that processes x batch x accumulation = {math.prod(old)}, "
+                        "or start a new run with name=...")
+    if state.batch_in_epoch and "shards" in (state.shuffle, cfg.data.shuffle):
+        raise UserError(f"{ckpt} stopped mid-epoch with data.shuffle={state.shuffle}, {layout(*old)}: with "
+                        "data.shuffle=shards each rank reads its own shard windows, so resume mid-epoch in "
+                        "that same layout, or from an epoch-end checkpoint")
+    consumed = state.batch_in_epoch * old[0] * old[1]  # samples of this epoch already trained on
+    state.batch_in_epoch = consumed // (new[0] * new[1])
+    log(f"resuming {layout(*old)} as {layout(*new)}: the same global batch of {math.prod(new)}")
+
+
+def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
+    """Accelerate's state (weights, optimizer, RNG) and, where the loader keeps one, its position."""
+    acc.load_state(str(ckpt))
+    loader_state = ckpt / f"loader_state_{acc.process_index}"
+    if hasattr(train_loader, "load_state_dict"):
+        if loader_state.is_file() and state.world == acc.num_processes:
+            train_loader.load_state_dict(loader_state.read_bytes())
+        elif state.batch_in_epoch:
+            raise UserError(f"{ckpt} was written with another loader or process count; the DALI reader "
+                            "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")
+    acc.print(f"resumed from {ckpt} (step {state.step}, epoch {state.epoch + 1}, batch "
+              f"{state.batch_in_epoch})")

@@ -1,0 +1,196 @@
+"""How a training run starts: take the run folder's lease, read and validate every input (loaders, the
+checkpoint to resume from), build the model, optimizer and loss, and only then write to the run folder, so a
+start that fails on its inputs leaves nothing behind. `setup` returns the `Run` the loop advances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+from accelerate.utils import broadcast_object_list
+
+from distseg.config import Config, dump_config
+from distseg.data.loader import build_loader
+from distseg.errors import UserError
+from distseg.files import atomic_write_text
+from distseg.inference.segmenter import Segmenter
+from distseg.labels import Scheme, get_scheme
+from distseg.models import build_model, out_channels
+from distseg.models.losses import SegLoss, build_loss
+from distseg.models.optim import build_optimizer, lr_at
+from distseg.models.weights import load_weights
+from distseg.runs.checkpoint import RunState, read_state
+from distseg.runs.run_dir import RunDir
+from distseg.runs.run_lock import Lease, RunLocked, acquire
+from distseg.training.resume import check_layout, choose_resume, restore
+from distseg.training.step_log import StepLogger
+from distseg.training.stopping import StopFlag
+from distseg.training.tensorboard import make_writer
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; built by `setup`, advanced by distseg/training/loop.py."""
+
+    cfg: Config
+    acc: object  # accelerate.Accelerator
+    dir: RunDir
+    scheme: Scheme
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: SegLoss
+    train_loader: object
+    val_loader: object
+    segmenter: Segmenter  # validation's: the EMA weights when the run keeps an average
+    state: RunState
+    max_steps: int
+    log: StepLogger
+    tb: object
+    stop: StopFlag
+    last_scores: dict | None = None
+    preempted: bool = False
+    interrupted: bool = False  # the stop was a Ctrl-C (exit 130) rather than a scheduler's (75)
+    lease: Lease | None = None  # rank 0's hold on the run folder
+    corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
+    ema: object = None  # torch.optim.swa_utils.AveragedModel of the weights (train.ema_decay > 0)
+
+
+def take_lease(cfg: Config, acc) -> Lease | None:
+    """Rank 0 takes the run folder's lease (distseg/runs/run_lock.py) before anything is read or written
+    there; when another live run holds it, every rank raises the same RunLocked."""
+    lease, refusal = None, ""
+    if acc.is_main_process:
+        try:
+            lease = acquire(RunDir.of(cfg), acc.print)
+        except RunLocked as e:
+            refusal = str(e)
+    if acc.num_processes > 1:
+        box = [refusal]
+        broadcast_object_list(box)
+        refusal = box[0]
+    if refusal:
+        raise RunLocked(refusal)
+    return lease
+
+
+def read_inputs(cfg: Config, acc, scheme: Scheme):
+    """The loaders and the checkpoint to resume from with its state, all validated. Every rank reads the
+    same files with the same settings, so a mistake here is the same on every rank: reported once."""
+    try:
+        train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
+        val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
+        resume_from = choose_resume(cfg, acc.print)
+        state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
+        if resume_from is not None:
+            check_layout(cfg, acc.num_processes, resume_from, state, acc.print)
+    except UserError as e:
+        e.collective = True
+        raise
+    return train_loader, val_loader, resume_from, state
+
+
+def prepare_run_dir(cfg: Config, acc) -> None:
+    """Rank 0: move an old run aside (train.resume=fresh), then write the resolved config. Called only after
+    every input was validated, so a start that fails early leaves nothing behind."""
+    run = RunDir.of(cfg)
+    if acc.is_main_process:
+        if cfg.train.resume == "fresh" and run.path.exists() and any(run.path.iterdir()):
+            aside = run.path.with_name(f"{run.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+            run.path.rename(aside)
+            print(f"moved the earlier run aside to {aside}", flush=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.config, dump_config(cfg))
+    acc.wait_for_everyone()
+
+
+def init_weights(cfg: Config, model: torch.nn.Module, acc) -> None:
+    """Fine-tuning: load train.init_from into the matching tensors (a new 1x1 head with train.reset_head)."""
+    sd = load_weights(cfg.train.init_from)
+    own = model.state_dict()
+    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
+            and not (cfg.train.reset_head and k.startswith("head."))}
+    body = [k for k in own if not k.startswith("head.")]
+    if sum(k in keep for k in body) < len(body) / 2:
+        raise UserError(f"{cfg.train.init_from} does not fit this model: {sum(k in keep for k in body)} of "
+                        f"{len(body)} tensors match (model.encoder / model.base / model.depth differ?)")
+    model.load_state_dict(keep, strict=False)
+    acc.print(f"initialised {len(keep)}/{len(own)} tensors from {cfg.train.init_from}"
+              f"{' (new head)' if cfg.train.reset_head else ''}")
+
+
+def warn_about_settings(cfg: Config, acc, max_steps: int) -> None:
+    """Settings that silently make a run learn nothing or run slowly."""
+    if cfg.sched.warmup_steps >= max_steps:
+        acc.print(f"warning: sched.warmup_steps={cfg.sched.warmup_steps} >= the run's {max_steps} steps: the "
+                  "learning rate never reaches optim.lr (it ends at "
+                  f"{lr_at(max_steps - 1, cfg, max_steps):.2e}); "
+                  "lower sched.warmup_steps")
+    if acc.device.type == "cpu" and cfg.train.mixed_precision != "no":
+        acc.print(f"note: train.mixed_precision={cfg.train.mixed_precision} runs as CPU autocast here "
+                  "(no GPU): slower than on a GPU, and not what a GPU run computes bit for bit")
+
+
+def make_ema(cfg: Config, acc, model: torch.nn.Module):
+    """An exponential moving average of the weights (and BN buffers), registered with Accelerate so that a
+    checkpoint holds it and a resume restores it exactly; None when train.ema_decay is 0."""
+    if not cfg.train.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    ema = AveragedModel(acc.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay),
+                        use_buffers=True)
+    acc.register_for_checkpointing(ema)
+    return ema
+
+
+def prepare_model(cfg: Config, acc, model: torch.nn.Module):
+    """Model and optimizer on the device: SyncBatchNorm across GPUs, channels_last, DDP, torch.compile."""
+    on_cuda = acc.device.type == "cuda"
+    if cfg.model.norm == "sync_batch" and acc.num_processes > 1 and on_cuda:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if on_cuda and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model.parameters(), on_cuda)
+    model, optimizer = acc.prepare(model, optimizer)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    return model, optimizer
+
+
+def setup(cfg: Config, acc, lease: Lease | None) -> Run:
+    """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
+    if acc.device.type == "cuda":  # fixed input shapes (crops): let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    scheme = get_scheme(cfg.data.scheme)
+    train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, out_channels(cfg, scheme.num_classes))
+    if cfg.train.init_from and resume_from is None:
+        init_weights(cfg, model, acc)
+    prepare_run_dir(cfg, acc)
+    model, optimizer = prepare_model(cfg, acc, model)
+    ema = make_ema(cfg, acc, model)
+    if resume_from is not None:
+        restore(acc, resume_from, state, train_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
+    state.grad_accum = cfg.train.grad_accum
+    warn_about_settings(cfg, acc, max_steps)
+    run_dir = RunDir.of(cfg)
+    tb = make_writer(run_dir.tb, acc.is_main_process)
+    log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, math.ceil(max_steps / steps_per_epoch),
+                     cfg.name, acc.is_main_process, cfg.train.progress)
+    segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
+    log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
+              f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
+              f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
+    loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
+    return Run(cfg, acc, run_dir, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter,
+               state, max_steps, log, tb, StopFlag(), ema=ema, lease=lease)
