@@ -5,6 +5,7 @@ command module imports this one. User mistakes end as one line on stderr with ex
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import signal
 import sys
 
@@ -12,34 +13,61 @@ import click
 
 from distseg.errors import UserError, describe_os_error, missing_extra
 
-COMMANDS = {  # name: "module:attribute"
-    "synth": "distseg.commands.data:synth",
-    "shard": "distseg.commands.data:shard",
-    "inspect": "distseg.commands.data:inspect",
-    "train": "distseg.commands.train:train",
-    "evaluate": "distseg.commands.evaluate:evaluate",
-    "predict": "distseg.commands.predict:predict",
-    "bench": "distseg.commands.bench:bench",
-    "report": "distseg.commands.report:report",
-    "experiment": "distseg.commands.experiment:experiment",
-    "export": "distseg.commands.export:export",
+# name: ("module:attribute", the line `distseg --help` shows, so that listing the commands imports none of
+# them; tests/test_commands.py checks each line against the command's own help)
+COMMANDS = {
+    "synth": ("distseg.commands.data:synth", "Write synthetic street scenes in the Cityscapes layout."),
+    "shard": ("distseg.commands.data:shard", "Pack one split into WebDataset tars + manifest + DALI index."),
+    "inspect": ("distseg.commands.data:inspect", "Print what a shard manifest or a run folder holds."),
+    "train": ("distseg.commands.train:train", "Train (several processes: python -m distseg.launch)."),
+    "evaluate": ("distseg.commands.evaluate:evaluate", "Official Cityscapes scores of a run or results."),
+    "predict": ("distseg.commands.predict:predict", "Official-format results for images or a split."),
+    "export": ("distseg.commands.export:export", "Export a run's weights as ONNX or torch.export."),
+    "report": ("distseg.commands.report:report", "One self-contained HTML page comparing runs."),
+    "experiment": ("distseg.commands.experiment:experiment", "Run or submit a staged plan of runs."),
+    "bench": ("distseg.commands.bench:bench", "Throughput benchmarks as Markdown tables."),
 }
+
+
+NEEDS = {"report": "matplotlib"}  # a command whose module cannot import without an optional dependency
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` would import, found without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError, AttributeError):  # ValueError: stubbed out as None in sys.modules
+        return False
 
 
 class LazyGroup(click.Group):
     """A group that imports a command's module the first time the command is needed."""
 
     def list_commands(self, ctx):
-        """Every command name, sorted."""
-        return sorted(COMMANDS)
+        """Every command name, in the order of the table (the order of the work)."""
+        return list(COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        """The commands and their lines from the table, without importing any command module; a command
+        whose optional dependency is not installed says so."""
+        rows = []
+        for name, (_, line) in COMMANDS.items():
+            need = NEEDS.get(name)
+            missing = need and not module_available(need)
+            rows.append((name, f"(not installed here: {missing_extra(ImportError(name=need))})" if missing
+                         else line))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx, name):
         """Import and return the named command (None for an unknown name: click reports it)."""
         if name not in COMMANDS:
             return None
-        module, attr = COMMANDS[name].split(":")
+        module, attr = COMMANDS[name][0].split(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            command = getattr(importlib.import_module(module), attr)
+            command.short_help = COMMANDS[name][1]
+            return command
         except ImportError as e:  # an optional dependency is not installed: the command says which
             need = missing_extra(e)
             if need is None:
@@ -60,7 +88,10 @@ def unavailable(name: str, need: str) -> click.Command:
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="distseg")
 def cli() -> None:
-    """U-Net semantic segmentation on Cityscapes: synth, shard, train, evaluate, predict, bench."""
+    """U-Net semantic segmentation on Cityscapes, from one GPU to a Slurm cluster.
+
+    Several processes or GPUs: python -m distseg.launch --multi_gpu --num_processes N distseg/train.py
+    -c CONFIG [section.key=value ...]. `distseg COMMAND --help` for each command."""
 
 
 def main(argv: list[str] | None = None) -> None:

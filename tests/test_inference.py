@@ -1,9 +1,12 @@
 """The one inference path: slide windows, flip and multi-scale TTA, checked against direct computations."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from distseg.inference.metrics import ConfusionMatrix
 from distseg.inference.segmenter import InferenceSpec, Segmenter, segment_images, window_starts
 from distseg.models.unet import UNet
 
@@ -121,3 +124,19 @@ def test_spec_from_config():
         InferenceSpec.from_config(load_config(None, ["eval.mode=slide", "data.crop=[]"]))
     with pytest.raises(UserError, match="eval.scales"):
         load_config(None, ["eval.scales=[]"])
+
+
+def test_confusion_matrix_scores():
+    cm = ConfusionMatrix(3)
+    t = torch.tensor([0, 0, 1, 1, 2, 255, 2])
+    p = torch.tensor([0, 1, 1, 1, 0, 2, 7])  # 7: a prediction outside the classes -> a miss only
+    cm.update(p, t)
+    s = cm.scores()
+    assert s["iou"][0] == pytest.approx(1 / 3)  # tp 1, fn 1, fp 1
+    assert s["iou"][1] == pytest.approx(2 / 3)  # tp 2, fp 1
+    assert s["iou"][2] == 0.0
+    assert s["pixels"] == 6
+    assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    empty = ConfusionMatrix(4)
+    empty.update(torch.tensor([0]), torch.tensor([0]))
+    assert math.isnan(empty.scores()["iou"][3]) and empty.scores()["miou"] == 1.0

@@ -96,3 +96,12 @@ def test_the_checks_can_fail():
     assert "distseg.flows.predict" in imports(PACKAGE / "commands" / "predict.py")
     assert ROOMS.index(room_of("distseg.training.loop")) > ROOMS.index(room_of("distseg.data.loader"))
     assert room_of("distseg.config") == "leaves" and room_of("distseg.cli") == "entry"
+
+
+def test_test_files_follow_the_rooms():
+    """tests/test_<room>[_topic].py, or one of the whole-product checks: the README, Slurm, the install, this
+    layout."""
+    whole = {"readme", "slurm", "install", "layout"}
+    strays = [p.name for p in (ROOT / "tests").glob("test_*.py")
+              if p.stem[5:].split("_")[0] not in set(ROOMS) | whole]
+    assert not strays, strays

@@ -1,26 +1,22 @@
-"""Models users choose (issue 16): torchvision encoders with a U-Net decoder, pretrained weights from a local
-file, class-weighted and OHEM cross-entropy against direct reference computations, EMA weights chosen by
-evaluate/predict/export/fine-tuning, the ready configs, and ONNX / torch.export files equal to torch."""
+"""The models room: the seed's U-Net and torchvision encoders with a U-Net decoder, pretrained weights from a
+local file (one clear error for a wrong one), and the losses (plain, class-weighted and OHEM cross-entropy,
+BCE, Dice) against direct reference computations."""
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, SGD, assert_user_error, base_overrides, run_cli, run_train
-from distseg.config import dump_config, load_config
+from distseg.config import load_config
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import build_model
 from distseg.models.encoders import STAGES, EncoderUNet
-from distseg.models.losses import SegLoss, class_weights
-from distseg.models.weights import load_weights, save_weights
-from distseg.runs.checkpoint import latest_checkpoint
-from distseg.runs.run_dir import load_run
+from distseg.models.losses import SegLoss, class_weights, dice_loss
+from distseg.models.unet import UNet
+from distseg.models.weights import save_weights
 
 ENCODERS = ["unet", *STAGES]
 
@@ -61,7 +57,7 @@ def test_a_local_torchvision_weights_file_is_really_loaded(tmp_path):
         assert torch.equal(body[k], v), k
 
 
-def test_wrong_weights_files_are_one_clear_error(shards, tmp_path):
+def test_wrong_weights_files_are_one_clear_error(tmp_path):
     import torchvision
 
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
@@ -75,13 +71,6 @@ def test_wrong_weights_files_are_one_clear_error(shards, tmp_path):
         build_model(tiny_cfg("resnet18", f"model.pretrained={tmp_path / 'junk.pth'}"), 19)
     with pytest.raises(UserError, match="needs a torchvision encoder"):
         build_model(tiny_cfg("unet", f"model.pretrained={tmp_path / 'resnet34.pth'}"), 19)
-    p = run_train(base_overrides(shards, tmp_path, "bad", **{
-        "model.encoder": "resnet18", "model.pretrained": tmp_path / "resnet50.pth"}), check=False)
-    assert_user_error(p, "does not fit encoder resnet18")
-    p = run_train(base_overrides(shards, tmp_path, "bad2", **{
-        "model.encoder": "resnet18", "model.pretrained": tmp_path / "nowhere.pth"}), check=False)
-    assert_user_error(p, "weights file not found")
-    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 # --- losses against direct reference computations -----------------------------------------------------
@@ -184,182 +173,42 @@ def test_ohem_with_class_weights_normalises_by_their_sum():
     assert (total / norm).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_ohem_normalises_over_ranks_and_accumulation(shards, tmp_path):
-    """Hard pixels are chosen per micro-batch: 2 processes x batch 2 see the micro-batches that 1 process x
-    batch 2 x 2 accumulation steps sees, so with the loss normalised by the kept pixels of the whole global
-    batch both give the same weights (SGD)."""
-    ov = {**SGD, "data.batch_size": 2, "loss.ohem": "true", "loss.ohem_thresh": 0.06,
-          "loss.ohem_min_kept": 2000, "train.epochs": 1}
-    run_train(base_overrides(shards, tmp_path, "two", **ov), procs=2)
-    run_train(base_overrides(shards, tmp_path, "acc", **ov, **{"train.grad_accum": 2}))
-    w2 = load_weights(latest_checkpoint(tmp_path / "two" / "checkpoints"))
-    wa = load_weights(latest_checkpoint(tmp_path / "acc" / "checkpoints"))
-    for k in w2:
-        torch.testing.assert_close(w2[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
-    s = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert s["steps"] == json.loads((tmp_path / "acc" / "summary.json").read_text())["steps"] == 4
-
-
 # --- EMA weights chosen by every consumer -----------------------------------------------------------------
-
-
-def make_run(tmp_path: Path, encoder="unet", ema=True, name="run") -> Path:
-    """A run folder as training leaves it: config.yaml and best/ (model + EMA weights, which differ)."""
-    run = tmp_path / name
-    run.mkdir()
-    cfg = tiny_cfg(encoder, "model.norm=batch")
-    (run / "config.yaml").write_text(dump_config(cfg))
-    torch.manual_seed(0)
-    model = build_model(cfg, 19)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:  # real BN statistics (of random images), not the initial 0 / 1
-        m.momentum = None
-    with torch.no_grad():
-        model(torch.randn(4, 3, 64, 96))
-    for m in bns:
-        m.momentum = 0.1
-    params = {k for k, _ in model.named_parameters()}
-    avg = {k: v * 0.99 if k in params else v for k, v in model.state_dict().items()}
-    save_weights(model.state_dict(), run / "best", {"step": 1}, avg if ema else None)
-    return run
-
-
-def test_evaluate_predict_export_and_finetune_take_the_ema_weights(tmp_path):
-    run = make_run(tmp_path)
-    raw, avg = load_weights(run / "best", "raw"), load_weights(run / "best", "ema")
-    assert not torch.equal(raw["head.weight"], avg["head.weight"])
-    for which, want in (("auto", avg), ("ema", avg), ("raw", raw)):
-        got = load_run(run, weights=which).model.state_dict()
-        assert torch.equal(got["head.weight"], want["head.weight"]), which
-    assert torch.equal(load_weights(run / "best")["head.weight"], avg["head.weight"])  # fine-tuning's init
-    plain = make_run(tmp_path, ema=False, name="plain")
-    assert torch.equal(load_run(plain).model.state_dict()["head.weight"],
-                       load_weights(plain / "best", "raw")["head.weight"])
-    p = run_cli("evaluate", "--run", plain, "--weights", "ema", check=False)
-    assert_user_error(p, "has no EMA weights")
-    p = run_cli("export", "--run", plain, "--weights", "ema", "--format", "pt2", "--out", tmp_path / "x.pt2",
-                check=False)
-    assert_user_error(p, "has no EMA weights")
-    assert not (tmp_path / "x.pt2").exists()
-
-
-def test_validation_scores_the_ema_weights(shards, tmp_path):
-    """Validation scores the EMA weights, exactly what evaluate scores by default (resuming with an EMA is
-    bit-identical: the kill + resume test in test_train_e2e keeps one)."""
-    run_train(base_overrides(shards, tmp_path, "ema", **{"train.ema_decay": 0.8, "train.epochs": 1}))
-    run = tmp_path / "ema"
-    assert json.loads((run / "best" / "meta.json").read_text())["ema"] is True
-    raw, avg = load_weights(run / "best", "raw"), load_weights(run / "best", "ema")
-    assert any(not torch.equal(raw[k], avg[k]) for k in raw)
-    summary = json.loads((run / "summary.json").read_text())
-    run_cli("evaluate", "--run", run, "--checkpoint", "latest", "--json", tmp_path / "s.json")
-    miou = json.loads((tmp_path / "s.json").read_text())["miou"]
-    assert miou == pytest.approx(summary["final_miou"], abs=1e-9)
 
 
 # --- the ready configs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config,encoder", [("resnet", None), ("resnet", "resnet18"), ("resnet", "resnet34"),
-                                            ("convnext", None), ("efficientnet", None)])
-def test_each_config_trains_two_steps(shards, tmp_path, config, encoder):
-    path = ROOT / "configs" / f"{config}.yaml"
-    cfg = load_config(path)
-    assert cfg.model.pretrained == "imagenet" and cfg.sched.warmup_steps > 0 and cfg.sched.power > 0
-    ov = {"model.pretrained": "none", "data.batch_size": 2, "data.crop": "[64,96]", "train.max_steps": 2,
-          "train.mixed_precision": "no", "data.val_batch_size": 2}
-    if encoder:
-        ov["model.encoder"] = encoder
-    args = base_overrides(shards, tmp_path, "cfg", **ov)
-    args = [a for a in args if not a.startswith(("model.base", "model.depth", "model.norm", "optim.lr",
-                                                 "sched."))]
-    run_train(["--config", path, *args])
-    w = load_weights(latest_checkpoint(tmp_path / "cfg" / "checkpoints"), "raw")
-    assert any(k.startswith("encoder.body.") for k in w) and all(torch.isfinite(v).all() for v in w.values())
-    summary = json.loads((tmp_path / "cfg" / "summary.json").read_text())
-    assert summary["steps"] == 2 and math.isfinite(summary["final_miou"])
-    saved = load_config(tmp_path / "cfg" / "config.yaml")
-    assert saved.model.encoder == (encoder or cfg.model.encoder) and saved.optim.name == cfg.optim.name
-
-
 # --- export --------------------------------------------------------------------------------------------
-
-
-def reference(loaded, images: torch.Tensor, uint8=True) -> torch.Tensor:
-    cfg = loaded.cfg
-    x = images.float() / (255.0 if uint8 else 1.0)
-    x = (x - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        return loaded.model(x)
-
-
-def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
-    if path.suffix == ".onnx":
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0]
-    with torch.no_grad():
-        return torch.export.load(str(path)).module()(images).numpy()
-
-
-@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_exported_files_equal_torch(tmp_path, encoder, fmt):
-    from distseg.flows.export import export_run
-
-    run = make_run(tmp_path, encoder)
-    loaded = load_run(run)  # the EMA weights
-    g = torch.Generator().manual_seed(0)
-    fixed = export_run(loaded, fmt, str(tmp_path / f"fixed.{fmt}"), 64, 96)
-    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=g)
-    np.testing.assert_allclose(run_exported(fixed, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
-    dyn = export_run(loaded, fmt, str(tmp_path / f"dyn.{fmt}"), 64, 96, dynamic=True)
-    for n, h, w in ((1, 64, 96), (3, 37, 53), (2, 70, 101)):
-        x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
-        out = run_exported(dyn, x)
-        assert out.shape == (n, 19, h, w)
-        np.testing.assert_allclose(out, reference(loaded, x).numpy(), atol=1e-4, rtol=0)
-
-
-def test_export_cli_argmax_float_input_and_metadata(tmp_path):
-    import onnx
-
-    run = make_run(tmp_path)
-    out = tmp_path / "out" / "model.onnx"
-    p = run_cli("export", "--run", run, "--format", "onnx", "--out", out, "--dynamic", "--argmax", "--input",
-                "float", "--height", 64, "--width", 96)
-    assert "exported" in p.stdout and "torch.onnx" not in p.stdout
-    meta = {e.key: e.value for e in onnx.load(str(out)).metadata_props}
-    assert meta["output"].startswith("int64 class map") and meta["input"].startswith("float32 RGB")
-    assert json.loads(meta["classes"])[0] == "road" and meta["weights"].endswith("ema.safetensors")
-    loaded = load_run(run)
-    x = torch.rand(2, 3, 45, 67, generator=torch.Generator().manual_seed(1))
-    classes = run_exported(out, x)
-    ref = reference(loaded, x, uint8=False)
-    assert classes.shape == (2, 45, 67) and classes.dtype == np.int64
-    # equal wherever the top two logits are not a float-rounding tie
-    top2 = ref.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
-    assert clear.mean() > 0.99 and (classes == ref.argmax(1).numpy())[clear].all()
-    pt2 = tmp_path / "model.pt2"
-    run_cli("export", "--checkpoint", run / "best", "--format", "pt2", "--out", pt2,
-            "--height", 32, "--width", 48)
-    import zipfile
-
-    with zipfile.ZipFile(pt2) as z:
-        name = next(n for n in z.namelist() if n.endswith("distseg.json"))
-        assert json.loads(z.read(name))["shape"] == "fixed 32x48 (H x W)"
-    x = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8)
-    np.testing.assert_allclose(run_exported(pt2, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
-    p = run_cli("export", "--run", run, "--format", "onnx", "--out", tmp_path / "y.onnx", "--height", 4,
-                check=False)
-    assert_user_error(p, "at least 8")
-    p = run_cli("export", "--checkpoint", tmp_path, "--format", "pt2", "--out", tmp_path / "z.pt2",
-                check=False)
-    assert_user_error(p, "not inside a training run")
 
 
 def test_encoder_unet_decoder_uses_every_stage():
     model = EncoderUNet("resnet18", 3, width=8)
     assert len(model.dec) == len(STAGES["resnet18"]) - 1
+
+
+def test_losses():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8)
+    target = torch.randint(0, 4, (2, 8, 8))
+    target[0, :2] = 255
+    loss = SegLoss(ce=1.0)
+    assert loss(logits,
+                target).item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=255).item(),
+                                                rel=1e-5)
+    perfect = F.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 50
+    assert dice_loss(perfect, target).item() < 1e-3
+    assert dice_loss(-perfect, target).item() > 0.9
+    b = SegLoss(ce=0, bce=1.0)
+    bt = (target % 2) * (target != 255) + 255 * (target == 255)
+    one = logits[:, :1]
+    ref = F.binary_cross_entropy_with_logits(one[:, 0][bt != 255], bt[bt != 255].float())
+    assert b(one, bt).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_unet_shapes_and_odd_sizes():
+    m = UNet(3, 5, base=8, depth=3, norm="group")
+    assert m(torch.randn(2, 3, 64, 96)).shape == (2, 5, 64, 96)
+    assert m(torch.randn(1, 3, 37, 51)).shape == (1, 5, 37, 51)
+    seed = UNet(3, 19, base=64, depth=4)
+    assert 30e6 < sum(p.numel() for p in seed.parameters()) < 32e6  # the seed's 31M-parameter U-Net

@@ -155,7 +155,7 @@ def test_dali_resume_mid_epoch_continues_exactly(shards):
 
 @pytest.mark.slow
 def test_training_with_dali_loader_two_processes(shards, tmp_path):
-    from test_train_e2e import base_overrides, run_train, val_pixels
+    from conftest import base_overrides, run_train, val_pixels
 
     run_train(base_overrides(shards, tmp_path, "dali", **{"data.loader": "dali", "data.batch_size": 2}),
               procs=2)

@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from conftest import ROOT, assert_user_error, run_cli
+from distseg.errors import UserError
+from distseg.reporting.experiment import load_plan
 
 pytestmark = pytest.mark.slow
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
@@ -84,5 +86,7 @@ def test_bad_plans_are_one_line(synth_root, tmp_path):
     assert_user_error(run_cli("experiment", plan, check=False), "starts from 'zzz', which is not an earlier "
                                                                 "stage")
     plan = write_plan(tmp_path, synth_root, stages=[{"name": "a", "config": "configs/nope.yaml"}])
-    assert_user_error(run_cli("experiment", plan, check=False), "config file not found: configs/nope.yaml")
-    assert_user_error(run_cli("experiment", tmp_path / "none.yaml", check=False), "experiment plan not found")
+    with pytest.raises(UserError, match="config file not found: configs/nope.yaml"):
+        load_plan(plan)
+    with pytest.raises(UserError, match="experiment plan not found"):
+        load_plan(tmp_path / "none.yaml")

@@ -1,3 +1,6 @@
+"""The leaves: the Cityscapes label table and its schemes (against cityscapesscripts), and the config's
+messages for every kind of mistake."""
+
 import numpy as np
 import pytest
 
@@ -58,3 +61,19 @@ def test_custom_scheme(tmp_path):
         get_scheme(str(p))
     with pytest.raises(UserError, match="unknown scheme"):
         get_scheme("nope")
+
+
+def test_config_errors(tmp_path):
+    from distseg.config import load_config
+    from distseg.errors import UserError
+
+    cfg = load_config(None, ["train.epochs=3", "data.crop=[64,128]", "model.norm=group"])
+    assert cfg.train.epochs == 3 and cfg.data.crop == [64, 128] and cfg.model.norm == "group"
+    for ov, msg in [("train.epoch=3", "unknown key train.epoch"),
+                    ("train.epochs=abc", "train.epochs must be int"),
+                    ("model.norm=layer", "model.norm must be one of"), ("data.batch_size=0", "at least 1"),
+                    ("trainepochs", "bad override")]:
+        with pytest.raises(UserError, match=msg):
+            load_config(None, [ov])
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")

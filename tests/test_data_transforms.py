@@ -12,6 +12,7 @@ from PIL import Image
 from distseg.data.transforms import (
     AugParams,
     augment_pil,
+    augment_tensor,
     decode_pil,
     draft_factor,
     draw_params,
@@ -134,3 +135,41 @@ def test_cpu_and_gpu_paths_agree_for_the_same_parameters(scene, index):
     assert torch.equal(mt, m.long()), (index, (mt != m.long()).float().mean())
     # uint8 rounding after each of PIL's steps against float throughout: about a grey level on average
     assert diff.mean() < 2 and diff.max() <= 5, (index, diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("path", ["pil", "tensor"])
+def test_joint_augmentation_keeps_image_and_mask_aligned(path):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pal = rng.integers(0, 256, (5, 3)).astype(np.uint8)
+    mask = np.zeros((96, 160), np.uint8)
+    for k in range(1, 5):  # blocks of classes
+        y, x = rng.integers(0, 70), rng.integers(0, 130)
+        mask[y:y + 26, x:x + 30] = k
+    buf = io.BytesIO()
+    Image.fromarray(pal[mask]).save(buf, "PNG")
+    mean, std = [0.5] * 3, [0.25] * 3
+    flips = set()
+    for i in range(12):
+        p = draw_params(0, 0, i, (0.6, 1.6), True, 0.0)
+        flips.add(p.flip)
+        if path == "pil":
+            img, m = augment_pil(buf.getvalue(), mask, p, (64, 96), mean_fill(mean))
+            rgb, m = img.permute(2, 0, 1).float(), m.long()
+        else:
+            img = torch.from_numpy(pal[mask]).permute(2, 0, 1)
+            x, m = augment_tensor(img, torch.from_numpy(mask), p, (64, 96), mean, std)
+            rgb = (x * 0.25 + 0.5) * 255
+        assert rgb.shape == (3, 64, 96) and m.shape == (64, 96)
+        valid = m != 255
+        # the colour under each mask pixel must be that class's colour (edges may blur)
+        d = ((rgb.permute(1, 2, 0)[valid][:, None, :] - torch.from_numpy(pal).float()[None]) ** 2).sum(-1)
+        agree = (d.argmin(1) == m[valid]).float().mean()
+        assert agree > 0.97, (i, agree)
+    assert flips == {True, False}
+    # same (seed, epoch, index) -> same parameters; another epoch -> others
+    assert draw_params(0, 0, 3, (0.5, 2), True, 0.2) == draw_params(0, 0, 3, (0.5, 2), True, 0.2)
+    assert draw_params(0, 0, 3, (0.5, 2), True, 0.2) != draw_params(0, 1, 3, (0.5, 2), True, 0.2)

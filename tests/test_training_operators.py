@@ -20,9 +20,9 @@ from conftest import (
     run_cli,
     run_train,
     train_cmd,
+    wait_for,
     weights,
 )
-from distseg.runs import run_lock
 from distseg.runs.checkpoint import damage, latest_checkpoint, list_checkpoints
 from distseg.runs.run_dir import RunDir
 
@@ -30,7 +30,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def close(a: dict, b: dict) -> None:
-    """Weights equal within the float noise of 1 vs 2 processes (the tolerance of test_train_e2e)."""
+    """Weights equal within the float noise of 1 vs 2 processes (the tolerance of test_training_e2e)."""
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -62,83 +62,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout=300.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def newest_step(run: Path) -> int:
     ck = list_checkpoints(run / "checkpoints")
     return int(ck[-1].name.split("-")[1]) if ck else 0
-
-
-# --- the lease, in-process ----------------------------------------------------------------------------
-
-def write_lease(run: Path, **fields) -> Path:
-    holder = dict(host="node-elsewhere", pid=4242, start="1", job="", started="2026-11-26T00:00:00",
-                  token="t" * 32)
-    holder.update(fields)
-    path = RunDir(run).lease
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(holder))
-    return path
-
-
-def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
-    run = tmp_path / "runs" / "x"
-    sleeper = subprocess.Popen(["sleep", "60"])
-    try:
-        write_lease(run, host=run_lock.Holder.me().host, pid=sleeper.pid,
-                    start=run_lock._start_time(sleeper.pid))
-        with pytest.raises(run_lock.RunLocked, match=f"in use by pid {sleeper.pid} on "):
-            run_lock.acquire(RunDir(run), log=lambda m: None)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    said = []
-    lease = run_lock.acquire(RunDir(run), log=said.append)
-    assert said and f"its process {sleeper.pid} is gone" in said[0]
-    assert json.loads(RunDir(run).lease.read_text())["pid"] == os.getpid()
-    lease.release()
-    assert not RunDir(run).lease.exists()
-
-
-def test_lease_of_the_same_slurm_job_or_without_heartbeat_is_taken_over(tmp_path, monkeypatch):
-    run = tmp_path / "y"
-    path = write_lease(run, job="777")  # another node, heartbeat fresh
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(run_lock.RunLocked, match="node-elsewhere \\(Slurm job 777\\)"):
-        run_lock.acquire(RunDir(run), log=lambda m: None)
-    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job takes over its own lease at once
-    said = []
-    run_lock.acquire(RunDir(run), log=said.append).release()
-    assert "the same Slurm job 777, requeued" in said[0]
-
-    monkeypatch.setenv("SLURM_JOB_ID", "778")
-    path = write_lease(run, job="777")
-    old = time.time() - run_lock.STALE_AFTER_S - 60
-    os.utime(path, (old, old))
-    said = []
-    run_lock.acquire(RunDir(run), log=said.append).release()
-    assert "no heartbeat for" in said[0]
-
-
-def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
-    run = tmp_path / "z"
-    lease = run_lock.acquire(RunDir(run), log=lambda m: None)
-    path = RunDir(run).lease
-    os.utime(path, (1, 1))
-    wait_for(lambda: path.stat().st_mtime > 1, 10, "a heartbeat")
-    write_lease(run, pid=99, token="u" * 32)  # someone took it over (e.g. judged it stale)
-    wait_for(lambda: lease.lost_to is not None, 10, "the loss to be noticed")
-    assert lease.lost_to.pid == 99
-    lease.release()
-    assert path.exists(), "release must not remove a lease that is no longer ours"
 
 
 # --- signals -------------------------------------------------------------------------------------------
@@ -312,3 +238,19 @@ def test_full_disk_while_sharding_or_predicting_names_the_file(synth_root, one_p
                 "--out", mnt / "pred", "--overlays", mnt / "ov", check=False)
     assert_user_error(p, "No space left on device: " + str(mnt))
     assert not [q for q in mnt.rglob("*") if ".tmp" in q.name]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path):
+    ov = base_overrides(shards, tmp_path, "r", **SGD, **{"train.ckpt_every": 2, "data.batch_size": 2,
+                                                         "train.keep_last": 2})
+    run_train(ov)
+    final = weights(tmp_path / "r")
+    ckpts = sorted((tmp_path / "r" / "checkpoints").iterdir())
+    newest = ckpts[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated by a crash
+    p = run_train(ov)
+    assert f"warning: checkpoint {ckpts[-1]} is damaged (model.safetensors fails its sha256 check" in p.stdout
+    assert f"resumed from {ckpts[-2]}" in p.stdout
+    w = weights(tmp_path / "r")
+    for k in final:
+        assert torch.equal(final[k], w[k]), k

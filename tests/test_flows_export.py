@@ -1,0 +1,134 @@
+"""What the flows take from a run: evaluate, predict, export and fine-tuning choose the EMA weights (or the
+raw ones when asked), and ONNX / torch.export files equal torch, at fixed and dynamic sizes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli
+from distseg.config import dump_config, load_config
+from distseg.models import build_model
+from distseg.models.weights import load_weights, save_weights
+from distseg.runs.run_dir import load_run
+
+
+def tiny_cfg(encoder: str, *extra: str):
+    return load_config(None, [f"model.encoder={encoder}", "model.base=8", "model.depth=2", *extra])
+
+
+def make_run(tmp_path: Path, encoder="unet", ema=True, name="run") -> Path:
+    """A run folder as training leaves it: config.yaml and best/ (model + EMA weights, which differ)."""
+    run = tmp_path / name
+    run.mkdir()
+    cfg = tiny_cfg(encoder, "model.norm=batch")
+    (run / "config.yaml").write_text(dump_config(cfg))
+    torch.manual_seed(0)
+    model = build_model(cfg, 19)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # real BN statistics (of random images), not the initial 0 / 1
+        m.momentum = None
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 96))
+    for m in bns:
+        m.momentum = 0.1
+    params = {k for k, _ in model.named_parameters()}
+    avg = {k: v * 0.99 if k in params else v for k, v in model.state_dict().items()}
+    save_weights(model.state_dict(), run / "best", {"step": 1}, avg if ema else None)
+    return run
+
+
+def test_evaluate_predict_export_and_finetune_take_the_ema_weights(tmp_path):
+    run = make_run(tmp_path)
+    raw, avg = load_weights(run / "best", "raw"), load_weights(run / "best", "ema")
+    assert not torch.equal(raw["head.weight"], avg["head.weight"])
+    for which, want in (("auto", avg), ("ema", avg), ("raw", raw)):
+        got = load_run(run, weights=which).model.state_dict()
+        assert torch.equal(got["head.weight"], want["head.weight"]), which
+    assert torch.equal(load_weights(run / "best")["head.weight"], avg["head.weight"])  # fine-tuning's init
+    plain = make_run(tmp_path, ema=False, name="plain")
+    assert torch.equal(load_run(plain).model.state_dict()["head.weight"],
+                       load_weights(plain / "best", "raw")["head.weight"])
+    p = run_cli("evaluate", "--run", plain, "--weights", "ema", check=False)
+    assert_user_error(p, "has no EMA weights")
+    p = run_cli("export", "--run", plain, "--weights", "ema", "--format", "pt2", "--out", tmp_path / "x.pt2",
+                check=False)
+    assert_user_error(p, "has no EMA weights")
+    assert not (tmp_path / "x.pt2").exists()
+
+
+def reference(loaded, images: torch.Tensor, uint8=True) -> torch.Tensor:
+    cfg = loaded.cfg
+    x = images.float() / (255.0 if uint8 else 1.0)
+    x = (x - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return loaded.model(x)
+
+
+def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        return torch.export.load(str(path)).module()(images).numpy()
+
+
+@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_exported_files_equal_torch(tmp_path, encoder, fmt):
+    from distseg.flows.export import export_run
+
+    run = make_run(tmp_path, encoder)
+    loaded = load_run(run)  # the EMA weights
+    g = torch.Generator().manual_seed(0)
+    fixed = export_run(loaded, fmt, str(tmp_path / f"fixed.{fmt}"), 64, 96)
+    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=g)
+    np.testing.assert_allclose(run_exported(fixed, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
+    dyn = export_run(loaded, fmt, str(tmp_path / f"dyn.{fmt}"), 64, 96, dynamic=True)
+    for n, h, w in ((1, 64, 96), (3, 37, 53), (2, 70, 101)):
+        x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
+        out = run_exported(dyn, x)
+        assert out.shape == (n, 19, h, w)
+        np.testing.assert_allclose(out, reference(loaded, x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_export_cli_argmax_float_input_and_metadata(tmp_path):
+    import onnx
+
+    run = make_run(tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    p = run_cli("export", "--run", run, "--format", "onnx", "--out", out, "--dynamic", "--argmax", "--input",
+                "float", "--height", 64, "--width", 96)
+    assert "exported" in p.stdout and "torch.onnx" not in p.stdout
+    meta = {e.key: e.value for e in onnx.load(str(out)).metadata_props}
+    assert meta["output"].startswith("int64 class map") and meta["input"].startswith("float32 RGB")
+    assert json.loads(meta["classes"])[0] == "road" and meta["weights"].endswith("ema.safetensors")
+    loaded = load_run(run)
+    x = torch.rand(2, 3, 45, 67, generator=torch.Generator().manual_seed(1))
+    classes = run_exported(out, x)
+    ref = reference(loaded, x, uint8=False)
+    assert classes.shape == (2, 45, 67) and classes.dtype == np.int64
+    # equal wherever the top two logits are not a float-rounding tie
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
+    assert clear.mean() > 0.99 and (classes == ref.argmax(1).numpy())[clear].all()
+    pt2 = tmp_path / "model.pt2"
+    run_cli("export", "--checkpoint", run / "best", "--format", "pt2", "--out", pt2,
+            "--height", 32, "--width", 48)
+    import zipfile
+
+    with zipfile.ZipFile(pt2) as z:
+        name = next(n for n in z.namelist() if n.endswith("distseg.json"))
+        assert json.loads(z.read(name))["shape"] == "fixed 32x48 (H x W)"
+    x = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8)
+    np.testing.assert_allclose(run_exported(pt2, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
+    p = run_cli("export", "--run", run, "--format", "onnx", "--out", tmp_path / "y.onnx", "--height", 4,
+                check=False)
+    assert_user_error(p, "at least 8")
+    p = run_cli("export", "--checkpoint", tmp_path, "--format", "pt2", "--out", tmp_path / "z.pt2",
+                check=False)
+    assert_user_error(p, "not inside a training run")
