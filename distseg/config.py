@@ -31,6 +31,7 @@ class DataCfg:
     prefetch_shards: int = 2  # remote shards downloaded ahead of the one being read
     retries: int = 5  # tries per storage request (transient faults; exponential backoff)
     on_corrupt: str = "error"  # a sample that fails to decode: error | skip (padding, masked out, counted)
+    verify: str = "node"  # shard sha256 checks: node (once per node, then trusted by stamp) | always
     train_split: str = "train"
     val_split: str = "val"
     loader: str = "torch"  # torch | dali
@@ -139,7 +140,8 @@ class Config:
 
 CHOICES = {
     "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.shuffle": ("global", "shards"),
-    "data.on_corrupt": ("error", "skip"), "loss.class_weights": ("none", "inv_log", "median_freq"),
+    "data.on_corrupt": ("error", "skip"), "data.verify": ("node", "always"),
+    "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
     "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),

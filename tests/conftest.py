@@ -56,6 +56,15 @@ def shards(synth_root, tmp_path_factory) -> Path:
 TRAIN = str(ROOT / "distseg" / "train.py")
 
 
+def split_keys(shards, split: str = "train") -> list[str]:
+    """The sample keys of a split, in the order of its shards (from their index)."""
+    from distseg.data.manifest import load_manifest
+    from distseg.data.shard_reader import ShardFiles, ShardSamples
+
+    man = load_manifest(shards, split)
+    return ShardSamples(man, ShardFiles(man)).index.all_keys()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

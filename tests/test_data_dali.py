@@ -11,6 +11,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason='DALI is not installed: pip install "distseg[dali]"')
 
+from conftest import split_keys  # noqa: E402
 from distseg.config import load_config  # noqa: E402
 from distseg.data.dali_loader import DaliLoader  # noqa: E402
 from distseg.data.manifest import load_manifest  # noqa: E402
@@ -37,7 +38,7 @@ def epoch_keys(loader, epoch):
 def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs):
     cfg = cfg_for(shards, **{"data.batch_size": bs})
     man = load_manifest(shards, "train")
-    every = sorted(k for sh in man["shards"] for k in sh["keys"])
+    every = sorted(split_keys(shards))
     seed = cfg.train.seed
     dali = [DaliLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
     torch_l = [TorchLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
@@ -64,7 +65,7 @@ def test_dali_val_counts_each_image_once(shards):
             for b in L:
                 assert b["image"].shape[1:] == (3, 128, 256) and b["mask"].shape[1:] == (128, 256)
                 got += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
-        assert sorted(got) == sorted(k for sh in man["shards"] for k in sh["keys"])
+        assert sorted(got) == sorted(split_keys(shards, "val"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from servers import http_files, moto_s3
 
-from conftest import SGD, assert_user_error, base_overrides, run_cli, run_train, weights
+from conftest import SGD, TRAIN, assert_user_error, base_overrides, run_cli, run_train, split_keys, weights
 from distseg.data.manifest import load_manifest
 from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError
@@ -111,7 +111,9 @@ def test_train_from_s3_and_http_equals_local_disk(s3, s3_shards, shards, one_pro
             assert torch.equal(ref[k], w[k]), (run, k)
     # the cache holds hash-named copies only, within its limit; no password anywhere a user or TB sees
     names = sorted(f.name for f in cache.iterdir())
-    assert all(re.fullmatch(r"[0-9a-f]{40}\.(tar|idx)(\.lock)?|\.evict\.lock", n) for n in names), names
+    named = (r"[0-9a-f]{40}\.(tar|idx)(\.lock|\.used)?|\.evict\.lock|stamps"  # cache entries, shard stamps
+             r"|(train|val)-[0-9a-f]{20}\.dsidx(\.lock)?")  # the sample index, named by the manifest's hash
+    assert all(re.fullmatch(named, n) for n in names), names
     assert sum(f.stat().st_size for f in cache.iterdir()) <= 10 << 20
     seen = p.stdout + p.stderr + (tmp_path / "http" / "config.yaml").read_text()
     tb_files = [f for f in (tmp_path / "http" / "tb").rglob("*") if f.is_file()]
@@ -178,15 +180,55 @@ def test_file_urls_are_local_paths(synth_root, shards, tmp_path):
     assert json.loads((tmp_path / "out" / "val.json").read_text())["total"] == 5
 
 
-def test_a_flipped_byte_in_a_local_shard_is_caught(shards, tmp_path):
+def test_a_flipped_byte_is_caught_in_a_worker_also_after_the_shard_was_stamped(shards, tmp_path):
+    """A local shard that changes after a run stamped it (same size, still decodes) is hashed again and
+    refused; the error comes from a DataLoader worker, as the one line the main process would print."""
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
+    ov = {"data.num_workers": 1, "data.cache_dir": tmp_path / "node", "train.max_steps": 1}
+    run_train(base_overrides(bad, tmp_path, "good", **ov))
+    assert len(list((tmp_path / "node" / "stamps").glob("*.json"))) >= 4  # the shards it read, stamped
     tar = bad / "train-000001.tar"
     data = bytearray(tar.read_bytes())
     data[3000] ^= 0x01  # inside the first sample's JPEG: same size, still decodes
     tar.write_bytes(bytes(data))
-    p = run_train(base_overrides(bad, tmp_path, "r"), check=False)
+    p = run_train(base_overrides(bad, tmp_path, "r", **ov), check=False)
     assert_user_error(p, f"shard {tar} fails its sha256 check")
+
+
+def test_a_damaged_remote_shard_in_a_worker_under_the_launcher_is_one_line(shards, tmp_path):
+    with http_files(shards) as (base, faults):
+        faults.flip.add("/train-000002.tar")  # every download of it arrives with one byte flipped
+        args = base_overrides(base, tmp_path, "r", **{"data.num_workers": 1,
+                                                      "data.cache_dir": tmp_path / "c"})
+        p = subprocess.run([sys.executable, "-m", "distseg.launch", "--num_processes", "1", "--num_machines",
+                            "1", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN, *args],
+                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           timeout=600)
+    assert_user_error(p, f"{base}/train-000002.tar fails its sha256 check")
+    assert "Caught" not in p.stderr and "DataLoader worker" not in p.stderr
+
+
+def test_each_shard_is_hashed_once_per_node(shards, tmp_path):
+    """2 ranks x 2 DataLoader workers (and the val loaders) read the shards; before the node-local stamps
+    every one of those processes hashed every shard it read. A sitecustomize logs each hash."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    site, log = tmp_path / "site", tmp_path / "hashes.log"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nimport distseg.files as files\n_hash = files.sha256_file\n\n"
+        "def logged(path):\n    with open(os.environ['DISTSEG_TEST_HASH_LOG'], 'a') as f:\n"
+        "        f.write(f'{os.getpid()} {path}\\n')\n    return _hash(path)\n\nfiles.sha256_file = logged\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "DISTSEG_TEST_HASH_LOG": str(log)}
+    run_train(base_overrides(copy, tmp_path, "r", **{"data.num_workers": 2, "data.batch_size": 2,
+                                                     "data.cache_dir": tmp_path / "node", "train.epochs": 1}),
+              procs=2, env=env)
+    hashed = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    shards_hashed = [path for _, path in hashed if path.endswith(".tar")]
+    every = sorted(str(p) for p in copy.glob("*.tar"))
+    assert sorted(shards_hashed) == every, shards_hashed  # each shard of both splits, once
 
 
 def _corrupt_one_sample(shards, dst):
@@ -215,7 +257,7 @@ def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path)
     assert_user_error(p, f"sample {key} in shard {name} cannot be decoded")
     p = run_train(base_overrides(tmp_path / "s", tmp_path, "skip", **{"data.on_corrupt": "skip"}))
     assert "epoch 1: 1 sample(s) could not be decoded and were left out" in p.stdout
-    every = sorted(k for sh in man["shards"] for k in sh["keys"])
+    every = sorted(split_keys(shards))
     for world in (1, 2):
         cfg = load_config(None, [f"data.shards={tmp_path / 's'}", "data.batch_size=3", "data.num_workers=1",
                                  "data.crop=[64,96]", "data.on_corrupt=skip"])
@@ -275,8 +317,23 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
         L = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
         for b in L:
             keys += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
-    assert sorted(keys) == sorted(k for sh in man["shards"] for k in sh["keys"])
+    assert sorted(keys) == sorted(split_keys(shards))
     assert len(list((tmp_path / "c").glob("*.tar"))) == len(man["shards"])
     cfg.data.cache_size = "1K"
     with pytest.raises(Exception, match="must hold"):
         DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
+
+
+def test_stamps_spare_a_second_hash_unless_verify_is_always(shards, tmp_path, monkeypatch):
+    from distseg.data import shard_reader
+
+    hashed = []
+    real = shard_reader.sha256_file
+    monkeypatch.setattr(shard_reader, "sha256_file", lambda p: hashed.append(p) or real(p))
+    man = load_manifest(shards, "train")
+    for _ in range(2):  # two processes of one node
+        ShardFiles(man, str(tmp_path / "node")).tar(0)
+    assert len(hashed) == 1
+    for _ in range(2):
+        ShardFiles(man, str(tmp_path / "node"), verify="always").tar(0)
+    assert len(hashed) == 3

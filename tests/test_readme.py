@@ -23,7 +23,8 @@ TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]
         "sched.warmup_steps=0", "train.mixed_precision=no"]
 BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
          "--variants", "fp32"], "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64",
-                                                                     "--modes", "whole,slide"]}
+                                                                     "--modes", "whole,slide"],
+         "index": ["--samples", "2000", "--workers", "1", "--no-dali"]}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
 
 
@@ -41,7 +42,7 @@ def tinier(cmd: str) -> list[str]:
     """The command's words, with tiny settings appended where a model is built."""
     words = shlex.split(re.sub(r"\s+#.*$", "", cmd))
     if words[:2] == ["distseg", "bench"]:
-        return words + BENCH[words[2]] + ([] if words[2] == "shard" else TINY)
+        return words + BENCH[words[2]] + ([] if words[2] in ("shard", "index") else TINY)
     if "distseg/train.py" in words or words[:2] == ["distseg", "train"] or words[0] == "tools/demo.sh":
         return words + TINY
     if words[:2] == ["distseg", "experiment"]:

@@ -32,9 +32,9 @@ class DecodeOnly(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         i = i % len(self.s)
-        img, _ = decode_pil(self.s.read(i, self.s.image_ext))
+        img, _ = decode_pil(self.s.read(i, "image"))
         img.load()
-        mask = decode_mask(self.s.read(i, "mask.png"), self.lut)
+        mask = decode_mask(self.s.read(i, "mask"), self.lut)
         return {"image": torch.zeros(1), "mask": mask[:1, :1]}
 
 
@@ -73,8 +73,8 @@ class TorchvisionReference(torch.utils.data.Dataset):
             mask = decode_png(read_file(str(p.label)), ImageReadMode.GRAY)[0]
             return img, torch.from_numpy(np.take(self.lut.astype(np.uint8), mask.numpy()))
         i = i % len(self.samples)
-        return decode_rgb(self.samples.read(i, self.samples.image_ext)), \
-            decode_mask(self.samples.read(i, "mask.png"), self.lut)
+        return decode_rgb(self.samples.read(i, "image")), \
+            decode_mask(self.samples.read(i, "mask"), self.lut)
 
     def __getitem__(self, i):
         img, mask = self._read(i)
@@ -119,7 +119,7 @@ def reduced_decode_share(cfg, man: dict, epochs: int = 4) -> float:
     few epochs of this split's sample sizes and the configured scale range."""
     if man["image_ext"] != "jpg" or not cfg.data.crop:
         return 0.0
-    samples = ShardSamples(man, ShardFiles(man, cfg.data.cache_dir or None))
+    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
     w, h = json.loads(samples.read(0, "json"))["size"]  # the shards' image size (all alike in Cityscapes)
     n = hits = 0
     for e in range(epochs):
@@ -155,7 +155,7 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
                           decode="gpu" if mode == "torch-gpu" else "cpu")
             results[mode] = _time_batches(endless(make_loader(c, split, scheme, True, device)), n_batches, bs)
             continue
-        samples = ShardSamples(man, ShardFiles(man, cfg.data.cache_dir or None))
+        samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
         shard_lut = lut if lut is not None else np.arange(256)  # shard masks: remap labelid shards only
         if mode == "decode":  # one process: its rate is a rate per core
             ds, workers = DecodeOnly(samples, lut), 0

@@ -6,10 +6,13 @@ import click
 
 from distseg.bench.data import bench_data, bench_storage, shuffle_report
 from distseg.bench.eval import MODES, bench_eval
+from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import VARIANTS, bench_train
 from distseg.config import load_config
+from distseg.data.dali_loader import dali_available
 from distseg.data.manifest import load_manifest
+from distseg.errors import UserError
 from distseg.models import check_encoder
 from distseg.units import parse_wxh
 
@@ -110,3 +113,16 @@ def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, 
     sw, sh = parse_wxh(stride)
     _emit(bench_eval(cfg, modes.split(","), parse_wxh(size), images, batch, precision, (ch, cw), (sh, sw)),
           out)
+
+
+@bench.command("index")
+@click.option("--samples", default=1_000_000, show_default=True, help="fake samples in the split")
+@click.option("--workers", default=8, show_default=True, help="DataLoader workers doing an epoch of lookups")
+@click.option("--dali/--no-dali", default=True, show_default=True,
+              help="also measure DALI's reader over the same index files")
+@click.option("--out", default=None, help="append the table to this file")
+def bench_index_cmd(samples, workers, dali, out) -> None:
+    """The sample index at scale: bytes per sample, open + lookups, workers' private memory, start-up."""
+    if samples < 1 or workers < 1:
+        raise UserError("--samples and --workers must be at least 1")
+    _emit(bench_index(samples, workers, dali and dali_available()), out)

@@ -71,7 +71,7 @@ class DaliLoader:
         self.shard_len = self.n * (rank + 1) // world - self.n * rank // world
         self.max_shard = max(self.n * (r + 1) // world - self.n * r // world for r in range(world))
         self._batch = 0
-        self.files = ShardFiles(man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
+        self.files = ShardFiles.of(man, d)
         limit, total = parse_bytes(d.cache_size), sum(sh["bytes"] for sh in man["shards"])
         if man["_remote"] and limit and limit < total:
             raise UserError(f"data.loader=dali reads every shard of {split} from the cache: data.cache_size "

@@ -23,7 +23,8 @@ from distseg.files import sha256_file
 from distseg.labels import IGNORE, Scheme
 from distseg.urls import is_remote, join, local_path, redact
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: sample keys live in the shards' indexes (version 1 listed them here), still read
+READABLE = (1, 2)
 
 
 def manifest_location(shards: str | os.PathLike, split: str) -> str:
@@ -87,9 +88,13 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
         man = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"unreadable manifest {where}: {e}") from None
-    if not isinstance(man, dict) or man.get("version") != MANIFEST_VERSION \
+    if not isinstance(man, dict) or man.get("version") not in READABLE \
             or not isinstance(man.get("shards"), list):
-        raise UserError(f"{where} is not a distseg manifest (version {MANIFEST_VERSION})")
+        version = man.get("version") if isinstance(man, dict) else None
+        if isinstance(version, int) and version > MANIFEST_VERSION:
+            raise UserError(f"{where} is a version-{version} manifest, newer than this distseg reads "
+                            f"({MANIFEST_VERSION}): upgrade distseg, or re-shard with this one")
+        raise UserError(f"{where} is not a distseg manifest (version {', '.join(map(str, READABLE))})")
     check_names(man, where)
     remote = is_remote(loc)
     man["_base"] = loc.rsplit("/", 1)[0] if remote else str(local_path(loc).parent)

@@ -1,18 +1,25 @@
 """Sample-exact distribution of an epoch over ranks, in two shuffles (data.shuffle).
 
-Both yield, per rank, the same number of batches of (sample index, epoch, valid); the tail is padded with
-repeats marked invalid, so every rank yields as many batches as the others (DDP needs that) while each
-sample counts exactly once per epoch: the trainer masks invalid samples out of the loss, the evaluator out
-of the metrics. Both are pure functions of (seed, epoch, world, batch size), so a resumed run skips the
-batches it consumed and continues with the same ones.
+Both yield, per rank, the same number of batches of (sample index, augmentation key, valid); the tail is
+padded with repeats marked invalid, so every rank yields as many batches as the others (DDP needs that)
+while each sample counts exactly once per pass: the trainer masks invalid samples out of the loss, the
+evaluator out of the metrics. Both are pure functions of (seed, epoch, world, batch size), so a resumed run
+skips the batches it consumed and continues with the same ones.
 
-- `global`: one permutation of all samples per epoch, cut into global batches of world x batch; rank r
-  takes the r-th slice of each. The global batch does not depend on how it is split over processes, but
-  every rank reads every shard every epoch.
-- `shards` (as MosaicML streaming): the shard order is permuted per epoch; the samples, in that order, are
+An epoch is `repeat` passes over the split (data.repeat, as mmsegmentation's RepeatDataset), each with its
+own permutation and its own augmentation: pass p of epoch e has the key e * repeat + p, which draws both.
+With repeat 1 the key is the epoch.
+
+- `global`: one permutation of all samples per pass, the passes one after another, cut into global batches of
+  world x batch; rank r takes the r-th slice of each. The global batch does not depend on how it is split
+  over processes, but every rank reads every shard every epoch.
+- `shards` (as MosaicML streaming): the shard order is permuted per pass; the samples, in that order, are
   cut into `world` contiguous parts, one per rank, so a rank (and a node, whose ranks are consecutive)
   reads only its share of the shards; within a part, samples are shuffled inside windows of `window`
   consecutive shards. A node-local cache then needs room for a window, not for the dataset.
+
+The order of an epoch is a numpy array (8 bytes per sample and pass); batches are made when asked for, so
+no Python object exists per sample of the dataset.
 """
 
 from __future__ import annotations
@@ -24,94 +31,136 @@ import torch
 
 
 class _EpochSampler:
-    """Common protocol: set_epoch(epoch, skip_batches), len() batches per rank, iteration."""
+    """Common protocol: set_epoch(epoch, skip_batches), len() batches per rank, iteration, `batch(j)`."""
 
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int):
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, repeat: int = 1):
         if n < 1:
             raise ValueError("empty dataset")
         self.n, self.b, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.repeat = max(1, repeat)
         self.epoch = 0
         self.skip = 0
+        self._cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch (its shuffle) and how many of this epoch's batches were already consumed."""
         self.epoch, self.skip = epoch, skip_batches
 
-    def batches(self) -> list[list[tuple[int, int, bool]]]:
-        """This rank's batches of the current epoch: lists of (sample index, epoch, valid)."""
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (sample index, augmentation key, valid) of the epoch, one entry per slot."""
         raise NotImplementedError
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_rows` of the current epoch, computed once per epoch."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._rows())
+        return self._cache[1]
+
+    def batch(self, j: int) -> list[tuple[int, int, bool]]:
+        """This rank's j-th batch of the current epoch: (sample index, augmentation key, valid) each."""
+        idx, key, valid = (a[j * self.b:(j + 1) * self.b] for a in self.rows())
+        return list(zip(idx.tolist(), key.tolist(), valid.tolist()))
+
+    def batches(self) -> list[list[tuple[int, int, bool]]]:
+        """Every batch of this rank's epoch (for tests and reports; the loader asks one at a time)."""
+        return [self.batch(j) for j in range(len(self))]
+
     def __iter__(self):
-        yield from self.batches()[self.skip:]
+        for j in range(self.skip, len(self)):
+            yield self.batch(j)
 
 
 class EpochBatchSampler(_EpochSampler):
     """data.shuffle=global (and validation, unshuffled); see the module docstring."""
 
     def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, shuffle: bool = False,
-                 seed: int = 0):
-        super().__init__(n, batch_size, world, rank, seed)
+                 seed: int = 0, repeat: int = 1):
+        super().__init__(n, batch_size, world, rank, seed, repeat)
         self.shuffle = shuffle
 
     def __len__(self) -> int:
-        return math.ceil(self.n / (self.b * self.world))
+        return math.ceil(self.n * self.repeat / (self.b * self.world))
 
-    def order(self) -> list[int]:
-        """This epoch's sample order (shuffled by seed and epoch for training)."""
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's sample order and augmentation keys: its passes, each shuffled by (seed, pass key)."""
+        keys = np.arange(self.repeat, dtype=np.int64) + self.epoch * self.repeat
         if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+            return np.tile(np.arange(self.n, dtype=np.int64), self.repeat), np.repeat(keys, self.n)
+        gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + int(k)) for k in keys]
+        perms = [torch.randperm(self.n, generator=g).numpy() for g in gens]
+        return np.concatenate(perms), np.repeat(keys, self.n)
 
-    def batches(self) -> list[list[tuple[int, int, bool]]]:
-        """This rank's batches: lists of (sample index, epoch, valid)."""
-        order = self.order()
-        g = self.b * self.world
-        total = len(self) * g
-        padded = [(i, True) for i in order] + [(order[k % self.n], False) for k in range(total - self.n)]
-        out = []
-        for j in range(len(self)):
-            chunk = padded[j * g + self.rank * self.b: j * g + (self.rank + 1) * self.b]
-            out.append([(i, self.epoch, v) for i, v in chunk])
-        return out
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        order, keys = self.order()
+        total, g = len(self) * self.b * self.world, self.b * self.world
+        pad = total - len(order)  # the tail: repeats of the epoch's first samples, invalid
+        order = np.concatenate([order, order[np.arange(pad) % len(order)]])
+        keys = np.concatenate([keys, keys[np.arange(pad) % len(keys)]])
+        valid = np.arange(total) < total - pad
+        mine = (np.arange(total) % g) // self.b == self.rank  # rank r: slots [r*b, (r+1)*b) of each group
+        return order[mine], keys[mine], valid[mine]
 
 
 class ShardWindowSampler(_EpochSampler):
     """data.shuffle=shards; see the module docstring. `shard_sizes` are the manifest's sample counts."""
 
     def __init__(self, shard_sizes: list[int], batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 window: int = 4):
-        super().__init__(sum(shard_sizes), batch_size, world, rank, seed)
-        self.sizes, self.window = list(shard_sizes), max(1, window)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+                 window: int = 4, repeat: int = 1):
+        super().__init__(sum(shard_sizes), batch_size, world, rank, seed, repeat)
+        self.sizes, self.window = np.asarray(shard_sizes, np.int64), max(1, window)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.n / self.world) / self.b)
+        return math.ceil(math.ceil(self.n * self.repeat / self.world) / self.b)
 
-    def _rng(self, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, 0x5A4D, *keys])
+    def _rng(self, key: int, *more: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, key, 0x5A4D, *more])
 
-    def _part(self) -> list[tuple[int, int]]:
-        """This rank's (shard, sample) pairs in read order, before shuffling within windows."""
-        order = self._rng().permutation(len(self.sizes))
-        seq = [(int(k), int(i)) for k in order for i in range(self.offsets[k], self.offsets[k + 1])]
-        lo, hi = self.n * self.rank // self.world, self.n * (self.rank + 1) // self.world
-        return seq[lo:hi]
+    def _sequence(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, sample, augmentation key) of the epoch's passes in read order, before window shuffles."""
+        shards, samples, keys = [], [], []
+        for p in range(self.repeat):
+            key = self.epoch * self.repeat + p
+            order = self._rng(key).permutation(len(self.sizes))
+            counts = self.sizes[order]
+            shard = np.repeat(order, counts)
+            starts = np.repeat(self.offsets[order] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+            shards.append(shard)
+            samples.append(np.arange(len(shard), dtype=np.int64) + starts)
+            keys.append(np.full(len(shard), key, np.int64))
+        return np.concatenate(shards), np.concatenate(samples), np.concatenate(keys)
+
+    def _part(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's contiguous share of the epoch's sequence."""
+        shard, sample, key = self._sequence()
+        n = len(shard)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        return shard[lo:hi], sample[lo:hi], key[lo:hi]
 
     def shard_order(self) -> list[int]:
         """The shards this rank reads this epoch, in the order it first reads them (for prefetching)."""
-        return list(dict.fromkeys(k for k, _ in self._part()))
+        shard, _, _ = self._part()
+        return list(dict.fromkeys(shard.tolist()))
 
-    def batches(self) -> list[list[tuple[int, int, bool]]]:
-        """This rank's batches: lists of (sample index, epoch, valid)."""
-        part = self._part()
-        shards = list(dict.fromkeys(k for k, _ in part))
-        samples: list[int] = []
-        for w in range(0, len(shards), self.window):  # shuffle inside each window of consecutive shards
-            members = set(shards[w:w + self.window])
-            win = [i for k, i in part if k in members]
-            samples += [win[j] for j in self._rng(self.rank, w).permutation(len(win))]
-        rows = [(i, True) for i in samples]
-        pool = samples or [0]  # fewer samples than ranks: this rank pads only
-        rows += [(pool[k % len(pool)], False) for k in range(len(self) * self.b - len(samples))]
-        return [[(i, self.epoch, v) for i, v in rows[j * self.b:(j + 1) * self.b]] for j in range(len(self))]
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        shard, sample, key = self._part()
+        # a window: `window` consecutive shards of the rank's read order (a shard met again in a later pass
+        # starts a new window), shuffled inside
+        starts = np.flatnonzero(np.concatenate([[True], (shard[1:] != shard[:-1]) | (key[1:] != key[:-1])]))
+        run_of = np.cumsum(np.isin(np.arange(len(shard)), starts)) - 1
+        window_of = run_of // self.window
+        out_s, out_k = [], []
+        for w in range(int(window_of[-1]) + 1 if len(shard) else 0):
+            members = np.flatnonzero(window_of == w)
+            perm = self._rng(int(key[members[0]]), self.rank, w * self.window).permutation(len(members))
+            out_s.append(sample[members[perm]])
+            out_k.append(key[members[perm]])
+        samples = np.concatenate(out_s) if out_s else np.zeros(0, np.int64)
+        keys = np.concatenate(out_k) if out_k else np.zeros(0, np.int64)
+        total = len(self) * self.b
+        pad = total - len(samples)
+        pool, pool_k = (samples, keys) if len(samples) else (np.zeros(1, np.int64),
+                                                             np.full(1, self.epoch * self.repeat, np.int64))
+        samples = np.concatenate([samples, pool[np.arange(pad) % len(pool)]])  # fewer samples than ranks:
+        keys = np.concatenate([keys, pool_k[np.arange(pad) % len(pool_k)]])  # this rank pads only
+        return samples, keys, np.arange(total) < total - pad

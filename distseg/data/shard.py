@@ -164,7 +164,8 @@ class ShardWriter:
         self.tmp.replace(self.path)
         return {"name": self.path.name, "index": idx.name, "count": len(self.keys),
                 "bytes": self.path.stat().st_size, "sha256": digest,
-                "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(), "keys": self.keys,
+                "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(),
+                "keys_sha": keys_sha(self.keys),
                 "hist": self.hist.tolist()}
 
     def abort(self) -> None:
@@ -249,13 +250,20 @@ def earlier_run(output: LocalOutput, split: str, params: dict, overwrite: bool) 
 
 def kept_shards(output: LocalOutput, old: dict | None, order: list[Pair]) -> list[dict]:
     """Finished shards of an interrupted run that are intact and hold the expected samples."""
-    done = []
+    done, start = [], 0
     for sh in (old or {}).get("shards", []):
-        if output.size(sh["name"]) != sh["bytes"]:
+        expected = keys_sha([p.key for p in order[start:start + sh["count"]]])
+        written = sh.get("keys_sha") or keys_sha(sh.get("keys", []))  # state files of version 1 list keys
+        if output.size(sh["name"]) != sh["bytes"] or written != expected:
             break
         done.append(sh)
-    start = sum(sh["count"] for sh in done)
-    return done if [k for sh in done for k in sh["keys"]] == [p.key for p in order[:start]] else []
+        start += sh["count"]
+    return done
+
+
+def keys_sha(keys: list[str]) -> str:
+    """A shard's sample keys, in order, as a short hash: what a rerun compares to keep a finished shard."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: ShardOptions, scheme: Scheme,

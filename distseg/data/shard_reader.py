@@ -1,64 +1,127 @@
-"""Reading shards by random access: the verified local file of each shard (`ShardFiles`, with a background
-`Prefetcher` for remote shards), the samples of a manifest by index (`ShardSamples`, from the shards' `.idx`
-files) and the decoders of their members. Shared by the torch loader, the report and the benchmarks.
-
-Every process checks a shard's sha256 against the manifest before its first read.
+"""Reading shards by random access: the verified local file of each shard (`ShardFiles`, checked once per
+node through `Stamps`, with a background `Prefetcher` for remote shards), the samples of a manifest by index
+(`ShardSamples`, over the compact per-node `SampleIndex`) and the decoders of their members. Shared by the
+torch loader, the report and the benchmarks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tarfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 
+from distseg.config import DataCfg
 from distseg.data.manifest import shard_url
-from distseg.data.storage import ShardCache
+from distseg.data.sample_index import node_folder, read_index_file, sample_index, scan_tar
+from distseg.data.storage import ChecksumError, ShardCache
 from distseg.errors import UserError
-from distseg.files import sha256_file
+from distseg.files import atomic_write_text, sha256_file
+from distseg.units import parse_bytes
 from distseg.urls import redact
+
+
+class Stamps:
+    """Which local shard files a process of this node has hashed, so that each shard is hashed once per node
+    rather than once per rank and DataLoader worker. A stamp is a small JSON file in the node-local folder
+    recording the file's device, inode, size, mtime_ns, ctime_ns and the sha256 it matched; a process that
+    finds a stamp equal to the file's `stat` trusts it. The first process to see a shard takes its file lock
+    (released by the kernel if that process dies), hashes it and writes the stamp; the others wait on the
+    lock and then read the stamp. A change that keeps size and both times, or bit rot after stamping, is not
+    caught: `data.verify=always` and `distseg inspect --verify` hash again."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder / "stamps" if folder is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, path: Path) -> Path:
+        return self.folder / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
+
+    @staticmethod
+    def _facts(path: Path, sha256: str) -> dict:
+        st = path.stat()
+        return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns, "sha256": sha256}
+
+    def _stamped(self, path: Path, sha256: str) -> bool:
+        try:
+            return json.loads(self._path(path).read_text()) == self._facts(path, sha256)
+        except (OSError, ValueError):
+            return False
+
+    def record(self, path: Path, sha256: str) -> None:
+        """`path` was just checked to hash to `sha256` (a verified download, a hash)."""
+        if self.folder is not None:
+            atomic_write_text(self._path(path), json.dumps(self._facts(path, sha256)))
+
+    def check(self, path: Path, sha256: str) -> bool:
+        """Whether `path` hashes to `sha256`: from a matching stamp, else hashed here (once per node)."""
+        if self.folder is None:
+            return sha256_file(path) == sha256
+        if self._stamped(path, sha256):
+            return True
+        with FileLock(str(self._path(path)) + ".lock"):
+            if self._stamped(path, sha256):
+                return True
+            if sha256_file(path) != sha256:
+                return False
+            self.record(path, sha256)
+            return True
 
 
 class ShardFiles:
     """The verified local file of each shard of a manifest: the shard itself when local, a node-local cache
-    copy (data.cache_dir) when remote. Each process checks each shard's sha256 before its first read; a
+    copy (data.cache_dir) when remote. A shard is checked against its sha256 before a process first reads
+    it: once per node through `Stamps` (data.verify=node), or by every process (data.verify=always). A
     damaged cache copy is downloaded once more, a damaged local shard is an error."""
 
-    def __init__(self, man: dict, cache_dir: str | None = None, cache_size: int = 0, tries: int = 5):
+    def __init__(self, man: dict, cache_dir: str | None = None, cache_size: int = 0, tries: int = 5,
+                 verify: str = "node"):
         self.man = man
         if man["_remote"] and not cache_dir:
             raise UserError(f"data.shards is remote ({redact(man['_base'])}): set data.cache_dir to a "
-                            "folder on "
-                            "node-local disk for the shard cache")
+                            "folder on node-local disk for the shard cache")
         self.cache = ShardCache(cache_dir, cache_size, tries) if man["_remote"] else None
+        self.node_dir = node_folder(cache_dir)  # the sample index and the stamps live here
+        self.stamps = Stamps(self.node_dir if verify == "node" else None)
         self._verified: set[int] = set()
         self._pid = os.getpid()
+
+    @classmethod
+    def of(cls, man: dict, data: DataCfg) -> ShardFiles:
+        """The shard files of a manifest with the `data` settings (cache, its size, retries, verification)."""
+        return cls(man, data.cache_dir or None, parse_bytes(data.cache_size), data.retries, data.verify)
 
     def __len__(self) -> int:
         return len(self.man["shards"])
 
+    def _fetch(self, i: int) -> Path:
+        sh = self.man["shards"][i]
+        return self.cache.fetch(shard_url(self.man, i), sh["sha256"],
+                                verified=lambda p: self.stamps.record(p, sh["sha256"]))
+
     def tar(self, i: int) -> Path:
         """Shard i's tar as a verified local file (downloaded into the cache if remote)."""
-        if self._pid != os.getpid():  # a new process (DataLoader worker): verify again before reading
+        if self._pid != os.getpid():  # a new process (DataLoader worker): check again before reading
             self._verified, self._pid = set(), os.getpid()
         sh = self.man["shards"][i]
-        if self.cache is None:
-            path = Path(self.man["_base"]) / sh["name"]
-        else:
-            path = self.cache.fetch(shard_url(self.man, i), sh["sha256"])
+        path = Path(self.man["_base"]) / sh["name"] if self.cache is None else self._fetch(i)
         if i not in self._verified:
-            if sha256_file(path) != sh["sha256"]:
+            if not self.stamps.check(path, sh["sha256"]):
                 if self.cache is None:
-                    raise UserError(f"shard {path} fails its sha256 check: it changed since it was written; "
-                                    "re-shard")
+                    raise ChecksumError(f"shard {path} fails its sha256 check: it changed since it was "
+                                        "written; re-shard")
                 self.cache.discard(shard_url(self.man, i))
-                path = self.cache.fetch(shard_url(self.man, i), sh["sha256"])
+                path = self._fetch(i)
                 if sha256_file(path) != sh["sha256"]:
-                    raise UserError(f"cache copy of shard {sh['name']} in {self.cache.dir} keeps failing its "
-                                    "sha256 check: is the cache disk healthy?")
+                    raise ChecksumError(f"cache copy of shard {sh['name']} in {self.cache.dir} keeps failing "
+                                        "its sha256 check: is the cache disk healthy?")
             self._verified.add(i)
         return path
 
@@ -117,7 +180,6 @@ class Prefetcher:
             self.thread.join()
 
     def _run(self) -> None:
-        cache, man = self.files.cache, self.files.man
         while True:
             with self.cv:
                 while not self.stopped and self.done >= min(len(self.order), self.pos + self.ahead + 1):
@@ -126,75 +188,52 @@ class Prefetcher:
                     return
                 i = self.order[self.done]
             try:
-                cache.fetch(shard_url(man, i), man["shards"][i]["sha256"])
+                self.files._fetch(i)
             except Exception:  # the reader fetches (and reports) it itself when it needs it
                 return
             self.done += 1
 
 
-def read_index(idx: Path | None, tar: Path | None) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """(key, {ext: (offset, size)}) per sample, from a DALI .idx file or by scanning the tar."""
-    out = []
-    if idx is not None:
-        for line in idx.read_text().splitlines()[1:]:
-            f = line.split()
-            comps = {f[i]: (int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-            out.append((f[3].split(".", 1)[0], comps))
-        return out
-    with tarfile.open(tar) as t:
-        for m in t.getmembers():
-            if not m.isfile():
-                continue
-            key, ext = m.name.split(".", 1)
-            if not out or out[-1][0] != key:
-                out.append((key, {}))
-            out[-1][1][ext] = (m.offset_data, m.size)
-    return out
-
-
 class ShardSamples:
-    """All samples of a manifest, readable by index (file handles reopened per process)."""
+    """All samples of a manifest, readable by index through the compact per-node `SampleIndex` (file
+    handles are reopened per process)."""
 
-    def __init__(self, man: dict, files: ShardFiles):
-        self.image_ext, self.files = man["image_ext"], files
-        self.entries: list[tuple[int, str, dict]] = []  # (shard index, key, {ext: (offset, size)})
-        for k, sh in enumerate(man["shards"]):
-            idx = files.index(k)
-            for key, comps in read_index(idx, None if idx else files.tar(k)):
-                if self.image_ext not in comps or "mask.png" not in comps:
-                    raise UserError(f"sample {key} in {sh['name']} lacks .{self.image_ext} or .mask.png")
-                self.entries.append((k, key, comps))
-        if len(self.entries) != man["total"]:
-            raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold "
-                            f"{len(self.entries)}")
-        self._handles: dict[Path, object] = {}
+    def __init__(self, man: dict, files: ShardFiles, log=print):
+        self.image_ext, self.files, self.man = man["image_ext"], files, man
+        self.index = sample_index(man, self._entries, files.node_dir, log)
+        self._handles: dict[int, object] = {}
         self._pid = None
 
+    def _entries(self):
+        """Each shard's (name, entries), from its .idx file, or from the tar itself without one."""
+        for k, sh in enumerate(self.man["shards"]):
+            idx = self.files.index(k)
+            yield sh["name"], read_index_file(idx.read_text()) if idx else scan_tar(self.files.tar(k))
+
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.index)
 
     def key(self, i: int) -> str:
         """The sample key of index i."""
-        return self.entries[i][1]
+        return self.index.key(i)
 
     def shard(self, i: int) -> int:
         """Index (in the manifest) of the shard holding sample i."""
-        return self.entries[i][0]
+        return int(self.index.shard[i])
 
     def shard_name(self, i: int) -> str:
         """File name of the shard holding sample i."""
-        return self.files.man["shards"][self.entries[i][0]]["name"]
+        return self.man["shards"][self.shard(i)]["name"]
 
-    def read(self, i: int, ext: str) -> bytes:
-        """The bytes of one member (`ext`) of sample i, read by offset from its verified shard."""
+    def read(self, i: int, member: str) -> bytes:
+        """The bytes of sample i's `member` (image, mask or json), read by offset from its verified shard."""
         if self._pid != os.getpid():
             self._handles, self._pid = {}, os.getpid()
-        k, _, comps = self.entries[i]
-        tar = self.files.tar(k)
-        f = self._handles.get(tar)
+        k = self.shard(i)
+        f = self._handles.get(k)
         if f is None:
-            f = self._handles[tar] = open(tar, "rb")
-        off, size = comps[ext]
+            f = self._handles[k] = open(self.files.tar(k), "rb")
+        off, size = self.index.member(i, member)
         f.seek(off)
         return f.read(size)
 

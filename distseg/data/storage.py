@@ -30,6 +30,7 @@ from distseg.errors import UserError
 from distseg.urls import redact
 
 CHUNK = 4 << 20
+ENTRY = re.compile(r"[0-9a-f]{40}(\.\w{1,7})?")  # a cache entry's name: a hash of its URL and its suffix
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -206,22 +207,29 @@ class ShardCache:
         digest = hashlib.sha256(url.encode()).hexdigest()[:40]
         return self.dir / f"{digest}{Path(urlsplit(url).path).suffix[:8]}"
 
-    def fetch(self, url: str, sha256: str | None) -> Path:
-        """The verified local copy of `url`, downloading it if no rank of this node has yet."""
+    def fetch(self, url: str, sha256: str | None, verified=None) -> Path:
+        """The verified local copy of `url`, downloading it if no rank of this node has yet; `verified(path)`
+        is called after a download whose sha256 matched (the shard stamps record it)."""
         dest = self.path_for(url)
-        if dest.is_file():
-            os.utime(dest)  # recently used
-            return dest
-        with FileLock(str(dest) + ".lock"):
-            if not dest.is_file():  # another rank or worker may have fetched it while we waited
-                try:
-                    download(url, dest, sha256, self.tries)
-                except ChecksumError:  # a damaged transfer: once more, then give up
-                    download(url, dest, sha256, self.tries)
-                self.downloaded += dest.stat().st_size
-                self.evict(keep=dest)
-        os.utime(dest)
+        if not dest.is_file():
+            with FileLock(str(dest) + ".lock"):
+                if not dest.is_file():  # another rank or worker may have fetched it while we waited
+                    try:
+                        download(url, dest, sha256, self.tries)
+                    except ChecksumError:  # a damaged transfer: once more, then give up
+                        download(url, dest, sha256, self.tries)
+                    self.downloaded += dest.stat().st_size
+                    if verified is not None and sha256 is not None:
+                        verified(dest)
+                    self.evict(keep=dest)
+        self._used(dest)
         return dest
+
+    @staticmethod
+    def _used(entry: Path) -> None:
+        """Mark an entry recently used on a companion file: the entry's own times stay as its stamp saw
+        them."""
+        Path(f"{entry}.used").touch()
 
     def discard(self, url: str) -> None:
         """Remove a cache entry found damaged, so the next fetch downloads it again."""
@@ -233,15 +241,22 @@ class ShardCache:
         if not self.max_bytes:
             return
         with FileLock(str(self.dir / ".evict.lock")):
-            files = [p for p in self.dir.iterdir() if p.is_file() and not p.name.endswith(".lock")
-                     and ".part-" not in p.name and not p.name.startswith(".")]
+            files = [p for p in self.dir.iterdir() if ENTRY.fullmatch(p.name) and p.is_file()]
             total = sum(p.stat().st_size for p in files)
-            for p in sorted(files, key=lambda p: p.stat().st_mtime):
+            for p in sorted(files, key=self._last_used):
                 if total <= self.max_bytes:
                     break
                 if p != keep:
                     total -= p.stat().st_size
                     p.unlink(missing_ok=True)
+                    Path(f"{p}.used").unlink(missing_ok=True)
+
+    @staticmethod
+    def _last_used(entry: Path) -> float:
+        try:
+            return Path(f"{entry}.used").stat().st_mtime
+        except OSError:
+            return entry.stat().st_mtime
 
     def _sweep_stale_parts(self) -> None:
         """Temp files of downloads whose process is gone (killed midway) are never used: remove them."""

@@ -21,10 +21,9 @@ from distseg.data.manifest import load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
 from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
-from distseg.errors import UserError
+from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import worker_init
-from distseg.units import parse_bytes
 
 
 class ShardDataset(Dataset):
@@ -40,9 +39,18 @@ class ShardDataset(Dataset):
         return len(self.s)
 
     def __getitem__(self, item):
+        """One sample; a user error on the way (a shard that fails its checksum, cannot be downloaded or
+        read) comes back as data, {"error": the exception}, raised in the main process as itself: a worker's
+        own exception would reach the user wrapped in torch's worker traceback."""
         i, epoch, valid = item
-        out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
-        mask_bytes, raw = self.s.read(i, "mask.png"), self.s.read(i, self.s.image_ext)
+        try:
+            out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
+            mask_bytes, raw = self.s.read(i, "mask"), self.s.read(i, "image")
+        except UserError as e:
+            return {"error": e}
+        except OSError as e:  # the shard vanished or its disk failed after the checks
+            return {"error": UserError(f"cannot read sample {i} of shard {self.s.shard_name(i)}: "
+                                       f"{describe_os_error(e)}")}
         try:
             mask = decode_mask(mask_bytes, self.lut)
             if self.gpu_decode:
@@ -58,7 +66,8 @@ class ShardDataset(Dataset):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         what = f"sample {self.s.key(i)} in shard {self.s.shard_name(i)} cannot be decoded ({reason})"
         if self.data.on_corrupt != "skip":
-            return {"error": f"{what}: re-shard it, or set data.on_corrupt=skip to train without it"}
+            return {"error": UserError(f"{what}: re-shard it, or set data.on_corrupt=skip to train without "
+                                       "it")}
         h, w = self.data.crop if self.data.crop and self.train else \
             json.loads(self.s.read(i, "json"))["size"][::-1]
         fill = torch.tensor(mean_fill(self.data.mean), dtype=torch.uint8).view(3, 1, 1)
@@ -108,7 +117,7 @@ class TorchLoader:
                  rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
         self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
         self.man = man or load_manifest(d.shards, split)
-        self.files = ShardFiles(self.man, d.cache_dir or None, parse_bytes(d.cache_size), d.retries)
+        self.files = ShardFiles.of(self.man, d)
         self.samples = ShardSamples(self.man, self.files)
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
@@ -145,15 +154,16 @@ class TorchLoader:
     def _shard_schedule(self) -> tuple[list[int], list[int]]:
         """This rank's shards in first-read order for the rest of the epoch, and for each remaining batch
         how many of them it has reached."""
-        order, seen, reached = [], set(), []
-        for batch in self.sampler.batches()[self.sampler.skip:]:
-            for i, _, _ in batch:
-                k = self.samples.shard(i)
-                if k not in seen:
-                    seen.add(k)
-                    order.append(k)
-            reached.append(len(order))
-        return order, reached
+        idx = self.sampler.rows()[0][self.sampler.skip * self.sampler.b:]
+        shards = self.samples.index.shard[idx]
+        order, first = np.unique(shards, return_index=True)
+        by_first = np.argsort(first)
+        new_at = np.zeros(len(shards), np.int64)
+        new_at[first] = 1  # a shard read for the first time at this slot
+        if not len(shards):
+            return [], []
+        per_batch = np.add.reduceat(new_at, np.arange(0, len(shards), self.sampler.b))
+        return order[by_first].tolist(), np.cumsum(per_batch).tolist()
 
     def __iter__(self):
         prefetch, reached = None, []
@@ -163,7 +173,7 @@ class TorchLoader:
         try:
             for j, b in enumerate(self.dl):
                 if "error" in b:
-                    raise UserError(b["error"])
+                    raise b["error"]
                 if prefetch is not None:  # the workers are `inflight` batches ahead of this loop
                     prefetch.advance(reached[min(j + self.inflight, len(reached) - 1)])
                 yield self._finish(b)

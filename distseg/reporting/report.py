@@ -120,13 +120,13 @@ def val_images(loaded: LoadedRun, count: int) -> list[tuple[str, np.ndarray, np.
     """`count` val samples spread over the split: (key, RGB uint8, mask in the run's classes)."""
     cfg = loaded.cfg
     man = load_manifest(cfg.data.shards, cfg.data.val_split)
-    samples = ShardSamples(man, ShardFiles(man, cfg.data.cache_dir or None))
+    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
     lut = loaded.scheme.lut if man["scheme"]["fingerprint"] != loaded.scheme.fingerprint() else None
     picks = sorted({round(i * (len(samples) - 1) / max(1, count - 1)) for i in range(count)})
     out = []
     for i in picks[:count]:
-        img = decode_rgb(samples.read(i, man["image_ext"])).permute(1, 2, 0).numpy()
-        mask = decode_mask(samples.read(i, "mask.png"), lut).numpy()
+        img = decode_rgb(samples.read(i, "image")).permute(1, 2, 0).numpy()
+        mask = decode_mask(samples.read(i, "mask"), lut).numpy()
         out.append((samples.key(i), img, mask))
     return out
 

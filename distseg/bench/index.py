@@ -1,0 +1,178 @@
+"""`distseg bench index`: the sample index at a scale the disk need not hold. Fake `.idx` files (no images:
+offsets and sizes only, 20-character keys) stand in for a split of N samples; the table shows the index's
+bytes per sample, the time to open it and look up 10^4 random samples (cold: built from the .idx files;
+warm: mapped from the node-local file), each DataLoader worker's private memory growth (USS: private clean +
+dirty pages) after an epoch of lookups, with the shared mapping counted once, and how long the workers take
+to serve their first lookup. DALI's reader keeps its own index of the same files: its memory is a row of its
+own."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distseg.bench.common import table
+from distseg.data.sample_index import identity, node_folder, read_index_file, sample_index
+from distseg.data.sampler import EpochBatchSampler
+
+PER_SHARD = 100
+MEMBERS = (("jpg", 180_000), ("mask.png", 9_000), ("json", 200))  # a Cityscapes-like sample's files
+
+
+def uss_kib() -> int:
+    """This process's private memory (clean + dirty pages), from /proc/self/smaps_rollup."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":"):
+                fields[parts[0][:-1]] = int(parts[1]) if parts[1].isdigit() else 0
+    return fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+
+
+def fake_split(folder: Path, samples: int, dali: bool) -> dict:
+    """A manifest and .idx files for `samples` samples in shards of PER_SHARD (sparse tars for DALI)."""
+    shards, k = [], 0
+    for s in range(0, samples, PER_SHARD):
+        n = min(PER_SHARD, samples - s)
+        rows, off = [], 0
+        for j in range(n):
+            key = f"city_{s + j:09d}_{j:06d}"[:20]
+            row = []
+            for ext, size in MEMBERS:
+                off += 512
+                row += [ext, str(off), str(size), f"{key}.{ext}"]
+                off += (size + 511) // 512 * 512
+            rows.append(" ".join(row))
+        name = f"train-{k:06d}"
+        (folder / f"{name}.idx").write_text(f"v1.2 {n}\n" + "\n".join(rows) + "\n")
+        if dali:
+            with open(folder / f"{name}.tar", "wb") as f:
+                f.truncate(off + 1024)
+        shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "count": n, "bytes": off + 1024,
+                       "sha256": f"{k:064x}"})
+        k += 1
+    return {"split": "train", "image_ext": "jpg", "total": samples, "shards": shards, "_base": str(folder),
+            "_path": str(folder / "train.json"), "_remote": False}
+
+
+def open_and_look_up(man: dict, cache: Path, lookups: int = 10_000) -> tuple[float, object]:
+    """Seconds to open the index (building its node-local file if absent) and look up `lookups` samples."""
+    folder = Path(man["_base"])
+
+    def entries():
+        for sh in man["shards"]:
+            yield sh["name"], read_index_file((folder / sh["index"]).read_text())
+    t = time.perf_counter()
+    index = sample_index(man, entries, node_folder(str(cache)))
+    rng = np.random.default_rng(0)
+    for i in rng.integers(0, len(index), lookups).tolist():
+        index.key(i)
+        index.member(i, "image")
+    return time.perf_counter() - t, index
+
+
+class Chunks(torch.utils.data.Dataset):
+    """Item j: look up every sample of the j-th chunk of an epoch's order; report this worker's USS growth
+    since its first item and when it served its first lookup."""
+
+    def __init__(self, index, order: np.ndarray, chunk: int):
+        self.index, self.order, self.chunk = index, order, chunk
+        self.start: tuple[float, int] | None = None
+
+    def __len__(self):
+        return -(-len(self.order) // self.chunk)
+
+    def __getitem__(self, j):
+        if self.start is None:
+            self.start = (time.time(), uss_kib())
+        for i in self.order[j * self.chunk:(j + 1) * self.chunk].tolist():
+            self.index.key(i)
+            self.index.member(i, "image")
+        info = torch.utils.data.get_worker_info()
+        return {"worker": info.id if info else 0, "first": self.start[0], "growth": uss_kib() - self.start[1]}
+
+
+def workers_epoch(index, workers: int) -> tuple[list[float], list[float]]:
+    """Each worker's USS growth (MiB) over an epoch of lookups, and its first lookup's delay (s) after the
+    loader was created."""
+    order = EpochBatchSampler(len(index), 1, shuffle=True).order()[0]
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores: asked
+    dl = torch.utils.data.DataLoader(Chunks(index, order, 10_000), batch_size=None, num_workers=workers,
+                                     shuffle=False)
+    t0 = time.time()
+    growth, first = {}, {}
+    for item in dl:
+        w = int(item["worker"])
+        growth[w] = max(growth.get(w, 0), int(item["growth"]))
+        first[w] = min(first.get(w, float("inf")), float(item["first"]) - t0)
+    return [growth[w] / 1024 for w in sorted(growth)], [first[w] for w in sorted(first)]
+
+
+def sampler_epoch(n: int, world: int = 64, batch: int = 8) -> tuple[float, float]:
+    """Seconds and MiB of arrays for one rank's epoch order of `n` samples among `world` ranks."""
+    s = EpochBatchSampler(n, batch, world, world - 1, shuffle=True)
+    t = time.perf_counter()
+    rows = s.rows()
+    s.batch(len(s) - 1)
+    return time.perf_counter() - t, sum(a.nbytes for a in rows) / 2**20
+
+
+def dali_memory(man: dict) -> float | str:
+    """MiB this process gains when a DALI webdataset reader over the same .idx files is built and yields a
+    batch (its own index of every sample), or why it was not measured."""
+    try:
+        from nvidia.dali import fn, pipeline_def
+    except ImportError:
+        return "skipped: DALI not installed"
+    folder = Path(man["_base"])
+
+    @pipeline_def(batch_size=8, num_threads=2, device_id=None)
+    def pipe():
+        return fn.readers.webdataset(paths=[str(folder / sh["name"]) for sh in man["shards"]],
+                                     index_paths=[str(folder / sh["index"]) for sh in man["shards"]],
+                                     ext=["json"], name="Reader")
+    before = uss_kib()
+    p = pipe()
+    p.build()
+    p.run()
+    return (uss_kib() - before) / 1024
+
+
+def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
+    """The table for a split of `samples` fake samples."""
+    with tempfile.TemporaryDirectory(prefix="distseg-bench-index-") as tmp:
+        folder, cache = Path(tmp) / "shards", Path(tmp) / "node"
+        folder.mkdir()
+        t = time.perf_counter()
+        man = fake_split(folder, samples, dali)
+        made = time.perf_counter() - t
+        cold, _ = open_and_look_up(man, cache)
+        warm, index = open_and_look_up(man, cache)
+        size = (node_folder(str(cache)) / f"train-{identity(man)}.dsidx").stat().st_size
+        per_sample = size / samples
+        growth, first = workers_epoch(index, workers)
+        order_s, order_mib = sampler_epoch(samples)
+        dali_mib = dali_memory(man) if dali else "skipped (--no-dali)"
+    rows = [["index file on disk", f"{per_sample:.1f} B/sample ({per_sample - 20:.1f} + a 20-byte key)"],
+            ["open + 10^4 random lookups, cold (built from the .idx files)", f"{cold:.3f} s"],
+            ["open + 10^4 random lookups, from the node-local file", f"{warm:.3f} s"],
+            [f"private memory growth per worker over an epoch ({workers} workers)",
+             f"max {max(growth):.2f} MiB, mean {np.mean(growth):.2f} MiB"],
+            ["the shared mapping (counted once, for every process of the node)",
+             f"{size / 2**20:.1f} MiB"],
+            ["until every worker served its first lookup (from the loader's creation)",
+             f"{max(first):.2f} s"],
+            ["one rank's epoch order among 64 ranks (global shuffle, batch 8)",
+             f"{order_s:.3f} s, {order_mib:.2f} MiB of arrays"],
+            ["DALI webdataset reader over the same .idx files: its own memory",
+             dali_mib if isinstance(dali_mib, str) else f"{dali_mib:.1f} MiB"]]
+    head = (f"sample index: {samples:,} fake samples in {len(man['shards']):,} shards of {PER_SHARD} "
+            f"(.idx files made in {made:.1f} s), {os.cpu_count()} CPU cores")
+    return head + "\n\n" + table(["measure", "value"], rows)
