@@ -32,6 +32,7 @@ class DataCfg:
     retries: int = 5  # tries per storage request (transient faults; exponential backoff)
     on_corrupt: str = "error"  # a sample that fails to decode: error | skip (padding, masked out, counted)
     verify: str = "node"  # shard sha256 checks: node (once per node, then trusted by stamp) | always
+    repeat: int = 1  # passes over the train split per epoch, each its own shuffle and augmentation
     train_split: str = "train"
     val_split: str = "val"
     loader: str = "torch"  # torch | dali
@@ -116,6 +117,7 @@ class TrainCfg:
     val_every: int = 1  # epochs
     ckpt_every: int = 0  # optimizer steps; 0 = only at epoch ends
     keep_last: int = 2
+    async_checkpoint: bool = True  # write checkpoints on a thread while training goes on (Ctrl-C, stops wait)
     resume: str = "auto"  # auto | never | PATH to a checkpoint folder
     init_from: str = ""  # weights to start from (fine-tuning): a checkpoint folder or model.safetensors
     reset_head: bool = True  # with init_from: start the 1x1 head afresh (new classes)
@@ -277,7 +279,7 @@ def validate(cfg: Config) -> None:
                 "model.base": cfg.model.base,
                 "model.depth": cfg.model.depth, "train.grad_accum": t.grad_accum,
                 "train.log_every": t.log_every,
-                "train.val_every": t.val_every, "train.keep_last": t.keep_last}
+                "train.val_every": t.val_every, "train.keep_last": t.keep_last, "data.repeat": d.repeat}
     for k, v in positive.items():
         if v < 1:
             raise UserError(f"config: {k} must be at least 1, got {v}")

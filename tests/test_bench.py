@@ -19,14 +19,16 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     r = rows(p.stdout.split("\nshuffle:")[0])  # the pipeline table; the shuffle table follows it
     names = [x.split("|")[1].strip() for x in r]
     assert names == ["decode only: full image + mask, the loader's decoders (1 process)",
+                     "training transform alone: bytes in memory -> augmented crop (1 process)",
                      "torch loader, CPU decode", "torch loader, GPU decode (nvJPEG)",
                      "DALI, CPU mode (device_id=None)",
                      "torchvision reference, PNG folder", "torchvision reference, same JPEG shards"]
-    for line in r[:2] + r[3:]:
+    for line in r[:3] + r[4:]:
         ips, cores, per_core = (float(v) for v in line.split("|")[2:5])
         assert ips > 0 and cores >= 0 and per_core > 0  # a tiny run may finish within one jiffy
-    assert r[0].split("|")[5].strip() == "1.00x" and r[1].split("|")[5].strip().endswith("x")
-    assert "skipped: no CUDA" in r[2]
+    assert r[0].split("|")[5].strip() == "1.00x" and r[2].split("|")[5].strip().endswith("x")
+    assert r[1].split("|")[6].strip() == "1.00x" and r[2].split("|")[6].strip().endswith("x")
+    assert "skipped: no CUDA" in r[3]
     assert "reduced (DCT) JPEG decode for" in p.stdout
 
     def lines(text):
@@ -74,3 +76,20 @@ def test_bench_eval_runs_every_mode_through_the_segmenter():
     assert passes == {"whole": 1, "whole+flip": 2, "slide": 3, "slide+flip": 6, "ms": 5, "ms+flip": 10}
     for line in r:
         assert float(line.split("|")[3]) > 0 and float(line.split("|")[5]) >= 0
+
+
+def test_bench_e2e_times_a_whole_run_through_the_real_entry(shards, tmp_path):
+    p = run_cli("bench", "e2e", "--steps", "2", "--keep", tmp_path / "kept", f"data.shards={shards}",
+                "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=1", "data.crop=[64,128]",
+                "model.base=8", "model.depth=2", "model.norm=group", "train.epochs=2", "data.repeat=2")
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in p.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| measure")}
+    s = json.loads((tmp_path / "kept" / "e2e" / "summary.json").read_text())
+    t = s["timing"]
+    assert s["steps"] == 28 and t["images"] == 56  # 14 samples x 2 passes x 2 epochs, batch 2
+    assert float(table["whole run img/s (images / wall time from process start)"]) == \
+        round(t["whole_run_img_per_s"], 2)
+    assert 0 < t["start_up_s"] < t["wall_s"] and t["steady_img_per_s"] > t["whole_run_img_per_s"]
+    assert t["first_step_of_epoch_vs_inner"] > 0 and t["validation_img_per_s"] > 0
+    assert table["whole run / synthetic step"].endswith("x")
+    assert "data.repeat 2, 28 steps in 2 epochs" in p.stdout

@@ -34,11 +34,11 @@ def epoch_keys(loader, epoch):
     return keys, n
 
 
-@pytest.mark.parametrize("world,bs", [(1, 4), (2, 3), (3, 2)])
-def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs):
-    cfg = cfg_for(shards, **{"data.batch_size": bs})
+@pytest.mark.parametrize("world,bs,repeat", [(1, 4, 1), (2, 3, 1), (3, 2, 1), (2, 3, 2)])
+def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs, repeat):
+    cfg = cfg_for(shards, **{"data.batch_size": bs, "data.repeat": repeat})
     man = load_manifest(shards, "train")
-    every = sorted(split_keys(shards))
+    every = sorted(split_keys(shards) * repeat)
     seed = cfg.train.seed
     dali = [DaliLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
     torch_l = [TorchLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
@@ -51,7 +51,7 @@ def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs):
                 lens.add(n)
                 got += keys
             assert len(lens) == 1, "every rank must get the same number of batches"
-            assert sorted(got) == every, "each sample exactly once per epoch"
+            assert sorted(got) == every, "each sample exactly once per pass"
 
 
 def test_dali_val_counts_each_image_once(shards):

@@ -81,3 +81,31 @@ def test_shard_window_shuffles_within_windows_only():
     for w in range(0, 24, 8):  # each run of 8 samples (2 shards) comes from exactly 2 shards
         assert len(set(shards[w:w + 8])) == 2
     assert order != sorted(order)
+
+
+@pytest.mark.parametrize("shuffle", ["global", "shards"])
+def test_a_repeated_split_sees_each_sample_once_per_pass_with_its_own_shuffle_and_key(shuffle):
+    from distseg.data.sampler import ShardWindowSampler
+
+    sizes, world, b, k = [5, 4, 5, 3], 2, 3, 3
+    n = sum(sizes)
+    for epoch in (0, 1):
+        per_pass: dict[int, list[int]] = {}
+        lengths = set()
+        for rank in range(world):
+            s = (EpochBatchSampler(n, b, world, rank, shuffle=True, seed=2, repeat=k) if shuffle == "global"
+                 else ShardWindowSampler(sizes, b, world, rank, seed=2, window=2, repeat=k))
+            s.set_epoch(epoch)
+            batches = list(s)
+            lengths.add(len(batches))
+            for bt in batches:
+                for i, key, valid in bt:
+                    if valid:
+                        per_pass.setdefault(key, []).append(i)
+        assert len(lengths) == 1
+        assert sorted(per_pass) == [epoch * k + p for p in range(k)]  # the pass is part of the key
+        for key, seen in per_pass.items():
+            assert sorted(seen) == list(range(n)), key  # exactly once per pass
+    one = EpochBatchSampler(n, b, 1, 0, shuffle=True, seed=2, repeat=k)
+    orders = [one.order()[0][p * n:(p + 1) * n].tolist() for p in range(k)]
+    assert len({tuple(o) for o in orders}) == k  # each pass its own permutation

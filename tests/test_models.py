@@ -212,3 +212,23 @@ def test_unet_shapes_and_odd_sizes():
     assert m(torch.randn(1, 3, 37, 51)).shape == (1, 5, 37, 51)
     seed = UNet(3, 19, base=64, depth=4)
     assert 30e6 < sum(p.numel() for p in seed.parameters()) < 32e6  # the seed's 31M-parameter U-Net
+
+
+@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
+def test_an_input_that_fits_is_not_copied_and_gives_what_padding_by_zero_gives(encoder):
+    """No F.pad copy for an input whose sides are multiples of the stride: outputs and gradients equal those
+    of the padded path (the path a traced graph with symbolic sizes takes)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(encoder), 5)
+    x = torch.randn(2, 3, 64, 96)
+    a = model(x)
+    a.square().sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    b = model.body(torch.nn.functional.pad(x, (0, 0, 0, 0)))
+    b.square().sum().backward()
+    assert torch.equal(a, b)
+    for k, p in model.named_parameters():
+        assert torch.equal(grads[k], p.grad), k
+    from distseg.models.unet import pad_to_multiple
+    assert pad_to_multiple(x, 32)[0] is x and pad_to_multiple(x[..., :95], 32)[0].shape[-1] == 96

@@ -161,7 +161,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(cluster, shards, 
 def test_experiment_plan_as_dependent_jobs(cluster, synth_root, tmp_path):
     import re
 
-    from test_experiment import TINY, write_plan
+    from test_reporting_experiment import TINY, write_plan
 
     plan = write_plan(tmp_path, synth_root)
     sets = [a for s in TINY + ["train.progress=false"] for a in ("--set", s)]

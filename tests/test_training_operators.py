@@ -158,9 +158,10 @@ def test_lock_ctrl_c_and_orphans_under_the_launcher(shards, tmp_path):
 @pytest.mark.parametrize("first,then", [((2, 2, 1), (1, 4, 1)), ((1, 4, 1), (2, 1, 2))],
                          ids=["2x2 to 1x4", "1x4 to 2x1x2accum"])
 def test_resume_mid_epoch_on_another_number_of_processes(shards, one_proc_run, tmp_path, first, then):
-    """Stop after step 1 (mid-epoch) in one layout (processes, batch, accumulation), finish in another with
-    the same global batch of 4: the weights equal the uninterrupted 1-process run's within 1- vs 2-process
-    float noise, so every sample was trained on exactly once."""
+    """Stop after step 2 (mid-epoch; a stop asked for before step 1 is read with step 1's flags, a step
+    later) in one layout (processes, batch, accumulation), finish in another with the same global batch of
+    4: the weights equal the uninterrupted 1-process run's within 1- vs 2-process float noise, so every
+    sample was trained on exactly once."""
     def args(layout, **more):
         return base_overrides(shards, tmp_path, "el", **SGD, **{"data.batch_size": layout[1],
                                                                "train.grad_accum": layout[2]}, **more)
@@ -168,11 +169,11 @@ def test_resume_mid_epoch_on_another_number_of_processes(shards, one_proc_run, t
     stop.touch()
     p = run_train(args(first), procs=first[0], check=False, env={"DISTSEG_STOP_FILE": str(stop)})
     assert p.returncode == 75, p.stderr[-3000:]
-    assert newest_step(tmp_path / "el") == 1
+    assert newest_step(tmp_path / "el") == 2
     stop.unlink()
     p = run_train(args(then), procs=then[0])
     assert f"resuming {first[0]} process(es) x data.batch_size {first[1]}" in p.stdout
-    assert f"(step 1, epoch 1, batch {4 // (then[0] * then[1])})" in p.stdout  # 4 samples in
+    assert f"(step 2, epoch 1, batch {8 // (then[0] * then[1])})" in p.stdout  # 8 samples in
     close(weights(one_proc_run), weights(tmp_path / "el"))
     s = json.loads((tmp_path / "el" / "summary.json").read_text())
     assert s["steps"] == 8 and s["finished"]

@@ -15,6 +15,7 @@ from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
 from distseg.data.manifest import check_scheme, load_manifest
 from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
+from distseg.data.torch_loader import transform_sample
 from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
 from distseg.errors import UserError
 from distseg.labels import IGNORE, get_scheme
@@ -36,6 +37,25 @@ class DecodeOnly(torch.utils.data.Dataset):
         img.load()
         mask = decode_mask(self.s.read(i, "mask"), self.lut)
         return {"image": torch.zeros(1), "mask": mask[:1, :1]}
+
+
+class TransformOnly(torch.utils.data.Dataset):
+    """What a loader cannot do without: the training transform alone (decode, crop, resize, jitter, flip of
+    image and mask, `transform_sample`), on sample bytes read into memory beforehand."""
+
+    def __init__(self, samples: ShardSamples, lut, data, seed: int, count: int):
+        self.lut, self.data, self.seed = lut, data, seed
+        self.raw = [(samples.read(i, "image"), samples.read(i, "mask"))
+                    for i in range(min(count, len(samples)))]
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        i = i % len(self.raw)
+        image, mask = self.raw[i]
+        img, m = transform_sample(image, decode_mask(mask, self.lut), self.data, self.seed, True, 0, i)
+        return {"image": torch.zeros(1), "mask": m[:1, :1]}
 
 
 class TorchvisionReference(torch.utils.data.Dataset):
@@ -109,6 +129,7 @@ def _dataset_loader(ds, bs: int, nw: int, n: int, cuda: bool):
 
 
 MODES = {"decode": "decode only: full image + mask, the loader's decoders (1 process)",
+         "transform": "training transform alone: bytes in memory -> augmented crop (1 process)",
          "torch-cpu": "torch loader, CPU decode", "torch-gpu": "torch loader, GPU decode (nvJPEG)",
          "dali": "DALI, CPU mode (device_id=None)", "tv-png": "torchvision reference, PNG folder",
          "tv-jpg": "torchvision reference, same JPEG shards"}
@@ -159,27 +180,33 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
         shard_lut = lut if lut is not None else np.arange(256)  # shard masks: remap labelid shards only
         if mode == "decode":  # one process: its rate is a rate per core
             ds, workers = DecodeOnly(samples, lut), 0
+        elif mode == "transform":
+            ds, workers = TransformOnly(samples, lut, cfg.data, cfg.train.seed, need), 0
         elif mode == "tv-png":  # label ids from the folder: the scheme's whole remap
             pairs = find_pairs(resolve_root(root), split)
             ds, workers = TorchvisionReference(cfg, scheme.lut, pairs=pairs), nw
         else:
             ds, workers = TorchvisionReference(cfg, shard_lut, samples=samples), nw
         results[mode] = _time_batches(_dataset_loader(ds, bs, workers, need, cuda), n_batches, bs)
-        if mode == "decode":
+        if mode in ("decode", "transform"):
             results[mode]["cores"] = 1.0  # one process: one core by construction (jiffies are too coarse)
-    base = results.get("decode")
-    base_rate = base["img_s"] / max(base["cores"], 1e-9) if isinstance(base, dict) else None
+    def rate(name):
+        r = results.get(name)
+        return r["img_s"] / max(r["cores"], 1e-9) if isinstance(r, dict) else None
+    base_rate, transform_rate = rate("decode"), rate("transform")
     rows, out = [], {}
     for mode, r in results.items():
         if isinstance(r, str):
-            rows.append([MODES[mode], r, "", "", ""])
+            rows.append([MODES[mode], r, "", "", "", ""])
             out[mode] = {"skipped": r}
             continue
         per_core = r["img_s"] / max(r["cores"], 1e-9)
         ratio = per_core / base_rate if base_rate else None
-        rows.append([MODES[mode], r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-"])
+        vs_transform = per_core / transform_rate if transform_rate else None
+        rows.append([MODES[mode], r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-",
+                     f"{vs_transform:.2f}x" if vs_transform else "-"])
         out[mode] = {"img_s": r["img_s"], "cores_busy": r["cores"], "img_s_per_busy_core": per_core,
-                     "vs_decode_only": ratio}
+                     "vs_decode_only": ratio, "vs_transform_only": vs_transform}
     crop = "x".join(map(str, cfg.data.crop[::-1])) if cfg.data.crop else "full"
     reduced = reduced_decode_share(cfg, man)
     head = (f"data pipelines, {split} split of {man['_path']} ({man['total']} samples, {man['image_ext']}), "
@@ -190,7 +217,7 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
     if as_json:
         return json.dumps({"setup": head, "reduced_decode_share": reduced, "pipelines": out}, indent=1)
     return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core",
-                                   "per core vs decode only"], rows)
+                                   "per core vs decode only", "per core vs transform only"], rows)
 
 
 def _epoch_timing(cfg, split: str, scheme, n_batches: int, device) -> dict:

@@ -58,7 +58,8 @@ def fake_split(folder: Path, samples: int, dali: bool) -> dict:
         shards.append({"name": f"{name}.tar", "index": f"{name}.idx", "count": n, "bytes": off + 1024,
                        "sha256": f"{k:064x}"})
         k += 1
-    return {"split": "train", "image_ext": "jpg", "total": samples, "shards": shards, "_base": str(folder),
+    return {"split": "train", "image_ext": "jpg", "mask_ext": "mask.png", "total": samples, "shards": shards,
+            "_base": str(folder),
             "_path": str(folder / "train.json"), "_remote": False}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from distseg.bench.data import bench_data, bench_storage, shuffle_report
+from distseg.bench.e2e import bench_e2e
 from distseg.bench.eval import MODES, bench_eval
 from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
@@ -37,7 +38,7 @@ OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.bat
 @click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
 @click.option("--split", default="train", show_default=True, help="split whose shards to read")
 @click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
-@click.option("--modes", default="decode,torch-cpu,torch-gpu,dali,tv-png,tv-jpg", show_default=True,
+@click.option("--modes", default="decode,transform,torch-cpu,torch-gpu,dali,tv-png,tv-jpg", show_default=True,
               help="pipelines, comma-separated ('' for none)")
 @click.option("--json", "as_json", is_flag=True, help="print the pipeline figures as JSON (for machines)")
 @click.option("--shards", "url", default=None,
@@ -126,3 +127,16 @@ def bench_index_cmd(samples, workers, dali, out) -> None:
     if samples < 1 or workers < 1:
         raise UserError("--samples and --workers must be at least 1")
     _emit(bench_index(samples, workers, dali and dali_available()), out)
+
+
+@bench.command("e2e", context_settings={"ignore_unknown_options": True})
+@click.option("--config", "-c", default=None, help="training config")
+@click.option("--procs", default=1, show_default=True, help="training processes (python -m distseg.launch)")
+@click.option("--steps", default=20, show_default=True, help="timed steps of the synthetic-input row")
+@click.option("--keep", default=None, help="keep the run folder here instead of a temporary one")
+@click.option("--out", default=None, help="append the table to this file")
+@click.argument("overrides", nargs=-1)
+def bench_e2e_cmd(config, procs, steps, keep, out, overrides) -> None:
+    """A whole training run through the real entry: start-up, steady img/s, epoch boundaries, validation,
+    checkpoints and whole-run img/s against the step alone. OVERRIDES: config settings."""
+    _emit(bench_e2e(config, list(overrides), procs, steps, keep=keep), out)

@@ -58,6 +58,10 @@ class DaliLoader:
         if missing:
             raise UserError(f"data.loader=dali {missing}")
         collect_before_fork()
+        if man["mask_ext"] != "mask.png" or man["image_ext"] not in ("jpg", "png"):
+            raise UserError(f"{man['_path']}: data.loader=dali decodes JPEG and PNG members; these shards "
+                            "hold zstd arrays (distseg shard --lossless zstd): use data.loader=torch, or "
+                            "re-shard with --lossless png")
         self.data, self.seed, self.train, self.man = d, seed, train, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
@@ -65,6 +69,7 @@ class DaliLoader:
         self.lut = lut
         self.n = man["total"]
         self.batch_size = d.batch_size if train else d.val_batch_size
+        self.repeat = d.repeat if train else 1
         if self.n < world:
             raise UserError(f"{man['_path']}: {self.n} samples cannot be split over {world} processes")
         # DALI's shard of rank r: samples [n*r//world, n*(r+1)//world)
@@ -105,8 +110,8 @@ class DaliLoader:
         def pipe():
             # JPEG decodes on the GPU in `mixed` mode; PNG (lossless val shards) on the CPU inside it
             jpg, mask = fn.readers.webdataset(
-                paths=tars, index_paths=idx, ext=[self.man["image_ext"], "mask.png"], shard_id=self.rank,
-                num_shards=self.world,
+                paths=tars, index_paths=idx, ext=[self.man["image_ext"], self.man["mask_ext"]],
+                shard_id=self.rank, num_shards=self.world,
                 pad_last_batch=True, name="Reader",
                 # training: one global reshuffle per epoch, shard ranges fixed; validation: no shuffle, and
                 # stick_to_shard, or DALI would move each rank to the next shard every epoch
@@ -165,8 +170,13 @@ class DaliLoader:
         """Samples in the split (padding excluded)."""
         return self.n
 
-    def __len__(self) -> int:
+    @property
+    def per_pass(self) -> int:
+        """Batches of one pass over the split (a DALI epoch)."""
         return math.ceil(self.max_shard / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.per_pass * self.repeat
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """DALI keeps its own epoch order; `skip_batches` is the position a restored checkpoint resumes at."""
@@ -181,13 +191,16 @@ class DaliLoader:
         self._build(state)
 
     def __iter__(self):
-        for out in self.it:
-            o = out[0]
-            n = o["image"].shape[0]
-            pos = self._batch * self.batch_size + torch.arange(n)
-            self._batch += 1
-            info = o["info"].cpu().numpy().astype(np.uint8)
-            keys = [bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1].split(".", 1)[0] for row in info]
-            yield {"image": o["image"].to(self.device), "mask": o["mask"][:, 0].long().to(self.device),
-                   "key": keys, "valid": (pos < self.shard_len).to(self.device)}
+        """The rest of the epoch: `repeat` DALI epochs (each reshuffled by the reader), from the position
+        `set_epoch` gave."""
+        while self._batch < len(self):
+            for out in self.it:  # one pass; auto_reset makes the next iteration the next pass
+                o = out[0]
+                n = o["image"].shape[0]
+                pos = (self._batch % self.per_pass) * self.batch_size + torch.arange(n)
+                self._batch += 1
+                info = o["info"].cpu().numpy().astype(np.uint8)
+                keys = [bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1].split(".", 1)[0] for row in info]
+                yield {"image": o["image"].to(self.device), "mask": o["mask"][:, 0].long().to(self.device),
+                       "key": keys, "valid": (pos < self.shard_len).to(self.device)}
         self._batch = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from distseg import __version__
+from distseg.data.codec import member_names
 from distseg.data.storage import NotFound, read_bytes, sha256_remote
 from distseg.errors import UserError
 from distseg.files import sha256_file
@@ -96,6 +97,7 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
                             f"({MANIFEST_VERSION}): upgrade distseg, or re-shard with this one")
         raise UserError(f"{where} is not a distseg manifest (version {', '.join(map(str, READABLE))})")
     check_names(man, where)
+    man.setdefault("mask_ext", "mask.png")
     remote = is_remote(loc)
     man["_base"] = loc.rsplit("/", 1)[0] if remote else str(local_path(loc).parent)
     man["_path"] = where
@@ -138,10 +140,11 @@ def check_scheme(man: dict, scheme: Scheme) -> bool:
 def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[dict]) -> dict:
     """The <split>.json manifest of finished shards; `params` are the shard options that made them."""
     hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
+    image_ext, mask_ext = member_names(params["image_format"], params.get("lossless", "png"))
     return {
         "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": params["split"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
-        "scheme": scheme.describe(), "image_ext": params["image_format"], "mask_ext": "mask.png",
+        "scheme": scheme.describe(), "image_ext": image_ext, "mask_ext": mask_ext,
         "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),
         "source_bytes": source_bytes,
         "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},

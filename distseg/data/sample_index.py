@@ -96,14 +96,14 @@ class SampleIndex:
         self.__dict__.update(open_index(state["path"]).__dict__ if "shard" not in state else state)
 
 
-def build(entries_per_shard, image_ext: str, where: str) -> SampleIndex:
+def build(entries_per_shard, image_ext: str, mask_ext: str, where: str) -> SampleIndex:
     """The arrays from each shard's entries (lists from `read_index_file` or `scan_tar`, in shard order)."""
     shard, blocks, sizes, keys = [], [], [], []
-    exts = (image_ext, "mask.png", "json")
+    exts = (image_ext, mask_ext, "json")
     for k, (name, entries) in enumerate(entries_per_shard):
         for key, comps in entries:
-            if image_ext not in comps or "mask.png" not in comps:
-                raise UserError(f"sample {key} in {name} lacks .{image_ext} or .mask.png")
+            if image_ext not in comps or mask_ext not in comps:
+                raise UserError(f"sample {key} in {name} lacks .{image_ext} or .{mask_ext}")
             offs = [comps.get(e, (0, 0)) for e in exts]
             if any(off % BLOCK for off, _ in offs):
                 raise UserError(f"sample {key} in {name}: a member does not start on a tar block: {where} "
@@ -178,13 +178,13 @@ def sample_index(man: dict, entries, folder: Path | None, log=print) -> SampleIn
     if folder is None:
         log("note: no writable node-local folder for the sample index (set data.cache_dir): each process "
             "builds its own in memory")
-        index = build(entries(), man["image_ext"], man["_path"])
+        index = build(entries(), man["image_ext"], man["mask_ext"], man["_path"])
     else:
         path = folder / f"{man['split']}-{identity(man)}.dsidx"
         if not path.is_file():
             with FileLock(str(path) + ".lock"):
                 if not path.is_file():  # another process of the node may have built it while we waited
-                    write_index(build(entries(), man["image_ext"], man["_path"]), path)
+                    write_index(build(entries(), man["image_ext"], man["mask_ext"], man["_path"]), path)
         index = open_index(path)
     if len(index) != man["total"]:
         raise UserError(f"{man['_path']} lists {man['total']} samples but the shards hold {len(index)}")

@@ -40,7 +40,7 @@ class _EpochSampler:
         self.repeat = max(1, repeat)
         self.epoch = 0
         self.skip = 0
-        self._cache: tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch (its shuffle) and how many of this epoch's batches were already consumed."""
@@ -50,16 +50,32 @@ class _EpochSampler:
         """This rank's (sample index, augmentation key, valid) of the epoch, one entry per slot."""
         raise NotImplementedError
 
-    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`_rows` of the current epoch, computed once per epoch."""
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self._rows())
-        return self._cache[1]
+    def rows(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`_rows` of an epoch (default: the current one), computed once per epoch; the two newest are kept
+        (a loader reads the next epoch's first batches while the loop finishes the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        rows = self._cache.pop(epoch, None)
+        if rows is None:
+            current, self.epoch = self.epoch, epoch
+            try:
+                rows = self._rows()
+            finally:
+                self.epoch = current
+        self._cache[epoch] = rows  # the most recently used last
+        for old in list(self._cache)[:-2]:
+            del self._cache[old]
+        return rows
 
-    def batch(self, j: int) -> list[tuple[int, int, bool]]:
-        """This rank's j-th batch of the current epoch: (sample index, augmentation key, valid) each."""
-        idx, key, valid = (a[j * self.b:(j + 1) * self.b] for a in self.rows())
+    def batch(self, j: int, epoch: int | None = None) -> list[tuple[int, int, bool]]:
+        """This rank's j-th batch of an epoch (default: the current one): (sample index, augmentation key,
+        valid) each."""
+        idx, key, valid = (a[j * self.b:(j + 1) * self.b] for a in self.rows(epoch))
         return list(zip(idx.tolist(), key.tolist(), valid.tolist()))
+
+    @property
+    def epoch_free(self) -> bool:
+        """Every epoch has the same batches (validation: no shuffle, no repeat)."""
+        return False
 
     def batches(self) -> list[list[tuple[int, int, bool]]]:
         """Every batch of this rank's epoch (for tests and reports; the loader asks one at a time)."""
@@ -80,6 +96,11 @@ class EpochBatchSampler(_EpochSampler):
 
     def __len__(self) -> int:
         return math.ceil(self.n * self.repeat / (self.b * self.world))
+
+    @property
+    def epoch_free(self) -> bool:
+        """Every epoch has the same batches (validation: no shuffle, no repeat)."""
+        return not self.shuffle and self.repeat == 1
 
     def order(self) -> tuple[np.ndarray, np.ndarray]:
         """This epoch's sample order and augmentation keys: its passes, each shuffled by (seed, pass key)."""

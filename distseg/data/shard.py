@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from distseg.data.cityscapes import Pair, find_pairs, resolve_root
+from distseg.data.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
 from distseg.data.manifest import build_manifest, load_manifest
 from distseg.data.shard_outputs import LocalOutput, open_output
 from distseg.errors import UserError, naming
@@ -48,6 +49,7 @@ class ShardOptions:
     maxcount: int = 100
     maxsize: int = 1 << 30
     seed: int = 0
+    lossless: str = "png"  # masks and lossless images: png | zstd (distseg/data/codec.py)
 
 
 @dataclass
@@ -100,16 +102,18 @@ def encode_pair(pair: Pair, opts: ShardOptions | None = None, scheme: Scheme | N
         img = img.resize(opts.resize, Image.Resampling.BILINEAR)
         lab = lab.resize(opts.resize, Image.Resampling.NEAREST)
     mask = scheme.remap(np.asarray(lab, dtype=np.uint8))
-    buf = io.BytesIO()
-    if opts.image_format == "jpg":
+    image_ext, mask_ext = member_names(opts.image_format, opts.lossless)
+    if image_ext == "jpg":
+        buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=opts.quality, subsampling="4:2:0", optimize=False)
+        image = buf.getvalue()
     else:
-        img.save(buf, format="PNG", compress_level=6)
-    mbuf = io.BytesIO()
-    Image.fromarray(mask, "L").save(mbuf, format="PNG", compress_level=6)
+        pixels = np.asarray(img)
+        image = encode_array(pixels, IMAGE_LEVEL) if opts.lossless == "zstd" else encode_png(pixels, "RGB")
+    mask_bytes = encode_array(mask) if opts.lossless == "zstd" else encode_png(mask, "L")
     meta = {"key": pair.key, "city": pair.city, "source_size": list(src_size), "size": list(img.size),
             "scheme": scheme.name, "image": f"{pair.city}/{pair.image.name}"}
-    files = [(f"{pair.key}.{opts.image_format}", buf.getvalue()), (f"{pair.key}.mask.png", mbuf.getvalue()),
+    files = [(f"{pair.key}.{image_ext}", image), (f"{pair.key}.{mask_ext}", mask_bytes),
              (f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())]
     src = pair.image.stat().st_size + pair.label.stat().st_size
     return Encoded(pair.key, files, np.bincount(mask.ravel(), minlength=256).astype(np.int64), src)
@@ -182,6 +186,8 @@ class ShardWriter:
 def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -> dict:
     keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
     d = asdict(opts)
+    if d["lossless"] == "png":  # the default, left out: shards written before the option keep their params
+        del d["lossless"]
     d["resize"] = list(opts.resize) if opts.resize else None
     d.update(scheme_fingerprint=scheme.fingerprint(), source=str(root.resolve()), n_source=len(pairs),
              keys_sha=keys)
@@ -190,7 +196,7 @@ def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -
 
 _FLAGS = {"scheme": "--scheme", "image_format": "--image-format", "quality": "--quality",
           "resize": "--resize", "maxcount": "--maxcount", "maxsize": "--maxsize", "seed": "--seed",
-          "source": "--root",
+          "source": "--root", "lossless": "--lossless",
           "scheme_fingerprint": "the scheme's definition", "n_source": "the number of source images",
           "keys_sha": "the source images"}
 
@@ -225,6 +231,8 @@ def check_options(opts: ShardOptions, workers: int, log) -> ShardOptions:
             "pixels and differ slightly from `distseg evaluate`, which reads the source PNGs")
     if opts.image_format not in IMAGE_EXTS:
         raise UserError(f"--image-format must be one of {', '.join(IMAGE_EXTS)}")
+    if opts.lossless not in CODECS:
+        raise UserError(f"--lossless must be one of {', '.join(CODECS)}")
     if not 1 <= opts.quality <= 100:
         raise UserError("--quality must be in 1..100")
     if opts.maxcount < 1 or opts.maxsize < 1:

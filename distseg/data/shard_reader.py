@@ -17,6 +17,7 @@ import torch
 from filelock import FileLock
 
 from distseg.config import DataCfg
+from distseg.data.codec import decode_array, is_array
 from distseg.data.manifest import shard_url
 from distseg.data.sample_index import node_folder, read_index_file, sample_index, scan_tar
 from distseg.data.storage import ChecksumError, ShardCache
@@ -239,15 +240,21 @@ class ShardSamples:
 
 
 def decode_mask(data: bytes, lut: np.ndarray | None) -> torch.Tensor:
-    """PNG bytes -> uint8 H x W mask, remapped through a 256-entry `lut` when given (a uint8 table lookup)."""
-    from torchvision.io import ImageReadMode, decode_png
+    """PNG or zstd bytes -> uint8 H x W mask, remapped through a 256-entry `lut` when given (a uint8 table
+    lookup)."""
+    if is_array(data):
+        m = torch.from_numpy(decode_array(data))
+    else:
+        from torchvision.io import ImageReadMode, decode_png
 
-    m = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
+        m = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.GRAY)[0]
     return torch.from_numpy(np.take(lut, m.numpy())) if lut is not None else m
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """Image bytes -> uint8 3 x H x W."""
+    """Image bytes (JPEG, PNG, zstd) -> uint8 3 x H x W."""
+    if is_array(data):
+        return torch.from_numpy(decode_array(data)).permute(2, 0, 1)
     from torchvision.io import ImageReadMode, decode_image
 
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)

@@ -110,8 +110,31 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+class BatchStream:
+    """The DataLoader's batch sampler: the batches of consecutive epochs, without end, from a position. The
+    workers decode up to `prefetch_factor` x workers batches ahead of the loop, across an epoch's end too, so
+    the next epoch starts from a full pipeline rather than an empty one."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch, self.j = sampler, 0, 0
+
+    def start(self, epoch: int, j: int) -> None:
+        """Where the next iteration begins (a resume, or a request the running stream does not match)."""
+        self.epoch, self.j = epoch, j
+
+    def __iter__(self):
+        while True:
+            while self.j < len(self.sampler):
+                batch = self.sampler.batch(self.j, self.epoch)
+                self.j += 1
+                yield batch
+            self.epoch, self.j = self.epoch + 1, 0
+
+
 class TorchLoader:
-    """Iterable of batches in the common contract, on `device`; `set_epoch(e, skip)` before each epoch."""
+    """Iterable of batches in the common contract, on `device`; `set_epoch(e, skip)` before each epoch. One
+    DataLoader iterator runs on from epoch to epoch (`BatchStream`): iterating the next epoch continues it;
+    asking for another position starts it afresh there."""
 
     def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device: torch.device, world: int,
                  rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
@@ -126,18 +149,23 @@ class TorchLoader:
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = d.batch_size if train else d.val_batch_size
+        repeat = d.repeat if train else 1
         if train and d.shuffle == "shards":
             self.sampler = ShardWindowSampler([sh["count"] for sh in self.man["shards"]], bs, world, rank,
-                                              seed, d.shuffle_window)
+                                              seed, d.shuffle_window, repeat)
         else:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
-                                             seed=seed)
+                                             seed=seed, repeat=repeat)
         ds = ShardDataset(self.samples, d, seed, train, lut, self.gpu_decode)
         nw = d.num_workers
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
-        self.dl = DataLoader(ds, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
+        self.stream = BatchStream(self.sampler)
+        self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw, collate_fn=collate,
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
                              prefetch_factor=4 if nw > 0 else None, worker_init_fn=worker_init)
+        self._it = None  # the running DataLoader iterator
+        self._next: tuple[int, int] | None = None  # (epoch, batch) it delivers next
+        self.starts = 0  # how often the stream was (re)started: once per run when nothing moves it
 
     @property
     def num_samples(self) -> int:
@@ -165,17 +193,37 @@ class TorchLoader:
         per_batch = np.add.reduceat(new_at, np.arange(0, len(shards), self.sampler.b))
         return order[by_first].tolist(), np.cumsum(per_batch).tolist()
 
+    def _iterator(self):
+        """The running DataLoader iterator if it is at the requested position (any epoch will do when every
+        epoch has the same batches), else one started there."""
+        epoch, skip = self.sampler.epoch, self.sampler.skip
+        at = self._next
+        moved = at is None or at[1] != skip or (at[0] != epoch and not self.sampler.epoch_free)
+        if self._it is None or moved:
+            self.stream.start(epoch, skip)
+            self._it = iter(self.dl)
+            self.starts += 1
+        return self._it
+
     def __iter__(self):
+        it, epoch, skip = self._iterator(), self.sampler.epoch, self.sampler.skip
         prefetch, reached = None, []
         if self.files.cache is not None:
             order, reached = self._shard_schedule()
             prefetch = self.files.prefetcher(order, self.data.prefetch_shards)
         try:
-            for j, b in enumerate(self.dl):
+            for j in range(skip, len(self.sampler)):
+                try:
+                    b = next(it)
+                except BaseException:
+                    self._it = None  # a worker failed or was stopped: start afresh next time
+                    raise
+                self._next = (epoch, j + 1) if j + 1 < len(self.sampler) else (epoch + 1, 0)
                 if "error" in b:
+                    self._it = None
                     raise b["error"]
                 if prefetch is not None:  # the workers are `inflight` batches ahead of this loop
-                    prefetch.advance(reached[min(j + self.inflight, len(reached) - 1)])
+                    prefetch.advance(reached[min(j - skip + self.inflight, len(reached) - 1)])
                 yield self._finish(b)
         finally:
             if prefetch is not None:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from distseg.data.codec import decode_array, is_array
 from distseg.labels import IGNORE
 
 
@@ -110,6 +111,8 @@ def draft_factor(win: Window, w: int) -> int:
 def decode_pil(data: bytes, win: Window | None = None) -> tuple[Image.Image, float]:
     """Decode an image (RGB); with a window downscaled 2x or more, a JPEG at reduced size. Returns the image
     and the factor its pixels are smaller than the source's."""
+    if is_array(data):  # zstd pixels: nothing to scale at decode time
+        return Image.fromarray(decode_array(data)), 1.0
     im = Image.open(io.BytesIO(data))
     w, h = im.size
     if win is not None and im.format == "JPEG":

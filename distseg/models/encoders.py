@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from distseg.errors import UserError
-from distseg.models.unet import DoubleConv
+from distseg.models.unet import DoubleConv, crop_padding, pad_to_multiple
 from distseg.models.weights import load_weights
 
 # encoder -> the nodes whose outputs are its stages, shallow to deep (strides 2 or 4, ..., 32)
@@ -105,13 +105,15 @@ class EncoderUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images N x 3 x H x W -> logits N x C x H x W."""
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, (-w) % STRIDE, 0, (-h) % STRIDE))  # always (maybe by 0): one graph for every size
+        x, ph, pw = pad_to_multiple(x, STRIDE)
+        return crop_padding(self.body(x), ph, pw)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an input whose sides are multiples of the stride."""
         feats = self.encoder(x)
         y = feats[-1]
         for dec, skip in zip(self.dec, reversed(feats[:-1])):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = dec(torch.cat([skip, y], dim=1))
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        crop = (0, -((-w) % STRIDE), 0, -((-h) % STRIDE))  # a new tensor, not a view: exportable
-        return F.pad(self.head(self.final(y)), crop)
+        return self.head(self.final(y))

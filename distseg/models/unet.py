@@ -9,6 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, int, int]:
+    """`x` padded at the bottom and right to a multiple of `m`, with the padding (rows, columns). An input
+    that fits already is returned as it is (F.pad by 0 would copy it: a full pass over memory per step). A
+    graph traced with symbolic sizes (`export --dynamic`) always pads, by 0 where it fits, so that one
+    graph serves every size without a branch on the size."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    if isinstance(ph, int) and isinstance(pw, int) and ph == 0 and pw == 0:
+        return x, 0, 0
+    return F.pad(x, (0, pw, 0, ph)), ph, pw
+
+
+def crop_padding(y: torch.Tensor, ph, pw) -> torch.Tensor:
+    """Undo `pad_to_multiple` on the output (a negative pad: a new tensor, not a view, so it exports)."""
+    if isinstance(ph, int) and isinstance(pw, int) and ph == 0 and pw == 0:
+        return y
+    return F.pad(y, (0, -pw, 0, -ph))
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
     """The normalisation layer named by model.norm."""
     if kind in ("batch", "sync_batch"):  # sync_batch: converted by the trainer under multi-GPU DDP
@@ -44,13 +63,15 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images N x 3 x H x W -> logits N x C x H x W."""
-        h, w = x.shape[-2:]
-        m = 2 ** self.depth
-        x = F.pad(x, (0, (-w) % m, 0, (-h) % m))  # always (maybe by 0): one graph for every size, exportable
+        x, ph, pw = pad_to_multiple(x, 2 ** self.depth)
+        return crop_padding(self.body(x), ph, pw)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an input whose sides are multiples of 2**depth."""
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
         for up, dec in zip(self.up, self.dec):
             y = dec(torch.cat([skips.pop(), up(y)], dim=1))
-        return F.pad(self.head(y), (0, -((-w) % m), 0, -((-h) % m)))  # crop back: a new tensor, not a view
+        return self.head(y)

@@ -25,12 +25,13 @@ from distseg.inference.scoring import score_loader
 from distseg.inference.visual import denormalize, panel
 from distseg.models.optim import lr_at
 from distseg.models.weights import save_weights
-from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint, save_checkpoint
+from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint
 from distseg.runs.run_lock import Lease, RunLocked
 from distseg.training.setup import Run, setup, take_lease
 
 # the slots of train_step's all-reduced vector: sums over ranks of this step's numbers and stop reasons
-LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, LR = range(10)
+(LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, CKPT_BUSY,
+ CKPT_FAILED) = range(11)
 
 
 class Diverged(UserError):
@@ -39,12 +40,23 @@ class Diverged(UserError):
     collective = True
 
 
+def host_flags(run: Run) -> torch.Tensor:
+    """This rank's stop reasons for the step's all-reduce, on the device without waiting for it: from pinned
+    memory on CUDA (a pageable copy would wait for the queued steps)."""
+    lost = run.lease is not None and run.lease.lost_to is not None
+    busy, failed = run.writer.flags()
+    v = torch.tensor([float(run.stop.set), float(run.stop.interrupted), float(lost),
+                      float(run.tb.failure is not None), busy, failed])
+    return v.pin_memory().to(run.acc.device, non_blocking=True) if run.acc.device.type == "cuda" else v
+
+
 def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
     labelled pixels (summed class weights; OHEM: kept pixels) of the whole group on all ranks, so grad_accum
-    and world size do not change the gradient. Returns the all-reduced [pixel loss sum, normaliser, images,
-    corrupt samples, non-finite, stop, Ctrl-C, lease lost, TensorBoard write failed, lr]."""
+    and world size do not change the gradient. Returns the all-reduced flags (the slots above), on the
+    device: nothing is read back here, so the host goes on to the next batch while the device works."""
     acc, model, world, loss_fn = run.acc, run.model, run.acc.num_processes, run.loss_fn
+    run.clock.gpu.step_begins()
     masks = [masked_targets(b) for b in group]
     after = loss_fn.count_after_forward  # OHEM: the kept pixels are known only after each forward
     n_global = torch.stack([loss_fn.norm_count(m) for m in masks]).sum()
@@ -63,43 +75,55 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
             acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
         corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[CORRUPT] * 0
         sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
-    lost = run.lease is not None and run.lease.lost_to is not None
-    flags = torch.cat([sums, torch.tensor([float(not torch.isfinite(sums[LOSS_SUM])), float(run.stop.set),
-                                           float(run.stop.interrupted), float(lost),
-                                           float(run.tb.failure is not None)], device=acc.device)])
+    nonfinite = (~torch.isfinite(sums[LOSS_SUM:LOSS_SUM + 1])).float()
+    flags = torch.cat([sums, nonfinite, host_flags(run)])
     if world > 1:
         flags = acc.reduce(flags, reduction="sum")
-    check_flags(run, flags, lost)
     if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(flags[NORM].clamp(min=1e-12))
-    lr = lr_at(run.state.step, run.cfg, run.max_steps)
     for g in run.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr_at(run.state.step, run.cfg, run.max_steps)
     if run.cfg.train.clip_grad > 0:
         acc.clip_grad_norm_(model.parameters(), run.cfg.train.clip_grad)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update_parameters(acc.unwrap_model(model))
-    return torch.cat([flags, torch.tensor([lr], device=flags.device)])
+    run.clock.gpu.step_ends()
+    return flags
 
 
-def check_flags(run: Run, flags: torch.Tensor, lost: bool) -> None:
-    """Stop every rank alike, before the optimizer step, when any rank lost the lease, could not write its
-    TensorBoard events or saw a loss that is not finite."""
-    if flags[LEASE_LOST] > 0:
-        holder = run.lease.lost_to.describe() if lost else "another process"
+def settle(run: Run, flags: torch.Tensor | None = None) -> None:
+    """Read the previous step's flags (the host is a step behind the device, which is busy with the step
+    just queued) and keep `flags` for the next call; with no `flags`, read the last ones now (before a
+    checkpoint, validation or the end). Every rank reads the same all-reduced numbers, so every rank stops,
+    raises or checkpoints alike; a stop request is kept in `run.stop_asked`."""
+    pending, run.pending = run.pending, (flags, run.state.step, run.state.epoch + 1) if flags is not None \
+        else None
+    if pending is None:
+        return
+    f, step, epoch = pending
+    f = f.tolist()
+    if f[LEASE_LOST] > 0:
+        holder = run.lease.lost_to.describe() if run.lease and run.lease.lost_to else "another process"
         raise RunLocked(f"the lease of {run.dir.path} was taken over by {holder}: this run stops here "
                         "without writing anything more")
-    if flags[EVENTS_FAILED] > 0:
+    if f[EVENTS_FAILED] > 0:
         raise events_not_written(run)
-    if flags[NONFINITE] > 0:
+    if f[NONFINITE] > 0:  # the weights after this step are not kept: no checkpoint is written past here
         last = latest_checkpoint(run.dir.checkpoints) or "none"
-        raise Diverged(f"loss is not finite at step {run.state.step + 1} (epoch {run.state.epoch + 1}): "
-                       f"training stopped; last good checkpoint: {last}. Lower optim.lr, add "
-                       "train.clip_grad, or use train.mixed_precision=bf16 instead of fp16")
+        raise Diverged(f"loss is not finite at step {step} (epoch {epoch}): training stopped; last good "
+                       f"checkpoint: {last}. Lower optim.lr, add train.clip_grad, or use "
+                       "train.mixed_precision=bf16 instead of fp16")
+    run.writer.observe(f[CKPT_BUSY], f[CKPT_FAILED])
+    run.state.samples += int(f[IMAGES])
+    run.corrupt += int(f[CORRUPT])
+    run.log.step(step, epoch, f[LOSS_SUM] / max(f[NORM], 1), lr_at(step - 1, run.cfg, run.max_steps),
+                 int(f[IMAGES]))
+    if f[STOP] > 0:
+        run.stop_asked, run.interrupted = True, f[CTRL_C] > 0
 
 
 def train_one_epoch(run: Run) -> None:
@@ -108,36 +132,37 @@ def train_one_epoch(run: Run) -> None:
     run.train_loader.set_epoch(st.epoch, st.batch_in_epoch)
     it = iter(run.train_loader)
     per_epoch = len(run.train_loader)
+    run.clock.epoch_begins()
     while st.batch_in_epoch < per_epoch:
         t0 = time.time()
         n = min(cfg.train.grad_accum, per_epoch - st.batch_in_epoch)
         group = [b for b in (next(it, None) for _ in range(n)) if b is not None]
         run.log.waited(time.time() - t0)
+        run.clock.waited(time.time() - t0)
         if not group:
             break
         flags = train_step(run, group)
         st.step += 1
         st.batch_in_epoch += len(group)
-        st.samples += int(flags[IMAGES])
-        run.corrupt += int(flags[CORRUPT])
-        loss = float(flags[LOSS_SUM] / flags[NORM].clamp(min=1))
-        run.log.step(st.step, st.epoch + 1, loss, float(flags[LR]), int(flags[IMAGES]))
-        if flags[STOP] > 0:
-            stop_here(run, bool(flags[CTRL_C] > 0))
-            return
-        if st.step >= run.max_steps:
+        settle(run, flags)
+        run.clock.step_done(sum(len(b["key"]) for b in group))
+        if st.step >= run.max_steps:  # the run's last step: its flags now (a stop it asked for is moot)
+            settle(run)
             return
         if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.batch_in_epoch < per_epoch:
             checkpoint(run)
+        if run.stop_asked:
+            stop_here(run)
+            return
 
 
-def stop_here(run: Run, ctrl_c: bool) -> None:
-    """A stop was requested on some rank (Ctrl-C, SIGUSR1/SIGTERM, the stop file): checkpoint on all ranks,
-    tell slurm/train.sh the checkpoint is complete, and end the run as preempted."""
-    run.interrupted = ctrl_c
-    run.log.print(f"{'interrupted' if ctrl_c else 'stop requested'}: checkpointing at step {run.state.step} "
-                  "(a second Ctrl-C exits at once, without it)")
-    ck = checkpoint(run)
+def stop_here(run: Run) -> None:
+    """A stop was requested on some rank (Ctrl-C, SIGUSR1/SIGTERM, the stop file): checkpoint on all ranks
+    and wait for it, tell slurm/train.sh the checkpoint is complete, and end the run as preempted."""
+    run.log.print(f"{'interrupted' if run.interrupted else 'stop requested'}: checkpointing at step "
+                  f"{run.state.step} (a second Ctrl-C exits at once, without it)")
+    checkpoint(run)
+    ck = run.writer.wait()
     if run.acc.is_main_process and run.stop.file:
         atomic_write_text(Path(run.stop.file + ".done"), f"{ck}\n")
     run.preempted = True
@@ -153,12 +178,36 @@ def report_corrupt(run: Run) -> None:
     run.corrupt = 0
 
 
+class TimedBatches:
+    """A loader whose first batch is timed apart (start-up, first use of the shapes) from the rest."""
+
+    def __init__(self, loader, cuda: bool):
+        self.loader, self.cuda = loader, cuda
+        self.start, self.first_done, self.first_images, self.images = time.time(), None, 0, 0
+
+    def set_epoch(self, *args) -> None:
+        """The loader's own."""
+        self.loader.set_epoch(*args)
+
+    def __iter__(self):
+        for j, b in enumerate(self.loader):
+            if j == 1:  # the first batch is done once the second is asked for
+                if self.cuda:
+                    torch.cuda.synchronize()
+                self.first_done, self.first_images = time.time(), self.images
+            self.images += len(b["key"])
+            yield b
+
+
 def validate(run: Run) -> None:
     """Score the val split (every image once, whatever the number of ranks); log it; keep the best weights."""
     st, scheme, main = run.state, run.scheme, run.acc.is_main_process
-    cm, examples = score_loader(run.segmenter, run.val_loader, scheme, run.acc,
-                                run.cfg.train.tb_images if main else 0)
+    timed = TimedBatches(run.val_loader, run.acc.device.type == "cuda")
+    cm, examples = score_loader(run.segmenter, timed, scheme, run.acc, run.cfg.train.tb_images if main else 0)
     scores = cm.scores(scheme.eval_classes)
+    end = time.time()
+    first = (timed.first_done or end) - timed.start
+    run.clock.validated(end - timed.start, timed.images, first, timed.first_images or timed.images)
     run.last_scores = scores
     name, score = headline(scheme, scores)
     run.tb.add_scalar("val/mIoU", scores["miou"], st.step)
@@ -195,12 +244,19 @@ def save_best(run: Run, name: str, score: float, scores: dict) -> None:
     all_ranks_wrote(run.acc, failure, f"the best weights {run.dir.best}", run.dir.checkpoints)
 
 
-def checkpoint(run: Run) -> Path:
-    """Save a checkpoint on all ranks (collective), with the loader's own position where it has one."""
+def checkpoint(run: Run, epoch_end: bool = False) -> Path:
+    """Start a checkpoint on all ranks (collective), with the loader's own position where it has one: the
+    state is captured now and written on a thread (train.async_checkpoint=false: written before going on).
+    The last step's flags are read first, so a diverged step is never checkpointed."""
+    t = time.time()
+    settle(run)
     loader = run.train_loader
     extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
-    return save_checkpoint(run.acc, run.dir.checkpoints, run.state, run.cfg.train.keep_last, extra,
-                           ema_state(run))
+    final = run.writer.begin(run.state, extra, ema_state(run))
+    if not run.cfg.train.async_checkpoint:
+        run.writer.wait()
+    run.clock.checkpointed(time.time() - t, epoch_end)
+    return final
 
 
 def ema_state(run: Run) -> dict | None:
@@ -216,9 +272,15 @@ def events_not_written(run: Run) -> NotWritten:
 
 
 def finish(run: Run) -> dict:
-    """Write summary.json (valid JSON: absent classes are null) and print the final table on rank 0."""
+    """Wait for the checkpoint in flight, write summary.json (valid JSON: absent classes are null) with the
+    run's timing, and print the final table on rank 0."""
+    run.writer.wait()
     st, scheme = run.state, run.scheme
     s = run.last_scores
+    timing = run.clock.summary()
+    for k, v in timing.items():
+        if isinstance(v, float):
+            run.tb.add_scalar(f"timing/{k}", v, st.step)
     summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
                "best_score_name": headline(scheme, s)[0] if s else None, "best_epoch": st.best_epoch,
                "best_step": st.best_step, "final_miou": s["miou"] if s else None,
@@ -227,7 +289,7 @@ def finish(run: Run) -> dict:
                "preempted": run.preempted, "interrupted": run.interrupted,
                "finished": not run.preempted and st.step >= run.max_steps,
                "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
-               "history": st.history}
+               "history": st.history, "timing": timing}
     if run.acc.is_main_process:
         atomic_write_json(run.dir.summary, summary)
         if s and not run.preempted:
@@ -251,13 +313,17 @@ def train(cfg: Config, acc) -> dict:
             train_one_epoch(run)
             if run.preempted:
                 break
+            settle(run)
+            if run.stop_asked:  # the epoch's last step asked for a stop
+                stop_here(run)
+                break
             if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
                 st.epoch += 1
                 st.batch_in_epoch = 0
                 report_corrupt(run)
                 if st.epoch % cfg.train.val_every == 0 or st.step >= run.max_steps:
                     validate(run)
-                checkpoint(run)
+                checkpoint(run, epoch_end=True)
             elif st.step >= run.max_steps:  # stopped inside an epoch by max_steps
                 validate(run)
                 checkpoint(run)

@@ -75,6 +75,11 @@ def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log) -> N
     (the global shuffle is one permutation cut into global batches, whatever their split over processes).
     A different global batch would change what a step is, the step count and the learning-rate schedule:
     refused. Shard-window shuffling assigns shards per rank: it resumes mid-epoch only in its own layout."""
+    if state.batch_size and state.repeat != cfg.data.repeat:
+        raise UserError(f"{ckpt} was trained with data.repeat={state.repeat} (passes per epoch), this start "
+                        f"has {cfg.data.repeat}: an epoch and the learning-rate schedule would change; keep "
+                        f"data.repeat={state.repeat}, or start a new run with name=... (train.init_from="
+                        "its best weights to continue from them)")
     old = (state.world, state.batch_size, state.grad_accum)
     new = (world, cfg.data.batch_size, cfg.train.grad_accum)
     if old == new or not state.batch_size:

@@ -22,13 +22,14 @@ from distseg.models import build_model, out_channels
 from distseg.models.losses import SegLoss, build_loss
 from distseg.models.optim import build_optimizer, lr_at
 from distseg.models.weights import load_weights
-from distseg.runs.checkpoint import RunState, read_state
+from distseg.runs.checkpoint import CheckpointWriter, RunState, read_state
 from distseg.runs.run_dir import RunDir
 from distseg.runs.run_lock import Lease, RunLocked, acquire
 from distseg.training.resume import check_layout, choose_resume, restore
 from distseg.training.step_log import StepLogger
 from distseg.training.stopping import StopFlag
 from distseg.training.tensorboard import make_writer
+from distseg.training.timing import RunClock
 
 
 @dataclass
@@ -56,6 +57,10 @@ class Run:
     lease: Lease | None = None  # rank 0's hold on the run folder
     corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
     ema: object = None  # torch.optim.swa_utils.AveragedModel of the weights (train.ema_decay > 0)
+    writer: CheckpointWriter = None  # checkpoints written off the critical path
+    clock: RunClock = None  # where the time goes (summary.json "timing")
+    pending: tuple | None = None  # the last step's all-reduced flags, read a step late (loop.settle)
+    stop_asked: bool = False  # a rank asked for a stop (seen in the flags): checkpoint and end
 
 
 def take_lease(cfg: Config, acc) -> Lease | None:
@@ -162,6 +167,7 @@ def prepare_model(cfg: Config, acc, model: torch.nn.Module):
 
 def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
+    clock = RunClock(acc.device.type == "cuda", acc.num_processes)
     if acc.device.type == "cuda":  # fixed input shapes (crops): let cuDNN pick the fastest kernels
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,7 +187,7 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
-    state.grad_accum = cfg.train.grad_accum
+    state.grad_accum, state.repeat = cfg.train.grad_accum, cfg.data.repeat
     warn_about_settings(cfg, acc, max_steps)
     run_dir = RunDir.of(cfg)
     tb = make_writer(run_dir.tb, acc.is_main_process)
@@ -193,4 +199,5 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
               f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
     loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
     return Run(cfg, acc, run_dir, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter,
-               state, max_steps, log, tb, StopFlag(), ema=ema, lease=lease)
+               state, max_steps, log, tb, StopFlag(), ema=ema, lease=lease,
+               writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock)

@@ -1,0 +1,98 @@
+"""`distseg bench e2e`: a whole training run, timed. It starts the real training entry (distseg/train.py, the
+same code as `distseg train`, under `python -m distseg.launch` for several processes) into a temporary run
+folder, reads the timing block every run writes into summary.json (distseg/training/timing.py), and sets the
+whole run's img/s beside the training step alone on synthetic input (`bench train`, the same model, batch
+and precision, on this machine, in this call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distseg.bench.common import device_name, table
+from distseg.bench.train import time_variant
+from distseg.config import load_config
+from distseg.errors import UserError
+from distseg.labels import get_scheme
+from distseg.models import out_channels
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+
+def step_variant(cfg, cuda: bool) -> str:
+    """The `bench train` variant a run's settings amount to."""
+    name = {"no": "tf32" if cuda else "fp32", "bf16": "bf16", "fp16": "bf16"}[cfg.train.mixed_precision]
+    if cuda and cfg.model.channels_last and name == "bf16":
+        name += "+cl"
+        if cfg.model.compile:
+            name += "+compile"
+    return name
+
+
+def run_training(config: str | None, overrides: list[str], procs: int, folder: Path) -> dict:
+    """Train into `folder` with the real entry; returns the run's summary.json."""
+    args = [str(TRAIN_SCRIPT), *(["--config", config] if config else []), *overrides,
+            f"output_dir={folder}", "name=e2e", "train.resume=never", "train.progress=false"]
+    cmd = [sys.executable, *args] if procs == 1 else \
+        [sys.executable, "-m", "distseg.launch", "--multi_gpu", "--num_processes", str(procs),
+         "--num_machines", "1", "--dynamo_backend", "no", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if p.returncode:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"the benchmarked training failed (exit status {p.returncode}): {last}")
+    return json.loads((folder / "e2e" / "summary.json").read_text())
+
+
+def fmt(v, unit: str = "", digits: int = 2) -> str:
+    """A figure for the table, '-' when the run did not measure it."""
+    return "-" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: int = 20, warmup: int = 3,
+              keep: str | None = None) -> str:
+    """The table: where a whole run's time went, against the step alone on synthetic input."""
+    cfg = load_config(config, overrides)
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="distseg-bench-e2e-") as tmp:
+        folder = Path(keep) if keep else Path(tmp)
+        s = run_training(config, overrides, procs, folder)
+    t = s["timing"]
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    variant = step_variant(cfg, cuda)
+    nc = out_channels(cfg, get_scheme(cfg.data.scheme).num_classes)
+    synthetic, _ = time_variant(cfg, nc, variant, device, None, steps, warmup)
+    rows = [["start-up: process start -> end of the first step", fmt(t["start_up_s"], " s")],
+            ["steady img/s inside epochs", fmt(t["steady_img_per_s"])],
+            ["a step inside an epoch", fmt(t["step_s"], " s", 3)],
+            ["the step that opens an epoch / a step inside", fmt(t["first_step_of_epoch_vs_inner"], "x")],
+            ["stall per epoch boundary (refill + epoch-end checkpoint)",
+             f"{fmt(t['epoch_boundary_stall_s'], ' s', 3)} (refill "
+             f"{fmt(t['epoch_boundary_refill_s'], ' s', 3)}, checkpoint "
+             f"{fmt(t['epoch_boundary_checkpoint_s'], ' s', 3)})"],
+            ["validation img/s (steady; first batch apart) / share of the run",
+             f"{fmt(t['validation_img_per_s'])} / {100 * t['validation_share']:.1f}%"],
+            ["validation start-up (first batch)", fmt(t["validation_start_up_s"], " s")],
+            ["checkpoint stall on the critical path / share", f"{fmt(t['checkpoint_stall_s'], ' s')} / "
+                                                             f"{100 * t['checkpoint_share']:.1f}%"],
+            ["data wait inside epochs (share of the steps' time)",
+             "-" if t["data_wait_share"] is None else f"{100 * t['data_wait_share']:.1f}%"],
+            ["whole run img/s (images / wall time from process start)", fmt(t["whole_run_img_per_s"])],
+            [f"bench train {variant}, synthetic input (same settings)", fmt(synthetic)],
+            ["whole run / synthetic step", f"{t['whole_run_img_per_s'] / synthetic:.2f}x"]]
+    if "gpu_idle_share" in t:
+        rows.insert(9, ["GPU idle between steps (share of the steps' time)",
+                        "-" if t["gpu_idle_share"] is None else f"{100 * t['gpu_idle_share']:.1f}%"])
+    d = cfg.data
+    head = (f"whole run: {procs} process(es), {device_name()}, {d.loader} loader, {d.num_workers} workers, "
+            f"batch {d.batch_size}, crop {'x'.join(map(str, d.crop[::-1])) if d.crop else 'full'}, "
+            f"data.repeat {d.repeat}, {s['steps']} steps in {s['epochs']} epochs, "
+            f"{t['images']} images, {t['wall_s']:.1f} s")
+    return head + "\n\n" + table(["measure", "value"], rows)

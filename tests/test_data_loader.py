@@ -1,0 +1,88 @@
+"""The torch loader across epochs: one DataLoader iterator runs on from an epoch into the next (its workers
+decode the next epoch's first batches while the loop finishes the current one), with exactly the batches a
+fresh start at that epoch gives; another position starts afresh; a repeated split draws each pass's
+augmentation from its own key; zstd shards give what PNG shards give."""
+
+import pytest
+import torch
+
+from conftest import split_keys
+from distseg.config import load_config
+from distseg.data.dali_loader import DaliLoader, dali_available
+from distseg.data.manifest import load_manifest
+from distseg.data.torch_loader import TorchLoader
+from distseg.errors import UserError
+
+
+def loader(shards, **kw):
+    o = {"data.shards": shards, "data.batch_size": 3, "data.num_workers": 1, "data.crop": "[64,96]"}
+    o.update(kw)
+    cfg = load_config(None, [f"{k}={v}" for k, v in o.items()])
+    return TorchLoader(cfg.data, 0, "train", True, "cpu", 1, 0, None)
+
+
+def epoch(L, e, skip=0):
+    L.set_epoch(e, skip)
+    return [(b["key"], b["image"]) for b in L]
+
+
+def same(a, b):
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def test_the_next_epoch_continues_the_running_iterator_with_a_fresh_starts_batches(shards):
+    L = loader(shards)
+    e0 = epoch(L, 0)
+    e1 = epoch(L, 1)
+    assert L.starts == 1  # no restart at the epoch boundary
+    same(e1, epoch(loader(shards), 1))
+    # a position the running iterator is not at (a resume mid-epoch) starts afresh, with the same batches
+    L.set_epoch(0, 2)
+    rest = [(b["key"], b["image"]) for b in L]
+    assert L.starts == 2
+    same(rest, e0[2:])
+
+
+def test_an_interrupted_epoch_continues_where_the_loop_left_it(shards):
+    L = loader(shards)
+    L.set_epoch(0)
+    first = []
+    for b in L:  # the loop stops after two batches (max_steps, a stop request), then asks for the rest
+        first.append((b["key"], b["image"]))
+        if len(first) == 2:
+            break
+    rest = epoch(L, 0, 2)
+    assert L.starts == 1
+    same(first + rest, epoch(loader(shards), 0))
+
+
+def test_a_repeated_split_is_k_passes_each_augmented_by_its_own_key(shards):
+    L = loader(shards, **{"data.repeat": 2, "data.batch_size": 2})
+    assert len(L) == 2 * len(loader(shards, **{"data.batch_size": 2}))
+    L.set_epoch(0)
+    keys, images = [], {}
+    for b in L:
+        for k, img, v in zip(b["key"], b["image"], b["valid"].tolist()):
+            if v:
+                keys.append(k)
+                images.setdefault(k, []).append(img)
+    every = split_keys(shards)
+    assert sorted(keys) == sorted(every * 2)
+    assert all(not torch.equal(*images[k]) for k in every)  # the two passes augment differently
+
+
+def test_zstd_val_shards_give_the_png_shards_batches(synth_root, shards, tmp_path):
+    from distseg.data.shard import ShardOptions, run_shard
+
+    run_shard(synth_root, tmp_path, ShardOptions(split="val", maxcount=2, lossless="zstd"), progress=False,
+              log=lambda *a: None)
+    cfg = load_config(None, ["data.val_batch_size=2", "data.num_workers=0"])
+    got = [TorchLoader(cfg.data, 0, "val", False, "cpu", 1, 0, None,
+                       load_manifest(folder, "val")) for folder in (shards, tmp_path)]
+    for a, b in zip(*got):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    if dali_available():
+        with pytest.raises(UserError, match="data.loader=dali decodes JPEG and PNG members"):
+            DaliLoader(cfg.data, 0, "val", False, "cpu", 1, 0, None, load_manifest(tmp_path, "val"))
