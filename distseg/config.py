@@ -113,6 +113,7 @@ class TrainCfg:
     clip_grad: float = 0.0  # max grad norm; 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
+    deterministic: bool = False  # deterministic algorithms, cuDNN autotuning off: a resume is bit-identical
     log_every: int = 10
     val_every: int = 1  # epochs
     ckpt_every: int = 0  # optimizer steps; 0 = only at epoch ends

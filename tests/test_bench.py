@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import assert_user_error, run_cli
 from distseg.config import load_config
 from distseg.models import build_model
@@ -21,14 +23,14 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     assert names == ["decode only: full image + mask, the loader's decoders (1 process)",
                      "training transform alone: bytes in memory -> augmented crop (1 process)",
                      "torch loader, CPU decode", "torch loader, GPU decode (nvJPEG)",
-                     "DALI, CPU mode (device_id=None)",
+                     "DALI, CPU mode (device_id=None)", "DALI, mixed (GPU) decode + GPU augmentation",
                      "torchvision reference, PNG folder", "torchvision reference, same JPEG shards"]
-    for line in r[:3] + r[4:]:
+    for line in r[:3] + r[4:5] + r[6:]:
         ips, cores, per_core = (float(v) for v in line.split("|")[2:5])
         assert ips > 0 and cores >= 0 and per_core > 0  # a tiny run may finish within one jiffy
     assert r[0].split("|")[5].strip() == "1.00x" and r[2].split("|")[5].strip().endswith("x")
     assert r[1].split("|")[6].strip() == "1.00x" and r[2].split("|")[6].strip().endswith("x")
-    assert "skipped: no CUDA" in r[3]
+    assert "skipped: no CUDA" in r[3] and "skipped: no CUDA" in r[5]
     assert "reduced (DCT) JPEG decode for" in p.stdout
 
     def lines(text):
@@ -42,19 +44,34 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     assert set(j["pipelines"]) == {"decode", "tv-jpg"} and j["pipelines"]["decode"]["vs_decode_only"] == 1.0
 
 
-def test_bench_train_reports_throughput_and_mfu_per_encoder(shards):
-    p = run_cli("bench", "train", "--variants", "fp32,bf16", "--steps", "2", "--warmup", "1", "--loader",
-                "--encoders", "unet,resnet18", f"data.shards={shards}", "data.batch_size=2",
-                "data.num_workers=0", "data.crop=[64,128]", "model.base=8", "model.depth=2")
+def test_bench_train_times_every_variant_and_feed_alike_against_plain_pytorch(shards):
+    p = run_cli("bench", "train", "--variants", "plain,fp32,bf16+cl+compile", "--feeds",
+                "synthetic,torch-cpu", "--min-steps", "2", "--min-seconds", "30", "--warmup", "1",
+                "--encoders", "unet,resnet18",
+                f"data.shards={shards}", "data.batch_size=2", "data.num_workers=0", "data.crop=[64,128]",
+                "model.base=8", "model.depth=2")
     r = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(p.stdout)]
-    assert [(x[0], x[2]) for x in r] == [("unet", "fp32"), ("unet", "bf16"), ("resnet18", "fp32"),
-                                        ("resnet18", "bf16")]
+    got = [(x[0], x[2], x[3]) for x in r]
+    synthetic, fed = "synthetic tensors", "torch loader, CPU decode"
+    assert got == [(m, v, f) for m in ("unet", "resnet18") for v, f in
+                   (("plain", synthetic), ("plain", fed), ("fp32", synthetic), ("fp32", fed),
+                    ("bf16+cl+compile", "-"))]
     for x in r:
-        ips, tflops, mfu = (float(v) for v in x[3:6])
-        assert ips > 0 and tflops > 0 and mfu > 0
-    sizes = {x[0]: x[1] for x in r}
+        if x[2] == "bf16+cl+compile":  # no compiler for the CPU here: said, not timed
+            assert x[4] == "skipped: compile runs on CUDA here"
+            continue
+        ips, tflops, mfu = (float(v) for v in (x[4], x[6], x[7]))
+        assert ips > 0 and tflops >= 0 and mfu >= 0
+        if x[3] == synthetic:
+            assert x[5] == "1.00x"
+        else:
+            assert float(x[5].rstrip("x")) == pytest.approx(ips / float(next(
+                y[4] for y in r if y[:3] == x[:3] and y[3] == synthetic)), abs=0.01)
+        assert x[10].endswith("x") and (x[2] != "plain" or x[3] != synthetic or x[10] == "1.00x")
+    assert "then 2 steps or 30 s" in p.stdout  # every row the same timing rule
     resnet = build_model(load_config(None, ["model.encoder=resnet18", "model.base=32"]), 19)
-    assert sizes["resnet18"].startswith(f"{sum(p.numel() for p in resnet.parameters()) / 1e6:.1f}M")
+    params = f"{sum(p.numel() for p in resnet.parameters()) / 1e6:.1f}M, "
+    assert all(x[1].startswith(params) for x in r if x[0] == "resnet18")
     assert "decoder width 32" in p.stdout
     p = run_cli("bench", "train", "--encoders", "resnet19", check=False)
     assert_user_error(p, "model.encoder")
@@ -93,3 +110,28 @@ def test_bench_e2e_times_a_whole_run_through_the_real_entry(shards, tmp_path):
     assert t["first_step_of_epoch_vs_inner"] > 0 and t["validation_img_per_s"] > 0
     assert table["whole run / synthetic step"].endswith("x")
     assert "data.repeat 2, 28 steps in 2 epochs" in p.stdout
+
+
+def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
+    """tools/gpu-check.sh on the CPU with tiny sizes: every phase runs and reports, GPU rows say why not; so
+    the command a GPU holder runs cannot rot unnoticed."""
+    import subprocess
+
+    from conftest import ROOT
+
+    out = tmp_path / "report.md"
+    args = ["--dry-run", "--phases", "tests,step,loader,data,eval,train", "--out", str(out), "--data",
+            str(tmp_path / "gc")]
+    p = subprocess.run(["bash", str(ROOT / "tools" / "gpu-check.sh"), *args], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = out.read_text()
+    assert "FAILED" not in report and "- GPU: none (no CUDA)" in report
+    for phase in ("tests", "step", "loader", "data", "eval", "train"):
+        assert f"## {phase} (" in report and f"phase {phase}: " in p.stdout
+    assert "tests/test_training_gpu.py::test_kill_and_resume_on_cuda" in report  # collected, not run
+    assert "| unet | " in report.split("## step")[1] and "| plain | synthetic tensors |" in report
+    assert "torch loader, nvJPEG | skipped: no CUDA" in report
+    assert "DALI, mixed (GPU) decode + GPU augmentation | skipped: no CUDA" in report
+    assert "| whole run img/s (images / wall time from process start) |" in report
+    assert "| evaluate |" in report and "| export |" in report and "| all |" in report

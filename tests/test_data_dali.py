@@ -166,24 +166,13 @@ def test_training_with_dali_loader_two_processes(shards, tmp_path):
 
 
 @pytest.mark.gpu
-def test_dali_gpu_decode_matches_cpu_pipeline(shards):
-    cfg = cfg_for(shards)
-    man = load_manifest(shards, "val")
-    cpu = next(iter(DaliLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 1, 0, None, man)))
-    gpu = next(iter(DaliLoader(cfg.data, cfg.train.seed, "val", False, "cuda:0", 1, 0, None, man)))
+def test_dali_mixed_decode_matches_the_cpu_pipeline_on_the_train_jpeg_shards(shards):
+    cfg = cfg_for(shards, **{"data.val_batch_size": 4})
+    man = load_manifest(shards, "train")
+    assert man["image_ext"] == "jpg"  # nvJPEG's path: the train shards (val is lossless PNG)
+    cpu = next(iter(DaliLoader(cfg.data, 0, "train", False, "cpu", 1, 0, None, man)))
+    gpu = next(iter(DaliLoader(cfg.data, 0, "train", False, "cuda:0", 1, 0, None, man)))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
     torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
-    assert (gpu["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG vs libjpeg rounding
-
-
-@pytest.mark.gpu
-def test_torch_loader_gpu_decode_matches_cpu_decode(shards):
-    cfg = cfg_for(shards)
-    man = load_manifest(shards, "val")
-    cpu = next(iter(TorchLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 1, 0, None, man)))
-    gpu_loader = TorchLoader(cfg.data, cfg.train.seed, "val", False, "cuda", 1, 0, None, man)
-    assert gpu_loader.gpu_decode
-    gpu = next(iter(gpu_loader))
-    assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
-    torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
-    assert (gpu["image"].cpu() - cpu["image"]).abs().mean() < 0.05  # nvJPEG vs libjpeg rounding
+    grey = (gpu["image"].cpu() - cpu["image"]) * torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
+    assert grey.abs().mean() < 2 and grey.abs().max() < 40  # nvJPEG vs libjpeg-turbo: rounding, edges

@@ -86,3 +86,17 @@ def test_zstd_val_shards_give_the_png_shards_batches(synth_root, shards, tmp_pat
     if dali_available():
         with pytest.raises(UserError, match="data.loader=dali decodes JPEG and PNG members"):
             DaliLoader(cfg.data, 0, "val", False, "cpu", 1, 0, None, load_manifest(tmp_path, "val"))
+
+
+@pytest.mark.gpu
+def test_torch_loader_nvjpeg_matches_cpu_decode_on_the_train_jpeg_shards(shards):
+    cfg = load_config(None, [f"data.shards={shards}", "data.val_batch_size=4", "data.num_workers=1"])
+    man = load_manifest(shards, "train")
+    cpu = next(iter(TorchLoader(cfg.data, 0, "train", False, "cpu", 1, 0, None, man)))
+    gpu_loader = TorchLoader(cfg.data, 0, "train", False, "cuda", 1, 0, None, man)
+    assert gpu_loader.gpu_decode
+    gpu = next(iter(gpu_loader))
+    assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
+    torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
+    grey = (gpu["image"].cpu() - cpu["image"]) * torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
+    assert grey.abs().mean() < 2 and grey.abs().max() < 40  # a few grey levels, more at sharp edges

@@ -95,26 +95,28 @@ def test_reduced_jpeg_decode_where_the_window_is_downscaled_twice(scene):
 
 def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
     from distseg.config import load_config
-    from distseg.data.torch_loader import TorchLoader
+    from distseg.data.torch_loader import TorchLoader, unpack
 
     cfg = load_config(None,
                       [f"data.shards={shards}", "data.batch_size=3", "data.num_workers=1",
                        "data.crop=[64,96]"])
     for train in (True, False):
         loader = TorchLoader(cfg.data, cfg.train.seed, "train" if train else "val", train, "cpu", 1, 0, None)
-        raw = next(iter(loader.dl))  # what the workers send
-        assert raw["image"].dtype == torch.uint8 and raw["image"].shape[-1] == 3
+        raw = next(iter(loader.dl))  # what the workers send: uint8 pixels, already N x 3 x H x W for the CPU
+        image, mask = unpack(raw["pixels"], raw["size"], nhwc=False)
+        assert raw["pixels"].dtype == torch.uint8 and image.shape[1] == 3 and image.shape[0] == mask.shape[0]
         loader.set_epoch(0)
         b = next(iter(loader))  # what the loop gets
         assert b["image"].dtype == torch.float32 and b["image"].shape[1] == 3
         assert b["mask"].dtype == torch.int64
-        expect = (raw["image"].permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
+        expect = (image.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
             / torch.tensor(STD).view(1, 3, 1, 1)
         torch.testing.assert_close(b["image"], expect, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_normalises_to_about_zero():
-    x = to_device(torch.tensor(mean_fill(MEAN), dtype=torch.uint8).view(1, 1, 1, 3), "cpu", MEAN, STD)
+    pixel = torch.tensor(mean_fill(MEAN), dtype=torch.uint8).view(1, 1, 1, 3)
+    x = to_device(pixel, "cpu", MEAN, STD, nhwc=True)
     assert x.abs().max() < 0.01
 
 

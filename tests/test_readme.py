@@ -21,9 +21,9 @@ README = ROOT / "README.md"
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
         "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false",
         "sched.warmup_steps=0", "train.mixed_precision=no"]
-BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"], "train": ["--steps", "1", "--warmup", "1",
-         "--variants", "fp32"], "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64",
-                                                                     "--modes", "whole,slide"],
+BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"],
+         "train": ["--min-steps", "1", "--warmup", "1", "--variants", "fp32", "--feeds", "synthetic"],
+         "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64", "--modes", "whole,slide"],
          "index": ["--samples", "2000", "--workers", "1", "--no-dali"]}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
 

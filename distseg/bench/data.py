@@ -131,7 +131,9 @@ def _dataset_loader(ds, bs: int, nw: int, n: int, cuda: bool):
 MODES = {"decode": "decode only: full image + mask, the loader's decoders (1 process)",
          "transform": "training transform alone: bytes in memory -> augmented crop (1 process)",
          "torch-cpu": "torch loader, CPU decode", "torch-gpu": "torch loader, GPU decode (nvJPEG)",
-         "dali": "DALI, CPU mode (device_id=None)", "tv-png": "torchvision reference, PNG folder",
+         "dali": "DALI, CPU mode (device_id=None)",
+         "dali-gpu": "DALI, mixed (GPU) decode + GPU augmentation",
+         "tv-png": "torchvision reference, PNG folder",
          "tv-jpg": "torchvision reference, same JPEG shards"}
 
 
@@ -165,16 +167,17 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
     for mode in modes:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
-        if mode == "torch-gpu" and not cuda:
+        if mode in ("torch-gpu", "dali-gpu") and not cuda:
             results[mode] = "skipped: no CUDA"
             continue
-        if mode == "dali" and not dali_available():
+        if mode.startswith("dali") and not dali_available():
             results[mode] = "skipped: DALI not installed (pip install \"distseg[dali]\")"
             continue
-        if mode in ("torch-cpu", "torch-gpu", "dali"):
-            c = with_data(cfg, loader="dali" if mode == "dali" else "torch",
+        if mode in ("torch-cpu", "torch-gpu", "dali", "dali-gpu"):
+            c = with_data(cfg, loader="dali" if mode.startswith("dali") else "torch",
                           decode="gpu" if mode == "torch-gpu" else "cpu")
-            results[mode] = _time_batches(endless(make_loader(c, split, scheme, True, device)), n_batches, bs)
+            where = "cpu" if mode == "dali" else device  # DALI's CPU mode on any machine
+            results[mode] = _time_batches(endless(make_loader(c, split, scheme, True, where)), n_batches, bs)
             continue
         samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
         shard_lut = lut if lut is not None else np.arange(256)  # shard masks: remap labelid shards only

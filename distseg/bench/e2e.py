@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distseg.bench.common import device_name, table
+from distseg.bench.common import device_name, measure, table
 from distseg.bench.train import time_variant
 from distseg.config import load_config
 from distseg.errors import UserError
@@ -49,6 +49,28 @@ def run_training(config: str | None, overrides: list[str], procs: int, folder: P
     return json.loads((folder / "e2e" / "summary.json").read_text())
 
 
+def model_only_val(cfg, device, images: int = 4) -> float:
+    """img/s of the run's inference (Segmenter, eval settings, val batch) alone, on random pixels of the val
+    images' size: validation's time beyond this is spent outside the model."""
+    from distseg.data.manifest import load_manifest
+    from distseg.data.shard_reader import ShardFiles, ShardSamples
+    from distseg.inference.segmenter import Segmenter
+    from distseg.models import build_model
+
+    man = load_manifest(cfg.data.shards, cfg.data.val_split)
+    samples = ShardSamples(man, ShardFiles.of(man, cfg.data), log=lambda *a: None)
+    w, h = json.loads(samples.read(0, "json"))["size"]
+    model = build_model(cfg, out_channels(cfg, get_scheme(cfg.data.scheme).num_classes)).to(device).eval()
+    seg = Segmenter.from_config(model, cfg, device)
+    x = torch.randint(0, 256, (cfg.data.val_batch_size, 3, h, w), dtype=torch.uint8)
+    seg.classes(seg.preprocess(x))  # warm-up
+    rounds = max(1, images // cfg.data.val_batch_size)
+    with measure() as m:
+        for _ in range(rounds):
+            seg.classes(seg.preprocess(x))
+    return rounds * cfg.data.val_batch_size / m["wall"]
+
+
 def fmt(v, unit: str = "", digits: int = 2) -> str:
     """A figure for the table, '-' when the run did not measure it."""
     return "-" if v is None else f"{v:.{digits}f}{unit}"
@@ -68,7 +90,9 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
         torch.backends.cudnn.benchmark = True
     variant = step_variant(cfg, cuda)
     nc = out_channels(cfg, get_scheme(cfg.data.scheme).num_classes)
-    synthetic, _ = time_variant(cfg, nc, variant, device, None, steps, warmup)
+    synthetic, _ = time_variant(cfg, nc, variant, device, None, steps, warmup, min_seconds=20.0)
+    model_val = model_only_val(cfg, device)
+    outside = 1 - t["validation_img_per_s"] / model_val if t["validation_img_per_s"] else None
     rows = [["start-up: process start -> end of the first step", fmt(t["start_up_s"], " s")],
             ["steady img/s inside epochs", fmt(t["steady_img_per_s"])],
             ["a step inside an epoch", fmt(t["step_s"], " s", 3)],
@@ -80,6 +104,9 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
             ["validation img/s (steady; first batch apart) / share of the run",
              f"{fmt(t['validation_img_per_s'])} / {100 * t['validation_share']:.1f}%"],
             ["validation start-up (first batch)", fmt(t["validation_start_up_s"], " s")],
+            ["the model alone on the val images' size (same inference settings) img/s", fmt(model_val)],
+            ["validation time outside the model (steady)",
+             "-" if outside is None else f"{100 * outside:.1f}%"],
             ["checkpoint stall on the critical path / share", f"{fmt(t['checkpoint_stall_s'], ' s')} / "
                                                              f"{100 * t['checkpoint_share']:.1f}%"],
             ["data wait inside epochs (share of the steps' time)",

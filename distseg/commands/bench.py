@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from distseg.bench.data import bench_data, bench_storage, shuffle_report
 from distseg.bench.e2e import bench_e2e
 from distseg.bench.eval import MODES, bench_eval
+from distseg.bench.gpu_check import PHASES, QUICK, gpu_check
 from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
-from distseg.bench.train import VARIANTS, bench_train
+from distseg.bench.train import FEEDS, VARIANTS, bench_train
 from distseg.config import load_config
 from distseg.data.dali_loader import dali_available
 from distseg.data.manifest import load_manifest
@@ -38,7 +41,8 @@ OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.bat
 @click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
 @click.option("--split", default="train", show_default=True, help="split whose shards to read")
 @click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
-@click.option("--modes", default="decode,transform,torch-cpu,torch-gpu,dali,tv-png,tv-jpg", show_default=True,
+@click.option("--modes", default="decode,transform,torch-cpu,torch-gpu,dali,dali-gpu,tv-png,tv-jpg",
+              show_default=True,
               help="pipelines, comma-separated ('' for none)")
 @click.option("--json", "as_json", is_flag=True, help="print the pipeline figures as JSON (for machines)")
 @click.option("--shards", "url", default=None,
@@ -67,23 +71,29 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
 
 @bench.command("train")
 @click.option("--config", "-c", default=None, help="training config")
-@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="comma-separated")
-@click.option("--steps", default=10, show_default=True, help="timed steps per variant")
-@click.option("--warmup", default=3, show_default=True, help="untimed steps first")
-@click.option("--loader", "real_loader", is_flag=True,
-              help="feed the real shard loader instead of synthetic tensors")
+@click.option("--variants", default="plain,fp32,tf32,bf16,bf16+cl,plain+compile,bf16+cl+compile",
+              show_default=True, help=f"comma-separated, of {', '.join(VARIANTS)}")
+@click.option("--feeds", default="synthetic", show_default=True,
+              help=f"comma-separated, of {', '.join(FEEDS)}")
+@click.option("--min-steps", default=200, show_default=True, help="timed steps per row (or --min-seconds)")
+@click.option("--min-seconds", default=20.0, show_default=True, help="timed seconds per row (or --min-steps)")
+@click.option("--warmup", default=5, show_default=True, help="untimed steps first")
 @click.option("--encoders", default=None,
               help="comma-separated model.encoder values to compare (e.g. unet,resnet18,resnet50,"
                    "convnext_tiny,efficientnet_b0) [default: the config's]")
+@click.option("--profile", is_flag=True, help="also the top operators by device time (torch.profiler)")
 @click.option("--out", default=None, help="append the table to this file")
 @click.argument("overrides", nargs=-1)
-def bench_train_cmd(config, variants, steps, warmup, real_loader, encoders, out, overrides) -> None:
-    """Training-step img/s, TFLOP/s, MFU and data-wait per encoder and variant. OVERRIDES: config settings."""
+def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, encoders, profile, out,
+                    overrides) -> None:
+    """Training-step img/s, ÷ synthetic, TFLOP/s, MFU and data wait / GPU idle per encoder, variant and feed,
+    every row timed alike, against a plain-PyTorch row. OVERRIDES: config settings."""
     cfg = load_config(config, overrides)
     names = encoders.split(",") if encoders else None
     for name in names or []:
         check_encoder(name)
-    _emit(bench_train(cfg, variants.split(","), steps, warmup, real_loader, names), out)
+    _emit(bench_train(cfg, variants.split(","), warmup, min_steps, min_seconds, feeds.split(","), names,
+                      profile), out)
 
 
 @bench.command("shard")
@@ -140,3 +150,22 @@ def bench_e2e_cmd(config, procs, steps, keep, out, overrides) -> None:
     """A whole training run through the real entry: start-up, steady img/s, epoch boundaries, validation,
     checkpoints and whole-run img/s against the step alone. OVERRIDES: config settings."""
     _emit(bench_e2e(config, list(overrides), procs, steps, keep=keep), out)
+
+
+@bench.command("gpu-check")
+@click.option("--phases", default=",".join(QUICK), show_default=True,
+              help=f"comma-separated, of {', '.join(PHASES)} (the default is --quick)")
+@click.option("--quick", is_flag=True, help=f"the phases {', '.join(QUICK)} (the default)")
+@click.option("--dry-run", is_flag=True, help="every phase on the CPU with tiny sizes, tests only collected")
+@click.option("--out", default="gpu-report.md", show_default=True, help="the Markdown report to write")
+@click.option("--data", default=".gpu-check", show_default=True,
+              help="folder for the synthetic data, shards and run (reused while there)")
+def bench_gpu_check_cmd(phases, quick, dry_run, out, data) -> None:
+    """Everything a GPU machine should show, in one report: the GPU tests, the step against plain PyTorch, the
+    loader feeds, the data pipelines, inference and a whole run (tools/gpu-check.sh runs this)."""
+    names = list(QUICK) if quick else [p for p in phases.split(",") if p]
+    unknown = [p for p in names if p not in PHASES]
+    if unknown:
+        raise UserError(f"unknown phase {unknown[0]!r}: use {', '.join(PHASES)}")
+    path = gpu_check(names, Path(out), dry_run, Path(data), click.echo)
+    click.echo(f"report written to {path}")

@@ -151,23 +151,40 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
+def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int) -> None:
+    """Render and write image i of a split (its camera image and the four gtFine files)."""
+    cities = CITIES.get(split, [split])
+    city = cities[i % len(cities)]
+    stem = f"{city}_{i // len(cities):06d}_000019"
+    rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height)
+    img_dir = out / "leftImg8bit" / split / city
+    gt_dir = out / "gtFine" / split / city
+    img_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_png(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
+    atomic_save_png(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
+    atomic_save_png(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
+    atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
+
+
 def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int = 256, seed: int = 0,
-                progress: bool = True) -> int:
-    """Write a Cityscapes-format tree under `out`; returns the number of images written."""
+                progress: bool = True, workers: int = 1) -> int:
+    """Write a Cityscapes-format tree under `out` in `workers` processes (each image depends on (seed,
+    split, index) alone, so any number of workers writes the same files); returns the number written."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     from tqdm import tqdm
 
     todo = [(split, i) for split, n in counts.items() for i in range(n)]
-    for split, i in tqdm(todo, desc="synth", unit="img", disable=not progress):
-        cities = CITIES.get(split, [split])
-        city = cities[i % len(cities)]
-        stem = f"{city}_{i // len(cities):06d}_000019"
-        rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height)
-        img_dir = out / "leftImg8bit" / split / city
-        gt_dir = out / "gtFine" / split / city
-        img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save_png(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
-        atomic_save_png(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
-        atomic_save_png(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
-        atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
+    one = partial(write_one, out, width=width, height=height, seed=seed)
+    with tqdm(total=len(todo), desc="synth", unit="img", disable=not progress) as bar:
+        if workers <= 1:
+            for split, i in todo:
+                one(split, i)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for _ in pool.map(one, *zip(*todo), chunksize=4):
+                    bar.update(1)
     return len(todo)

@@ -10,11 +10,12 @@ flagged invalid and counted, so batches stay equal across ranks.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.manifest import load_manifest
@@ -59,7 +60,7 @@ class ShardDataset(Dataset):
             img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
-        out.update(image=img, mask=m)
+        out.update(image=img, mask=m, size=tuple(m.shape))
         return out
 
     def _corrupt(self, out: dict, i: int, e: Exception) -> dict:
@@ -70,13 +71,46 @@ class ShardDataset(Dataset):
                                        "it")}
         h, w = self.data.crop if self.data.crop and self.train else \
             json.loads(self.s.read(i, "json"))["size"][::-1]
-        fill = torch.tensor(mean_fill(self.data.mean), dtype=torch.uint8).view(3, 1, 1)
         mask = torch.full((h, w), IGNORE, dtype=torch.uint8)
-        out.update(valid=False, corrupt=True, image=fill.view(1, 1, 3).expand(h, w, 3).clone(), mask=mask)
+        out.update(valid=False, corrupt=True)
         if self.gpu_decode:  # keep the batch's form; _decode_on_gpu pads it
-            out.pop("image"), out.pop("mask")
-            out.update(jpeg=None, mask_u8=torch.full((h, w), IGNORE, dtype=torch.uint8))
+            out.update(jpeg=None, mask_u8=mask)
+        else:
+            fill = torch.tensor(mean_fill(self.data.mean), dtype=torch.uint8).view(1, 1, 3)
+            out.update(image=fill.expand(h, w, 3), mask=mask, size=(h, w))
         return out
+
+
+def batch_buffer(n: int, size: tuple[int, int]) -> torch.Tensor:
+    """An uninitialised uint8 N x 4HW batch: in shared memory inside a DataLoader worker (allocated there
+    the way torch's own default_collate allocates its batches, so the main process maps it without a copy),
+    in ordinary memory elsewhere."""
+    numel = n * 4 * size[0] * size[1]
+    if get_worker_info() is None:
+        return torch.empty(n, numel // n, dtype=torch.uint8)
+    elem = torch.empty(0, dtype=torch.uint8)
+    return elem.new(elem._typed_storage()._new_shared(numel, device="cpu")).view(n, numel // n)
+
+
+def pack(out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, nhwc: bool) -> None:
+    """Write a sample's uint8 H x W x 3 image and H x W mask into its row of a batch buffer: the image's
+    pixels (3 x H x W, or H x W x 3 with `nhwc`: the transpose happens here, in the worker), then the mask's.
+    A batch is one tensor, so one file descriptor crosses from the worker to the main process instead of two
+    (each crossing is a socket connection and a handshake); `unpack` takes it apart as views."""
+    h, w = mask.shape
+    if nhwc:
+        out[:3 * h * w].view(h, w, 3).copy_(image)
+    else:
+        out[:3 * h * w].view(3, h, w).copy_(image.permute(2, 0, 1))
+    out[3 * h * w:].view(h, w).copy_(mask)
+
+
+def unpack(pixels: torch.Tensor, size: tuple[int, int], nhwc: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of `pack`ed samples (N x 4HW) -> images (N x 3 x H x W, or N x H x W x 3) and masks
+    (N x H x W), views of it."""
+    (h, w), n = size, pixels.shape[0]
+    image = pixels[:, :3 * h * w].view(n, h, w, 3) if nhwc else pixels[:, :3 * h * w].view(n, 3, h, w)
+    return image, pixels[:, 3 * h * w:].view(n, h, w)
 
 
 def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
@@ -89,24 +123,27 @@ def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, trai
     return decode_rgb(raw).permute(1, 2, 0), mask  # H x W x 3, as the training path
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack a batch; GPU-decode batches keep lists of JPEG bytes. A decoding error travels as data."""
+def collate(items: list[dict], nhwc: bool = False) -> dict:
+    """Pack a batch's images and masks into one buffer (`pack`), in shared memory when in a worker.
+    GPU-decode batches keep lists of JPEG bytes. An error travels as data."""
     errors = [it["error"] for it in items if "error" in it]
     if errors:
         return {"error": errors[0]}
-    out = {"key": [it["key"] for it in items], "index": torch.tensor([it["index"] for it in items]),
-           "valid": torch.tensor([it["valid"] for it in items]),
-           "corrupt": torch.tensor([it["corrupt"] for it in items])}
+    # small values as lists: every tensor a worker sends costs a file descriptor passed over a socket
+    out = {"key": [it["key"] for it in items], "index": [it["index"] for it in items],
+           "valid": [it["valid"] for it in items], "corrupt": [it["corrupt"] for it in items]}
     if "mask_u8" in items[0]:
         for k in ("jpeg", "mask_u8", "epoch"):
             out[k] = [it[k] for it in items]
         return out
-    shapes = {tuple(it["image"].shape) for it in items}
+    shapes = {it["size"] for it in items}
     if len(shapes) > 1:
-        raise UserError(f"images of different sizes in one batch ({sorted(shapes)}): set data.crop or "
-                        "re-shard with --resize")
-    out["image"] = torch.stack([it["image"] for it in items])
-    out["mask"] = torch.stack([it["mask"] for it in items])
+        return {"error": UserError(f"images of different sizes in one batch ({sorted(shapes)}): set "
+                                   "data.crop or re-shard with --resize")}
+    out["size"] = items[0]["size"]
+    out["pixels"] = batch_buffer(len(items), out["size"])
+    for row, it in zip(out["pixels"], items):
+        pack(row, it["image"], it["mask"], nhwc)
     return out
 
 
@@ -160,7 +197,8 @@ class TorchLoader:
         nw = d.num_workers
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)
-        self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw, collate_fn=collate,
+        self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw,
+                             collate_fn=functools.partial(collate, nhwc=self.channels_last),
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
                              prefetch_factor=4 if nw > 0 else None, worker_init_fn=worker_init)
         self._it = None  # the running DataLoader iterator
@@ -237,9 +275,13 @@ class TorchLoader:
             self._decode_on_gpu(b)
         else:
             d = self.data
-            b["image"] = to_device(b["image"], self.device, d.mean, d.std, self.channels_last)
-            b["mask"] = b["mask"].to(self.device, non_blocking=nb).long()
-        b["valid"] = b["valid"].to(self.device, non_blocking=nb)
+            pixels = b.pop("pixels").to(self.device, non_blocking=nb)
+            image, mask = unpack(pixels, b.pop("size"), self.channels_last)
+            b["image"] = to_device(image, self.device, d.mean, d.std, nhwc=self.channels_last)
+            b["mask"] = mask.long()
+        for k in ("valid", "corrupt"):  # pinned first on CUDA: a pageable copy would wait for the device
+            v = torch.tensor(b[k])
+            b[k] = v.pin_memory().to(self.device, non_blocking=True) if nb else v
         return b
 
     def _decode_on_gpu(self, b: dict) -> None:
@@ -247,7 +289,7 @@ class TorchLoader:
         from torchvision.io import decode_jpeg
 
         jpegs, masks, epochs = b.pop("jpeg"), b.pop("mask_u8"), b.pop("epoch")
-        good = [k for k, bad in enumerate(b["corrupt"].tolist()) if not bad]
+        good = [k for k, bad in enumerate(b["corrupt"]) if not bad]
         try:
             decoded = dict(zip(good, decode_jpeg([jpegs[k] for k in good], device=self.device)))
         except RuntimeError:  # find the damaged one(s)

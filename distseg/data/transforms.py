@@ -178,15 +178,17 @@ def mean_fill(mean) -> tuple[int, int, int]:
     return tuple(int(round(255 * m)) for m in mean)
 
 
-def to_device(images: torch.Tensor, device, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """uint8 N x H x W x 3 (pinned on CUDA) -> normalised float N x 3 x H x W on `device`: the copy moves
-    uint8, and the permuted view is already channels_last."""
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    if not channels_last:
-        x = x.contiguous()  # the transpose on uint8: a quarter of the bytes it would move as float
+def to_device(images: torch.Tensor, device, mean, std, nhwc: bool = False) -> torch.Tensor:
+    """uint8 images (pinned on CUDA) -> normalised float N x 3 x H x W on `device`: the copy moves uint8.
+    `nhwc`: the batch is N x H x W x 3, whose permuted view is already channels_last (for a channels_last
+    model on CUDA); otherwise the workers stacked it N x 3 x H x W. Converted, then scaled and shifted in
+    place: three times cheaper on a CPU than addcmul reading uint8."""
+    x = images.to(device, non_blocking=True)
+    if nhwc:
+        x = x.permute(0, 3, 1, 2)
     scale = torch.tensor([1 / (255 * s) for s in std], device=x.device).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device).view(1, 3, 1, 1)
-    return torch.addcmul(shift, x, scale)  # uint8 -> float in the same pass as the normalisation
+    return x.float().mul_(scale).add_(shift)
 
 
 def normalize(img: torch.Tensor, mean, std) -> torch.Tensor:

@@ -22,15 +22,18 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred, target: integer maps of equal shape; target 255 (or >= num_classes) is ignored."""
+        """pred, target: integer maps of equal shape; target 255 (or >= num_classes) is ignored. Counted on
+        the device without reading anything back (no boolean indexing, no bincount: both wait for the
+        device to learn a size): ignored pixels go to a spare slot that is dropped."""
         t = target.reshape(-1).long()
         p = pred.reshape(-1).long().to(t.device)
-        keep = (t != IGNORE) & (t < self.n) & (t >= 0)
-        pk = p[keep]
-        pk = torch.where((pk >= 0) & (pk < self.n), pk, torch.full_like(pk, self.n))
-        idx = t[keep] * (self.n + 1) + pk
-        counts = torch.bincount(idx, minlength=self.n * (self.n + 1)).reshape(self.n, self.n + 1)
-        self.mat += counts.to(self.mat.device)
+        n = self.n
+        keep = (t != IGNORE) & (t < n) & (t >= 0)
+        p = torch.where((p >= 0) & (p < n), p, n)
+        idx = torch.where(keep, t * (n + 1) + p, n * (n + 1))
+        counts = torch.zeros(n * (n + 1) + 1, dtype=torch.int64, device=idx.device)
+        counts.scatter_add_(0, idx, torch.ones(1, dtype=torch.int64, device=idx.device).expand_as(idx))
+        self.mat += counts[:-1].reshape(n, n + 1).to(self.mat.device)
 
     def reduce(self, accelerator) -> "ConfusionMatrix":
         """Sum over ranks (each rank must have counted disjoint samples)."""

@@ -45,6 +45,8 @@ def main(config: str | None, overrides: list[str] | tuple[str, ...]) -> int:
     code, acc, cfg = 0, None, None
     try:
         cfg = load_config(config, overrides)
+        if cfg.train.deterministic:  # cuBLAS reads it when CUDA starts: before the Accelerator
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
         set_seed(cfg.train.seed)
         summary = train(cfg, acc)

@@ -169,9 +169,12 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
     clock = RunClock(acc.device.type == "cuda", acc.num_processes)
     if acc.device.type == "cuda":  # fixed input shapes (crops): let cuDNN pick the fastest kernels
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.train.deterministic:  # an op without a deterministic kernel warns (once) rather than stopping
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
     scheme = get_scheme(cfg.data.scheme)
     train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
     torch.manual_seed(cfg.train.seed)

@@ -1,0 +1,230 @@
+"""`distseg bench gpu-check` (what `tools/gpu-check.sh` runs): one command for whoever holds a GPU. It needs
+no network: it prints the machine (GPU, driver, torch, DALI), makes its own Cityscapes-size synthetic data
+and shards in the background while the first phases run (reused while they are still there), and runs the
+phases asked for, each timed, into one Markdown report:
+
+- tests: `pytest -m gpu` (every CUDA path; with --dry-run only collected);
+- step: `bench train` variants on synthetic input against the plain-PyTorch loop (MFU beside them);
+- loader: `bench train` bf16+cl fed synthetic tensors, the torch loader (CPU decode, nvJPEG) and DALI;
+- data: `bench data`, every pipeline (DALI's CPU mode and its GPU row);
+- eval: `bench eval`, every inference mode at 2048x1024;
+- train: `bench e2e` (a whole run: 96 images x data.repeat, 2 epochs, one validation), then evaluate,
+  predict and export of that run, each timed.
+
+--quick (the default) is tests, step, loader. --dry-run runs every phase on the CPU with tiny sizes (GPU
+rows say "skipped: no CUDA"), so that a test keeps this command from rotting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from distseg.data.dali_loader import dali_missing
+
+PHASES = ("tests", "step", "loader", "data", "eval", "train")
+QUICK = ("tests", "step", "loader")
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Sizes:
+    """What the phases run on: Cityscapes-size on a GPU, tiny for --dry-run."""
+
+    def __init__(self, dry: bool):
+        self.dry = dry
+        self.image = "256x128" if dry else "2048x1024"
+        self.train, self.val = (8, 4) if dry else (96, 96)
+        self.repeat, self.epochs = (1, 2) if dry else (31, 2)
+        model = ["model.base=8", "model.depth=2", "model.norm=group"] if dry else []
+        crop = "data.crop=[64,128]" if dry else "data.crop=[512,1024]"
+        batch = "data.batch_size=2" if dry else "data.batch_size=8"
+        workers = "data.num_workers=1" if dry else f"data.num_workers={min(8, os.cpu_count() or 1)}"
+        precision = "train.mixed_precision=no" if dry else "train.mixed_precision=bf16"
+        self.settings = [*model, crop, batch, workers, precision, "data.val_batch_size=2"]
+        self.steps = ["--min-steps", "2", "--min-seconds", "2", "--warmup", "1"] if dry else \
+            ["--min-steps", "200", "--min-seconds", "20", "--warmup", "5"]
+
+
+def environment() -> str:
+    """The machine, as a Markdown list."""
+    cuda = torch.cuda.is_available()
+    driver = "-"
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                 "--format=csv,noheader"], capture_output=True, text=True,
+                                timeout=30).stdout.strip() or "-"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    dali = dali_missing()
+    if dali is None:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    lines = [f"GPU: {torch.cuda.get_device_name() if cuda else 'none (no CUDA)'}", f"nvidia-smi: {driver}",
+             f"torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
+             f"{torch.backends.cudnn.version() if cuda else '-'})", f"DALI: {dali}",
+             f"Python {platform.python_version()}, {os.cpu_count()} CPU cores, {platform.platform()}"]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def distseg(*args, timeout: int = 3600) -> str:
+    """`python -m distseg ARGS` in a child process (a whole process, as a user runs it); its output, or one
+    error naming the command."""
+    p = subprocess.run([sys.executable, "-m", "distseg", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"distseg {' '.join(map(str, args[:2]))} failed ({p.returncode}): {last}")
+    return p.stdout
+
+
+def bench(*args) -> str:
+    """`distseg bench ARGS` in this process (the same entry, without a new interpreter's start-up); what it
+    printed, or one error."""
+    from distseg.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["bench", *map(str, args)])
+        except SystemExit as e:
+            code = e.code or 0
+    if code:
+        last = (err.getvalue().strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"distseg bench {args[0]} failed ({code}): {last}")
+    return out.getvalue()
+
+
+class Data:
+    """The synthetic tree and its shards, made on a thread (the first phases need none of it)."""
+
+    def __init__(self, folder: Path, sizes: Sizes):
+        self.folder, self.sizes, self.error = folder, sizes, None
+        self.shards = folder / f"shards-{sizes.image}"
+        self.root = folder / f"cityscapes-{sizes.image}"
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._make, daemon=True)
+        self.thread.start()
+
+    def _make(self) -> None:
+        t = time.time()
+        try:
+            n = self.sizes
+            workers = str(max(1, min(16, os.cpu_count() or 1)))
+            if not (self.shards / "val.json").is_file():
+                distseg("synth", "--out", self.root, "--train", n.train, "--val", n.val, "--size", n.image,
+                        "--workers", workers)
+                for split in ("train", "val"):
+                    distseg("shard", "--split", split, "--root", self.root, "--out", self.shards, "--workers",
+                            workers, "--maxcount", 16, "--overwrite")
+        except Exception as e:  # reported by the phases that need the data
+            self.error = e
+        self.seconds = time.time() - t
+
+    def ready(self) -> Path:
+        """The shard folder, once made."""
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"could not make the synthetic data: {self.error}")
+        return self.shards
+
+
+def phase_tests(sizes: Sizes, data: Data) -> str:
+    """pytest -m gpu (collected only on a dry run: no nested test run)."""
+    args = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs"]
+    if sizes.dry:
+        args.append("--collect-only")
+    p = subprocess.run(args + ["tests"], capture_output=True, text=True, cwd=REPO)
+    tail = [line for line in p.stdout.splitlines() if line.strip()][-12:]
+    return f"`{' '.join(args[2:])} tests` exit status {p.returncode}\n\n```\n" + "\n".join(tail) + "\n```"
+
+
+def phase_step(sizes: Sizes, data: Data) -> str:
+    """bench train on synthetic input: distseg's variants against the plain loop."""
+    variants = "plain,fp32,bf16+cl" if sizes.dry else \
+        "plain,bf16+cl,plain+compile,bf16+cl+compile,bf16+cl+compile-max,bf16+cl+cudagraphs"
+    return bench("train", "--variants", variants, *sizes.steps, *sizes.settings)
+
+
+def phase_loader(sizes: Sizes, data: Data) -> str:
+    """bench train bf16+cl fed by every feed (÷ synthetic)."""
+    variant = "fp32" if sizes.dry else "bf16+cl"
+    return bench("train", "--variants", variant, "--feeds", "synthetic,torch-cpu,torch-gpu,dali",
+                 *sizes.steps, *sizes.settings, f"data.shards={data.ready()}")
+
+
+def phase_data(sizes: Sizes, data: Data) -> str:
+    """bench data: every pipeline, DALI's CPU and GPU rows included."""
+    batches = "3" if sizes.dry else "20"
+    return bench("data", "--root", data.root, "--batches", batches, *sizes.settings,
+                 f"data.shards={data.ready()}")
+
+
+def phase_eval(sizes: Sizes, data: Data) -> str:
+    """bench eval: whole / slide / flip / multi-scale."""
+    size = ["--size", "256x128", "--crop", "128x64", "--stride", "85x43", "--images", "1",
+            "--precision", "no"] if sizes.dry else ["--images", "8"]
+    return bench("eval", *size, *[s for s in sizes.settings if s.startswith("model.")])
+
+
+def phase_train(sizes: Sizes, data: Data, folder: Path) -> str:
+    """bench e2e (a whole run, kept), then evaluate, predict and export of it, each timed."""
+    run = folder / "e2e-run"
+    shutil.rmtree(run, ignore_errors=True)
+    out = bench("e2e", "--keep", run, "--steps", "3" if sizes.dry else "50", *sizes.settings,
+                f"data.shards={data.ready()}", f"data.repeat={sizes.repeat}", f"train.epochs={sizes.epochs}",
+                f"train.val_every={sizes.epochs}")
+    timed = []
+    for name, args in (("evaluate", ["evaluate", "--run", run / "e2e", "--root", data.root]),
+                       ("predict", ["predict", "--run", run / "e2e", "--out", folder / "predictions",
+                                    "--root", data.root, "--split", "val"]),
+                       ("export", ["export", "--run", run / "e2e", "--format", "pt2", "--out",
+                                   folder / "model.pt2"])):
+        t = time.time()
+        distseg(*args)
+        timed.append(f"| {name} | {time.time() - t:.1f} |")
+    return out + "\n\n| the run's flows, whole process | seconds |\n|---|---|\n" + "\n".join(timed)
+
+
+def gpu_check(phases: list[str], out: Path, dry: bool, folder: Path, log=print) -> Path:
+    """Run the phases; write and return the report."""
+    sizes = Sizes(dry)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = Data(folder, sizes) if set(phases) & {"loader", "data", "train"} else None
+    parts, times = [f"# GPU check {time.strftime('%Y-%m-%d %H:%M')}{' (dry run, CPU)' if dry else ''}",
+                    environment()], []
+    log(parts[1])
+    runners = {"tests": phase_tests, "step": phase_step, "loader": phase_loader, "data": phase_data,
+               "eval": phase_eval, "train": lambda s, d: phase_train(s, d, folder)}
+    for name in phases:
+        t = time.time()
+        try:
+            body = runners[name](sizes, data)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            body = f"FAILED: {e}"
+        seconds = time.time() - t
+        times.append((name, seconds))
+        log(f"phase {name}: {seconds:.1f} s")
+        parts.append(f"## {name} ({seconds:.1f} s)\n\n{body}")
+    if data is not None:
+        parts.append(f"synthetic data: {sizes.train} train / {sizes.val} val at {sizes.image}, made in "
+                     f"{data.seconds:.1f} s (in the background; 0 when reused)")
+    rows = "\n".join(f"| {n} | {s:.1f} |" for n, s in times)
+    total = f"| all | {time.time() - t0:.1f} |"
+    parts.append(f"## phase times\n\n| phase | seconds |\n|---|---|\n{rows}\n{total}")
+    out.write_text("\n\n".join(parts) + "\n")
+    (folder / "last.json").write_text(json.dumps({"phases": dict(times), "dry_run": dry}))
+    return out
