@@ -126,6 +126,15 @@ def test_training_validation_equals_evaluate_on_the_source_images(one_proc_run, 
     assert ours["miou"] == pytest.approx(summary["final_miou"], abs=1e-9)
     for name, v in summary["final_iou"].items():
         assert ours["iou"][name] == (None if v is None else pytest.approx(v, abs=1e-9)), name
+    # the best validation's category IoU, as the official evaluation of the best weights computes it
+    run_cli("evaluate", "--run", one_proc_run, "--json", tmp_path / "best.json")
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["miou"] == pytest.approx(summary["best"]["miou"], abs=1e-9)
+    cats = summary["best"]["category_iou"]
+    assert set(best["category_iou"]) - set(cats) == {"void"} and best["category_iou"]["void"] is None
+    assert sum(v is not None for v in cats.values()) >= 3
+    for name, v in best["category_iou"].items() - {("void", None)}:
+        assert cats[name] == (None if v is None else pytest.approx(v, abs=1e-9)), name
 
 
 def test_two_process_predict_writes_identical_files(synth_root, one_proc_run, tmp_path):

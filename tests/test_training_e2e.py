@@ -114,6 +114,17 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path, loader):
     sr = json.loads((tmp_path / "ref" / "summary.json").read_text())
     sk = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert sr["final_miou"] == sk["final_miou"] and sr["steps"] == sk["steps"]
+    # the killed process's part is the step-3 checkpoint's segment; the resumed one takes it from there
+    assert [(g["first_step"], g["last_step"]) for g in sk["segments"]] == [(0, 3), (3, sk["steps"])]
+    # the killed process logged steps past step 3; TensorBoard shows each step once, the resumed values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = []
+    for name in ("ref", "killed"):
+        ea = EventAccumulator(str(tmp_path / name / "tb"))
+        ea.Reload()
+        curves.append([(e.step, round(e.value, 5)) for e in ea.Scalars("train/loss")])
+    assert curves[1] == curves[0] and len(curves[0]) == sk["steps"]
     # only complete checkpoints carry the final name; none is left half-written
     assert not [c for c in ckpts.iterdir() if c.name.endswith(".tmp")]
 

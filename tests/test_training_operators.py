@@ -102,6 +102,9 @@ def test_ctrl_c_checkpoints_and_the_rerun_resumes(shards, tmp_path):
                                                                                   "checkpoints")) is None
     again = run_train(args + [f"train.max_steps={stopped + 1}"])
     assert f"resumed from {tmp_path / 'cc' / 'checkpoints' / f'step-{stopped:08d}'}" in again.stdout
+    segments = json.loads((tmp_path / "cc" / "summary.json").read_text())["segments"]
+    assert [(g["first_step"], g["last_step"]) for g in segments] == [(0, stopped), (stopped, stopped + 1)]
+    assert segments[0]["images"] == stopped * 4 and segments[1]["images"] == 4
 
 
 @pytest.mark.slow

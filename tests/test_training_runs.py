@@ -2,11 +2,12 @@
 further. Each test runs the real command and checks the exact line or file a user sees."""
 
 import json
+import re
 import shutil
 
 import pytest
 
-from conftest import assert_user_error, base_overrides, run_train
+from conftest import SGD, assert_user_error, base_overrides, run_train
 from distseg.errors import UserError
 from distseg.runs.run_dir import RunDir
 
@@ -52,6 +53,37 @@ def test_resume_never_refuses_and_fresh_moves_the_old_run_aside(shards, one_proc
     assert read_state(new[0]).run_id != old_id
 
 
+def test_rerunning_a_finished_run_says_so_in_one_line_and_touches_nothing(shards, one_proc_run, tmp_path):
+    run = tmp_path / "one"
+    shutil.copytree(one_proc_run, run)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    summary = strict_json(run / "summary.json")
+    p = run_train(base_overrides(shards, tmp_path, "one", **SGD))
+    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+    best = summary["best"]["miou"] if summary["best_score_name"] == "mIoU" else summary["best_score"]
+    assert p.stdout.strip() == (f"{run} finished earlier: {summary['epochs']} epochs ({summary['steps']} "
+                                f"steps), best mIoU {100 * best:.2f}% at epoch {summary['best_epoch']}; "
+                                "nothing to do (raise train.epochs to continue it)")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # not even a new TensorBoard file
+
+
+def test_summary_states_the_best_validation_totals_and_provenance(one_proc_run):
+    import subprocess
+
+    import distseg
+
+    s = strict_json(one_proc_run / "summary.json")
+    assert s["best_score"] == s["best"]["miou"] and s["best_step"] == s["best_epoch"] * 4
+    assert set(s["best"]) >= {"miou", "pixel_acc", "iou", "category_iou"}
+    assert len(s["best"]["iou"]) == 19 and s["best"]["category_iou"]["vehicle"] is not None
+    (seg,) = s["segments"]
+    assert seg["first_step"] == 0 and seg["last_step"] == seg["steps"] == s["steps"] == 8
+    assert seg["images"] == 8 * 4 and s["seconds"] == seg["seconds"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert s["distseg_version"] == distseg.__version__ and s["git_commit"].startswith(head)
+    assert len(s["config_sha256"]) == 64
+
+
 def test_a_start_that_fails_on_its_inputs_writes_nothing(shards, tmp_path):
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
@@ -81,6 +113,8 @@ def test_output_numbering_warnings_no_bar_in_logs_and_valid_summary(shards, tmp_
     assert any(line.startswith("note: train.mixed_precision=bf16 runs as CPU autocast") for line in out)
     # 14 samples, batch 4: 4 steps per epoch, 2 epochs, numbered from 1 on every line
     assert "step 4/8 epoch 1/2 " in p.stdout and "step 5/8 epoch 2/2 " in p.stdout
+    assert re.search(r"step 4/8 epoch 1/2 .* img/s data-wait \d+% eta \d+s", p.stdout), p.stdout
+    assert re.search(r"step 8/8 epoch 2/2 .* eta 0s", p.stdout)
     assert "epoch 1 step 4: val" in p.stdout and "epoch 2 step 8: val" in p.stdout
     assert "epoch 0" not in p.stdout and "epoch 3" not in p.stdout
     summary = strict_json(tmp_path / "r" / "summary.json")
@@ -89,3 +123,9 @@ def test_output_numbering_warnings_no_bar_in_logs_and_valid_summary(shards, tmp_
     ea = EventAccumulator(str(tmp_path / "r" / "tb"))
     ea.Reload()
     assert sorted({e.value for e in ea.Scalars("train/epoch")}) == [1.0, 2.0]
+
+
+def test_time_left_reads_as_people_read_it():
+    from distseg.training.step_log import duration
+
+    assert [duration(s) for s in (0, 44.6, 725, 11220, 187200)] == ["0s", "45s", "12m05s", "3h07m", "2d04h"]

@@ -17,8 +17,6 @@ rows say "skipped: no CUDA"), so that a test keeps this command from rotting.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import platform
@@ -27,6 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,24 +89,6 @@ def distseg(*args, timeout: int = 3600) -> str:
     return p.stdout
 
 
-def bench(*args) -> str:
-    """`distseg bench ARGS` in this process (the same entry, without a new interpreter's start-up); what it
-    printed, or one error."""
-    from distseg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["bench", *map(str, args)])
-        except SystemExit as e:
-            code = e.code or 0
-    if code:
-        last = (err.getvalue().strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"distseg bench {args[0]} failed ({code}): {last}")
-    return out.getvalue()
-
-
 class Data:
     """The synthetic tree and its shards, made on a thread (the first phases need none of it)."""
 
@@ -141,49 +123,62 @@ class Data:
         return self.shards
 
 
-def phase_tests(sizes: Sizes, data: Data) -> str:
+@dataclass
+class Check:
+    """What every phase gets: the sizes, the data (made in the background), the working folder, and `bench`,
+    which runs `distseg bench ARGS` in this process and returns what it printed (given by the command, which
+    owns the bench commands) or raises RuntimeError with the command's one error line."""
+
+    sizes: Sizes
+    data: Data | None
+    folder: Path
+    bench: Callable[..., str]
+
+
+def phase_tests(c: Check) -> str:
     """pytest -m gpu (collected only on a dry run: no nested test run)."""
     args = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs"]
-    if sizes.dry:
+    if c.sizes.dry:
         args.append("--collect-only")
     p = subprocess.run(args + ["tests"], capture_output=True, text=True, cwd=REPO)
     tail = [line for line in p.stdout.splitlines() if line.strip()][-12:]
     return f"`{' '.join(args[2:])} tests` exit status {p.returncode}\n\n```\n" + "\n".join(tail) + "\n```"
 
 
-def phase_step(sizes: Sizes, data: Data) -> str:
+def phase_step(c: Check) -> str:
     """bench train on synthetic input: distseg's variants against the plain loop."""
-    variants = "plain,fp32,bf16+cl" if sizes.dry else \
+    variants = "plain,fp32,bf16+cl" if c.sizes.dry else \
         "plain,bf16+cl,plain+compile,bf16+cl+compile,bf16+cl+compile-max,bf16+cl+cudagraphs"
-    return bench("train", "--variants", variants, *sizes.steps, *sizes.settings)
+    return c.bench("train", "--variants", variants, *c.sizes.steps, *c.sizes.settings)
 
 
-def phase_loader(sizes: Sizes, data: Data) -> str:
+def phase_loader(c: Check) -> str:
     """bench train bf16+cl fed by every feed (÷ synthetic)."""
-    variant = "fp32" if sizes.dry else "bf16+cl"
-    return bench("train", "--variants", variant, "--feeds", "synthetic,torch-cpu,torch-gpu,dali",
-                 *sizes.steps, *sizes.settings, f"data.shards={data.ready()}")
+    variant = "fp32" if c.sizes.dry else "bf16+cl"
+    return c.bench("train", "--variants", variant, "--feeds", "synthetic,torch-cpu,torch-gpu,dali",
+                   *c.sizes.steps, *c.sizes.settings, f"data.shards={c.data.ready()}")
 
 
-def phase_data(sizes: Sizes, data: Data) -> str:
+def phase_data(c: Check) -> str:
     """bench data: every pipeline, DALI's CPU and GPU rows included."""
-    batches = "3" if sizes.dry else "20"
-    return bench("data", "--root", data.root, "--batches", batches, *sizes.settings,
-                 f"data.shards={data.ready()}")
+    batches = "3" if c.sizes.dry else "20"
+    return c.bench("data", "--root", c.data.root, "--batches", batches, *c.sizes.settings,
+                   f"data.shards={c.data.ready()}")
 
 
-def phase_eval(sizes: Sizes, data: Data) -> str:
+def phase_eval(c: Check) -> str:
     """bench eval: whole / slide / flip / multi-scale."""
     size = ["--size", "256x128", "--crop", "128x64", "--stride", "85x43", "--images", "1",
-            "--precision", "no"] if sizes.dry else ["--images", "8"]
-    return bench("eval", *size, *[s for s in sizes.settings if s.startswith("model.")])
+            "--precision", "no"] if c.sizes.dry else ["--images", "8"]
+    return c.bench("eval", *size, *[s for s in c.sizes.settings if s.startswith("model.")])
 
 
-def phase_train(sizes: Sizes, data: Data, folder: Path) -> str:
+def phase_train(c: Check) -> str:
     """bench e2e (a whole run, kept), then evaluate, predict and export of it, each timed."""
+    sizes, data, folder = c.sizes, c.data, c.folder
     run = folder / "e2e-run"
     shutil.rmtree(run, ignore_errors=True)
-    out = bench("e2e", "--keep", run, "--steps", "3" if sizes.dry else "50", *sizes.settings,
+    out = c.bench("e2e", "--keep", run, "--steps", "3" if sizes.dry else "50", *sizes.settings,
                 f"data.shards={data.ready()}", f"data.repeat={sizes.repeat}", f"train.epochs={sizes.epochs}",
                 f"train.val_every={sizes.epochs}")
     timed = []
@@ -198,8 +193,9 @@ def phase_train(sizes: Sizes, data: Data, folder: Path) -> str:
     return out + "\n\n| the run's flows, whole process | seconds |\n|---|---|\n" + "\n".join(timed)
 
 
-def gpu_check(phases: list[str], out: Path, dry: bool, folder: Path, log=print) -> Path:
-    """Run the phases; write and return the report."""
+def gpu_check(phases: list[str], out: Path, dry: bool, folder: Path, bench: Callable[..., str],
+              log=print) -> Path:
+    """Run the phases; write and return the report. `bench` runs one `distseg bench` command (Check)."""
     sizes = Sizes(dry)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -208,11 +204,12 @@ def gpu_check(phases: list[str], out: Path, dry: bool, folder: Path, log=print) 
                     environment()], []
     log(parts[1])
     runners = {"tests": phase_tests, "step": phase_step, "loader": phase_loader, "data": phase_data,
-               "eval": phase_eval, "train": lambda s, d: phase_train(s, d, folder)}
+               "eval": phase_eval, "train": phase_train}
+    check = Check(sizes, data, folder, bench)
     for name in phases:
         t = time.time()
         try:
-            body = runners[name](sizes, data)
+            body = runners[name](check)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             body = f"FAILED: {e}"
         seconds = time.time() - t

@@ -1,7 +1,9 @@
-"""`distseg bench data|train|shard|eval`: throughput benchmarks printed as Markdown tables."""
+"""`distseg bench data|train|shard|eval|e2e|index|gpu-check`: benchmarks printed as Markdown tables."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import click
@@ -24,6 +26,18 @@ from distseg.units import parse_wxh
 @click.group()
 def bench() -> None:
     """Throughput benchmarks (Markdown tables; --out appends them to a file such as docs/BENCHMARKS.md)."""
+
+
+def _bench_here(*args) -> str:
+    """`distseg bench ARGS` in this process (the phases of gpu-check: no new interpreter's start-up); what
+    it printed, or RuntimeError with its one error line."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            bench.main([str(a) for a in args], prog_name="distseg bench", standalone_mode=False)
+    except (UserError, click.ClickException, OSError) as e:
+        raise RuntimeError(f"distseg bench {args[0]} failed: {e}") from None
+    return out.getvalue()
 
 
 def _emit(text: str, out: str | None) -> None:
@@ -167,5 +181,5 @@ def bench_gpu_check_cmd(phases, quick, dry_run, out, data) -> None:
     unknown = [p for p in names if p not in PHASES]
     if unknown:
         raise UserError(f"unknown phase {unknown[0]!r}: use {', '.join(PHASES)}")
-    path = gpu_check(names, Path(out), dry_run, Path(data), click.echo)
+    path = gpu_check(names, Path(out), dry_run, Path(data), _bench_here, click.echo)
     click.echo(f"report written to {path}")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from distseg.labels import IGNORE, Scheme
+from distseg.labels import CATEGORIES, IGNORE, NAME2LABEL, Scheme
 
 
 class ConfusionMatrix:
@@ -61,6 +61,26 @@ class ConfusionMatrix:
                 "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan, "pixels": int(total)}
 
 
+def category_iou(cm: ConfusionMatrix, scheme: Scheme) -> dict[str, float] | None:
+    """IoU per Cityscapes category (flat, construction, ...) from the class confusion matrix, for the
+    official schemes (their classes are Cityscapes labels); None for other schemes. Classes outside the
+    evaluated ones count nowhere, as in the class scores."""
+    if not scheme.official:
+        return None
+    cats = [NAME2LABEL[name].category for name in scheme.class_names]
+    m = cm.mat.double().cpu().numpy()
+    keep = np.zeros(cm.n, bool)
+    keep[scheme.eval_classes] = True
+    out = {}
+    for cat in CATEGORIES:
+        rows = np.array([c == cat for c in cats]) & keep
+        cols = np.array([c == cat for c in cats] + [False])
+        tp = m[np.ix_(rows, cols)].sum()
+        union = m[rows].sum() + m[np.ix_(keep, cols)].sum() - tp
+        out[cat] = float(tp / union) if union > 0 else math.nan
+    return out
+
+
 def headline(scheme: Scheme, scores: dict) -> tuple[str, float]:
     """The one number that ranks checkpoints, with its name: the foreground IoU of a binary scheme (its
     background IoU would flatter any model), the mIoU of every other scheme. `scores` is
@@ -70,11 +90,21 @@ def headline(scheme: Scheme, scores: dict) -> tuple[str, float]:
     return "mIoU", scores["miou"]
 
 
-def format_table(scores: dict, class_names: list[str]) -> str:
-    """Per-class IoU, mIoU and pixel accuracy as an aligned text table."""
-    lines = [f"{'class':<16}{'IoU':>8}"]
+def percent(v: float | None, digits: int = 2) -> str:
+    """A score for people: `43.59` percent, `n/a` where a class never occurred (NaN) or there is no score;
+    JSON keeps fractions."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
+
+
+def format_table(scores: dict, class_names: list[str], categories: dict | None = None) -> str:
+    """Per-class IoU (then category IoU when given), mIoU and pixel accuracy as an aligned table, in
+    percent."""
+    width = max(16, max(map(len, [*class_names, *(categories or {})])) + 2)
+    lines = [f"{'class':<{width}}{'IoU %':>8}"]
     for c, v in scores["iou"].items():
-        lines.append(f"{class_names[c]:<16}{'  n/a' if math.isnan(v) else f'{100 * v:8.2f}'}")
-    lines.append(f"{'mIoU':<16}{100 * scores['miou']:8.2f}")
-    lines.append(f"{'pixel acc':<16}{100 * scores['pixel_acc']:8.2f}")
+        lines.append(f"{class_names[c]:<{width}}{percent(v):>8}")
+    lines.append(f"{'mIoU':<{width}}{percent(scores['miou']):>8}")
+    for name, v in (categories or {}).items():
+        lines.append(f"{'category ' + name:<{width}}{percent(v):>8}")
+    lines.append(f"{'pixel acc':<{width}}{percent(scores['pixel_acc']):>8}")
     return "\n".join(lines)

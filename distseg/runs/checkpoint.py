@@ -43,9 +43,11 @@ class RunState:
     `samples` training samples seen, padding excluded; `world`, `batch_size`, `grad_accum`, `shuffle` and
     `repeat` (data.repeat: passes per epoch) the layout that wrote it; `best_score`, `best_step`,
     `best_epoch` the best validation score so far (mIoU, or the foreground IoU of a binary scheme; -1 before
-    any); `history` one {"epoch", "step", "score"} per
-    validation; `run_id` drawn at a fresh start and kept by every resume (pruning touches only this run's
-    checkpoints); `config` the run name.
+    any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel accuracy, category IoU);
+    `history` one {"epoch", "step", "score"} per validation; `segments` one {"start", "end", "first_step",
+    "last_step", "steps", "images", "seconds", "processes"} per process start that trained (the last one up
+    to this checkpoint); `run_id` drawn at a fresh start and kept by every resume (pruning touches only this
+    run's checkpoints); `config` the run name.
     """
 
     run_id: str = field(default_factory=lambda: secrets.token_hex(6))
@@ -63,6 +65,8 @@ class RunState:
     history: list = field(default_factory=list)
     shuffle: str = "global"
     repeat: int = 1
+    best_scores: dict = field(default_factory=dict)
+    segments: list = field(default_factory=list)
     version: int = STATE_VERSION
 
     def to_json(self) -> str:

@@ -7,13 +7,15 @@ evaluate, predict, the report and export all load a run through `load_run`, so t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from distseg.config import Config, load_config
+from distseg.config import Config, dump_config, load_config
 from distseg.errors import UserError
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
@@ -126,6 +128,25 @@ class LoadedRun:
     scheme: Scheme
     model: torch.nn.Module
     weights: Path
+
+
+def provenance(cfg: Config) -> dict:
+    """What made a run, for summary.json and best/meta.json: the distseg version, the git commit when the
+    package is a checkout (with '+dirty' for uncommitted changes), and a hash of the resolved config."""
+    from distseg import __version__
+
+    where, commit = Path(__file__).resolve().parents[2], None
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    digest = hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+    return {"distseg_version": __version__, "git_commit": commit, "config_sha256": digest}
 
 
 def find_run(checkpoint: str) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -20,14 +21,15 @@ from distseg.config import Config
 from distseg.data.loader import masked_targets
 from distseg.errors import UserError, write_reason
 from distseg.files import atomic_write_json, atomic_write_text
-from distseg.inference.metrics import format_table, headline
+from distseg.inference.metrics import category_iou, format_table, headline, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.visual import denormalize, panel
 from distseg.models.optim import lr_at
 from distseg.models.weights import save_weights
 from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint
 from distseg.runs.run_lock import Lease, RunLocked
-from distseg.training.setup import Run, setup, take_lease
+from distseg.training.setup import FinishedEarlier, Run, setup, take_lease
+from distseg.training.step_log import duration
 
 # the slots of train_step's all-reduced vector: sums over ranks of this step's numbers and stop reasons
 (LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, CKPT_BUSY,
@@ -221,11 +223,14 @@ def validate(run: Run) -> None:
         picture = panel(rgb, gt.numpy().astype("uint8"), pred.numpy().astype("uint8"), pal)
         run.tb.add_image(f"val/example_{i}", picture, st.step, dataformats="HWC")
     st.history.append({"epoch": st.epoch, "step": st.step, "score": None if math.isnan(score) else score})
-    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {100 * score:.2f}, mIoU "
-                  f"{100 * scores['miou']:.2f}, pixel acc {100 * scores['pixel_acc']:.2f} "
-                  f"({scores['pixels']} px)")
+    also = "" if name == "mIoU" else f", mIoU {percent(scores['miou'])}%"
+    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {percent(score)}%{also}, pixel acc "
+                  f"{percent(scores['pixel_acc'])}% ({scores['pixels']} px)")
     if score > st.best_score:
         st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
+        st.best_scores = {"iou": {scheme.class_names[c]: v for c, v in scores["iou"].items()},
+                          "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+                          "pixels": scores["pixels"], "category_iou": category_iou(cm, scheme)}
         save_best(run, name, score, scores)
     run.acc.wait_for_everyone()
 
@@ -234,9 +239,10 @@ def save_best(run: Run, name: str, score: float, scores: dict) -> None:
     """Rank 0 replaces best/ atomically; a failure (a full disk) stops every rank, the previous best stays."""
     st, failure = run.state, None
     if run.acc.is_main_process:
-        meta = {"step": st.step, "epoch": st.epoch, "score": score, "score_name": name,
+        meta = {"step": st.step, "epoch": st.epoch, "epoch_end": st.batch_in_epoch == 0,
+                "checkpoint": f"step-{st.step:08d}", "score": score, "score_name": name,
                 "miou": scores["miou"], "scheme": run.scheme.describe(), "config": run.cfg.name,
-                "ema": run.ema is not None}
+                "ema": run.ema is not None, **run.provenance}
         try:
             save_weights(run.acc.unwrap_model(run.model).state_dict(), run.dir.best, meta, ema_state(run))
         except Exception as e:
@@ -250,6 +256,7 @@ def checkpoint(run: Run, epoch_end: bool = False) -> Path:
     The last step's flags are read first, so a diverged step is never checkpointed."""
     t = time.time()
     settle(run)
+    record_segment(run)
     loader = run.train_loader
     extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
     final = run.writer.begin(run.state, extra, ema_state(run))
@@ -271,31 +278,47 @@ def events_not_written(run: Run) -> NotWritten:
     return NotWritten.naming_last(f"TensorBoard events to {run.dir.tb}", reason, run.dir.checkpoints)
 
 
+def record_segment(run: Run) -> None:
+    """This process's part of the run, as far as it went: the last of `state.segments` (checkpoints carry
+    it, so a resumed run keeps the earlier segments' time and images)."""
+    seg = run.state.segments[-1]
+    seg.update(end=datetime.now().isoformat(timespec="seconds"), last_step=run.state.step,
+               steps=run.state.step - seg["first_step"], images=run.clock.images,
+               seconds=round(time.time() - run.clock.process_start, 3))
+
+
 def finish(run: Run) -> dict:
-    """Wait for the checkpoint in flight, write summary.json (valid JSON: absent classes are null) with the
-    run's timing, and print the final table on rank 0."""
+    """Wait for the checkpoint in flight, write summary.json (valid JSON: absent classes are null, scores are
+    fractions) with every segment, whole-run totals, the best validation's scores, the run's timing and
+    provenance, and print the best validation's table on rank 0."""
     run.writer.wait()
+    record_segment(run)
     st, scheme = run.state, run.scheme
     s = run.last_scores
     timing = run.clock.summary()
     for k, v in timing.items():
         if isinstance(v, float):
             run.tb.add_scalar(f"timing/{k}", v, st.step)
+    seconds = sum(g["seconds"] for g in st.segments)
+    images = sum(g["images"] for g in st.segments)
     summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
                "best_score_name": headline(scheme, s)[0] if s else None, "best_epoch": st.best_epoch,
-               "best_step": st.best_step, "final_miou": s["miou"] if s else None,
-               "final_pixels": s["pixels"] if s else None, "seconds": time.time() - run.log.t_start,
-               "img_per_s": run.log.throughput(), "processes": run.acc.num_processes,
+               "best_step": st.best_step, "best": st.best_scores, "final_miou": s["miou"] if s else None,
+               "final_pixels": s["pixels"] if s else None, "seconds": seconds,
+               "img_per_s": images / max(seconds, 1e-9), "processes": run.acc.num_processes,
                "preempted": run.preempted, "interrupted": run.interrupted,
                "finished": not run.preempted and st.step >= run.max_steps,
                "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
-               "history": st.history, "timing": timing}
+               "history": st.history, "segments": st.segments, "timing": timing, **run.provenance}
     if run.acc.is_main_process:
         atomic_write_json(run.dir.summary, summary)
-        if s and not run.preempted:
-            print(format_table(s, scheme.class_names))
-            best = f"{headline(scheme, s)[0]} {100 * st.best_score:.2f} (epoch {st.best_epoch})"
-            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {summary['seconds']:.0f}s  "
+        b = st.best_scores
+        if b and not run.preempted:
+            names = list(b["iou"])
+            print(format_table({"iou": dict(enumerate(b["iou"].values())), "miou": b["miou"],
+                                "pixel_acc": b["pixel_acc"]}, names, b.get("category_iou")))
+            best = f"{headline(scheme, s)[0]} {percent(st.best_score)}% (epoch {st.best_epoch}: the table)"
+            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {duration(seconds)}  "
                   f"processes {run.acc.num_processes}  -> {run.dir.path}")
     run.tb.close()
     if run.tb.failure is not None:
@@ -307,7 +330,12 @@ def train(cfg: Config, acc) -> dict:
     """Run (or resume) training to max_steps, holding the run folder's lease; returns the summary."""
     lease: Lease | None = take_lease(cfg, acc)
     try:
-        run = setup(cfg, acc, lease)
+        try:
+            run = setup(cfg, acc, lease)
+        except FinishedEarlier as done:
+            if acc.is_main_process:
+                print(done, flush=True)
+            return {"interrupted": False, "preempted": False, "finished_earlier": True}
         st = run.state
         while st.step < run.max_steps and not run.preempted:
             train_one_epoch(run)

@@ -16,6 +16,7 @@ from distseg.config import Config, dump_config
 from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
+from distseg.inference.metrics import percent
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
@@ -23,7 +24,7 @@ from distseg.models.losses import SegLoss, build_loss
 from distseg.models.optim import build_optimizer, lr_at
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import CheckpointWriter, RunState, read_state
-from distseg.runs.run_dir import RunDir
+from distseg.runs.run_dir import RunDir, provenance
 from distseg.runs.run_lock import Lease, RunLocked, acquire
 from distseg.training.resume import check_layout, choose_resume, restore
 from distseg.training.step_log import StepLogger
@@ -60,6 +61,7 @@ class Run:
     writer: CheckpointWriter = None  # checkpoints written off the critical path
     clock: RunClock = None  # where the time goes (summary.json "timing")
     pending: tuple | None = None  # the last step's all-reduced flags, read a step late (loop.settle)
+    provenance: dict = None  # distseg version, git commit, config hash (rank 0)
     stop_asked: bool = False  # a rank asked for a stop (seen in the flags): checkpoint and end
 
 
@@ -165,18 +167,47 @@ def prepare_model(cfg: Config, acc, model: torch.nn.Module):
     return model, optimizer
 
 
-def setup(cfg: Config, acc, lease: Lease | None) -> Run:
-    """Loaders, model, optimizer and resume state, validated before anything is written to the run folder."""
-    clock = RunClock(acc.device.type == "cuda", acc.num_processes)
-    if acc.device.type == "cuda":  # fixed input shapes (crops): let cuDNN pick the fastest kernels
+class FinishedEarlier(Exception):
+    """The run folder holds a run that already reached its last step: nothing is done (exit status 0)."""
+
+
+def backends(cfg: Config, acc) -> None:
+    """cuDNN autotuning (fixed input shapes: crops) and TF32 on CUDA; train.deterministic turns to
+    deterministic algorithms (an op without a deterministic kernel warns once rather than stopping)."""
+    if acc.device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.train.deterministic:  # an op without a deterministic kernel warns (once) rather than stopping
+    if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
+
+
+def step_plan(cfg: Config, train_loader) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run)."""
+    per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    return per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch
+
+
+def finished_earlier(cfg: Config, state: RunState, scheme: Scheme) -> FinishedEarlier:
+    """The one line a rerun of a finished run prints."""
+    name = "foreground IoU" if scheme.num_classes == 2 else "mIoU"
+    best = f"best {name} {percent(state.best_score)}% at epoch {state.best_epoch}" if state.best_score >= 0 \
+        else "no validation"
+    return FinishedEarlier(f"{RunDir.of(cfg).path} finished earlier: {state.epoch} epochs ({state.step} "
+                           f"steps), {best}; nothing to do (raise train.epochs to continue it)")
+
+
+def setup(cfg: Config, acc, lease: Lease | None) -> Run:
+    """Loaders, model, optimizer and resume state, validated before anything is written to the run folder
+    (a finished run is left as it is: FinishedEarlier)."""
+    clock = RunClock(acc.device.type == "cuda", acc.num_processes)
+    backends(cfg, acc)
     scheme = get_scheme(cfg.data.scheme)
     train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
+    steps_per_epoch, max_steps = step_plan(cfg, train_loader)
+    if resume_from is not None and state.step >= max_steps:
+        raise finished_earlier(cfg, state, scheme)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, out_channels(cfg, scheme.num_classes))
     if cfg.train.init_from and resume_from is None:
@@ -187,15 +218,17 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     if resume_from is not None:
         restore(acc, resume_from, state, train_loader)
 
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
-    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    state.segments.append({"start": datetime.now().isoformat(timespec="seconds"), "end": None,
+                           "first_step": state.step, "last_step": state.step, "steps": 0, "images": 0,
+                           "seconds": 0.0, "processes": acc.num_processes})
     state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
     state.grad_accum, state.repeat = cfg.train.grad_accum, cfg.data.repeat
     warn_about_settings(cfg, acc, max_steps)
     run_dir = RunDir.of(cfg)
-    tb = make_writer(run_dir.tb, acc.is_main_process)
+    # a resumed run's later points replace those a killed process logged past its checkpoint: no duplicates
+    tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resume_from else None)
     log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, math.ceil(max_steps / steps_per_epoch),
-                     cfg.name, acc.is_main_process, cfg.train.progress)
+                     cfg.name, acc.is_main_process, cfg.train.progress, clock.gpu)
     segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
     log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
               f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
@@ -203,4 +236,5 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
     return Run(cfg, acc, run_dir, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter,
                state, max_steps, log, tb, StopFlag(), ema=ema, lease=lease,
-               writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock)
+               writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,
+               provenance=provenance(cfg) if acc.is_main_process else {})

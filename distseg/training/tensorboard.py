@@ -19,11 +19,11 @@ class EventWriter:
     thread and re-raises a full disk at some later call (an add_scalar, an add_image in validation, close);
     the loop instead checks `failure` at every step, so that all ranks stop together with one line."""
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir, self.failure = log_dir, None
-        self._w = SummaryWriter(str(log_dir))
+        self._w = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def __getattr__(self, name):
         method = getattr(self._w, name)
@@ -47,12 +47,14 @@ def _quiet_writer_threads(args) -> None:
     threading.__excepthook__(args)
 
 
-def make_writer(log_dir, enabled: bool):
-    """An EventWriter on rank 0, a NullWriter elsewhere."""
+def make_writer(log_dir, enabled: bool, purge_step: int | None = None):
+    """An EventWriter on rank 0, a NullWriter elsewhere. purge_step (a resumed run's first new step) tells
+    TensorBoard to hide the points at and after it that an earlier process wrote before it was killed, so
+    a resumed curve has one point per step."""
     if not enabled:
         return NullWriter()
     threading.excepthook = _quiet_writer_threads
-    return EventWriter(log_dir)
+    return EventWriter(log_dir, purge_step)
 
 
 def score_tag(class_names: list[str]) -> str:
