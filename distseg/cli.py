@@ -18,8 +18,9 @@ from distseg.errors import UserError, describe_os_error, missing_extra
 COMMANDS = {
     "synth": ("distseg.commands.data:synth", "Write synthetic street scenes in the Cityscapes layout."),
     "shard": ("distseg.commands.data:shard", "Pack one split into WebDataset tars + manifest + DALI index."),
-    "inspect": ("distseg.commands.data:inspect", "Print what a shard manifest or a run folder holds."),
+    "inspect": ("distseg.commands.inspect:inspect", "Print what a shard folder or a run folder holds."),
     "train": ("distseg.commands.train:train", "Train (several processes: python -m distseg.launch)."),
+    "config": ("distseg.commands.config:config", "List every setting with its value and meaning."),
     "evaluate": ("distseg.commands.evaluate:evaluate", "Official Cityscapes scores of a run or results."),
     "predict": ("distseg.commands.predict:predict", "Official-format results for images or a split."),
     "export": ("distseg.commands.export:export", "Export a run's weights as ONNX or torch.export."),
@@ -91,7 +92,8 @@ def cli() -> None:
     """U-Net semantic segmentation on Cityscapes, from one GPU to a Slurm cluster.
 
     Several processes or GPUs: python -m distseg.launch --multi_gpu --num_processes N distseg/train.py
-    -c CONFIG [section.key=value ...]. `distseg COMMAND --help` for each command."""
+    -c CONFIG [section.key=value ...]. Settings: section.key=value or --set section.key=value with every
+    command that takes them; `distseg config` lists them. `distseg COMMAND --help` for each command."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,10 +33,10 @@ class DataCfg:
     on_corrupt: str = "error"  # a sample that fails to decode: error | skip (padding, masked out, counted)
     verify: str = "node"  # shard sha256 checks: node (once per node, then trusted by stamp) | always
     repeat: int = 1  # passes over the train split per epoch, each its own shuffle and augmentation
-    train_split: str = "train"
+    train_split: str = "train"  # the shards' split names (<split>.json)
     val_split: str = "val"
     loader: str = "torch"  # torch | dali
-    scheme: str = "trainid"
+    scheme: str = "trainid"  # the classes the shards were made with (distseg shard --scheme)
     batch_size: int = 8  # per process
     val_batch_size: int = 4  # per process
     num_workers: int = 2
@@ -130,8 +130,8 @@ class TrainCfg:
 @dataclass
 class Config:
     """A whole run's settings; saved as <output_dir>/<name>/config.yaml (distseg/runs/run_dir.py)."""
-    name: str = "run"
-    output_dir: str = "runs"
+    name: str = "run"  # the run folder's name: <output_dir>/<name>
+    output_dir: str = "runs"  # where run folders are made
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     loss: LossCfg = field(default_factory=LossCfg)
@@ -336,3 +336,43 @@ def dump_config(cfg: Config) -> str:
     d = to_dict(cfg)
     d["data"]["shards"] = redact(d["data"]["shards"])
     return yaml.safe_dump(d, sort_keys=False)
+
+
+def _comments(cls) -> dict[str, str]:
+    """A config dataclass's field comments (`name: type = default  # comment`), read from its source: the
+    comments beside the defaults are the settings' documentation, kept in one place."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        if m:
+            out[m.group(1)] = m.group(2) or ""
+    return out
+
+
+def _as_override(v: Any) -> str:
+    """A value as it is written on a command line: data.crop=[512,1024], train.progress=true."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return f"[{','.join(map(_as_override, v))}]"
+    return "''" if v == "" else str(v)
+
+
+def settings_table(cfg: Config | None = None) -> str:
+    """Every setting as `section.key=value  # what it means`: the defaults, or a config's values."""
+    cfg = cfg or Config()
+    rows = []
+    for section in dataclasses.fields(Config):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            rows.append((section.name, value, _comments(Config).get(section.name, "")))
+            continue
+        notes = _comments(type(value))
+        rows += [(f"{section.name}.{f.name}", getattr(value, f.name), notes.get(f.name, ""))
+                 for f in dataclasses.fields(value)]
+    texts = [f"{key}={_as_override(value)}" for key, value, _ in rows]
+    width = max(map(len, texts))
+    return "\n".join(f"{t:<{width}}  # {note}" if note else t for t, (_, _, note) in zip(texts, rows))

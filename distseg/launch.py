@@ -26,6 +26,19 @@ def rank_status(failures: dict) -> int:
     return 128 - code if code < 0 else code
 
 
+def quiet_loggers(prefixes: tuple[str, ...]) -> None:
+    """Silence the launcher's loggers. torch elastic gives each module its own logger with its own level
+    (WARNING), so a parent's level does not reach them: every one already made is set, after importing the
+    modules the launcher uses ("Received 2 death signal" on a Ctrl-C comes from one of them)."""
+    import torch.distributed.run  # noqa: F401  (makes the elastic agent's loggers)
+
+    for prefix in prefixes:
+        logging.getLogger(prefix).setLevel(logging.CRITICAL)
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(prefix + "."):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Launch; returns the ranks' exit status."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -33,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "accelerate"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_loggers(("torch.distributed", "accelerate"))
     try:
         launch_command(args)
     except ChildFailedError as e:

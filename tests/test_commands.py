@@ -47,8 +47,11 @@ def test_a_mistake_in_a_real_process_is_one_line():
      "bad size '12Q'"),
     (["shard", "--split", "train", "--root", "{root}", "--out", "{tmp}/o", "--quality", "0"], "--quality"),
     (["inspect", "{tmp}/none.json"], "no manifest"),
-    (["evaluate", "--run", "{tmp}/norun"], "not a training run"),
-    (["predict", "--run", "{tmp}/norun", "--out", "{tmp}/p", "{tmp}"], "not a training run"),
+    (["evaluate", "--run", "{tmp}/norun"], "{tmp}/norun does not exist"),
+    (["evaluate", "--run", "{tmp}"], "{tmp} is not a training run (no config.yaml)"),
+    (["predict", "--run", "{tmp}/norun", "--out", "{tmp}/p", "{tmp}"], "does not exist"),
+    (["inspect", "{tmp}/s/train-000003.tar"], "is one shard; inspect its folder: distseg inspect {tmp}/s "
+                                              "--split train"),
     (["train", "train.epochs=-1"], "train.epochs"),
     (["train", "data.crop=64,128"], "data.crop must be a list, written data.crop=[64,128]"),
     (["train", "train.epoch=3"], "unknown key train.epoch (did you mean train.epochs?)"),
@@ -56,7 +59,7 @@ def test_a_mistake_in_a_real_process_is_one_line():
 ])
 def test_cli_errors_are_one_line(cli, args, needle, synth_root, tmp_path):
     args = [a.format(tmp=tmp_path, root=synth_root) for a in args]
-    assert_user_error(cli(*args), needle)
+    assert_user_error(cli(*args), needle.format(tmp=tmp_path))
 
 
 def test_help_lists_every_command_and_each_command_has_its_help(cli):
@@ -72,10 +75,44 @@ def test_help_lists_every_command_and_each_command_has_its_help(cli):
 
 def test_help_texts(cli):
     assert "best, latest or a checkpoint path" in cli("predict", "--help").stdout
-    assert "OVERRIDES are section.key=value settings" in cli("evaluate", "--help").stdout
     sh = cli("bench", "shard", "--help").stdout
     assert "Cityscapes root" in sh and "append the table to this file" in sh
-    assert "OVERRIDES are section.key=value settings" in cli("train", "--help").stdout
+    for cmd in (["train"], ["evaluate"], ["predict"], ["experiment"], ["bench", "train"], ["bench", "eval"]):
+        text = " ".join(cli(*cmd, "--help").stdout.split())
+        assert "--set SECTION.KEY=VALUE" in text and "`distseg config` lists every setting" in text, cmd
+        assert "accelerate launch distseg" not in text and "accelerate launch -m" not in text, cmd
+    assert "python -m distseg.launch --multi_gpu" in " ".join(cli("train", "--help").stdout.split())
+
+
+def test_config_lists_every_setting_with_its_value_and_meaning(cli, tmp_path):
+    import dataclasses
+
+    from distseg.config import Config
+
+    want = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else []
+        want += [f"{section.name}.{f.name}" for f in fields] or [section.name]
+    out = cli("config").stdout.splitlines()
+    assert [line.split("=")[0] for line in out] == want
+    crop = out[want.index("data.crop")]
+    assert crop.startswith("data.crop=[512,1024] ") and crop.endswith("# H, W of training crops; [] = no "
+                                                                      "crop")
+    # a config's values, with both ways of giving a setting
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 7\n")
+    out = cli("config", "-c", tmp_path / "c.yaml", "model.base=16", "--set", "data.batch_size=3").stdout
+    values = {line.split()[0] for line in out.splitlines()}
+    assert {"train.epochs=7", "model.base=16", "data.batch_size=3", "data.num_workers=2"} <= values
+
+
+def test_predict_tells_settings_from_input_paths(tmp_path):
+    from distseg.commands.options import inputs_and_settings
+
+    odd = tmp_path / "a.b=c"
+    odd.mkdir()
+    args = ("img.png", "eval.mode=slide", str(odd), "data.val_batch_size=1")
+    assert inputs_and_settings(args) == (("img.png", str(odd)), ("eval.mode=slide", "data.val_batch_size=1"))
 
 
 def test_sharper_hints(cli, synth_root, one_proc_run, tmp_path):
@@ -91,3 +128,14 @@ def test_sharper_hints(cli, synth_root, one_proc_run, tmp_path):
     p = cli("inspect", one_proc_run / "missing.json")
     assert_user_error(p, "is a training run folder, not a shard folder")
     assert "distseg shard" not in p.stderr
+    # a typo in a run's name: the runs that are there
+    assert_user_error(cli("evaluate", "--run", one_proc_run.parent / "oen"),
+                      f"{one_proc_run.parent / 'oen'} does not exist; runs in {one_proc_run.parent}: one")
+
+
+def test_inspect_table_fits_the_longest_class_name(cli, synth_root, tmp_path):
+    cli("shard", "--split", "val", "--root", synth_root, "--out", tmp_path, "--scheme", "labelid")
+    out = cli("inspect", tmp_path, "--split", "val").stdout.splitlines()
+    table = out[out.index(next(r for r in out if r.startswith("class"))):][:36]
+    assert any(r.startswith("rectification border ") for r in table)
+    assert len({len(r) for r in table}) == 1, "\n".join(table)  # every row as wide as the header

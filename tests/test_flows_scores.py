@@ -85,7 +85,11 @@ def test_predict_scored_officially_equals_evaluate(synth_root, one_proc_run, off
     off = official([res / f"{key(g)}_pred_labelIds.png" for g in gts], gts)
     p = run_cli("evaluate", "--run", one_proc_run, "--json", tmp_path / "run.json", *mode)
     assert ("slide 64x96/40x60 + flip" in p.stdout) == bool(mode)
+    assert f"source images in {synth_root} (the run's source data)" in p.stdout
     assert "Score Average" in p.stdout and "iIoU" in p.stdout
+    run_scores = json.loads((tmp_path / "run.json").read_text())  # printed in percent, as training prints
+    assert f"Score Average   {100 * run_scores['miou']:7.2f}  {100 * run_scores['miiou']:7.2f}" in p.stdout
+    assert "nan" not in p.stdout and "n/a" in p.stdout  # classes absent from the synthetic images
     assert_equal_to_official(json.loads((tmp_path / "run.json").read_text()), off)
     run_cli("evaluate", "--results", res, "--root", synth_root, "--json", tmp_path / "res.json")
     assert_equal_to_official(json.loads((tmp_path / "res.json").read_text()), off)
@@ -139,13 +143,14 @@ def test_training_validation_equals_evaluate_on_the_source_images(one_proc_run, 
 
 def test_two_process_predict_writes_identical_files(synth_root, one_proc_run, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli("predict", "--run", one_proc_run, "--out", one, "--root", synth_root, "--split", "val",
-            "--precision", "no", "--batch-size", "2")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    # the split's images found as evaluate finds them (the run's source data), and said
+    p = run_cli("predict", "--run", one_proc_run, "--out", one, "--split", "val", "--precision", "no",
+                "--batch-size", "2", "eval.flip=false")
+    assert f"predicting the val split of {synth_root} (the run's source data)" in p.stdout
+    cmd = [sys.executable, "-m", "distseg.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "distseg", "predict", "--run", str(one_proc_run), "--out",
-           str(two),
-           "--root", str(synth_root), "--split", "val", "--precision", "no", "--batch-size", "2"]
+           str(two), "--root", str(synth_root), "--split", "val", "--precision", "no", "--batch-size", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -239,8 +244,8 @@ def test_binary_run_reports_foreground_iou(synth_root, shards, tmp_path):
                   log=lambda *a: None)
     run_train(base_overrides(person, tmp_path, "p", **{"data.scheme": "person", "train.epochs": 1}))
     p = run_cli("evaluate", "--run", tmp_path / "p", "--json", tmp_path / "p.json")
-    assert "foreground IoU" in p.stdout
     ours = json.loads((tmp_path / "p.json").read_text())
+    assert f"foreground IoU  {100 * ours['foreground_iou']:8.2f}" in p.stdout
     run_cli("predict", "--run", tmp_path / "p", "--out", tmp_path / "pred", "--root", synth_root, "--split",
             "val")
     scheme, cm = get_scheme("person"), ConfusionMatrix(2)

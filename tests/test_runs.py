@@ -88,3 +88,22 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path, monkeypatch):
     assert lease.lost_to.pid == 99
     lease.release()
     assert path.exists(), "release must not remove a lease that is no longer ours"
+
+
+def test_inspect_lists_checkpoints_by_epoch_and_where_best_came_from(one_proc_run):
+    from distseg.runs.listing import describe_run
+
+    text = describe_run(one_proc_run)
+    meta = json.loads((one_proc_run / "best" / "meta.json").read_text())
+    assert "step-00000004  step      4  end of epoch 1 " in text and "step-00000008  step      8  end of " \
+        "epoch 2 " in text
+    assert f"best: mIoU {100 * meta['score']:.2f}% at step {meta['step']} (end of epoch {meta['epoch']}); " \
+        f"checkpoint step-{meta['step']:08d} kept" in text
+    assert "summary: finished, 8 steps, 2 epochs" in text and "steps 0-8" in text
+
+
+def test_a_checkpoint_states_its_place_in_the_epochs():
+    from distseg.runs.checkpoint import RunState
+
+    assert RunState(step=8, epoch=2, batch_in_epoch=0).position() == "end of epoch 2"
+    assert RunState(step=5, epoch=1, batch_in_epoch=2).position() == "epoch 2 at batch 2"

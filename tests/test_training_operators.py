@@ -78,6 +78,8 @@ def test_one_ctrl_c_asks_for_a_checkpoint_a_second_exits_at_once():
     assert p.stdout.readline().strip() == "ready"
     os.killpg(p.pid, signal.SIGINT)
     os.killpg(p.pid, signal.SIGINT)  # the same keypress, forwarded by a launcher: still one request
+    heard = "SIGINT: stopping after this step, then checkpointing (Ctrl-C again exits at once, without one)"
+    assert p.stdout.readline().strip() == heard  # at once, while the step runs
     assert p.stdout.readline().strip() == "stop requested"
     time.sleep(1.2)
     assert p.poll() is None, "the first Ctrl-C must not end the process"
@@ -132,8 +134,9 @@ def test_lock_ctrl_c_and_orphans_under_the_launcher(shards, tmp_path):
     os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal: the launcher, both ranks, their workers
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "ChildFailedError" not in err
+    assert "Traceback" not in err and "ChildFailedError" not in err and "death signal" not in err, err
     assert out.count("run the same command again to resume") == 1
+    assert out.count("SIGINT: stopping after this step, then checkpointing") == 1
     assert not [c for c in (run / "checkpoints").iterdir() if c.name.endswith(".tmp")]
     assert not RunDir(run).lease.exists()
 

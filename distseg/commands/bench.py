@@ -15,6 +15,7 @@ from distseg.bench.gpu_check import PHASES, QUICK, gpu_check
 from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import FEEDS, VARIANTS, bench_train
+from distseg.commands.options import SETTINGS_HELP, set_option, settings
 from distseg.config import load_config
 from distseg.data.dali_loader import dali_available
 from distseg.data.manifest import load_manifest
@@ -47,10 +48,7 @@ def _emit(text: str, out: str | None) -> None:
             f.write(text + "\n\n")
 
 
-OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.batch_size=4."
-
-
-@bench.command("data")
+@bench.command("data", epilog=SETTINGS_HELP)
 @click.option("--config", "-c", default=None, help="training config (data section is used)")
 @click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
 @click.option("--split", default="train", show_default=True, help="split whose shards to read")
@@ -64,14 +62,14 @@ OVERRIDES_HELP = "OVERRIDES are section.key=value config settings, e.g. data.bat
                    "--repeats)")
 @click.option("--repeats", default=3, show_default=True, help="runs per storage row")
 @click.option("--out", default=None, help="append the table to this file")
+@set_option
 @click.argument("overrides", nargs=-1)
-def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, out, overrides) -> None:
+def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, out, set_values,
+                   overrides) -> None:
     """Decode-only vs torch loader (CPU / GPU decode) vs DALI vs torchvision's reference pipeline (PNG folder,
     JPEG shards): img/s, CPU use, per busy core; shuffle quality and bytes per rank; with --shards URL,
-    remote shards through the cache.
-
-    OVERRIDES are config settings."""
-    cfg = load_config(config, overrides)
+    remote shards through the cache. OVERRIDES: config settings."""
+    cfg = load_config(config, settings(overrides, set_values))
     if as_json:
         click.echo(bench_data(cfg, root, split, batches, modes.split(","), as_json=True))
         return
@@ -83,7 +81,7 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
         _emit(bench_storage(cfg, url, split, batches, repeats), out)
 
 
-@bench.command("train")
+@bench.command("train", epilog=SETTINGS_HELP)
 @click.option("--config", "-c", default=None, help="training config")
 @click.option("--variants", default="plain,fp32,tf32,bf16,bf16+cl,plain+compile,bf16+cl+compile",
               show_default=True, help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -97,12 +95,13 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
                    "convnext_tiny,efficientnet_b0) [default: the config's]")
 @click.option("--profile", is_flag=True, help="also the top operators by device time (torch.profiler)")
 @click.option("--out", default=None, help="append the table to this file")
+@set_option
 @click.argument("overrides", nargs=-1)
 def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, encoders, profile, out,
-                    overrides) -> None:
+                    set_values, overrides) -> None:
     """Training-step img/s, ÷ synthetic, TFLOP/s, MFU and data wait / GPU idle per encoder, variant and feed,
     every row timed alike, against a plain-PyTorch row. OVERRIDES: config settings."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, settings(overrides, set_values))
     names = encoders.split(",") if encoders else None
     for name in names or []:
         check_encoder(name)
@@ -120,7 +119,7 @@ def bench_shard_cmd(root, split, limit, out) -> None:
     _emit(bench_shard(root, split, 1, limit), out)
 
 
-@bench.command("eval")
+@bench.command("eval", epilog=SETTINGS_HELP)
 @click.option("--config", "-c", default=None, help="config whose model and eval.batch to use")
 @click.option("--modes", default=",".join(MODES), show_default=True, help="comma-separated")
 @click.option("--size", default="2048x1024", show_default=True, help="WIDTHxHEIGHT of the input images")
@@ -130,10 +129,12 @@ def bench_shard_cmd(root, split, limit, out) -> None:
 @click.option("--stride", default="683x341", show_default=True, help="slide stride WIDTHxHEIGHT")
 @click.option("--precision", default="bf16", show_default=True, type=click.Choice(["no", "bf16", "fp16"]))
 @click.option("--out", default=None, help="append the table to this file")
+@set_option
 @click.argument("overrides", nargs=-1)
-def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, out, overrides) -> None:
+def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, out, set_values,
+                   overrides) -> None:
     """Inference img/s and peak memory: whole vs slide vs flip vs multi-scale. OVERRIDES: config settings."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, settings(overrides, set_values))
     cw, ch = parse_wxh(crop)
     sw, sh = parse_wxh(stride)
     _emit(bench_eval(cfg, modes.split(","), parse_wxh(size), images, batch, precision, (ch, cw), (sh, sw)),
@@ -153,17 +154,18 @@ def bench_index_cmd(samples, workers, dali, out) -> None:
     _emit(bench_index(samples, workers, dali and dali_available()), out)
 
 
-@bench.command("e2e", context_settings={"ignore_unknown_options": True})
+@bench.command("e2e", context_settings={"ignore_unknown_options": True}, epilog=SETTINGS_HELP)
 @click.option("--config", "-c", default=None, help="training config")
 @click.option("--procs", default=1, show_default=True, help="training processes (python -m distseg.launch)")
 @click.option("--steps", default=20, show_default=True, help="timed steps of the synthetic-input row")
 @click.option("--keep", default=None, help="keep the run folder here instead of a temporary one")
 @click.option("--out", default=None, help="append the table to this file")
+@set_option
 @click.argument("overrides", nargs=-1)
-def bench_e2e_cmd(config, procs, steps, keep, out, overrides) -> None:
+def bench_e2e_cmd(config, procs, steps, keep, out, set_values, overrides) -> None:
     """A whole training run through the real entry: start-up, steady img/s, epoch boundaries, validation,
     checkpoints and whole-run img/s against the step alone. OVERRIDES: config settings."""
-    _emit(bench_e2e(config, list(overrides), procs, steps, keep=keep), out)
+    _emit(bench_e2e(config, list(settings(overrides, set_values)), procs, steps, keep=keep), out)
 
 
 @bench.command("gpu-check")

@@ -1,4 +1,4 @@
-"""`distseg synth`, `distseg shard`, `distseg inspect`: data commands (no torch import)."""
+"""`distseg synth`, `distseg shard`: data commands (no torch import)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from distseg.data.manifest import load_manifest
 from distseg.data.shard import ShardOptions, run_shard
 from distseg.data.synth import write_synth
 from distseg.errors import UserError
@@ -62,31 +61,3 @@ def shard(split, root, out, scheme, image_format, lossless, quality, resize, max
                         maxsize=parse_bytes(maxsize, "--maxsize"), lossless=lossless)
     run_shard(root, out, opts, workers=workers, overwrite=overwrite, progress=sys.stderr.isatty(),
               log=click.echo)
-
-
-@click.command()
-@click.argument("manifest", type=click.Path())
-@click.option("--split", default="train", show_default=True, help="when MANIFEST is a folder")
-@click.option("--verify", is_flag=True, help="check every shard's sha256")
-def inspect(manifest: str, split: str, verify: bool) -> None:
-    """Print what a shard manifest holds."""
-    man = load_manifest(manifest, split, verify=verify)
-    p = man["params"]
-    n_sh = len(man["shards"])
-    click.echo(f"{man['_path']}: split {man['split']}, {man['total']} samples in {n_sh} "
-               f"shard{'s' * (n_sh != 1)}, "
-               f"{man['bytes'] / 1e6:.1f} MB ({man['bytes'] / max(man['source_bytes'], 1):.2f}x source)")
-    click.echo(f"scheme {man['scheme']['name']} ({man['scheme']['num_classes']} classes), image "
-               f"{man['image_ext']}"
-               f"{' q' + str(p['quality']) if man['image_ext'] == 'jpg' else ''}, "
-               f"resize {'x'.join(map(str, p['resize'])) if p['resize'] else 'none'}, seed {p['seed']}, "
-               f"{man['tool']}")
-    total = sum(man["class_pixels"].values()) + man["ignore_pixels"]
-    click.echo(f"{'class':<16}{'pixels':>14}{'share':>9}")
-    for name, n in list(man["class_pixels"].items()) + [("(ignore)", man["ignore_pixels"])]:
-        click.echo(f"{name:<16}{n:>14}{100 * n / max(total, 1):>8.2f}%")
-    click.echo(f"{'shard':<22}{'samples':>8}{'MB':>9}  sha256")
-    for sh in man["shards"]:
-        click.echo(f"{sh['name']:<22}{sh['count']:>8}{sh['bytes'] / 1e6:>9.2f}  {sh['sha256'][:16]}")
-    if verify:
-        click.echo("all shards match their sha256")

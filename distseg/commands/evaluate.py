@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distseg.commands.options import weights_option
+from distseg.commands.options import SETTINGS_HELP, set_option, settings, weights_option
 from distseg.errors import UserError
 from distseg.flows.evaluate import score_checkpoint, score_results
 from distseg.runs.run_dir import CHECKPOINT_HELP
@@ -12,7 +12,7 @@ from distseg.runs.run_dir import CHECKPOINT_HELP
 PRECISIONS = click.Choice(["no", "bf16", "fp16"])
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.option("--run", default=None, help="run folder (runs/<name>) whose weights to score")
 @click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
 @click.option("--results", default=None, help="score this folder of result PNGs instead of a run")
@@ -27,14 +27,16 @@ PRECISIONS = click.Choice(["no", "bf16", "fp16"])
 @click.option("--precision", default=None, type=PRECISIONS, help="[default: the run's train.mixed_precision]")
 @click.option("--workers", default=2, show_default=True, help="image decoding processes")
 @weights_option
+@set_option
 @click.argument("overrides", nargs=-1)
 def evaluate(run, checkpoint, results, root, split, scheme, shards, json_out, precision, workers, weights,
-             overrides) -> None:
+             set_values, overrides) -> None:
     """Official Cityscapes IoU and iIoU (classes and categories) of a run or a results folder.
 
     OVERRIDES are section.key=value settings applied to the run's config, e.g. eval.mode=slide eval.flip=true
     eval.scales=[0.75,1.0,1.25] data.val_batch_size=1.
     """
+    overrides = settings(overrides, set_values)
     if (run is None) == (results is None):
         raise UserError("pass either --run RUN (score its weights) or --results DIR (score result PNGs)")
     if results is not None:

@@ -6,12 +6,14 @@ import sys
 
 import click
 
+from distseg.commands.options import SETTINGS_HELP, set_option, settings
 from distseg.reporting.experiment import StageFailed, compare, ensure_shards, load_plan, run_plan, submit
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.argument("plan")
-@click.option("--set", "overrides", multiple=True, help="setting for every stage, e.g. --set train.epochs=2")
+@click.argument("overrides", nargs=-1)
+@set_option
 @click.option("--procs", default=1, show_default=True, help="training processes per stage (accelerate "
                                                             "launch)")
 @click.option("--report/--no-report", default=True, show_default=True, help="write <output_dir>/report.html")
@@ -19,9 +21,12 @@ from distseg.reporting.experiment import StageFailed, compare, ensure_shards, lo
 @click.option("--sbatch", "sbatch_args", multiple=True, help="with --submit: an sbatch option for every job")
 @click.option("--shard-only", is_flag=True, help="only make the plan's shards (the Slurm shard job)")
 @click.option("--compare-only", is_flag=True, help="only print and save the comparison (the last Slurm job)")
-def experiment(plan, overrides, procs, report, to_slurm, sbatch_args, shard_only, compare_only) -> None:
+def experiment(plan, overrides, set_values, procs, report, to_slurm, sbatch_args, shard_only,
+               compare_only) -> None:
     """Run the stages of PLAN in order: finished stages are skipped, a half-done one resumes; then a table
-    compares the plan's `compare` stages (best val score, its epoch, score per epoch)."""
+    compares the plan's `compare` stages (best val score, its epoch, score per epoch). OVERRIDES
+    (section.key=value) apply to every stage."""
+    overrides = settings(overrides, set_values)
     if shard_only:
         ensure_shards(load_plan(plan), click.echo)
     elif compare_only:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import click
 from accelerate import PartialState
 
-from distseg.commands.options import weights_option
+from distseg.commands.options import SETTINGS_HELP, inputs_and_settings, set_option, settings, weights_option
 from distseg.flows.predict import predict as run_predict
 from distseg.runs.run_dir import CHECKPOINT_HELP
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.option("--run", required=True, help="run folder (runs/<name>)")
 @click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
 @click.option("--out", required=True, help="results folder: one PNG per image, nothing else")
-@click.option("--root", default=None, envvar="CITYSCAPES_DATASET", help="Cityscapes root, with --split")
-@click.option("--split", default=None, help="predict every image of this split of --root")
+@click.option("--root", default=None,
+              help="Cityscapes root for --split [default: the run's source data, $CITYSCAPES_DATASET]")
+@click.option("--split", default=None, help="predict every image of this split")
 @click.option("--overlays", default=None, help="also write colour masks and overlays into this folder")
 @click.option("--zip", "zip_path", default=None,
               help="also pack the results into this zip (benchmark server)")
@@ -24,18 +25,20 @@ from distseg.runs.run_dir import CHECKPOINT_HELP
 @click.option("--workers", default=2, show_default=True, help="image decoding processes")
 @click.option("--precision", default=None, type=click.Choice(["no", "bf16", "fp16"]),
               help="[default: the run's train.mixed_precision]")
-@click.option("--set", "overrides", multiple=True,
-              help="config override, e.g. --set eval.mode=slide (repeatable)")
+@set_option
 @weights_option
 @click.argument("inputs", nargs=-1)
 def predict(run, checkpoint, out, root, split, overlays, zip_path, alpha, batch_size, workers, precision,
-            weights, overrides, inputs) -> None:
-    """Segment INPUTS (image files or folders) and/or --split of --root into official results.
+            weights, set_values, inputs) -> None:
+    """Segment INPUTS (image files or folders) and/or --split (of --root, or of the run's source images)
+    into official results; section.key=value arguments among INPUTS are settings.
 
     Label-id PNGs <city>_<seq>_<frame>_pred_labelIds.png (other names: <stem>_pred_labelIds.png), ready for
     csEvalPixelLevelSemanticLabeling or `distseg evaluate --results`. Several processes:
-    accelerate launch -m distseg predict ... (each image is predicted once).
+    python -m distseg.launch --multi_gpu --num_processes N -m distseg predict ... (each image once).
     """
+    inputs, bare = inputs_and_settings(inputs)
+    overrides = settings(bare, set_values)
     n = run_predict(run, tuple(inputs), out, checkpoint, root, split, overlays, zip_path, alpha, batch_size,
                     workers, precision, tuple(overrides), weights)
     if PartialState().is_main_process:

@@ -9,8 +9,6 @@ other schemes get that scheme's IoU (foreground IoU for binary schemes).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -21,10 +19,9 @@ from tqdm import tqdm
 from distseg.data.cityscapes import resolve_root
 from distseg.data.image_files import ImageItem, labelled_items, read_array
 from distseg.data.loader import build_loader
-from distseg.data.manifest import manifest_location, read_manifest_text
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
-from distseg.flows.images import segment_files
+from distseg.flows.images import segment_files, source_root
 from distseg.inference.scoring import Scorer, score_loader
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import get_scheme
@@ -39,23 +36,6 @@ def _report(scorer: Scorer, header: str, json_out: str | None, extra: dict) -> d
         atomic_write_json(Path(json_out), dict(extra, **scores))
         print(f"scores written to {json_out}")
     return scores
-
-
-def eval_root(root: str | None, cfg, split: str) -> Path:
-    """--root, else the Cityscapes folder the run's shards were made from, else $CITYSCAPES_DATASET."""
-    if root:
-        return resolve_root(root)
-    try:
-        loc = manifest_location(cfg.data.shards, split)
-        source = json.loads(read_manifest_text(loc, split))["params"]["source"]
-        if Path(source, "gtFine", split).is_dir():
-            return Path(source)
-    except (OSError, ValueError, KeyError, UserError):
-        pass
-    if os.environ.get("CITYSCAPES_DATASET"):
-        return resolve_root(None)
-    raise UserError(f"where are the {split} images? pass --root CITYSCAPES (the run's shards do not name an "
-                    "existing source folder), or --shards to score the shards")
 
 
 def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = None, root: str | None = None,
@@ -77,14 +57,15 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
         scorer = Scorer(scheme, with_instances=False, confusion=cm)  # shard masks hold scheme classes
         what = f"{loader.num_samples} images from the shards in {shards}"
     else:
-        items = labelled_items(eval_root(root, cfg, split), split)
+        where, how = source_root(root, cfg, split)
+        items = labelled_items(where, split)
         with_inst = scheme.official and all(it.instances for it in items)
         scorer = Scorer(scheme, with_inst)
         _score_items(seg, scorer, items[acc.process_index::acc.num_processes], cfg.data.val_batch_size,
                      workers,
                      acc.is_main_process)
         scorer.reduce(acc)
-        what = f"{len(items)} source images" + ("" if with_inst or not scorer.official else
+        what = f"{len(items)} source images in {where} ({how})" + ("" if with_inst or not scorer.official else
                                                  " (no instanceIds files: iIoU not computed)")
     if not acc.is_main_process:
         return {}

@@ -1,18 +1,44 @@
-"""The one loop that segments image files, shared by `evaluate` (on a split's source images) and `predict`:
-DataLoader workers decode (a damaged file comes back as data and is raised here as one line), images of one
-size run as one batch through the Segmenter, and a bar shows progress on a terminal."""
+"""What `evaluate` (on a split's source images) and `predict` share: where a run's source images are, and
+the one loop that segments image files. DataLoader workers decode (a damaged file comes back as data and is
+raised here as one line), images of one size run as one batch through the Segmenter, and a bar shows
+progress on a terminal."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from distseg.config import Config
+from distseg.data.cityscapes import resolve_root
 from distseg.data.image_files import ImageFiles, ImageItem, raise_errors
+from distseg.data.manifest import manifest_location, read_manifest_text
+from distseg.errors import UserError
 from distseg.inference.segmenter import Segmenter, segment_images
+
+
+def source_root(root: str | None, cfg: Config, split: str) -> tuple[Path, str]:
+    """The Cityscapes folder of a split's source images and how it was chosen: --root, else the folder the
+    run's shards were made from (when it still has the split), else $CITYSCAPES_DATASET."""
+    if root:
+        return resolve_root(root), "--root"
+    try:
+        loc = manifest_location(cfg.data.shards, split)
+        source = json.loads(read_manifest_text(loc, split))["params"]["source"]
+        if Path(source, "gtFine", split).is_dir():
+            return Path(source), "the run's source data"
+    except (OSError, ValueError, KeyError, UserError):
+        pass
+    if os.environ.get("CITYSCAPES_DATASET"):
+        return resolve_root(None), "$CITYSCAPES_DATASET"
+    raise UserError(f"where are the {split} images? pass --root CITYSCAPES (the run's shards do not name an "
+                    "existing source folder)")
 
 
 def segment_files(seg: Segmenter, items: list[ImageItem], batch_size: int, workers: int, desc: str,

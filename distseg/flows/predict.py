@@ -11,6 +11,7 @@ so each image is predicted exactly once whatever the number of processes.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 from distseg.data.image_files import ImageItem, find_inputs
 from distseg.errors import UserError
 from distseg.files import atomic_save_png, atomic_write_bytes
-from distseg.flows.images import segment_files
+from distseg.flows.images import segment_files, source_root
 from distseg.inference.segmenter import Segmenter
 from distseg.inference.visual import overlay
 from distseg.labels import Scheme
@@ -42,7 +43,12 @@ def predict(run: str, inputs: tuple[str, ...], out: str, checkpoint: str = "best
     from accelerate import Accelerator
 
     loaded = load_run(run, checkpoint, overrides, weights)
-    items = find_inputs(inputs, root, split)
+    where = None
+    if split is not None:
+        where, how = source_root(root, loaded.cfg, split)
+        if os.environ.get("RANK", "0") == "0":  # before the Accelerator: rank 0 of a launch, or alone
+            print(f"predicting the {split} split of {where} ({how})", flush=True)
+    items = find_inputs(inputs, where, split)
     out_dir = Path(out)
     if overlays and Path(overlays).resolve() == out_dir.resolve():
         raise UserError("--overlays must be another folder than --out: the official evaluation takes every "

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from distseg.errors import UserError
+from distseg.inference.metrics import percent
 from distseg.labels import LABELS
 
 NUM_IDS = 34  # Cityscapes label ids 0..33
@@ -184,18 +185,19 @@ def check_prediction(pred: np.ndarray, gt_shape: tuple[int, ...], name: str = ""
 
 
 def format_table(s: dict) -> str:
-    """The official result table: classes and categories, IoU and iIoU, and their averages."""
+    """The official result table (classes and categories, IoU and iIoU, their averages) in percent with
+    n/a, as training prints its scores; the JSON keeps fractions."""
     def f(v):
-        return "  nan" if v is None or math.isnan(v) else f"{v:5.3f}"
+        return f"{percent(v):>7}"
 
-    lines = ["classes          IoU      iIoU", "--------------------------------"]
-    lines += [f"{name:<14}: {f(v)}    {f(s['iiou'][name])}" for name, v in s["iou"].items()]
-    lines += ["--------------------------------", f"Score Average : {f(s['miou'])}    {f(s['miiou'])}",
-              "--------------------------------", "", "categories       IoU      iIoU",
-              "--------------------------------"]
-    lines += [f"{cat:<14}: {f(v)}    {f(s['category_iiou'][cat])}" for cat, v in s["category_iou"].items()
+    w = max(14, *map(len, s["iou"]))
+    rule = "-" * (w + 20)
+    lines = [f"{'classes':<{w}}  {'IoU %':>7}  {'iIoU %':>7}", rule]
+    lines += [f"{name:<{w}}  {f(v)}  {f(s['iiou'][name])}" for name, v in s["iou"].items()]
+    lines += [rule, f"{'Score Average':<{w}}  {f(s['miou'])}  {f(s['miiou'])}", rule, "",
+              f"{'categories':<{w}}  {'IoU %':>7}  {'iIoU %':>7}", rule]
+    lines += [f"{cat:<{w}}  {f(v)}  {f(s['category_iiou'][cat])}" for cat, v in s["category_iou"].items()
               if not math.isnan(v) or not math.isnan(s["category_iiou"][cat])]
-    lines += ["--------------------------------",
-              f"Score Average : {f(s['category_miou'])}    {f(s['category_miiou'])}",
-              "--------------------------------", f"pixel accuracy: {f(s['pixel_acc'])}"]
+    lines += [rule, f"{'Score Average':<{w}}  {f(s['category_miou'])}  {f(s['category_miiou'])}", rule,
+              f"{'pixel accuracy':<{w}}  {f(s['pixel_acc'])}"]
     return "\n".join(lines)

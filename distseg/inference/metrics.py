@@ -96,15 +96,13 @@ def percent(v: float | None, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
 
 
-def format_table(scores: dict, class_names: list[str], categories: dict | None = None) -> str:
-    """Per-class IoU (then category IoU when given), mIoU and pixel accuracy as an aligned table, in
-    percent."""
-    width = max(16, max(map(len, [*class_names, *(categories or {})])) + 2)
-    lines = [f"{'class':<{width}}{'IoU %':>8}"]
-    for c, v in scores["iou"].items():
-        lines.append(f"{class_names[c]:<{width}}{percent(v):>8}")
-    lines.append(f"{'mIoU':<{width}}{percent(scores['miou']):>8}")
-    for name, v in (categories or {}).items():
-        lines.append(f"{'category ' + name:<{width}}{percent(v):>8}")
-    lines.append(f"{'pixel acc':<{width}}{percent(scores['pixel_acc']):>8}")
+def format_table(scores: dict, class_names: list[str], categories: dict | None = None,
+                 extra: dict | None = None) -> str:
+    """Per-class IoU (then category IoU when given), mIoU, `extra` scores (e.g. a binary scheme's foreground
+    IoU) and pixel accuracy as an aligned table, in percent."""
+    rows = [(class_names[c], v) for c, v in scores["iou"].items()] + [("mIoU", scores["miou"])]
+    rows += [(f"category {name}", v) for name, v in (categories or {}).items()]
+    rows += list((extra or {}).items()) + [("pixel acc", scores["pixel_acc"])]
+    width = max(16, max(len(name) for name, _ in rows) + 2)
+    lines = [f"{'class':<{width}}{'IoU %':>8}"] + [f"{name:<{width}}{percent(v):>8}" for name, v in rows]
     return "\n".join(lines)

@@ -5,8 +5,6 @@ label-id schemes and the scheme's own IoU otherwise, for `distseg evaluate`."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -98,9 +96,6 @@ class Scorer:
         """The printed result table."""
         if self.official:
             return official_table(scores)
-        t = scheme_table({"iou": dict(enumerate(scores["iou"].values())), "miou": scores["miou"],
-                          "pixel_acc": scores["pixel_acc"]}, list(scores["iou"]))
-        if "foreground_iou" in scores:
-            fg = scores["foreground_iou"]
-            t += f"\n{'foreground IoU':<16}{'  n/a' if math.isnan(fg) else f'{100 * fg:8.2f}'}"
-        return t
+        extra = {"foreground IoU": scores["foreground_iou"]} if "foreground_iou" in scores else None
+        return scheme_table({"iou": dict(enumerate(scores["iou"].values())), "miou": scores["miou"],
+                             "pixel_acc": scores["pixel_acc"]}, list(scores["iou"]), extra=extra)

@@ -69,6 +69,13 @@ class RunState:
     segments: list = field(default_factory=list)
     version: int = STATE_VERSION
 
+    def position(self) -> str:
+        """Where in the epochs this state stands, as every printed line counts them: `end of epoch 8`, or
+        `epoch 9 at batch 3` for a mid-epoch checkpoint (micro-batches of each process)."""
+        if self.batch_in_epoch == 0:
+            return f"end of epoch {self.epoch}"
+        return f"epoch {self.epoch + 1} at batch {self.batch_in_epoch}"
+
     def to_json(self) -> str:
         """The trainer_state.json text."""
         return json.dumps(asdict(self), indent=1)

@@ -84,10 +84,13 @@ class RunDir:
         return self.config.is_file()
 
     def require(self) -> RunDir:
-        """Itself, or one error when the folder is not a training run."""
-        if not self.is_run():
-            raise UserError(f"{self.path} is not a training run (no config.yaml)")
-        return self
+        """Itself, or one error when the folder is not a training run, naming the runs that are there."""
+        if self.is_run():
+            return self
+        if not self.path.exists():
+            raise UserError(f"{self.path} does not exist{runs_beside(self.path.parent)}")
+        inside = runs_beside(self.path)
+        raise UserError(f"{self.path} is not a training run (no config.yaml){inside}")
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -118,6 +121,18 @@ class RunDir:
         if not path.exists():
             raise UserError(f"checkpoint {checkpoint!r} not found: use best|latest|PATH")
         return path
+
+
+def runs_beside(folder: Path, most: int = 8) -> str:
+    """`: runs in F: a, b, c` for the run folders in F (a typo's likely targets), or '' when F holds none."""
+    try:
+        names = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file())
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return f"; runs in {folder}: {', '.join(names[:most])}{more}"
 
 
 @dataclass

@@ -109,5 +109,4 @@ def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
         elif state.batch_in_epoch:
             raise UserError(f"{ckpt} was written with another loader or process count; the DALI reader "
                             "position cannot be restored mid-epoch (resume from an epoch-end checkpoint)")
-    acc.print(f"resumed from {ckpt} (step {state.step}, epoch {state.epoch + 1}, batch "
-              f"{state.batch_in_epoch})")
+    acc.print(f"resumed from {ckpt} (step {state.step}, {state.position()})")

@@ -198,6 +198,13 @@ def finished_earlier(cfg: Config, state: RunState, scheme: Scheme) -> FinishedEa
                            f"steps), {best}; nothing to do (raise train.epochs to continue it)")
 
 
+def open_segment(state: RunState, clock: RunClock, processes: int) -> None:
+    """This process's segment of the run (training/loop.py's record_segment fills it in as it goes)."""
+    start = datetime.fromtimestamp(clock.process_start).isoformat(timespec="seconds")
+    state.segments.append({"start": start, "end": None, "first_step": state.step, "last_step": state.step,
+                           "steps": 0, "images": 0, "seconds": 0.0, "processes": processes})
+
+
 def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     """Loaders, model, optimizer and resume state, validated before anything is written to the run folder
     (a finished run is left as it is: FinishedEarlier)."""
@@ -218,9 +225,7 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     if resume_from is not None:
         restore(acc, resume_from, state, train_loader)
 
-    state.segments.append({"start": datetime.now().isoformat(timespec="seconds"), "end": None,
-                           "first_step": state.step, "last_step": state.step, "steps": 0, "images": 0,
-                           "seconds": 0.0, "processes": acc.num_processes})
+    open_segment(state, clock, acc.num_processes)
     state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
     state.grad_accum, state.repeat = cfg.train.grad_accum, cfg.data.repeat
     warn_about_settings(cfg, acc, max_steps)

@@ -39,9 +39,24 @@ class StopFlag:
         now = time.monotonic()
         if self.signalled is None:
             self.signalled, self.at = signum, now
+            self._acknowledge(signum)
             return
         if signum in (signal.SIGINT, signal.SIGTERM) and now - self.at >= SAME_PRESS_S:  # asked twice: go now
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    @staticmethod
+    def _acknowledge(signum: int) -> None:
+        """Say at once (rank 0) that the request was heard: a step can take minutes on a CPU, and silence
+        invites the second Ctrl-C that exits without a checkpoint. os.write: safe inside a signal handler,
+        whatever the print in progress."""
+        if os.environ.get("RANK", "0") != "0":
+            return
+        again = " (Ctrl-C again exits at once, without one)" if signum == signal.SIGINT else ""
+        text = f"{signal.Signals(signum).name}: stopping after this step, then checkpointing{again}\n"
+        try:
+            os.write(1, text.encode())
+        except OSError:
+            pass
 
     @property
     def set(self) -> bool:
