@@ -32,3 +32,20 @@ def worker_init(_worker_id: int = 0) -> None:
     KeyboardInterrupt would fail the epoch."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_NOTED: set[str] = set()
+
+
+def usable_workers(asked: int, setting: str) -> int:
+    """Worker processes for a DataLoader: `asked`, capped to the cores this process may run on. More
+    workers than cores only contend (and torch warns with a site-packages path, once per loader); distseg
+    says it once, on rank 0, naming the setting."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if asked <= cores:
+        return asked
+    if setting not in _NOTED and os.environ.get("RANK", "0") == "0":
+        print(f"note: {setting}={asked} is more than the {cores} cores here: using {cores} workers",
+              flush=True)
+    _NOTED.add(setting)
+    return cores

@@ -91,8 +91,20 @@ def test_bench_eval_runs_every_mode_through_the_segmenter():
     passes = {x.split("|")[1].strip(): float(x.split("|")[4]) for x in r}
     # 3x3 windows of 48x32 at stride 24x16 over 96x64, batch 4 -> 3 passes; flip doubles; 5 scales x 1 pass
     assert passes == {"whole": 1, "whole+flip": 2, "slide": 3, "slide+flip": 6, "ms": 5, "ms+flip": 10}
+    assert "(slide: 9 windows of 48x32 per image, up to 4 per pass)" in p.stdout
+    assert "| slide 48x32/24x16 |" in p.stdout  # as given: WIDTHxHEIGHT
     for line in r:
         assert float(line.split("|")[3]) > 0 and float(line.split("|")[5]) >= 0
+
+
+def test_bench_eval_warns_when_the_window_exceeds_the_image():
+    from distseg.bench.eval import slide_note
+
+    note = slide_note((512, 256), (512, 1024), (341, 683), 4)
+    assert note == (" (slide: 1 window of 1024x512 per image, up to 4 per pass); warning: the 1024x512 "
+                    "window exceeds the 512x256 image, so slide covers it with one window and differs little "
+                    "from whole")
+    assert "warning" not in slide_note((2048, 1024), (512, 1024), (341, 683), 4)
 
 
 def test_bench_e2e_times_a_whole_run_through_the_real_entry(shards, tmp_path):

@@ -103,7 +103,12 @@ def test_export_cli_argmax_float_input_and_metadata(tmp_path):
     out = tmp_path / "out" / "model.onnx"
     p = run_cli("export", "--run", run, "--format", "onnx", "--out", out, "--dynamic", "--argmax", "--input",
                 "float", "--height", 64, "--width", 96)
-    assert "exported" in p.stdout and "torch.onnx" not in p.stdout
+    assert "torch.onnx" not in p.stdout
+    assert p.stdout.strip().endswith("input images batch x 3 x height x width (any), float32 0-1 RGB")
+    graph = onnx.load(str(out)).graph
+    assert [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch", 3, "height", "width"]
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "height", "width"]
     meta = {e.key: e.value for e in onnx.load(str(out)).metadata_props}
     assert meta["output"].startswith("int64 class map") and meta["input"].startswith("float32 RGB")
     assert json.loads(meta["classes"])[0] == "road" and meta["weights"].endswith("ema.safetensors")
@@ -132,3 +137,13 @@ def test_export_cli_argmax_float_input_and_metadata(tmp_path):
     p = run_cli("export", "--checkpoint", tmp_path, "--format", "pt2", "--out", tmp_path / "z.pt2",
                 check=False)
     assert_user_error(p, "not inside a training run")
+
+
+def test_export_takes_the_runs_image_size(one_proc_run, tmp_path):
+    import zipfile
+
+    p = run_cli("export", "--run", one_proc_run, "--format", "pt2", "--out", tmp_path / "m.pt2")
+    assert "input images 1 x 3 x 128 x 256, uint8 0-255 RGB (the run's images)" in p.stdout  # synth: 256x128
+    with zipfile.ZipFile(tmp_path / "m.pt2") as z:
+        name = next(n for n in z.namelist() if n.endswith("distseg.json"))
+        assert json.loads(z.read(name))["shape"] == "fixed 128x256 (H x W)"

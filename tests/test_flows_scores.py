@@ -84,7 +84,7 @@ def test_predict_scored_officially_equals_evaluate(synth_root, one_proc_run, off
     assert len(list(ovl.glob("*_overlay.png"))) == len(gts) == len(list(ovl.glob("*_color.png")))
     off = official([res / f"{key(g)}_pred_labelIds.png" for g in gts], gts)
     p = run_cli("evaluate", "--run", one_proc_run, "--json", tmp_path / "run.json", *mode)
-    assert ("slide 64x96/40x60 + flip" in p.stdout) == bool(mode)
+    assert ("slide 96x64/60x40 + flip" in p.stdout) == bool(mode)  # W x H, as on command lines
     assert f"source images in {synth_root} (the run's source data)" in p.stdout
     assert "Score Average" in p.stdout and "iIoU" in p.stdout
     run_scores = json.loads((tmp_path / "run.json").read_text())  # printed in percent, as training prints

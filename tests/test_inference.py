@@ -119,7 +119,7 @@ def test_spec_from_config():
     cfg = load_config(None, ["eval.mode=slide", "data.crop=[60,90]", "eval.flip=true", "eval.scales=[0.5,1]"])
     spec = InferenceSpec.from_config(cfg)
     assert spec.crop == (60, 90) and spec.stride == (40, 60) and spec.flip and spec.scales == (0.5, 1.0)
-    assert spec.describe() == "slide 60x90/40x60 + flip @ 0.5,1"
+    assert spec.describe() == "slide 90x60/60x40 + flip @ 0.5,1"
     with pytest.raises(UserError, match="eval.mode=slide needs eval.crop"):
         InferenceSpec.from_config(load_config(None, ["eval.mode=slide", "data.crop=[]"]))
     with pytest.raises(UserError, match="eval.scales"):

@@ -77,3 +77,25 @@ def test_config_errors(tmp_path):
             load_config(None, [ov])
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_workers_are_capped_to_the_cores_with_one_note(monkeypatch, capsys):
+    import os
+    import warnings
+
+    import torch
+
+    from distseg import processes
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(processes, "_NOTED", set())
+    assert processes.usable_workers(2, "data.num_workers") == 2 and capsys.readouterr().out == ""
+    assert processes.usable_workers(8, "data.num_workers") == 2
+    assert processes.usable_workers(8, "data.num_workers") == 2  # the train and the val loader: one note
+    assert capsys.readouterr().out == ("note: data.num_workers=8 is more than the 2 cores here: using 2 "
+                                       "workers\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's own warning about too many workers would fail here
+        torch.utils.data.DataLoader(range(4), num_workers=processes.usable_workers(8, "data.num_workers"))
+        with pytest.raises(UserWarning, match="worker processes in total"):  # (and does, uncapped)
+            torch.utils.data.DataLoader(range(4), num_workers=8)

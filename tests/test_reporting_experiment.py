@@ -74,7 +74,10 @@ def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
     for name in summary["compare"]:
         s = summary["stages"][name]
         assert s["finished"] and s["best_score_name"] == "foreground IoU" and len(s["history"]) == 2
-        assert name in out.split("score per epoch")[-1]
+        (row,) = [line for line in out.split("per epoch")[-1].splitlines() if line.startswith(name)]
+        # three significant digits with the unit: close scores of two stages stay apart
+        assert f" foreground IoU{100 * s['best_score']:>7.3g}%" in row, row
+        assert row.endswith(" ".join(f"{100 * h['score']:.3g}%" for h in s["history"])), row
     # a rerun with nothing to do skips every stage
     p = run_cli("experiment", plan, "--no-report", env=env)
     assert p.stdout.count("skipped") == 3 and "training in" not in p.stdout

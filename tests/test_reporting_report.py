@@ -45,8 +45,24 @@ def page(synth_root, shards, one_proc_run, tmp_path_factory):
                   log=lambda *a: None)
     run_train(base_overrides(person, tmp, "person", **{"data.scheme": "person", "train.ckpt_every": 2}))
     out = tmp / "report.html"
-    p = run_cli("report", one_proc_run, tmp / "person", "--out", out, "--images", "4", "--checkpoints", "3")
+    args = ["report", one_proc_run, tmp / "person", "--out", out, "--images", "4", "--checkpoints", "3"]
+    p = run_cli(*args)
     assert "report written to" in p.stdout
+    # progress while it builds, one run at a time
+    assert "report 1/2: one: scoring the val split" in p.stdout and "report 2/2: person done in" in p.stdout
+    # nothing changed: not rebuilt; a run that changes: the fingerprint does
+    built = out.stat().st_mtime_ns
+    p = run_cli(*args)
+    assert "is up to date" in p.stdout and "scoring" not in p.stdout and out.stat().st_mtime_ns == built
+    from distseg.reporting.report import inputs_fingerprint
+    from distseg.runs.run_dir import RunDir
+
+    dirs = [RunDir(one_proc_run), RunDir(tmp / "person")]
+    before = inputs_fingerprint(dirs, 4, 3, "no", "auto")
+    assert before != inputs_fingerprint(dirs, 5, 3, "no", "auto")
+    summary = tmp / "person" / "summary.json"
+    summary.touch()
+    assert before != inputs_fingerprint(dirs, 4, 3, "no", "auto")
     return out
 
 

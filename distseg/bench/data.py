@@ -153,46 +153,42 @@ def reduced_decode_share(cfg, man: dict, epochs: int = 4) -> float:
     return hits / max(n, 1)
 
 
-def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
-    """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
-    per-core rate as a share of decode-only's."""
+def time_pipeline(mode: str, cfg, root, split: str, man: dict, n_batches: int) -> dict | str:
+    """One pipeline's figures ({"img_s", "cores"}) over `n_batches` batches, or why it was skipped."""
     scheme = get_scheme(cfg.data.scheme)
-    man = load_manifest(cfg.data.shards, split)
     lut = scheme.lut if check_scheme(man, scheme) else None
-    bs, nw = cfg.data.batch_size, cfg.data.num_workers
-    cuda = torch.cuda.is_available()
-    device = "cuda:0" if cuda else "cpu"
+    bs, nw, cuda = cfg.data.batch_size, cfg.data.num_workers, torch.cuda.is_available()
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+    if mode in ("torch-gpu", "dali-gpu") and not cuda:
+        return "skipped: no CUDA"
+    if mode.startswith("dali") and not dali_available():
+        return "skipped: DALI not installed (pip install \"distseg[dali]\")"
+    if mode in ("torch-cpu", "torch-gpu", "dali", "dali-gpu"):
+        c = with_data(cfg, loader="dali" if mode.startswith("dali") else "torch",
+                      decode="gpu" if mode == "torch-gpu" else "cpu")
+        where = "cpu" if mode == "dali" or not cuda else "cuda:0"  # DALI's CPU mode on any machine
+        return _time_batches(endless(make_loader(c, split, scheme, True, where)), n_batches, bs)
+    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
     need = (n_batches + 2) * bs
-    results = {}
-    for mode in modes:
-        if mode not in MODES:
-            raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
-        if mode in ("torch-gpu", "dali-gpu") and not cuda:
-            results[mode] = "skipped: no CUDA"
-            continue
-        if mode.startswith("dali") and not dali_available():
-            results[mode] = "skipped: DALI not installed (pip install \"distseg[dali]\")"
-            continue
-        if mode in ("torch-cpu", "torch-gpu", "dali", "dali-gpu"):
-            c = with_data(cfg, loader="dali" if mode.startswith("dali") else "torch",
-                          decode="gpu" if mode == "torch-gpu" else "cpu")
-            where = "cpu" if mode == "dali" else device  # DALI's CPU mode on any machine
-            results[mode] = _time_batches(endless(make_loader(c, split, scheme, True, where)), n_batches, bs)
-            continue
-        samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
-        shard_lut = lut if lut is not None else np.arange(256)  # shard masks: remap labelid shards only
-        if mode == "decode":  # one process: its rate is a rate per core
-            ds, workers = DecodeOnly(samples, lut), 0
-        elif mode == "transform":
-            ds, workers = TransformOnly(samples, lut, cfg.data, cfg.train.seed, need), 0
-        elif mode == "tv-png":  # label ids from the folder: the scheme's whole remap
-            pairs = find_pairs(resolve_root(root), split)
-            ds, workers = TorchvisionReference(cfg, scheme.lut, pairs=pairs), nw
-        else:
-            ds, workers = TorchvisionReference(cfg, shard_lut, samples=samples), nw
-        results[mode] = _time_batches(_dataset_loader(ds, bs, workers, need, cuda), n_batches, bs)
-        if mode in ("decode", "transform"):
-            results[mode]["cores"] = 1.0  # one process: one core by construction (jiffies are too coarse)
+    if mode == "decode":  # one process: its rate is a rate per core
+        ds, workers = DecodeOnly(samples, lut), 0
+    elif mode == "transform":
+        ds, workers = TransformOnly(samples, lut, cfg.data, cfg.train.seed, need), 0
+    elif mode == "tv-png":  # label ids from the folder: the scheme's whole remap
+        ds, workers = TorchvisionReference(cfg, scheme.lut, pairs=find_pairs(resolve_root(root), split)), nw
+    else:  # shard masks: remap labelid shards only
+        shard_lut = lut if lut is not None else np.arange(256)
+        ds, workers = TorchvisionReference(cfg, shard_lut, samples=samples), nw
+    r = _time_batches(_dataset_loader(ds, bs, workers, need, cuda), n_batches, bs)
+    if mode in ("decode", "transform"):
+        r["cores"] = 1.0  # one process: one core by construction (jiffies are too coarse)
+    return r
+
+
+def compare_pipelines(results: dict) -> tuple[list, dict]:
+    """Table rows and JSON of the pipelines' figures, each per busy core against decode-only's and
+    transform-only's."""
     def rate(name):
         r = results.get(name)
         return r["img_s"] / max(r["cores"], 1e-9) if isinstance(r, dict) else None
@@ -203,18 +199,28 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
             rows.append([MODES[mode], r, "", "", "", ""])
             out[mode] = {"skipped": r}
             continue
-        per_core = r["img_s"] / max(r["cores"], 1e-9)
+        per_core = rate(mode)
         ratio = per_core / base_rate if base_rate else None
         vs_transform = per_core / transform_rate if transform_rate else None
         rows.append([MODES[mode], r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-",
                      f"{vs_transform:.2f}x" if vs_transform else "-"])
         out[mode] = {"img_s": r["img_s"], "cores_busy": r["cores"], "img_s_per_busy_core": per_core,
                      "vs_decode_only": ratio, "vs_transform_only": vs_transform}
+    return rows, out
+
+
+def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
+    """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
+    per-core rate as a share of decode-only's."""
+    man = load_manifest(cfg.data.shards, split)
+    rows, out = compare_pipelines({mode: time_pipeline(mode, cfg, root, split, man, n_batches)
+                                   for mode in modes})
+    cuda = torch.cuda.is_available()
     crop = "x".join(map(str, cfg.data.crop[::-1])) if cfg.data.crop else "full"
     reduced = reduced_decode_share(cfg, man)
     head = (f"data pipelines, {split} split of {man['_path']} ({man['total']} samples, {man['image_ext']}), "
-            f"batch {bs}, {nw} workers/threads, crop {crop}, scale {cfg.data.scale}, {n_batches} batches "
-            "each, "
+            f"batch {cfg.data.batch_size}, {cfg.data.num_workers} workers/threads, crop {crop}, scale "
+            f"{cfg.data.scale}, {n_batches} batches each, "
             f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'no GPU'}, {os.cpu_count()} CPU cores; "
             f"reduced (DCT) JPEG decode for {100 * reduced:.1f}% of samples at data.scale={cfg.data.scale}")
     if as_json:

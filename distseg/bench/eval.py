@@ -8,7 +8,7 @@ import torch
 from distseg.bench.common import device_name, measure, table
 from distseg.config import Config
 from distseg.errors import UserError
-from distseg.inference.segmenter import InferenceSpec, Segmenter
+from distseg.inference.segmenter import InferenceSpec, Segmenter, window_starts
 from distseg.labels import get_scheme
 from distseg.models import build_model, out_channels
 
@@ -53,8 +53,21 @@ def bench_eval(cfg: Config, modes: list[str], size: tuple[int, int], images: int
         counted.remove()
         n = rounds * batch
         rows.append([mode, spec.describe(), n / m["wall"], len(calls) / rounds, m["peak_mb"]])
-    head = (f"inference, U-Net base {cfg.model.base} depth {cfg.model.depth}, {w}x{h} input, batch {batch} "
-            f"(slide: {spec_for('slide', cfg, crop, stride).batch} windows per pass), precision {precision}, "
+    slides = any(m.startswith("slide") for m in modes)
+    head = (f"inference, U-Net base {cfg.model.base} depth {cfg.model.depth}, {w}x{h} input, batch {batch}"
+            f"{slide_note(size, crop, stride, cfg.eval.batch) if slides else ''}, precision {precision}, "
             f"{device_name()}; peak memory above the model's: "
-            f"{'GPU allocated' if device.type == 'cuda' else 'process RSS'}")
+            f"{'GPU allocated' if device.type == 'cuda' else 'process RSS'}; sizes WIDTHxHEIGHT")
     return head + "\n\n" + table(["mode", "inference", "img/s", "forward passes per batch", "peak MB"], rows)
+
+
+def slide_note(size: tuple[int, int], crop: tuple[int, int], stride: tuple[int, int], per_pass: int) -> str:
+    """What slide does at this size: windows per image and per pass, and a warning when the window does not
+    fit the image (slide then runs that side as one whole-image window)."""
+    (w, h), (ch, cw), (sh, sw) = size, crop, stride
+    n = len(window_starts(h, ch, sh)) * len(window_starts(w, cw, sw))
+    note = f" (slide: {n} window{'s' * (n != 1)} of {cw}x{ch} per image, up to {per_pass} per pass)"
+    if cw > w or ch > h:
+        note += (f"; warning: the {cw}x{ch} window exceeds the {w}x{h} image, so slide covers it with "
+                 f"{'one window' if n == 1 else 'fewer windows'} and differs little from whole")
+    return note

@@ -45,7 +45,7 @@ def synth(out: str, n_train: int, n_val: int, n_test: int, size: str, seed: int,
               help="[default: png for val (lossless: validation sees the source pixels), jpg otherwise]")
 @click.option("--lossless", default="png", show_default=True, type=click.Choice(["png", "zstd"]),
               help="masks and lossless images: png (every WebDataset, wids, DALI, HF reader decodes it) or "
-                   "zstd (decodes ~40x faster on a CPU; distseg's torch loader only)")
+                   "zstd (masks decode ~20x faster on a CPU; distseg's torch loader only)")
 @click.option("--quality", default=95, show_default=True, help="JPEG quality")
 @click.option("--resize", default=None, help="WIDTHxHEIGHT (image bilinear, mask nearest)")
 @click.option("--maxcount", default=100, show_default=True, help="samples per shard at most")

@@ -23,6 +23,8 @@ def manifest_text(man: dict, verify: bool) -> str:
              f"{man['image_ext']}{' q' + str(p['quality']) if man['image_ext'] == 'jpg' else ''}, mask "
              f"{man['mask_ext']}, resize {'x'.join(map(str, p['resize'])) if p['resize'] else 'none'}, "
              f"seed {p['seed']}, {man['tool']}"]
+    if man.get("image_sizes"):
+        lines.append("image sizes " + ", ".join(f"{wxh} ({n})" for wxh, n in man["image_sizes"].items()))
     rows = list(man["class_pixels"].items()) + [("(ignore)", man["ignore_pixels"])]
     total, width = sum(n for _, n in rows), max(16, max(len(name) for name, _ in rows) + 2)
     lines.append(f"{'class':<{width}}{'pixels':>14}{'share':>9}")

@@ -18,6 +18,10 @@ from distseg.reporting.report import write_report
 @weights_option
 def report(runs, out, images, checkpoints, precision, weights) -> None:
     """Curves, per-class IoU, confusion matrix and a val gallery with a checkpoint chooser for RUNS (run
-    folders), in one HTML file that needs no network to view."""
-    path = write_report(list(runs), out, images, checkpoints, precision, weights)
-    click.echo(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    folders), in one HTML file that needs no network to view. A page already built from the same runs and
+    options is left as it is."""
+    path, built = write_report(list(runs), out, images, checkpoints, precision, weights, click.echo)
+    if built:
+        click.echo(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    else:
+        click.echo(f"report {path} is up to date: its runs and options have not changed since it was built")

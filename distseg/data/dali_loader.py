@@ -126,37 +126,7 @@ class DaliLoader:
                                     dtype=types.UINT8)
             if gpu:
                 m = m.gpu()
-            if train:
-                hw = fn.cast(fn.peek_image_shape(jpg)[0:2], dtype=types.FLOAT)
-                # a fixed scale (data.scale=[s,s]) is a constant: DALI refuses an empty range
-                s = fn.random.uniform(range=list(d.scale)) if d.scale[0] < d.scale[1] else float(d.scale[0])
-                size = hw * s
-                img = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
-                m = fn.resize(m, size=size, interp_type=types.INTERP_NN)
-                flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
-                cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
-                if d.crop:  # crop first, so colour and normalisation touch only the crop
-                    # a scaled image smaller than the crop sits at the top left: padding bottom and right
-                    cy = cy * fn.cast(size[0] >= d.crop[0], dtype=types.FLOAT)
-                    cx = cx * fn.cast(size[1] >= d.crop[1], dtype=types.FLOAT)
-                    img = fn.crop(img, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
-                                  out_of_bounds_policy="pad", fill_values=mean)  # pads to 0 after normalising
-                    m = fn.crop(m, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
-                                out_of_bounds_policy="pad", fill_values=255)
-                if d.color > 0:
-                    rng = [1 - d.color, 1 + d.color]
-                    img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
-                                         contrast=fn.random.uniform(range=rng),
-                                         saturation=fn.random.uniform(range=rng))
-                # one set of random nodes feeds both: the mask follows the image exactly
-                img = fn.crop_mirror_normalize(img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
-                                               output_layout="CHW")
-                m = fn.crop_mirror_normalize(m, mirror=flip, mean=[0.0], std=[1.0], dtype=types.UINT8,
-                                             output_layout="CHW")
-            else:
-                img = fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT,
-                                               output_layout="CHW")
-                m = fn.transpose(m, perm=[2, 0, 1])
+            img, m = augment(img, m, jpg, d, mean, std) if train else normalize_val(img, m, mean, std)
             return img, m, info
 
         self.pipe = pipe(checkpoint=checkpoint) if checkpoint else pipe()
@@ -204,3 +174,46 @@ class DaliLoader:
                 yield {"image": o["image"].to(self.device), "mask": o["mask"][:, 0].long().to(self.device),
                        "key": keys, "valid": (pos < self.shard_len).to(self.device)}
         self._batch = 0
+
+
+def augment(img, m, encoded, d, mean: list[float], std: list[float]):
+    """The training augmentation as DALI graph nodes (the table in distseg/data/transforms.py): scale, crop
+    with padding, colour jitter, flip, normalise. One set of random nodes feeds image and mask, so the mask
+    follows the image exactly. `encoded` is the undecoded image (its shape is peeked, not decoded)."""
+    from nvidia.dali import fn, types
+
+    hw = fn.cast(fn.peek_image_shape(encoded)[0:2], dtype=types.FLOAT)
+    # a fixed scale (data.scale=[s,s]) is a constant: DALI refuses an empty range
+    s = fn.random.uniform(range=list(d.scale)) if d.scale[0] < d.scale[1] else float(d.scale[0])
+    size = hw * s
+    img = fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=False)
+    m = fn.resize(m, size=size, interp_type=types.INTERP_NN)
+    flip = fn.random.coin_flip(probability=0.5 if d.flip else 0.0)
+    cx, cy = fn.random.uniform(range=[0.0, 1.0]), fn.random.uniform(range=[0.0, 1.0])
+    if d.crop:  # crop first, so colour and normalisation touch only the crop
+        # a scaled image smaller than the crop sits at the top left: padding bottom and right
+        cy = cy * fn.cast(size[0] >= d.crop[0], dtype=types.FLOAT)
+        cx = cx * fn.cast(size[1] >= d.crop[1], dtype=types.FLOAT)
+        img = fn.crop(img, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
+                      out_of_bounds_policy="pad", fill_values=mean)  # pads to 0 after normalising
+        m = fn.crop(m, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
+                    out_of_bounds_policy="pad", fill_values=255)
+    if d.color > 0:
+        rng = [1 - d.color, 1 + d.color]
+        img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
+                             contrast=fn.random.uniform(range=rng),
+                             saturation=fn.random.uniform(range=rng))
+    img = fn.crop_mirror_normalize(img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
+                                   output_layout="CHW")
+    m = fn.crop_mirror_normalize(m, mirror=flip, mean=[0.0], std=[1.0], dtype=types.UINT8,
+                                 output_layout="CHW")
+    return img, m
+
+
+def normalize_val(img, m, mean: list[float], std: list[float]):
+    """Validation: normalise the image, the mask channel-first; nothing random."""
+    from nvidia.dali import fn, types
+
+    img = fn.crop_mirror_normalize(img, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+    m = fn.transpose(m, perm=[2, 0, 1])
+    return img, m

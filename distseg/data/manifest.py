@@ -140,6 +140,10 @@ def check_scheme(man: dict, scheme: Scheme) -> bool:
 def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[dict]) -> dict:
     """The <split>.json manifest of finished shards; `params` are the shard options that made them."""
     hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
+    sizes: dict[str, int] = {}
+    for sh in done:
+        for wxh, n in sh.get("sizes", {}).items():
+            sizes[wxh] = sizes.get(wxh, 0) + n
     image_ext, mask_ext = member_names(params["image_format"], params.get("lossless", "png"))
     return {
         "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": params["split"],
@@ -149,5 +153,6 @@ def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[d
         "source_bytes": source_bytes,
         "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
         "ignore_pixels": int(hist[IGNORE]),
-        "shards": [{k: v for k, v in sh.items() if k != "hist"} for sh in done],
+        "image_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),  # WIDTHxHEIGHT: images, most first
+        "shards": [{k: v for k, v in sh.items() if k not in ("hist", "sizes")} for sh in done],
     }

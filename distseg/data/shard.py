@@ -59,6 +59,7 @@ class Encoded:
     files: list[tuple[str, bytes]]
     hist: np.ndarray
     source_bytes: int
+    size: str = ""  # the stored image's WIDTHxHEIGHT
 
 
 # --- encoding (runs in worker processes) -------------------------------------------------------
@@ -116,7 +117,8 @@ def encode_pair(pair: Pair, opts: ShardOptions | None = None, scheme: Scheme | N
     files = [(f"{pair.key}.{image_ext}", image), (f"{pair.key}.{mask_ext}", mask_bytes),
              (f"{pair.key}.json", json.dumps(meta, sort_keys=True).encode())]
     src = pair.image.stat().st_size + pair.label.stat().st_size
-    return Encoded(pair.key, files, np.bincount(mask.ravel(), minlength=256).astype(np.int64), src)
+    return Encoded(pair.key, files, np.bincount(mask.ravel(), minlength=256).astype(np.int64), src,
+                   f"{img.size[0]}x{img.size[1]}")
 
 
 def _encode_worker(pair: Pair) -> Encoded:
@@ -136,6 +138,7 @@ class ShardWriter:
         self.index: list[list] = []
         self.keys: list[str] = []
         self.hist = np.zeros(256, np.int64)
+        self.sizes: dict[str, int] = {}
         self.size = 0
 
     def add(self, enc: Encoded) -> None:
@@ -151,6 +154,7 @@ class ShardWriter:
         self.index.append(entry)
         self.keys.append(enc.key)
         self.hist += enc.hist
+        self.sizes[enc.size] = self.sizes.get(enc.size, 0) + 1
         self.size = self.tar.offset
 
     def finish(self) -> dict:
@@ -170,7 +174,7 @@ class ShardWriter:
                 "bytes": self.path.stat().st_size, "sha256": digest,
                 "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(),
                 "keys_sha": keys_sha(self.keys),
-                "hist": self.hist.tolist()}
+                "hist": self.hist.tolist(), "sizes": self.sizes}
 
     def abort(self) -> None:
         """Close and remove the temp file (nothing under the final name). Called while an error propagates:

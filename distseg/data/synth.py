@@ -9,6 +9,7 @@ trivial.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,114 +28,161 @@ def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: int) -
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in base)
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW)."""
-    W, H = width, height
-    img = Image.new("RGB", (W, H))
-    lab = Image.new("L", (W, H))
-    inst = Image.new("I", (W, H))
-    di, dl, dn = ImageDraw.Draw(img), ImageDraw.Draw(lab), ImageDraw.Draw(inst)
+class Canvas:
+    """The three images of a scene drawn together: every shape goes into the RGB image with its colour, into
+    the labelIds image with its label, and into the instanceIds image with its instance id (or its label
+    for a class without instances), so the three always agree."""
 
-    def draw(kind: str, xy, label: int, color, instance: int | None = None, **kw):
-        getattr(di, kind)(xy, fill=color, **kw)
-        getattr(dl, kind)(xy, fill=label, **kw)
-        getattr(dn, kind)(xy, fill=label if instance is None else instance, **kw)
+    def __init__(self, width: int, height: int):
+        self.W, self.H = width, height
+        self.img, self.lab, self.inst = (Image.new(m, (width, height)) for m in ("RGB", "L", "I"))
+        self._draws = [ImageDraw.Draw(im) for im in (self.img, self.lab, self.inst)]
 
-    horizon = int(H * rng.uniform(0.38, 0.52))
-    # sky: a vertical blue gradient
+    def draw(self, kind: str, xy, label: int, color, instance: int | None = None, **kw) -> None:
+        """One shape (`rectangle`, `ellipse`, `polygon`, `line`) in all three images."""
+        for d, fill in zip(self._draws, (color, label, label if instance is None else instance)):
+            getattr(d, kind)(xy, fill=fill, **kw)
+
+
+@dataclass
+class Road:
+    """Where the road runs: its vanishing point's x and half widths at the horizon and at the bottom."""
+
+    horizon: int
+    vx: int
+    half_top: float
+    half_bot: float
+
+
+def draw_sky_and_buildings(c: Canvas, rng: np.random.Generator, horizon: int) -> None:
+    """A vertical blue gradient, then a row of blocks with windows."""
+    W, H = c.W, c.H
     top, bottom = np.array(_jitter(rng, (90, 140, 210), 25)), np.array(_jitter(rng, (170, 200, 235), 20))
     for y in range(horizon + 1):
         t = y / max(horizon, 1)
-        draw("line", [(0, y), (W, y)], L["sky"], tuple(int(v) for v in top * (1 - t) + bottom * t))
-    # buildings: a row of blocks with windows
+        c.draw("line", [(0, y), (W, y)], L["sky"], tuple(int(v) for v in top * (1 - t) + bottom * t))
     x = int(-rng.integers(0, W // 8))
     while x < W:
         bw = int(rng.integers(W // 10, W // 4))
         btop = int(rng.integers(int(H * 0.05), max(int(H * 0.06), horizon - H // 10)))
         color = _jitter(rng, (110, 100, 95), 40)
-        draw("rectangle", [x, btop, x + bw, horizon + H // 20], L["building"], color)
-        win = tuple(max(0, c - 55) for c in color)
+        c.draw("rectangle", [x, btop, x + bw, horizon + H // 20], L["building"], color)
+        win = tuple(max(0, v - 55) for v in color)
         ws = max(2, W // 80)
         for wy in range(btop + ws, horizon - ws, ws * 3):
             for wx in range(x + ws, x + bw - ws, ws * 3):
-                draw("rectangle", [wx, wy, wx + ws, wy + ws], L["building"], win)
+                c.draw("rectangle", [wx, wy, wx + ws, wy + ws], L["building"], win)
         x += bw + int(rng.integers(0, W // 30))
-    # trees behind the sidewalk
+
+
+def draw_trees(c: Canvas, rng: np.random.Generator, horizon: int) -> None:
+    """Trees behind the sidewalk: a trunk (pole) and a crown (vegetation)."""
+    W, H = c.W, c.H
     for _ in range(int(rng.integers(1, 4))):
         cx, cy = int(rng.integers(0, W)), int(horizon - rng.integers(0, H // 8))
         r = int(rng.integers(H // 14, H // 7))
-        draw("rectangle", [cx - max(1, r // 6), cy, cx + max(1, r // 6), horizon + H // 20], L["pole"],
-             _jitter(rng, (90, 70, 50), 10))
-        draw("ellipse", [cx - r, cy - 2 * r, cx + r, cy], L["vegetation"], _jitter(rng, (60, 130, 40), 25))
-    # ground: sidewalk everywhere below the horizon, then the road as a trapezoid to a vanishing point
-    draw("rectangle", [0, horizon, W, H], L["sidewalk"], _jitter(rng, (200, 180, 190), 20))
-    vx = int(W * rng.uniform(0.35, 0.65))
-    half_top, half_bot = W * 0.04, W * rng.uniform(0.42, 0.6)
-    road = [(vx - half_top, horizon), (vx + half_top, horizon), (W / 2 + half_bot, H), (W / 2 - half_bot, H)]
-    draw("polygon", road, L["road"], _jitter(rng, (85, 75, 90), 12))
-    for k in range(6):  # dashed centre line (still road)
+        c.draw("rectangle", [cx - max(1, r // 6), cy, cx + max(1, r // 6), horizon + H // 20], L["pole"],
+               _jitter(rng, (90, 70, 50), 10))
+        c.draw("ellipse", [cx - r, cy - 2 * r, cx + r, cy], L["vegetation"], _jitter(rng, (60, 130, 40), 25))
+
+
+def draw_ground(c: Canvas, rng: np.random.Generator, horizon: int) -> Road:
+    """Sidewalk everywhere below the horizon, then the road as a trapezoid to a vanishing point with a
+    dashed centre line (still road)."""
+    W, H = c.W, c.H
+    c.draw("rectangle", [0, horizon, W, H], L["sidewalk"], _jitter(rng, (200, 180, 190), 20))
+    road = Road(horizon, int(W * rng.uniform(0.35, 0.65)), W * 0.04, W * rng.uniform(0.42, 0.6))
+    vx, half_top, half_bot = road.vx, road.half_top, road.half_bot
+    corners = [(vx - half_top, horizon), (vx + half_top, horizon), (W / 2 + half_bot, H),
+               (W / 2 - half_bot, H)]
+    c.draw("polygon", corners, L["road"], _jitter(rng, (85, 75, 90), 12))
+    for k in range(6):
         t0, t1 = (k + 0.2) / 6, (k + 0.6) / 6
         ya, yb = horizon + (H - horizon) * t0 ** 1.5, horizon + (H - horizon) * t1 ** 1.5
         xa = vx + (W / 2 - vx) * (ya - horizon) / (H - horizon)
         xb = vx + (W / 2 - vx) * (yb - horizon) / (H - horizon)
-        draw("line", [(xa, ya), (xb, yb)], L["road"], (200, 200, 190),
-             width=max(1, int(W / 200 * (1 + 3 * t1))))
-    # poles with signs along the sidewalk
+        c.draw("line", [(xa, ya), (xb, yb)], L["road"], (200, 200, 190),
+               width=max(1, int(W / 200 * (1 + 3 * t1))))
+    return road
+
+
+def draw_poles(c: Canvas, rng: np.random.Generator, horizon: int) -> None:
+    """Poles with signs along the sidewalk."""
+    W, H = c.W, c.H
     for _ in range(int(rng.integers(0, 3))):
         px, pw = int(rng.integers(0, W)), max(2, W // 150)
         ptop = int(horizon - rng.integers(H // 10, H // 4))
         pbot = int(horizon + rng.integers(H // 20, H // 5))
-        draw("rectangle", [px, ptop, px + pw, pbot], L["pole"], _jitter(rng, (150, 150, 150), 15))
+        c.draw("rectangle", [px, ptop, px + pw, pbot], L["pole"], _jitter(rng, (150, 150, 150), 15))
         s = max(3, W // 50)
-        draw("rectangle", [px - s, ptop - s, px + pw + s, ptop + s], L["traffic sign"],
-             _jitter(rng, (220, 210, 20), 20))
-    # objects sorted far to near so nearer ones are drawn on top
-    objects = []
-    for _ in range(int(rng.integers(1, 5))):
-        objects.append(("car", float(rng.uniform(0.15, 0.95))))
-    for _ in range(int(rng.integers(0, 4))):
-        objects.append(("person", float(rng.uniform(0.05, 0.9))))
-    n_inst = {"car": 0, "person": 0}
+        c.draw("rectangle", [px - s, ptop - s, px + pw + s, ptop + s], L["traffic sign"],
+               _jitter(rng, (220, 210, 20), 20))
+
+
+def draw_car(c: Canvas, rng: np.random.Generator, road: Road, depth: float, iid: int) -> None:
+    """A car on the road at `depth` (0 at the horizon, 1 at the bottom): body, cabin, windows, wheels."""
+    W, H = c.W, c.H
+    y, scale = road.horizon + (H - road.horizon) * depth, 0.15 + 0.85 * depth
+    cw, ch = W * 0.16 * scale, H * 0.12 * scale
+    span = road.half_top + (road.half_bot - road.half_top) * depth
+    cx = road.vx + (W / 2 - road.vx) * depth + rng.uniform(-0.7, 0.7) * span
+    color = tuple(int(v) for v in rng.integers(20, 235, 3))
+    c.draw("rectangle", [cx - cw / 2, y - ch, cx + cw / 2, y - ch * 0.2], L["car"], color, iid)
+    c.draw("rectangle", [cx - cw / 3, y - ch * 1.45, cx + cw / 3, y - ch], L["car"],
+           tuple(min(255, v + 30) for v in color), iid)
+    c.draw("rectangle", [cx - cw / 3.6, y - ch * 1.35, cx + cw / 3.6, y - ch * 1.02], L["car"], (40, 50, 60),
+           iid)
+    for wx in (cx - cw / 3, cx + cw / 3):
+        c.draw("ellipse", [wx - ch * 0.22, y - ch * 0.42, wx + ch * 0.22, y], L["car"], (15, 15, 15), iid)
+
+
+def draw_person(c: Canvas, rng: np.random.Generator, road: Road, depth: float, iid: int) -> None:
+    """A pedestrian beside the road at `depth`: torso, legs, head."""
+    W, H = c.W, c.H
+    y, scale = road.horizon + (H - road.horizon) * depth, 0.15 + 0.85 * depth
+    ph, pw = H * 0.28 * scale, W * 0.022 * scale
+    side = rng.choice([-1.0, 1.0])
+    off = road.half_top + (road.half_bot - road.half_top) * depth + rng.uniform(2, W * 0.08)
+    cx = road.vx + (W / 2 - road.vx) * depth + side * off
+    cloth = tuple(int(v) for v in rng.integers(20, 200, 3))
+    c.draw("rectangle", [cx - pw, y - ph * 0.85, cx + pw, y - ph * 0.45], L["person"], cloth, iid)
+    c.draw("rectangle", [cx - pw * 0.8, y - ph * 0.45, cx + pw * 0.8, y], L["person"],
+           _jitter(rng, (40, 40, 70), 20), iid)
+    c.draw("ellipse", [cx - pw * 0.7, y - ph, cx + pw * 0.7, y - ph * 0.83], L["person"],
+           _jitter(rng, (225, 180, 150), 20), iid)
+
+
+def draw_objects(c: Canvas, rng: np.random.Generator, road: Road) -> None:
+    """Cars and people, drawn far to near so that nearer ones cover farther ones; instance ids as
+    Cityscapes numbers them (label x 1000 + index)."""
+    objects = [("car", float(rng.uniform(0.15, 0.95))) for _ in range(int(rng.integers(1, 5)))]
+    objects += [("person", float(rng.uniform(0.05, 0.9))) for _ in range(int(rng.integers(0, 4)))]
+    count = {"car": 0, "person": 0}
     for kind, depth in sorted(objects, key=lambda o: o[1]):
-        y = horizon + (H - horizon) * depth  # bottom edge
-        scale = 0.15 + 0.85 * depth
-        if kind == "car":
-            cw, ch = W * 0.16 * scale, H * 0.12 * scale
-            span = half_top + (half_bot - half_top) * depth
-            cx = vx + (W / 2 - vx) * depth + rng.uniform(-0.7, 0.7) * span
-            iid = L["car"] * 1000 + n_inst["car"]
-            n_inst["car"] += 1
-            color = tuple(int(c) for c in rng.integers(20, 235, 3))
-            draw("rectangle", [cx - cw / 2, y - ch, cx + cw / 2, y - ch * 0.2], L["car"], color, iid)
-            draw("rectangle", [cx - cw / 3, y - ch * 1.45, cx + cw / 3, y - ch], L["car"],
-                 tuple(min(255, c + 30) for c in color), iid)
-            draw("rectangle", [cx - cw / 3.6, y - ch * 1.35, cx + cw / 3.6, y - ch * 1.02], L["car"],
-                 (40, 50, 60), iid)
-            for wx in (cx - cw / 3, cx + cw / 3):
-                draw("ellipse", [wx - ch * 0.22, y - ch * 0.42, wx + ch * 0.22, y], L["car"], (15, 15, 15),
-                     iid)
-        else:
-            ph, pw = H * 0.28 * scale, W * 0.022 * scale
-            side = rng.choice([-1.0, 1.0])
-            off = half_top + (half_bot - half_top) * depth + rng.uniform(2, W * 0.08)
-            cx = vx + (W / 2 - vx) * depth + side * off
-            iid = L["person"] * 1000 + n_inst["person"]
-            n_inst["person"] += 1
-            cloth = tuple(int(c) for c in rng.integers(20, 200, 3))
-            draw("rectangle", [cx - pw, y - ph * 0.85, cx + pw, y - ph * 0.45], L["person"], cloth, iid)
-            draw("rectangle", [cx - pw * 0.8, y - ph * 0.45, cx + pw * 0.8, y], L["person"],
-                 _jitter(rng, (40, 40, 70), 20), iid)
-            draw("ellipse", [cx - pw * 0.7, y - ph, cx + pw * 0.7, y - ph * 0.83], L["person"],
-                 _jitter(rng, (225, 180, 150), 20), iid)
-    # ego vehicle hood at the bottom (void in Cityscapes, ignored by training)
-    hood = int(H * rng.uniform(0.03, 0.08))
-    draw("ellipse", [-W * 0.1, H - hood, W * 1.1, H + hood], L["ego vehicle"], (20, 20, 25))
+        iid = L[kind] * 1000 + count[kind]
+        count[kind] += 1
+        (draw_car if kind == "car" else draw_person)(c, rng, road, depth, iid)
+
+
+def render_scene(rng: np.random.Generator, width: int, height: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW), back to front."""
+    c = Canvas(width, height)
+    horizon = int(height * rng.uniform(0.38, 0.52))
+    draw_sky_and_buildings(c, rng, horizon)
+    draw_trees(c, rng, horizon)
+    road = draw_ground(c, rng, horizon)
+    draw_poles(c, rng, horizon)
+    draw_objects(c, rng, road)
+    # the ego vehicle's hood at the bottom (void in Cityscapes, ignored by training)
+    hood = int(height * rng.uniform(0.03, 0.08))
+    c.draw("ellipse", [-width * 0.1, height - hood, width * 1.1, height + hood], L["ego vehicle"],
+           (20, 20, 25))
     # sensor noise and exposure
-    rgb = np.asarray(img, dtype=np.float32) * rng.uniform(0.8, 1.15)
+    rgb = np.asarray(c.img, dtype=np.float32) * rng.uniform(0.8, 1.15)
     rgb += rng.normal(0.0, 5.0, rgb.shape)
-    return (np.clip(rgb, 0, 255).astype(np.uint8), np.asarray(lab, np.uint8).copy(),
-            np.asarray(inst, np.int32).copy())
+    return (np.clip(rgb, 0, 255).astype(np.uint8), np.asarray(c.lab, np.uint8).copy(),
+            np.asarray(c.inst, np.int32).copy())
 
 
 def color_image(label_ids: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, dec
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
-from distseg.processes import worker_init
+from distseg.processes import usable_workers, worker_init
 
 
 class ShardDataset(Dataset):
@@ -194,7 +194,7 @@ class TorchLoader:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
                                              seed=seed, repeat=repeat)
         ds = ShardDataset(self.samples, d, seed, train, lut, self.gpu_decode)
-        nw = d.num_workers
+        nw = usable_workers(d.num_workers, "data.num_workers")
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)
         self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distseg.data.manifest import load_manifest
 from distseg.errors import UserError
 from distseg.files import atomic_write_bytes
 from distseg.inference.segmenter import classes_from_logits
@@ -36,6 +37,21 @@ class Deployable(nn.Module):
         """Images (uint8 0..255 or float 0..1) -> logits, or the class map with argmax."""
         logits = self.model((images.float() - self.mean) * self.inv_std)
         return classes_from_logits(logits) if self.argmax else logits
+
+
+def run_image_size(loaded: LoadedRun) -> tuple[int, int] | None:
+    """(height, width) of the run's validation images, as its val shards stored them (their most common
+    size), or None when the shards are gone or predate the size record."""
+    cfg = loaded.cfg
+    try:
+        man = load_manifest(cfg.data.shards, cfg.data.val_split)
+    except (UserError, OSError):
+        return None
+    if man.get("image_sizes"):
+        w, h = map(int, next(iter(man["image_sizes"])).split("x"))
+        return h, w
+    resize = man["params"].get("resize")
+    return (resize[1], resize[0]) if resize else None
 
 
 def metadata(loaded: LoadedRun, uint8: bool, argmax: bool, dynamic: bool, size: tuple[int, int]) -> dict:
@@ -75,7 +91,7 @@ def export_run(loaded: LoadedRun, fmt: str, out: str, height: int, width: int, d
             onnx_program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dims,
                                              verbose=False, input_names=["images"], output_names=[output])
             onnx_program.save(str(tmp))
-            _add_onnx_metadata(tmp, meta)
+            _finish_onnx(tmp, meta, dynamic)
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dims)
             torch.export.save(program, str(tmp), extra_files={"distseg.json": json.dumps(meta)})
@@ -84,11 +100,29 @@ def export_run(loaded: LoadedRun, fmt: str, out: str, height: int, width: int, d
     return path
 
 
-def _add_onnx_metadata(path: Path, meta: dict) -> None:
+def _finish_onnx(path: Path, meta: dict, dynamic: bool) -> None:
+    """Add the metadata and, for a dynamic graph, name its axes batch/height/width (the exporter names them
+    s34, s14, ...): a consumer sees `images: [batch, 3, height, width]`. The same symbols are renamed
+    wherever they occur (outputs, intermediate shapes), so the graph stays consistent."""
     import onnx
 
     model = onnx.load(str(path))
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, str(v)
+    if dynamic:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        names = {dims[i].dim_param: new for i, new in ((0, "batch"), (2, "height"), (3, "width"))
+                 if dims[i].dim_param}
+        for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+            for d in value.type.tensor_type.shape.dim:
+                if d.dim_param in names:
+                    d.dim_param = names[d.dim_param]
     onnx.save(model, str(path))
+
+
+def input_shape(uint8: bool, dynamic: bool, size: tuple[int, int]) -> str:
+    """The exported graph's input as a person reads it."""
+    dtype = "uint8 0-255" if uint8 else "float32 0-1"
+    dims = "batch x 3 x height x width (any)" if dynamic else f"1 x 3 x {size[0]} x {size[1]}"
+    return f"images {dims}, {dtype} RGB"

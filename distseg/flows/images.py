@@ -21,6 +21,7 @@ from distseg.data.image_files import ImageFiles, ImageItem, raise_errors
 from distseg.data.manifest import manifest_location, read_manifest_text
 from distseg.errors import UserError
 from distseg.inference.segmenter import Segmenter, segment_images
+from distseg.processes import usable_workers
 
 
 def source_root(root: str | None, cfg: Config, split: str) -> tuple[Path, str]:
@@ -47,7 +48,7 @@ def segment_files(seg: Segmenter, items: list[ImageItem], batch_size: int, worke
     """(item, its decoded sample {"image", and "gt"/"instances" with `with_gt`}, uint8 class map) for every
     item, in batches of `batch_size` decoded by `workers` processes."""
     loader = torch.utils.data.DataLoader(ImageFiles(items, with_gt=with_gt), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list)
+                                         num_workers=usable_workers(workers, "--workers"), collate_fn=list)
     with tqdm(total=len(items), desc=desc, unit="img", disable=not (progress and sys.stderr.isatty())) as bar:
         for batch in loader:
             raise_errors(batch)

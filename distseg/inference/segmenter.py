@@ -47,10 +47,11 @@ class InferenceSpec:
         return cls(e.mode, crop, stride, e.flip, tuple(e.scales), e.batch)
 
     def describe(self) -> str:
-        """One line for logs and benchmark tables, e.g. `slide 512x1024/341x683 + flip @ 0.75,1.0`."""
+        """One line for logs and benchmark tables, sizes WIDTHxHEIGHT as every command-line size is written
+        (the config's lists are [height, width]): `slide 1024x512/683x341 + flip @ 0.75,1`."""
         s = self.mode
         if self.mode == "slide":
-            s += f" {self.crop[0]}x{self.crop[1]}/{self.stride[0]}x{self.stride[1]}"
+            s += f" {self.crop[1]}x{self.crop[0]}/{self.stride[1]}x{self.stride[0]}"
         if self.flip:
             s += " + flip"
         if self.scales != (1.0,):

@@ -184,13 +184,12 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     stages = {}
     for stage in plan.stages:
         stages[stage.name] = plan.run_dir(stage).read_summary() or {"missing": True}
-    rows = [f"{'stage':<22}{'best score':>16}{'':>8}{'epoch':>6}  score per epoch (%)"]
+    rows = [f"{'stage':<22}{'score':>16}{'best':>8}{'epoch':>7}  per epoch"]
     for name in plan.compare or [s.name for s in plan.stages]:
         s = stages[name]
         per_epoch = " ".join(_pct(h["score"]) for h in s.get("history", []))
-        best = f"{s.get('best_score_name') or '-':>16}{_pct(s.get('best_score')):>8}"
-        score = f"{best}{s.get('best_epoch', '-'):>6}"
-        rows.append(f"{name:<22}{score}  {per_epoch}")
+        rows.append(f"{name:<22}{s.get('best_score_name') or '-':>16}{_pct(s.get('best_score')):>8}"
+                    f"{s.get('best_epoch', '-'):>7}  {per_epoch}")
     table = "\n".join(rows)
     log(table)
     keys = ("finished", "best_score", "best_score_name", "best_epoch", "history", "steps")
@@ -201,14 +200,16 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     if report:
         from distseg.reporting.report import write_report
 
-        out = write_report([str(plan.run_dir(s).path) for s in plan.stages],
-                           str(plan.output_dir / "report.html"))
-        log(f"report: {out}")
+        out, built = write_report([str(plan.run_dir(s).path) for s in plan.stages],
+                                  str(plan.output_dir / "report.html"), log=log)
+        log(f"report: {out}" + ("" if built else " (up to date: no stage changed)"))
     return summary
 
 
 def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+    """A score in percent to three significant digits (43.6%, 4.36%), n/a when there is none: close scores
+    of two stages stay apart in the comparison."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.3g}%"
 
 
 def submit(path: str, extra: tuple[str, ...] = (), sbatch_args: tuple[str, ...] = (), log=print) -> list[str]:

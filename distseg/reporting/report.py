@@ -13,9 +13,13 @@ Charts are drawn by matplotlib (SVG); predictions go through the one inference p
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 import math
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from distseg.data.manifest import load_manifest
 from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
-from distseg.inference.metrics import headline
+from distseg.inference.metrics import headline, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.segmenter import Segmenter, segment_images
 from distseg.models.weights import load_weights
@@ -169,7 +173,9 @@ def report_run(run: RunDir, images: int, checkpoints: int, precision: str,
 
 
 def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+    """A score as training and evaluate print it: `43.59%`, or n/a."""
+    text = percent(v)
+    return text if text == "n/a" else f"{text}%"
 
 
 # --- charts ---------------------------------------------------------------------------------------------
@@ -259,14 +265,60 @@ def run_section(k: int, r: RunReport) -> str:
             f'{"".join(gallery)}</section>')
 
 
+def inputs_fingerprint(dirs: list[RunDir], *options) -> str:
+    """A hash of everything a report is built from: the options, distseg's version, and the name, size and
+    modification time of every file in the runs' summary, best/, checkpoints/ and tb/. Equal hashes: the
+    page would come out the same, so it is not rebuilt."""
+    from distseg import __version__
+
+    h = hashlib.sha256(json.dumps([__version__, *map(str, options)]).encode())
+    for d in dirs:
+        files = [d.summary, *[p for part in (d.best, d.checkpoints, d.tb) for p in sorted(part.rglob("*"))]]
+        for p in files:
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def built_from(path: Path) -> str | None:
+    """The inputs fingerprint an existing report was built from (its head's distseg-inputs meta tag)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    m = re.search(r'<meta name="distseg-inputs" content="([0-9a-f]{64})">', head)
+    return m.group(1) if m else None
+
+
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
-                 precision: str = "no", weights: str = "auto") -> Path:
-    """Build the page for `run_dirs` and write it atomically to `out`; returns its path."""
+                 precision: str = "no", weights: str = "auto", log=print) -> tuple[Path, bool]:
+    """Build the page for `run_dirs` and write it atomically to `out`, saying how far it got; returns its
+    path and whether it was built (False: the page there was built from the same runs and options)."""
     dirs = [RunDir(Path(r)).require() for r in run_dirs]
     if images < 1 or not 1 <= checkpoints <= 20:
         raise UserError("--images must be >= 1 and --checkpoints between 1 and 20")
+    path = Path(out)
+    fingerprint = inputs_fingerprint(dirs, images, checkpoints, precision, weights)
+    if built_from(path) == fingerprint:
+        return path, False
     curves = {d.name: scalars(d) for d in dirs}
-    reports = [report_run(d, images, checkpoints, precision, weights) for d in dirs]
+    reports = []
+    for k, d in enumerate(dirs, 1):
+        t = time.time()
+        log(f"report {k}/{len(dirs)}: {d.name}: scoring the val split, then up to {checkpoints} checkpoints "
+            f"on {images} images")
+        reports.append(report_run(d, images, checkpoints, precision, weights))
+        log(f"report {k}/{len(dirs)}: {d.name} done in {time.time() - t:.0f} s")
+    page = render_page(dirs, curves, reports, fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path, True
+
+
+def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fingerprint: str) -> str:
+    """The HTML page: the runs' summaries, the overlaid curves, then one section per run."""
     val_tag = {r.name: score_tag(r.class_names) for r in reports}
 
     def series(tag_of) -> dict:
@@ -279,13 +331,10 @@ def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: in
     head = "".join(f"<li>{html.escape(n)}: {s.get('steps')} steps, {s.get('epochs')} epochs, best "
                    f"{html.escape(str(s.get('best_score_name')))} {_pct(s.get('best_score'))} (epoch "
                    f"{s.get('best_epoch')})</li>" for n, s in summary.items())
-    page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>distseg report</title>'
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="distseg-inputs" content="{fingerprint}"><title>distseg report</title>'
             f'<link rel="icon" href="{FAVICON}"><style>{CSS}</style></head><body>'
             f'<h1>distseg report: {html.escape(", ".join(d.name for d in dirs))}</h1><ul>{head}</ul>'
             f'<h2>Curves</h2>{"".join(f"<figure class=chart>{c}</figure>" for c in charts)}'
             f'{"".join(run_section(k, r) for k, r in enumerate(reports))}<script>{SCRIPT}</script>'
             '</body></html>')
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    return path
