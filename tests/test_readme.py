@@ -24,7 +24,7 @@ TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]
 BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"],
          "train": ["--min-steps", "1", "--warmup", "1", "--variants", "fp32", "--feeds", "synthetic"],
          "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64", "--modes", "whole,slide"],
-         "index": ["--samples", "2000", "--workers", "1", "--no-dali"]}
+         "index": ["--samples", "2000", "--workers", "1", "--no-dali"], "e2e": []}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
 
 
@@ -72,8 +72,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
         ran.append(cmd)
     # test.sh, 8-GPU training, the 8 -> 4 GPU resume (tests/test_training_operators.py runs it on CPU
     # processes), two sbatch lines, four S3 lines (tests/test_data_storage.py runs those against a real S3
-    # server), the ImageNet download: nothing else may be skipped
-    assert len(skipped) == 11, skipped
+    # server), the ImageNet download, the GPU check (its --dry-run is tests/test_bench.py's): nothing else
+    assert len(skipped) == 12, skipped
     assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran
     # what the commands were for is there
     assert json.loads((tmp_path / "scores.json").read_text())["miou"] is not None
@@ -86,3 +86,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert (tmp_path / "runs" / run / "summary.json").is_file(), run
     assert (tmp_path / "runs" / "seed" / "compare.html").stat().st_size > 0
     assert (ROOT / "tools" / "demo.sh").is_file() and (tmp_path / "demo" / "report.html").is_file()
+    # the path from the demo's outputs: its run evaluated, predicted and exported where it is
+    assert len(list((tmp_path / "demo" / "results").glob("*_pred_labelIds.png"))) == 16
+    assert json.loads((tmp_path / "demo" / "flip.json").read_text())["inference"] == "whole + flip"
+    assert (tmp_path / "demo" / "synth.pt2").stat().st_size > 0

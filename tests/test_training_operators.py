@@ -179,7 +179,7 @@ def test_resume_mid_epoch_on_another_number_of_processes(shards, one_proc_run, t
     stop.unlink()
     p = run_train(args(then), procs=then[0])
     assert f"resuming {first[0]} process(es) x data.batch_size {first[1]}" in p.stdout
-    assert f"(step 2, epoch 1, batch {8 // (then[0] * then[1])})" in p.stdout  # 8 samples in
+    assert f"(step 2, epoch 1 at batch {8 // (then[0] * then[1])})" in p.stdout  # 8 samples in
     close(weights(one_proc_run), weights(tmp_path / "el"))
     s = json.loads((tmp_path / "el" / "summary.json").read_text())
     assert s["steps"] == 8 and s["finished"]
