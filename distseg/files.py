@@ -6,25 +6,33 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from distseg.errors import naming
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp name in the same folder, fsync, then rename over `path`."""
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` one after another via a temp name in the same folder, fsync, then rename over `path`
+    (chunks: a large file is not joined into one bytes object first)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with naming(path), open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp name in the same folder, fsync, then rename over `path`."""
+    atomic_write_chunks(path, [data])
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from filelock import FileLock
 
 from distseg.errors import UserError
+from distseg.files import atomic_write_chunks
 
 MAGIC = b"DSIDX001"
 HEADER = struct.Struct("<8sQQQ32x")  # magic, samples, key bytes, members per sample
@@ -120,18 +121,9 @@ def build(entries_per_shard, image_ext: str, mask_ext: str, where: str) -> Sampl
 
 def write_index(index: SampleIndex, path: Path) -> None:
     """The index as one file, under a temp name, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, len(index), len(index.keys), len(MEMBERS)))
-            for a in (index.shard, index.blocks, index.sizes, index.key_end, index.keys):
-                f.write(np.ascontiguousarray(a).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    arrays = (index.shard, index.blocks, index.sizes, index.key_end, index.keys)
+    atomic_write_chunks(path, [HEADER.pack(MAGIC, len(index), len(index.keys), len(MEMBERS)),
+                               *(np.ascontiguousarray(a).tobytes() for a in arrays)])
 
 
 def open_index(path: Path) -> SampleIndex:
