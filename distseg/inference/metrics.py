@@ -81,19 +81,24 @@ def category_iou(cm: ConfusionMatrix, scheme: Scheme) -> dict[str, float] | None
     return out
 
 
+def headline_name(scheme: Scheme) -> str:
+    """The name of the number that ranks checkpoints (`headline`)."""
+    return "foreground IoU" if scheme.num_classes == 2 else "mIoU"
+
+
 def headline(scheme: Scheme, scores: dict) -> tuple[str, float]:
     """The one number that ranks checkpoints, with its name: the foreground IoU of a binary scheme (its
     background IoU would flatter any model), the mIoU of every other scheme. `scores` is
     `ConfusionMatrix.scores`: per-class IoU by class index."""
-    if scheme.num_classes == 2:
-        return "foreground IoU", scores["iou"].get(1, math.nan)
-    return "mIoU", scores["miou"]
+    name = headline_name(scheme)
+    return name, scores["iou"].get(1, math.nan) if name == "foreground IoU" else scores["miou"]
 
 
-def percent(v: float | None, digits: int = 2) -> str:
-    """A score for people: `43.59` percent, `n/a` where a class never occurred (NaN) or there is no score;
-    JSON keeps fractions."""
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
+def percent(v: float | None, spec: str = ".2f", unit: str = "") -> str:
+    """A score for people, the one format of every command: `43.59` (in a table headed %) or with
+    unit="%" `43.59%`; `n/a` (never `n/a%`) where a class never occurred (NaN) or there is no score. JSON
+    keeps fractions."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:{spec}}{unit}"
 
 
 def format_table(scores: dict, class_names: list[str], categories: dict | None = None,

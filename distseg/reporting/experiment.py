@@ -12,7 +12,6 @@ Slurm as dependent jobs through slurm/train.sh, so every stage is preemption-saf
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from distseg.config import dump_config, load_config
 from distseg.data.manifest import manifest_location
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
+from distseg.inference.metrics import percent
 from distseg.runs.run_dir import RunDir
 from distseg.urls import is_remote, local_path
 
@@ -187,8 +187,10 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     rows = [f"{'stage':<22}{'score':>16}{'best':>8}{'epoch':>7}  per epoch"]
     for name in plan.compare or [s.name for s in plan.stages]:
         s = stages[name]
-        per_epoch = " ".join(_pct(h["score"]) for h in s.get("history", []))
-        rows.append(f"{name:<22}{s.get('best_score_name') or '-':>16}{_pct(s.get('best_score')):>8}"
+        # three significant digits: close scores of two stages stay apart
+        per_epoch = " ".join(percent(h["score"], ".3g", "%") for h in s.get("history", []))
+        best = percent(s.get("best_score"), ".3g", "%")
+        rows.append(f"{name:<22}{s.get('best_score_name') or '-':>16}{best:>8}"
                     f"{s.get('best_epoch', '-'):>7}  {per_epoch}")
     table = "\n".join(rows)
     log(table)
@@ -204,12 +206,6 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
                                   str(plan.output_dir / "report.html"), log=log)
         log(f"report: {out}" + ("" if built else " (up to date: no stage changed)"))
     return summary
-
-
-def _pct(v) -> str:
-    """A score in percent to three significant digits (43.6%, 4.36%), n/a when there is none: close scores
-    of two stages stay apart in the comparison."""
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.3g}%"
 
 
 def submit(path: str, extra: tuple[str, ...] = (), sbatch_args: tuple[str, ...] = (), log=print) -> list[str]:

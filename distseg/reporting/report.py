@@ -168,14 +168,8 @@ def report_run(run: RunDir, images: int, checkpoints: int, precision: str,
     mat = cm.mat.cpu().numpy()[:, :scheme.num_classes].astype(float)
     name, score = headline(scheme, scores)
     rows = mat / np.maximum(mat.sum(1, keepdims=True), 1)
-    return RunReport(run.name, scheme.name, f"{name} {_pct(score)}", iou, rows, scheme.class_names, ckpts,
-                     gallery)
-
-
-def _pct(v) -> str:
-    """A score as training and evaluate print it: `43.59%`, or n/a."""
-    text = percent(v)
-    return text if text == "n/a" else f"{text}%"
+    return RunReport(run.name, scheme.name, f"{name} {percent(score, unit='%')}", iou, rows,
+                     scheme.class_names, ckpts, gallery)
 
 
 # --- charts ---------------------------------------------------------------------------------------------
@@ -243,7 +237,7 @@ SCRIPT = """document.querySelectorAll('select.checkpoint').forEach(function (s) 
 def run_section(k: int, r: RunReport) -> str:
     """Per-class table, confusion heatmap and gallery with its checkpoint chooser."""
     e = html.escape
-    rows = "".join(f"<tr><td>{e(c)}</td><td>{_pct(v)}</td></tr>" for c, v in r.iou.items())
+    rows = "".join(f"<tr><td>{e(c)}</td><td>{percent(v, unit='%')}</td></tr>" for c, v in r.iou.items())
     labels = [label for label, _ in r.checkpoints]
     options = "".join(f'<option value="{j}">{e(label)}</option>' for j, label in enumerate(labels))
     gallery = []
@@ -253,7 +247,7 @@ def run_section(k: int, r: RunReport) -> str:
             f'<img alt="prediction {e(key)}" src="{shots[key][0]}"> <img alt="errors {e(key)}" '
             f'src="{shots[key][1]}"></div>'
             for j, (_, shots) in enumerate(r.checkpoints))
-        gallery.append(f'<div class="row"><div class="meta">{e(key)}<br>IoU {_pct(score)}</div>'
+        gallery.append(f'<div class="row"><div class="meta">{e(key)}<br>IoU {percent(score, unit="%")}</div>'
                        f'<img alt="image {e(key)}" src="{img}"><img alt="ground truth {e(key)}" src="{gt}">'
                        f'{preds}</div>')
     return (f'<section data-run="{k}"><h2>{e(r.name)} ({e(r.scheme)}, best checkpoint: '
@@ -329,8 +323,8 @@ def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fing
               series_chart(series(lambda n: "train/lr"), "learning rate", "lr")]
     summary = {d.name: d.read_summary() for d in dirs if d.read_summary() is not None}
     head = "".join(f"<li>{html.escape(n)}: {s.get('steps')} steps, {s.get('epochs')} epochs, best "
-                   f"{html.escape(str(s.get('best_score_name')))} {_pct(s.get('best_score'))} (epoch "
-                   f"{s.get('best_epoch')})</li>" for n, s in summary.items())
+                   f"{html.escape(str(s.get('best_score_name')))} {percent(s.get('best_score'), unit='%')} "
+                   f"(epoch {s.get('best_epoch')})</li>" for n, s in summary.items())
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="distseg-inputs" content="{fingerprint}"><title>distseg report</title>'
             f'<link rel="icon" href="{FAVICON}"><style>{CSS}</style></head><body>'

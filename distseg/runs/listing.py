@@ -43,7 +43,8 @@ def best_line(run: RunDir) -> str:
     epoch = meta["epoch"]
     where = f"end of epoch {epoch}" if meta.get("epoch_end", True) else f"epoch {epoch + 1}, mid-epoch"
     kept = (run.checkpoints / meta["checkpoint"]).is_dir() if "checkpoint" in meta else False
-    return (f"best: {meta.get('score_name', 'score')} {percent(meta.get('score'))}% at step {meta['step']} "
+    score = percent(meta.get("score"), unit="%")
+    return (f"best: {meta.get('score_name', 'score')} {score} at step {meta['step']} "
             f"({where}); checkpoint {meta.get('checkpoint', '?')} "
             f"{'kept' if kept else 'pruned (train.keep_last)'}")
 

@@ -21,7 +21,7 @@ from distseg.config import Config
 from distseg.data.loader import masked_targets
 from distseg.errors import UserError, write_reason
 from distseg.files import atomic_write_json, atomic_write_text
-from distseg.inference.metrics import category_iou, format_table, headline, percent
+from distseg.inference.metrics import category_iou, format_table, headline, headline_name, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.visual import denormalize, panel
 from distseg.models.optim import lr_at
@@ -223,9 +223,9 @@ def validate(run: Run) -> None:
         picture = panel(rgb, gt.numpy().astype("uint8"), pred.numpy().astype("uint8"), pal)
         run.tb.add_image(f"val/example_{i}", picture, st.step, dataformats="HWC")
     st.history.append({"epoch": st.epoch, "step": st.step, "score": None if math.isnan(score) else score})
-    also = "" if name == "mIoU" else f", mIoU {percent(scores['miou'])}%"
-    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {percent(score)}%{also}, pixel acc "
-                  f"{percent(scores['pixel_acc'])}% ({scores['pixels']} px)")
+    also = "" if name == "mIoU" else f", mIoU {percent(scores['miou'], unit='%')}"
+    run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {percent(score, unit='%')}{also}, pixel acc "
+                  f"{percent(scores['pixel_acc'], unit='%')} ({scores['pixels']} px)")
     if score > st.best_score:
         st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
         st.best_scores = {"iou": {scheme.class_names[c]: v for c, v in scores["iou"].items()},
@@ -302,7 +302,7 @@ def finish(run: Run) -> dict:
     seconds = sum(g["seconds"] for g in st.segments)
     images = sum(g["images"] for g in st.segments)
     summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
-               "best_score_name": headline(scheme, s)[0] if s else None, "best_epoch": st.best_epoch,
+               "best_score_name": headline_name(scheme) if s else None, "best_epoch": st.best_epoch,
                "best_step": st.best_step, "best": st.best_scores, "final_miou": s["miou"] if s else None,
                "final_pixels": s["pixels"] if s else None, "seconds": seconds,
                "img_per_s": images / max(seconds, 1e-9), "processes": run.acc.num_processes,
@@ -317,7 +317,8 @@ def finish(run: Run) -> dict:
             names = list(b["iou"])
             print(format_table({"iou": dict(enumerate(b["iou"].values())), "miou": b["miou"],
                                 "pixel_acc": b["pixel_acc"]}, names, b.get("category_iou")))
-            best = f"{headline(scheme, s)[0]} {percent(st.best_score)}% (epoch {st.best_epoch}: the table)"
+            score = percent(st.best_score, unit="%")
+            best = f"{headline_name(scheme)} {score} (epoch {st.best_epoch}: the table)"
             print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {duration(seconds)}  "
                   f"processes {run.acc.num_processes}  -> {run.dir.path}")
     run.tb.close()

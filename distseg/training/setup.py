@@ -16,7 +16,7 @@ from distseg.config import Config, dump_config
 from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
-from distseg.inference.metrics import percent
+from distseg.inference.metrics import headline_name, percent
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
@@ -191,9 +191,8 @@ def step_plan(cfg: Config, train_loader) -> tuple[int, int]:
 
 def finished_earlier(cfg: Config, state: RunState, scheme: Scheme) -> FinishedEarlier:
     """The one line a rerun of a finished run prints."""
-    name = "foreground IoU" if scheme.num_classes == 2 else "mIoU"
-    best = f"best {name} {percent(state.best_score)}% at epoch {state.best_epoch}" if state.best_score >= 0 \
-        else "no validation"
+    best = f"best {headline_name(scheme)} {percent(state.best_score, unit='%')} at epoch {state.best_epoch}" \
+        if state.best_score >= 0 else "no validation"
     return FinishedEarlier(f"{RunDir.of(cfg).path} finished earlier: {state.epoch} epochs ({state.step} "
                            f"steps), {best}; nothing to do (raise train.epochs to continue it)")
 
