@@ -53,6 +53,18 @@ def shards(synth_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def person_shards(synth_root, tmp_path_factory) -> Path:
+    """train + val shards of the synthetic tree with the binary person scheme (read-only for the tests)."""
+    from distseg.data.shard import ShardOptions, run_shard
+
+    out = tmp_path_factory.mktemp("person-shards")
+    for split in ("train", "val"):
+        run_shard(synth_root, out, ShardOptions(split=split, scheme="person", maxcount=4), progress=False,
+                  log=lambda *a: None)
+    return out
+
+
 TRAIN = str(ROOT / "distseg" / "train.py")
 
 

@@ -229,20 +229,15 @@ def test_results_folder_mistakes_are_one_line(synth_root, tmp_path):
     check(tmp_path / "none", "results folder not found")
 
 
-def test_binary_run_reports_foreground_iou(synth_root, shards, tmp_path):
+def test_binary_run_reports_foreground_iou(synth_root, person_shards, tmp_path):
     """A person run: predict writes class indexes, evaluate reports the foreground IoU of those same maps."""
     import torch
 
     from conftest import base_overrides, run_train
-    from distseg.data.shard import ShardOptions, run_shard
     from distseg.inference.metrics import ConfusionMatrix
     from distseg.labels import get_scheme
 
-    person = tmp_path / "person"
-    for split in ("train", "val"):
-        run_shard(synth_root, person, ShardOptions(split=split, scheme="person", maxcount=4), progress=False,
-                  log=lambda *a: None)
-    run_train(base_overrides(person, tmp_path, "p", **{"data.scheme": "person", "train.epochs": 1}))
+    run_train(base_overrides(person_shards, tmp_path, "p", **{"data.scheme": "person", "train.epochs": 1}))
     p = run_cli("evaluate", "--run", tmp_path / "p", "--json", tmp_path / "p.json")
     ours = json.loads((tmp_path / "p.json").read_text())
     assert f"foreground IoU  {100 * ours['foreground_iou']:8.2f}" in p.stdout

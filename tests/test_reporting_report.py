@@ -35,15 +35,10 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(synth_root, shards, one_proc_run, tmp_path_factory):
-    from distseg.data.shard import ShardOptions, run_shard
-
+def page(person_shards, one_proc_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
-    person = tmp / "person"
-    for split in ("train", "val"):
-        run_shard(synth_root, person, ShardOptions(split=split, scheme="person", maxcount=4), progress=False,
-                  log=lambda *a: None)
-    run_train(base_overrides(person, tmp, "person", **{"data.scheme": "person", "train.ckpt_every": 2}))
+    run_train(base_overrides(person_shards, tmp, "person", **{"data.scheme": "person",
+                                                             "train.ckpt_every": 2}))
     out = tmp / "report.html"
     args = ["report", one_proc_run, tmp / "person", "--out", out, "--images", "4", "--checkpoints", "3"]
     p = run_cli(*args)

@@ -148,14 +148,8 @@ def test_bad_config_is_one_line(shards, tmp_path):
         check_scheme(load_manifest(shards, "train"), get_scheme("category"))
 
 
-def test_finetune_with_new_head(synth_root, one_proc_run, tmp_path):
-    from distseg.data.shard import ShardOptions, run_shard
-
-    shards = tmp_path / "person"
-    for split in ("train", "val"):
-        run_shard(synth_root, shards, ShardOptions(split=split, scheme="person", maxcount=4), progress=False,
-                  log=lambda *a: None)
-    p = run_train(base_overrides(shards, tmp_path, "ft", **{
+def test_finetune_with_new_head(person_shards, one_proc_run, tmp_path):
+    p = run_train(base_overrides(person_shards, tmp_path, "ft", **{
         "data.scheme": "person", "train.init_from": one_proc_run / "best", "train.max_steps": 1,
         "optim.lr": 1e-12, "sched.warmup_steps": 0}))
     assert "(new head)" in p.stdout
