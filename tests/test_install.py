@@ -1,9 +1,15 @@
 """Installed like a library: the wheel, built without build isolation, installs into an environment that
 already has its torch (a venv layered over the repository's .venv, as a cluster's site environment)
-without replacing anything, and works from there; a missing optional extra is one line naming it."""
+without replacing anything, and works from there; a missing optional extra is one line naming it.
+
+The wheel is built from a copy of the files the build reads, never in the checkout: setuptools writes its
+build/ and *.egg-info folders beside pyproject.toml, and two builds there (two xdist workers, or a user's
+`pip install -e .` during the tests) remove each other's files. The module's tests also share one xdist
+group, so its fixture (the build, the venv, the data) is made once, by one worker."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,7 +19,17 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
+
+
+def source_copy(dest: Path) -> Path:
+    """The files pyproject.toml builds the wheel from (its metadata, the readme it names, the package),
+    copied to `dest`, without caches."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "distseg", dest / "distseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 
 
 def run(cmd, **kw):
@@ -33,7 +49,8 @@ def site_env(tmp_path_factory):
     so every dependency range must accept what is already there."""
     tmp = tmp_path_factory.mktemp("install")
     wheels = tmp / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", wheels, ROOT],
+    src = source_copy(tmp / "src")
+    run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", wheels, src],
         cwd=tmp)
     wheel = next(wheels.glob("distseg-*.whl"))
     venv = tmp / "site"
