@@ -3,10 +3,23 @@
 import json
 
 import pytest
+import torch
 
 from conftest import assert_user_error, run_cli
 from distseg.config import load_config
 from distseg.models import build_model
+
+
+def mfu_cells(text):
+    """The MFU column of every timed row of a `bench train` table, and the peaks its heading names."""
+    head = next(line for line in text.splitlines() if line.startswith("training step, "))
+    cells = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(text)]
+    return [c[7] for c in cells if c[7]], head.split("MFU against ")[1]
+
+
+def assert_mfu_is_a_share(cells):
+    for m in cells:  # a share of a peak: never above 100%, "-" where the row outran the measured peak
+        assert m == "-" or 0 <= float(m) <= 100, m
 
 
 def rows(text):
@@ -44,24 +57,28 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     assert set(j["pipelines"]) == {"decode", "tv-jpg"} and j["pipelines"]["decode"]["vs_decode_only"] == 1.0
 
 
+def bench_train_rows(*args):
+    """`distseg bench train` at the suite's tiny sizes: (its output, the table's rows as cells). bf16 rows
+    stay at 64x32 with the U-Net at base 8: a CPU without native bf16 emulates it at ~0.3 GFLOP/s."""
+    p = run_cli("bench", "train", "--min-steps", "2", "--min-seconds", "30", "--warmup", "1", *args,
+                "data.batch_size=2", "data.num_workers=0", "data.crop=[32,64]", "model.base=8",
+                "model.depth=2")
+    return p, [[c.strip() for c in x.split("|")[1:-1]] for x in rows(p.stdout)]
+
+
 def test_bench_train_times_every_variant_and_feed_alike_against_plain_pytorch(shards):
-    p = run_cli("bench", "train", "--variants", "plain,fp32,bf16+cl+compile", "--feeds",
-                "synthetic,torch-cpu", "--min-steps", "2", "--min-seconds", "30", "--warmup", "1",
-                "--encoders", "unet,resnet18",
-                f"data.shards={shards}", "data.batch_size=2", "data.num_workers=0", "data.crop=[64,128]",
-                "model.base=8", "model.depth=2")
-    r = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(p.stdout)]
+    p, r = bench_train_rows("--variants", "plain,fp32,bf16+cl+compile", "--feeds", "synthetic,torch-cpu",
+                            f"data.shards={shards}")
     got = [(x[0], x[2], x[3]) for x in r]
     synthetic, fed = "synthetic tensors", "torch loader, CPU decode"
-    assert got == [(m, v, f) for m in ("unet", "resnet18") for v, f in
-                   (("plain", synthetic), ("plain", fed), ("fp32", synthetic), ("fp32", fed),
-                    ("bf16+cl+compile", "-"))]
+    assert got == [("unet", v, f) for v, f in (("plain", synthetic), ("plain", fed), ("fp32", synthetic),
+                                               ("fp32", fed), ("bf16+cl+compile", "-"))]
     for x in r:
         if x[2] == "bf16+cl+compile":  # no compiler for the CPU here: said, not timed
             assert x[4] == "skipped: compile runs on CUDA here"
             continue
-        ips, tflops, mfu = (float(v) for v in (x[4], x[6], x[7]))
-        assert ips > 0 and tflops >= 0 and mfu >= 0
+        ips, tflops = float(x[4]), float(x[6])
+        assert ips > 0 and tflops >= 0
         if x[3] == synthetic:
             assert x[5] == "1.00x"
         else:
@@ -69,12 +86,77 @@ def test_bench_train_times_every_variant_and_feed_alike_against_plain_pytorch(sh
                 y[4] for y in r if y[:3] == x[:3] and y[3] == synthetic)), abs=0.01)
         assert x[10].endswith("x") and (x[2] != "plain" or x[3] != synthetic or x[10] == "1.00x")
     assert "then 2 steps or 30 s" in p.stdout  # every row the same timing rule
+    cells, peaks = mfu_cells(p.stdout)
+    assert len(cells) == 4
+    assert_mfu_is_a_share(cells)
+    assert "in each row's dtype: " in peaks and "bf16 " in peaks and "fp32 " in peaks  # plain: bf16
+
+
+def test_bench_train_rows_per_encoder_and_a_peak_only_in_the_rows_dtype():
+    p, r = bench_train_rows("--variants", "fp32", "--encoders", "unet,resnet18")
+    assert [(x[0], x[2], x[3]) for x in r] == [("unet", "fp32", "synthetic tensors"),
+                                                ("resnet18", "fp32", "synthetic tensors")]
+    cells, peaks = mfu_cells(p.stdout)
+    assert len(cells) == 2 and "fp32 " in peaks and "bf16" not in peaks  # no bf16 row, no bf16 peak
+    assert_mfu_is_a_share(cells)
     resnet = build_model(load_config(None, ["model.encoder=resnet18", "model.base=32"]), 19)
     params = f"{sum(p.numel() for p in resnet.parameters()) / 1e6:.1f}M, "
-    assert all(x[1].startswith(params) for x in r if x[0] == "resnet18")
+    assert r[1][1].startswith(params) and r[0][1].endswith(" MFLOP")  # the tiny U-Net reads as such
     assert "decoder width 32" in p.stdout
     p = run_cli("bench", "train", "--encoders", "resnet19", check=False)
     assert_user_error(p, "model.encoder")
+
+
+@pytest.mark.parametrize("flops_per_s", [0.28e9, 81e9, 3e12],
+                         ids=["emulated-bf16", "avx2-fp32", "amx-bf16"])
+def test_a_cpu_matmul_peak_fits_its_budget_at_any_speed(flops_per_s):
+    """The peak is measured against a simulated clock: products that take 2n^3 / flops_per_s, so the test
+    is as fast on every CPU and the budget is checked exactly."""
+    from distseg.bench.train import grown_matmul_rate
+
+    now, sizes = [0.0], []
+
+    def matmul(a, b):  # 256 is the fastest size (on a real CPU, cache effects can favour any size)
+        n = a.shape[0]
+        sizes.append(n)
+        now[0] += 2 * n ** 3 / (flops_per_s * (1 if n == 256 else 0.8))
+
+    rate, n = grown_matmul_rate(torch.bfloat16, 0.4, clock=lambda: now[0], matmul=matmul)
+    assert now[0] <= 0.4 and sizes[0] == 64 and 256 in sizes  # within the budget, every size timed
+    assert rate == pytest.approx(flops_per_s) and n == 256  # the fastest size and its rate
+    last = sizes[-1]
+    assert last == 2048 or now[0] + 16 * 2 * last ** 3 / (0.8 * flops_per_s) > 0.4  # the next would not fit
+
+
+def test_mfu_is_held_against_the_rows_own_dtype_and_never_exceeds_100_percent():
+    from distseg.bench.train import Peaks
+
+    now = [0.0]
+
+    def matmul(a, b):  # fp32 at 100 GFLOP/s, bf16 emulated at 0.3 GFLOP/s
+        now[0] += 2 * a.shape[0] ** 3 / (100e9 if a.dtype == torch.float32 else 0.3e9)
+
+    peaks = Peaks(torch.device("cpu"), clock=lambda: now[0], matmul=matmul)
+    assert peaks.describe() == "no row timed, no matmul peak measured"
+    assert peaks.mfu("fp32", 0.05) == "50.00" and set(peaks.measured) == {torch.float32}
+    assert peaks.mfu("tf32", 0.1) == "100.00" and set(peaks.measured) == {torch.float32}
+    assert peaks.mfu("fp32", 0.2) == "-"  # outran the peak: the peak says nothing about this row
+    assert peaks.mfu("bf16+cl", 0.00015) == "50.00" and set(peaks.measured) == {torch.float32, torch.bfloat16}
+    assert peaks.mfu("plain", 0.3) == "-"
+    only_bf16 = Peaks(torch.device("cpu"), clock=lambda: now[0], matmul=matmul)
+    only_bf16.mfu("bf16", 0.0001)
+    assert set(only_bf16.measured) == {torch.bfloat16}  # no fp32 row, no fp32 peak
+    assert "fp32 0.1 TFLOP/s (" in peaks.describe() and "bf16 0.0003 TFLOP/s (" in peaks.describe()
+
+
+@pytest.mark.gpu
+def test_bench_train_on_cuda_holds_every_row_against_the_bf16_peak():
+    p = run_cli("bench", "train", "--variants", "fp32,bf16+cl", "--min-steps", "5", "--min-seconds", "5",
+                "--warmup", "2", "model.base=8", "model.depth=2", "data.crop=[64,128]", "data.batch_size=2")
+    cells, peaks = mfu_cells(p.stdout)
+    assert peaks.startswith("the measured bf16 matmul peak: bf16 ") and "fp32" not in peaks
+    assert len(cells) == 2 and "-" not in cells  # the GPU's best: no row outruns it
+    assert_mfu_is_a_share(cells)
 
 
 def test_bench_shard(synth_root):
@@ -143,6 +225,10 @@ def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
         assert f"## {phase} (" in report and f"phase {phase}: " in p.stdout
     assert "tests/test_training_gpu.py::test_kill_and_resume_on_cuda" in report  # collected, not run
     assert "| unet | " in report.split("## step")[1] and "| plain | synthetic tensors |" in report
+    step = report.split("## step")[1].split("## loader")[0]
+    cells, peaks = mfu_cells(step)
+    assert len(cells) == 3 and "bf16 " in peaks and "fp32 " in peaks  # plain, fp32, bf16+cl
+    assert_mfu_is_a_share(cells)
     assert "torch loader, nvJPEG | skipped: no CUDA" in report
     assert "DALI, mixed (GPU) decode + GPU augmentation | skipped: no CUDA" in report
     assert "| whole run img/s (images / wall time from process start) |" in report

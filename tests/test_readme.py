@@ -23,7 +23,8 @@ TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]
         "sched.warmup_steps=0", "train.mixed_precision=no"]
 BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"],
          "train": ["--min-steps", "1", "--warmup", "1", "--variants", "fp32", "--feeds", "synthetic"],
-         "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64", "--modes", "whole,slide"],
+         "shard": ["--limit", "2"], "eval": ["--images", "1", "--size", "128x64", "--modes", "whole,slide",
+                  "--precision", "no"],
          "index": ["--samples", "2000", "--workers", "1", "--no-dali"], "e2e": []}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
 

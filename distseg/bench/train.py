@@ -58,20 +58,93 @@ def flops_per_image(model, shape, num_classes: int, device) -> float:
     return float(fc.get_total_flops())
 
 
-def matmul_peak_tflops(device, dtype=torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
-    """Measured dense matmul throughput: the reference for MFU (no vendor peak number is assumed)."""
-    if device.type != "cuda":
-        n, reps = 2048, 5
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+PEAK_BUDGET_S = 0.4  # a CPU's matmul peak, per dtype: well under a second whatever the instruction set
+
+
+def grown_matmul_rate(dtype, budget_s: float, max_n: int = 2048, clock=time.perf_counter,
+                      matmul=torch.matmul) -> tuple[float, int]:
+    """(FLOP/s, n) of the fastest n x n product on the CPU, n growing from 64 while the next size (8x the
+    work, run twice: warm-up and timed) still fits `budget_s`. A fixed size cannot serve every CPU: a 2048²
+    bf16 product takes 0.03 s where bf16 is native and a minute where it is emulated (~0.3 GFLOP/s).
+    `clock` and `matmul` are seams for tests."""
+    spent, n, best, best_n = 0.0, 64, 0.0, 64
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = clock()
+        matmul(a, b)
+        warm = clock() - t
+        t = clock()
+        matmul(a, b)
+        took = max(clock() - t, 1e-9)
+        spent += warm + took
+        if 2 * n ** 3 / took > best:
+            best, best_n = 2 * n ** 3 / took, n
+        if n >= max_n or spent + 16 * took > budget_s:
+            return best, best_n
+        n *= 2
+
+
+def cuda_matmul_rate(dtype, n: int = 8192, reps: int = 20) -> float:
+    """FLOP/s of dense n x n products on the GPU (under a second on a data-centre GPU)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
     for _ in range(2):
         a @ b
-    sync(device)
+    torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+class Peaks:
+    """The matmul peak each row's MFU is held against, measured here on first use (no vendor number is
+    assumed) and kept for the other rows.
+
+    On CUDA every row is held against the bf16 tensor-core peak, the GPU's best and the usual reference for
+    MFU. On a CPU a row is held against a peak in its own dtype (fp32 or bf16), measured within
+    PEAK_BUDGET_S, and only the dtypes of the rows that run are measured. An MFU above 100% means the row
+    outran the measured peak (a CPU's convolutions can beat its small matmuls), so it is printed as "-":
+    such a peak says nothing about the row."""
+
+    def __init__(self, device, budget_s: float = PEAK_BUDGET_S, **seams):
+        self.device, self.budget_s, self.seams = device, budget_s, seams
+        self.measured: dict[torch.dtype, tuple[float, int]] = {}  # dtype: (TFLOP/s, matrix size)
+
+    def dtype_of(self, variant: str) -> torch.dtype:
+        """The dtype whose peak the variant's row is held against."""
+        if self.device.type == "cuda" or VARIANTS[variant][0] == "bf16":
+            return torch.bfloat16
+        return torch.float32
+
+    def tflops(self, variant: str) -> float:
+        """The peak for the variant's row, in TFLOP/s."""
+        dtype = self.dtype_of(variant)
+        if dtype not in self.measured:
+            if self.device.type == "cuda":
+                self.measured[dtype] = (cuda_matmul_rate(dtype) / 1e12, 8192)
+            else:
+                rate, n = grown_matmul_rate(dtype, self.budget_s, **self.seams)
+                self.measured[dtype] = (rate / 1e12, n)
+        return self.measured[dtype][0]
+
+    def mfu(self, variant: str, tflops: float) -> str:
+        """The row's MFU in percent, or "-" where the row outran the peak."""
+        share = 100 * tflops / self.tflops(variant)
+        return f"{share:.2f}" if share <= 100 else "-"
+
+    def describe(self) -> str:
+        """The peaks measured, for the table's heading."""
+        if not self.measured:
+            return "no row timed, no matmul peak measured"
+        each = ", ".join(f"{DTYPE_NAMES[d]} {t:.3g} TFLOP/s ({n}x{n})" for d, (t, n) in self.measured.items())
+        if self.device.type == "cuda":
+            return f"MFU against the measured bf16 matmul peak: {each}"
+        return f"MFU against a measured matmul peak in each row's dtype: {each}; \"-\" where a row outran it"
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def sync(device) -> None:
@@ -211,7 +284,7 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
             raise UserError(f"unknown feed {f!r}: use {', '.join(FEEDS)}")
     nc = out_channels(cfg, get_scheme(cfg.data.scheme).num_classes)
     h, w = cfg.data.crop if cfg.data.crop else (512, 1024)
-    peak = matmul_peak_tflops(device)
+    peaks = Peaks(device)
     rows, profiles = [], []
     for enc in encoders or [cfg.model.encoder]:
         ecfg = copy.deepcopy(cfg)
@@ -220,14 +293,14 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
         ecfg.model.pretrained = "none"
         model = build_model(ecfg, nc).to(device)
         fl = flops_per_image(model, (3, h, w), nc, device)
-        size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {fl / 1e9:.0f} GFLOP"
-        rows += rows_of(ecfg, enc, size, fl, peak, nc, device, variants, feeds or ["synthetic"], warmup,
+        size = f"{count(sum(p.numel() for p in model.parameters()))}, {count(fl, 'FLOP')}"
+        rows += rows_of(ecfg, enc, size, fl, peaks, nc, device, variants, feeds or ["synthetic"], warmup,
                         min_steps, min_seconds, profiles if profile else None)
     head = (f"training step, {w}x{h}, batch {cfg.data.batch_size}, {device_name()}; each row: {warmup} "
             f"warm-up steps, then {min_steps} steps or {min_seconds:g} s; unet: base {cfg.model.base} depth "
             f"{cfg.model.depth}, encoders: decoder width "
-            f"{cfg.model.base if encoders is None else DECODER_WIDTH}; FLOPs fwd+bwd per image; MFU against "
-            f"a measured bf16 matmul peak of {peak:.1f} TFLOP/s")
+            f"{cfg.model.base if encoders is None else DECODER_WIDTH}; FLOPs fwd+bwd per image; "
+            f"{peaks.describe()}")
     wait = "GPU idle %" if device.type == "cuda" else "data wait %"
     cols = ["model", "params, FLOP/img", "variant", "feed", "img/s", "÷ synthetic", "TFLOP/s", "MFU %", wait,
             "vs fp32", "vs plain"]
@@ -238,7 +311,16 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
     return out
 
 
-def rows_of(cfg, enc: str, size: str, fl: float, peak: float, nc: int, device, variants, feeds, warmup,
+def count(v: float, unit: str = "") -> str:
+    """A count with its SI prefix, so that a tiny test model reads as such: 31.0M, 578.0 GFLOP, 12.3 kFLOP."""
+    sep = " " if unit else ""
+    for div, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= div:
+            return f"{v / div:.1f}{sep}{prefix}{unit}"
+    return f"{v:.0f}{sep}{unit}"
+
+
+def rows_of(cfg, enc: str, size: str, fl: float, peaks: Peaks, nc: int, device, variants, feeds, warmup,
             min_steps, min_seconds, profiles) -> list[list]:
     """The rows of one encoder: every variant on every feed, then set against synthetic input, fp32 and the
     plain-PyTorch row (of the same compile setting)."""
@@ -247,6 +329,7 @@ def rows_of(cfg, enc: str, size: str, fl: float, peak: float, nc: int, device, v
         if device.type != "cuda" and VARIANTS[v][3]:
             measured.append((v, "-", "skipped: compile runs on CUDA here"))
             continue
+        peaks.tflops(v)  # measured before the variant's loader workers start competing for the cores
         for feed in feeds:
             batches = feed_batches(cfg, feed, nc, device, VARIANTS[v][2])
             if isinstance(batches, str):
@@ -265,8 +348,10 @@ def rows_of(cfg, enc: str, size: str, fl: float, peak: float, nc: int, device, v
         ips, base = r["img_s"], synthetic.get(v)
         plain = synthetic.get("plain+compile" if VARIANTS[v][3] else "plain")
         share = r["idle"] if r["idle"] is not None else r["wait"]
-        rows.append([enc, size, v, feed, ips, f"{ips / base:.2f}x" if base else "-", ips * fl / 1e12,
-                     f"{100 * ips * fl / 1e12 / peak:.2f}", f"{100 * share:.1f}",
+        tflops = ips * fl / 1e12
+        rows.append([enc, size, v, feed, ips, f"{ips / base:.2f}x" if base else "-",
+                     f"{tflops:.1f}" if tflops >= 10 else f"{tflops:.3g}",
+                     peaks.mfu(v, tflops), f"{100 * share:.1f}",
                      f"{ips / synthetic['fp32']:.2f}x" if "fp32" in synthetic else "-",
                      f"{ips / plain:.2f}x" if plain else "-"])
     return rows
