@@ -77,15 +77,16 @@ def grown_matmul_rate(dtype, budget_s: float, max_n: int = 2048, clock=time.perf
         matmul(a, b)
         took = max(clock() - t, 1e-9)
         spent += warm + took
-        if 2 * n ** 3 / took > best:
-            best, best_n = 2 * n ** 3 / took, n
+        rate = 2 * n ** 3 / took
+        if rate > best:
+            best, best_n = rate, n
         if n >= max_n or spent + 16 * took > budget_s:
             return best, best_n
         n *= 2
 
 
-def cuda_matmul_rate(dtype, n: int = 8192, reps: int = 20) -> float:
-    """FLOP/s of dense n x n products on the GPU (under a second on a data-centre GPU)."""
+def cuda_matmul_rate(dtype, n: int = 8192, reps: int = 20) -> tuple[float, int]:
+    """(FLOP/s, n) of dense n x n products on the GPU (under a second on a data-centre GPU)."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     for _ in range(2):
@@ -95,7 +96,7 @@ def cuda_matmul_rate(dtype, n: int = 8192, reps: int = 20) -> float:
     for _ in range(reps):
         a @ b
     torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t), n
 
 
 class Peaks:
@@ -122,11 +123,9 @@ class Peaks:
         """The peak for the variant's row, in TFLOP/s."""
         dtype = self.dtype_of(variant)
         if dtype not in self.measured:
-            if self.device.type == "cuda":
-                self.measured[dtype] = (cuda_matmul_rate(dtype) / 1e12, 8192)
-            else:
-                rate, n = grown_matmul_rate(dtype, self.budget_s, **self.seams)
-                self.measured[dtype] = (rate / 1e12, n)
+            rate, n = cuda_matmul_rate(dtype) if self.device.type == "cuda" else \
+                grown_matmul_rate(dtype, self.budget_s, **self.seams)
+            self.measured[dtype] = (rate / 1e12, n)
         return self.measured[dtype][0]
 
     def mfu(self, variant: str, tflops: float) -> str:
