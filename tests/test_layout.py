@@ -10,7 +10,7 @@ PACKAGE = ROOT / "distseg"
 # bottom to top: a module may import its own room and the rooms below it
 ROOMS = ["leaves", "data", "models", "inference", "runs", "training", "flows", "reporting", "bench",
          "commands", "entry"]
-LEAVES = {"config", "labels", "errors", "files", "units", "urls", "processes", "__init__"}
+LEAVES = {"config", "labels", "errors", "files", "units", "urls", "processes", "run_files", "__init__"}
 ENTRIES = {"cli", "launch", "train", "__main__"}
 
 

@@ -33,7 +33,9 @@ def write_lease(run: Path, **fields) -> Path:
     holder.update(fields)
     path = RunDir(run).lease
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(holder))
+    tmp = path.with_name(path.name + ".writing")  # whole or not at all, as a real holder writes it: a
+    tmp.write_text(json.dumps(holder))  # heartbeat reading a half-written file would see no holder
+    os.replace(tmp, path)
     return path
 
 

@@ -21,6 +21,8 @@ from distseg.config import load_config
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
+from distseg.runs.run_dir import RunDir
+from distseg.runs.summary import RunSummary
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
@@ -35,8 +37,8 @@ def step_variant(cfg, cuda: bool) -> str:
     return name
 
 
-def run_training(config: str | None, overrides: list[str], procs: int, folder: Path) -> dict:
-    """Train into `folder` with the real entry; returns the run's summary.json."""
+def run_training(config: str | None, overrides: list[str], procs: int, folder: Path) -> RunSummary:
+    """Train into `folder` with the real entry; returns the run's summary."""
     args = [str(TRAIN_SCRIPT), *(["--config", config] if config else []), *overrides,
             f"output_dir={folder}", "name=e2e", "train.resume=never", "train.progress=false"]
     cmd = [sys.executable, *args] if procs == 1 else \
@@ -46,7 +48,7 @@ def run_training(config: str | None, overrides: list[str], procs: int, folder: P
     if p.returncode:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"the benchmarked training failed (exit status {p.returncode}): {last}")
-    return json.loads((folder / "e2e" / "summary.json").read_text())
+    return RunDir(folder / "e2e").read_summary()
 
 
 def model_only_val(cfg, device, images: int = 4) -> float:
@@ -84,7 +86,7 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
     with tempfile.TemporaryDirectory(prefix="distseg-bench-e2e-") as tmp:
         folder = Path(keep) if keep else Path(tmp)
         s = run_training(config, overrides, procs, folder)
-    t = s["timing"]
+    t = s.timing
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -120,6 +122,6 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
     d = cfg.data
     head = (f"whole run: {procs} process(es), {device_name()}, {d.loader} loader, {d.num_workers} workers, "
             f"batch {d.batch_size}, crop {'x'.join(map(str, d.crop[::-1])) if d.crop else 'full'}, "
-            f"data.repeat {d.repeat}, {s['steps']} steps in {s['epochs']} epochs, "
+            f"data.repeat {d.repeat}, {s.steps} steps in {s.epochs} epochs, "
             f"{t['images']} images, {t['wall_s']:.1f} s")
     return head + "\n\n" + table(["measure", "value"], rows)

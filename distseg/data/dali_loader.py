@@ -51,7 +51,10 @@ def dali_available() -> bool:
 
 
 class DaliLoader:
-    """DALI pipeline + iterator with the torch loader's interface and batch contract."""
+    """DALI pipeline + iterator: a `batch.Loader` whose reader keeps its own position, yielding `Batch`es."""
+
+    keeps_position = True
+
     def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device, world: int, rank: int, lut,
                  man: dict):
         missing = dali_missing()
@@ -134,7 +137,7 @@ class DaliLoader:
         self.it = DALIGenericIterator([self.pipe], ["image", "mask", "info"], reader_name="Reader",
                                       last_batch_policy=LastBatchPolicy.FILL, auto_reset=True)
 
-    # -- loader protocol (same as TorchLoader) ----------------------------------------------------
+    # -- batch.Loader ----------------------------------------------------
     @property
     def num_samples(self) -> int:
         """Samples in the split (padding excluded)."""
@@ -171,8 +174,9 @@ class DaliLoader:
                 self._batch += 1
                 info = o["info"].cpu().numpy().astype(np.uint8)
                 keys = [bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1].split(".", 1)[0] for row in info]
+                valid = (pos < self.shard_len).to(self.device)
                 yield {"image": o["image"].to(self.device), "mask": o["mask"][:, 0].long().to(self.device),
-                       "key": keys, "valid": (pos < self.shard_len).to(self.device)}
+                       "key": keys, "valid": valid, "corrupt": torch.zeros_like(valid)}
         self._batch = 0
 
 

@@ -1,10 +1,6 @@
-"""build_loader: one entry for both loaders, which share the batch contract
-{"image": N x 3 x H x W float (normalised, on device), "mask": N x H x W int64 (255 = ignore),
- "key": [str], "valid": N bool (False = padding that must not count)}."""
+"""build_loader: one entry for both loaders, each a `batch.Loader` yielding `batch.Batch`es."""
 
 from __future__ import annotations
-
-import torch
 
 from distseg.data.manifest import check_scheme, load_manifest
 from distseg.labels import Scheme
@@ -30,8 +26,3 @@ def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", worl
     return TorchLoader(cfg.data, cfg.train.seed, split, train, device, world, rank, lut, man,
                        cfg.model.channels_last)
 
-
-def masked_targets(batch: dict) -> torch.Tensor:
-    """The batch's masks with padded (invalid) samples set to ignore: they count in no loss or metric."""
-    m = batch["mask"]
-    return torch.where(batch["valid"].view(-1, 1, 1), m, torch.full_like(m, 255))

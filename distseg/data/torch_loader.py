@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
+from distseg.data.batch import Batch
 from distseg.data.manifest import load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
 from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
@@ -169,9 +170,12 @@ class BatchStream:
 
 
 class TorchLoader:
-    """Iterable of batches in the common contract, on `device`; `set_epoch(e, skip)` before each epoch. One
-    DataLoader iterator runs on from epoch to epoch (`BatchStream`): iterating the next epoch continues it;
-    asking for another position starts it afresh there."""
+    """A `batch.Loader` of `Batch`es on `device`; `set_epoch(e, skip)` before each epoch. One DataLoader
+    iterator runs on from epoch to epoch (`BatchStream`): iterating the next epoch continues it; asking for
+    another position starts it afresh there. Its position is the sampler's, a pure function of (seed, epoch,
+    layout): it keeps none of its own, so a run resumes from `RunState` at any process count."""
+
+    keeps_position = False
 
     def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device: torch.device, world: int,
                  rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
@@ -267,9 +271,9 @@ class TorchLoader:
             if prefetch is not None:
                 prefetch.stop()
 
-    def _finish(self, b: dict) -> dict:
-        """Batch contract: uint8 from the workers -> normalised float (channels_last on CUDA when the model
-        uses it) and int64 masks on the device, converted after the copy."""
+    def _finish(self, b: dict) -> Batch:
+        """A `Batch` from a collated one: uint8 from the workers -> normalised float (channels_last on CUDA
+        when the model uses it) and int64 masks on the device, converted after the copy."""
         nb = self.device.type == "cuda"
         if "jpeg" in b:
             self._decode_on_gpu(b)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distseg.data.loader import masked_targets
+from distseg.data.batch import masked_targets
 from distseg.errors import UserError
 from distseg.inference.cityscapes_metric import CityscapesMetric
 from distseg.inference.cityscapes_metric import format_table as official_table

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distseg import run_files as files
 from distseg.errors import UserError
 
 
@@ -26,10 +27,10 @@ def save_weights(state_dict: dict, out_dir: Path, meta: dict, ema_state: dict | 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        write_safetensors(state_dict, tmp / "model.safetensors")
+        write_safetensors(state_dict, tmp / files.WEIGHTS)
         if ema_state is not None:
-            write_safetensors(ema_state, tmp / "ema.safetensors")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_safetensors(ema_state, tmp / files.EMA_WEIGHTS)
+        (tmp / files.META).write_text(json.dumps(meta, indent=1))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -50,12 +51,12 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
 def weights_file(folder: Path, which: str = "auto") -> Path:
     """The weights file of a checkpoint or best/ folder: `ema` (the weight average), `raw` (the trained
     weights) or `auto` (the average when the run keeps one)."""
-    ema = folder / "ema.safetensors"
+    ema = folder / files.EMA_WEIGHTS
     if which == "ema" or (which == "auto" and ema.is_file()):
         if not ema.is_file():
             raise UserError(f"{folder} has no EMA weights (the run had train.ema_decay=0): use --weights raw")
         return ema
-    for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+    for name in (files.WEIGHTS, "pytorch_model.bin", "model.pt"):  # and other tools' names
         if (folder / name).is_file():
             return folder / name
     raise UserError(f"no model weights (model.safetensors) in {folder}")

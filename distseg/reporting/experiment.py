@@ -26,6 +26,7 @@ from distseg.errors import UserError
 from distseg.files import atomic_write_json
 from distseg.inference.metrics import percent
 from distseg.runs.run_dir import RunDir
+from distseg.runs.summary import RunSummary
 from distseg.urls import is_remote, local_path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"  # distseg/train.py
@@ -130,6 +131,14 @@ def ensure_shards(plan: Plan, log=print) -> None:
                       workers=max(1, min(8, os.cpu_count() or 1)), progress=sys.stderr.isatty(), log=log)
 
 
+def stage_record(s: RunSummary | None) -> dict:
+    """A stage's entry in the experiment's summary.json (`missing` when its run wrote no summary)."""
+    if s is None:
+        return {"missing": True}
+    return {"finished": s.finished, "best_score": s.best_score, "best_score_name": s.best_score_name,
+            "best_epoch": s.best_epoch, "history": s.history, "steps": s.steps}
+
+
 def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
     """The stage's run completed, with exactly the settings it would run with now."""
     run = plan.run_dir(stage)
@@ -139,7 +148,7 @@ def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
     except OSError:
         return False
     now = dump_config(load_config(config_path(stage), plan.stage_overrides(stage, extra)))
-    return bool(summary and summary.get("finished")) and saved == now
+    return summary is not None and summary.finished and saved == now
 
 
 def train_command(plan: Plan, stage: Stage, extra: tuple[str, ...], procs: int) -> list[str]:
@@ -183,19 +192,20 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     <output_dir>/summary.json; a report of every stage with `report`."""
     stages = {}
     for stage in plan.stages:
-        stages[stage.name] = plan.run_dir(stage).read_summary() or {"missing": True}
+        stages[stage.name] = plan.run_dir(stage).read_summary()
     rows = [f"{'stage':<22}{'score':>16}{'best':>8}{'epoch':>7}  per epoch"]
     for name in plan.compare or [s.name for s in plan.stages]:
         s = stages[name]
+        if s is None:
+            rows.append(f"{name:<22}{'-':>16}{'n/a':>8}{'-':>7}  (no summary)")
+            continue
         # three significant digits: close scores of two stages stay apart
-        per_epoch = " ".join(percent(h["score"], ".3g", "%") for h in s.get("history", []))
-        best = percent(s.get("best_score"), ".3g", "%")
-        rows.append(f"{name:<22}{s.get('best_score_name') or '-':>16}{best:>8}"
-                    f"{s.get('best_epoch', '-'):>7}  {per_epoch}")
+        per_epoch = " ".join(percent(h["score"], ".3g", "%") for h in s.history)
+        best = percent(s.best_score if s.best_score >= 0 else None, ".3g", "%")
+        rows.append(f"{name:<22}{s.best_score_name or '-':>16}{best:>8}{s.best_epoch:>7}  {per_epoch}")
     table = "\n".join(rows)
     log(table)
-    keys = ("finished", "best_score", "best_score_name", "best_epoch", "history", "steps")
-    summary = {"plan": plan.name, "stages": {n: {k: s.get(k) for k in keys} for n, s in stages.items()},
+    summary = {"plan": plan.name, "stages": {n: stage_record(s) for n, s in stages.items()},
                "compare": plan.compare, "table": table}
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan.output_dir / "summary.json", summary)

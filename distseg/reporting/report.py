@@ -322,9 +322,9 @@ def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fing
                            "score"),
               series_chart(series(lambda n: "train/lr"), "learning rate", "lr")]
     summary = {d.name: d.read_summary() for d in dirs if d.read_summary() is not None}
-    head = "".join(f"<li>{html.escape(n)}: {s.get('steps')} steps, {s.get('epochs')} epochs, best "
-                   f"{html.escape(str(s.get('best_score_name')))} {percent(s.get('best_score'), unit='%')} "
-                   f"(epoch {s.get('best_epoch')})</li>" for n, s in summary.items())
+    head = "".join(f"<li>{html.escape(n)}: {s.steps} steps, {s.epochs} epochs, best "
+                   f"{html.escape(str(s.best_score_name))} {percent(s.best_score, unit='%')} "
+                   f"(epoch {s.best_epoch})</li>" for n, s in summary.items())
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="distseg-inputs" content="{fingerprint}"><title>distseg report</title>'
             f'<link rel="icon" href="{FAVICON}"><style>{CSS}</style></head><body>'

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distseg import run_files as files
 from distseg.errors import UserError
 from distseg.inference.metrics import percent
 from distseg.runs.checkpoint import damage, list_checkpoints, read_state
@@ -37,7 +38,7 @@ def checkpoint_rows(run: RunDir) -> list[str]:
 def best_line(run: RunDir) -> str:
     """Where best/ came from: step, epoch (end or mid-epoch), score, and whether its checkpoint is kept."""
     try:
-        meta = json.loads((run.best / "meta.json").read_text())
+        meta = json.loads((run.best / files.META).read_text())
     except (OSError, ValueError):
         return "best: none yet (no validation has finished)"
     epoch = meta["epoch"]
@@ -54,16 +55,13 @@ def summary_lines(run: RunDir) -> list[str]:
     s = run.read_summary()
     if s is None:
         return ["summary: none yet (written when a training process ends)"]
-    state = "finished" if s.get("finished") else "preempted" if s.get("preempted") else \
-        "interrupted" if s.get("interrupted") else "stopped early"
-    lines = [f"summary: {state}, {s['steps']} steps, {s['epochs']} epochs, {s.get('seconds', 0):.0f} s, "
-             f"{s.get('img_per_s', 0):.1f} img/s over {len(s.get('segments', []))} segment(s)"]
-    for g in s.get("segments", []):
+    lines = [f"summary: {s.outcome}, {s.steps} steps, {s.epochs} epochs, {s.seconds:.0f} s, "
+             f"{s.img_per_s:.1f} img/s over {len(s.segments)} segment(s)"]
+    for g in s.segments:
         lines.append(f"  {g['start']} -> {g['end']}: steps {g['first_step']}-{g['last_step']}, "
                      f"{g['seconds']:.0f} s, {g['processes']} process(es)")
-    if s.get("git_commit") or s.get("distseg_version"):
-        commit = s.get("git_commit") or "unknown"
-        lines.append(f"made by distseg {s.get('distseg_version')} at commit {commit}")
+    if s.git_commit or s.distseg_version:
+        lines.append(f"made by distseg {s.distseg_version} at commit {s.git_commit or 'unknown'}")
     return lines
 
 

@@ -8,34 +8,30 @@ evaluate, predict, the report and export all load a run through `load_run`, so t
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from distseg import run_files as files
 from distseg.config import Config, dump_config, load_config
 from distseg.errors import UserError
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
 from distseg.models.weights import load_weights, weights_file
 from distseg.runs.checkpoint import latest_checkpoint, list_checkpoints
+from distseg.runs.summary import RunSummary
 
 CHECKPOINT_HELP = "best, latest or a checkpoint path"
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run folder `<output_dir>/<name>/`, the one place that names its parts:
-
-    - `config.yaml`  the resolved config the run was started with (passwords and URL signatures removed)
-    - `checkpoints/step-NNNNNNNN/`  complete checkpoints (distseg/runs/checkpoint.py), newest last
-    - `best/`  the best validation score's weights (model.safetensors, ema.safetensors, meta.json)
-    - `summary.json`  scores and timings, rewritten at the end of every training segment
-    - `tb/`  TensorBoard event files
-    - `../.<name>.lease`  the lease of the process that owns it (beside it: moving a run aside leaves it)
-    """
+    """A run folder `<output_dir>/<name>/` and the paths of its parts, named in distseg/run_files.py:
+    the resolved config (passwords and URL signatures removed), complete checkpoints (runs/checkpoint.py),
+    the best validation's weights, the summary (rewritten at the end of every training segment),
+    TensorBoard's events, and the lease beside it (moving a run aside leaves the lease in place)."""
 
     path: Path
 
@@ -52,32 +48,32 @@ class RunDir:
     @property
     def config(self) -> Path:
         """config.yaml."""
-        return self.path / "config.yaml"
+        return self.path / files.CONFIG
 
     @property
     def checkpoints(self) -> Path:
         """checkpoints/."""
-        return self.path / "checkpoints"
+        return self.path / files.CHECKPOINTS
 
     @property
     def best(self) -> Path:
         """best/."""
-        return self.path / "best"
+        return self.path / files.BEST
 
     @property
     def summary(self) -> Path:
         """summary.json."""
-        return self.path / "summary.json"
+        return self.path / files.SUMMARY
 
     @property
     def tb(self) -> Path:
         """tb/ (TensorBoard)."""
-        return self.path / "tb"
+        return self.path / files.TENSORBOARD
 
     @property
     def lease(self) -> Path:
         """The lease file, beside the folder."""
-        return self.path.parent / f".{self.name}.lease"
+        return self.path.parent / files.lease_name(self.name)
 
     def is_run(self) -> bool:
         """Whether the folder was started by training (it has its config.yaml)."""
@@ -96,12 +92,9 @@ class RunDir:
         """The newest complete checkpoint, or None."""
         return latest_checkpoint(self.checkpoints)
 
-    def read_summary(self) -> dict | None:
-        """summary.json as a dict, None when absent or unreadable."""
-        try:
-            return json.loads(self.summary.read_text())
-        except (OSError, ValueError):
-            return None
+    def read_summary(self) -> RunSummary | None:
+        """The run's summary.json (any version), None when absent or unreadable."""
+        return RunSummary.read(self.summary)
 
     def weights(self, checkpoint: str) -> Path:
         """`best`, `latest` or a path -> a folder or file holding model weights, with a precise error."""
@@ -126,7 +119,7 @@ class RunDir:
 def runs_beside(folder: Path, most: int = 8) -> str:
     """`: runs in F: a, b, c` for the run folders in F (a typo's likely targets), or '' when F holds none."""
     try:
-        names = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file())
+        names = sorted(p.name for p in folder.iterdir() if RunDir(p).is_run())
     except OSError:
         return ""
     if not names:

@@ -50,7 +50,8 @@ def main(config: str | None, overrides: list[str] | tuple[str, ...]) -> int:
         acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
         set_seed(cfg.train.seed)
         summary = train(cfg, acc)
-        code = 130 if summary["interrupted"] else EXIT_PREEMPTED if summary["preempted"] else 0
+        code = 0 if summary is None else 130 if summary.interrupted else EXIT_PREEMPTED if summary.preempted \
+            else 0
     except (UserError, OSError) as e:
         print_error(e, acc, cfg)
         code = EXIT_DIVERGED if isinstance(e, Diverged) else 2

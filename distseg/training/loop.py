@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from distseg import run_files as files
 from distseg.config import Config
-from distseg.data.loader import masked_targets
+from distseg.data.batch import Batch, masked_targets
 from distseg.errors import UserError, write_reason
-from distseg.files import atomic_write_json, atomic_write_text
+from distseg.files import atomic_write_text
 from distseg.inference.metrics import category_iou, format_table, headline, headline_name, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.visual import denormalize, panel
@@ -28,12 +29,11 @@ from distseg.models.optim import lr_at
 from distseg.models.weights import save_weights
 from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint
 from distseg.runs.run_lock import Lease, RunLocked
-from distseg.training.setup import FinishedEarlier, Run, setup, take_lease
+from distseg.runs.summary import RunSummary
+from distseg.training.run import Run
+from distseg.training.setup import FinishedEarlier, setup, take_lease
+from distseg.training.step_flags import StepFlags
 from distseg.training.step_log import duration
-
-# the slots of train_step's all-reduced vector: sums over ranks of this step's numbers and stop reasons
-(LOSS_SUM, NORM, IMAGES, CORRUPT, NONFINITE, STOP, CTRL_C, LEASE_LOST, EVENTS_FAILED, CKPT_BUSY,
- CKPT_FAILED) = range(11)
 
 
 class Diverged(UserError):
@@ -42,21 +42,19 @@ class Diverged(UserError):
     collective = True
 
 
-def host_flags(run: Run) -> torch.Tensor:
-    """This rank's stop reasons for the step's all-reduce, on the device without waiting for it: from pinned
-    memory on CUDA (a pageable copy would wait for the queued steps)."""
-    lost = run.lease is not None and run.lease.lost_to is not None
+def host_flags(run: Run) -> dict[str, float]:
+    """This rank's stop reasons at this step (StepFlags' host slots)."""
     busy, failed = run.writer.flags()
-    v = torch.tensor([float(run.stop.set), float(run.stop.interrupted), float(lost),
-                      float(run.tb.failure is not None), busy, failed])
-    return v.pin_memory().to(run.acc.device, non_blocking=True) if run.acc.device.type == "cuda" else v
+    return {"stop": run.stop.set, "ctrl_c": run.stop.interrupted,
+            "lease_lost": run.lease is not None and run.lease.lost_to is not None,
+            "events_failed": run.tb.failure is not None, "ckpt_busy": busy, "ckpt_failed": failed}
 
 
-def train_step(run: Run, group: list[dict]) -> torch.Tensor:
+def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
     """Forward/backward over one accumulation group, then one optimizer step. The loss is normalised by the
     labelled pixels (summed class weights; OHEM: kept pixels) of the whole group on all ranks, so grad_accum
-    and world size do not change the gradient. Returns the all-reduced flags (the slots above), on the
-    device: nothing is read back here, so the host goes on to the next batch while the device works."""
+    and world size do not change the gradient. Returns the all-reduced StepFlags vector, on the device:
+    nothing is read back here, so the host goes on to the next batch while the device works."""
     acc, model, world, loss_fn = run.acc, run.model, run.acc.num_processes, run.loss_fn
     run.clock.gpu.step_begins()
     masks = [masked_targets(b) for b in group]
@@ -64,7 +62,7 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
     n_global = torch.stack([loss_fn.norm_count(m) for m in masks]).sum()
     if world > 1 and not after:
         n_global = acc.reduce(n_global, reduction="sum")
-    sums = torch.zeros(4, device=acc.device)  # pixel loss sum, normaliser, images, corrupt (this rank)
+    sums = 0
     for k, (b, mask) in enumerate(zip(group, masks)):
         x = b["image"]
         if run.segmenter.channels_last:
@@ -75,16 +73,14 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
             pix, count = loss_fn.pixel_sum(logits, mask)
             scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
             acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
-        corrupt = b["corrupt"].sum().float().to(acc.device) if "corrupt" in b else sums[CORRUPT] * 0
-        sums += torch.stack([pix.detach().float(), count.to(acc.device), b["valid"].sum().float(), corrupt])
-    nonfinite = (~torch.isfinite(sums[LOSS_SUM:LOSS_SUM + 1])).float()
-    flags = torch.cat([sums, nonfinite, host_flags(run)])
-    if world > 1:
-        flags = acc.reduce(flags, reduction="sum")
+        sums = sums + StepFlags.sums(acc.device, loss_sum=pix, norm=count, images=b["valid"].sum(),
+                                     corrupt=b["corrupt"].sum())
+    flags = StepFlags.reduce(StepFlags.pack(sums, **host_flags(run)), acc)
     if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
+        kept = flags[StepFlags.index("norm")].clamp(min=1e-12)
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.div_(flags[NORM].clamp(min=1e-12))
+                p.grad.div_(kept)
     for g in run.optimizer.param_groups:
         g["lr"] = lr_at(run.state.step, run.cfg, run.max_steps)
     if run.cfg.train.clip_grad > 0:
@@ -98,34 +94,33 @@ def train_step(run: Run, group: list[dict]) -> torch.Tensor:
 
 
 def settle(run: Run, flags: torch.Tensor | None = None) -> None:
-    """Read the previous step's flags (the host is a step behind the device, which is busy with the step
-    just queued) and keep `flags` for the next call; with no `flags`, read the last ones now (before a
-    checkpoint, validation or the end). Every rank reads the same all-reduced numbers, so every rank stops,
-    raises or checkpoints alike; a stop request is kept in `run.stop_asked`."""
-    pending, run.pending = run.pending, (flags, run.state.step, run.state.epoch + 1) if flags is not None \
-        else None
-    if pending is None:
+    """Act on the previous step's flags and hold `flags` (training/step_flags.py: read one step late); with
+    no `flags`, on the held ones now (before a checkpoint, validation or the end). A lost lease, a failed
+    TensorBoard write or a non-finite loss raises on every rank; a stop request sets
+    `run.process.stop_asked`."""
+    late, proc = run.process.late, run.process
+    settled = late.take() if flags is None else late.swap(flags, run.state.step, run.state.epoch + 1)
+    if settled is None:
         return
-    f, step, epoch = pending
-    f = f.tolist()
-    if f[LEASE_LOST] > 0:
+    f, step, epoch = settled.flags, settled.step, settled.epoch
+    if f.lease_lost > 0:
         holder = run.lease.lost_to.describe() if run.lease and run.lease.lost_to else "another process"
         raise RunLocked(f"the lease of {run.dir.path} was taken over by {holder}: this run stops here "
                         "without writing anything more")
-    if f[EVENTS_FAILED] > 0:
+    if f.events_failed > 0:
         raise events_not_written(run)
-    if f[NONFINITE] > 0:  # the weights after this step are not kept: no checkpoint is written past here
+    if f.nonfinite > 0:  # the weights after this step are not kept: no checkpoint is written past here
         last = latest_checkpoint(run.dir.checkpoints) or "none"
         raise Diverged(f"loss is not finite at step {step} (epoch {epoch}): training stopped; last good "
                        f"checkpoint: {last}. Lower optim.lr, add train.clip_grad, or use "
                        "train.mixed_precision=bf16 instead of fp16")
-    run.writer.observe(f[CKPT_BUSY], f[CKPT_FAILED])
-    run.state.samples += int(f[IMAGES])
-    run.corrupt += int(f[CORRUPT])
-    run.log.step(step, epoch, f[LOSS_SUM] / max(f[NORM], 1), lr_at(step - 1, run.cfg, run.max_steps),
-                 int(f[IMAGES]))
-    if f[STOP] > 0:
-        run.stop_asked, run.interrupted = True, f[CTRL_C] > 0
+    run.writer.observe(f.ckpt_busy, f.ckpt_failed)
+    run.state.samples += int(f.images)
+    proc.corrupt += int(f.corrupt)
+    lr = lr_at(step - 1, run.cfg, run.max_steps)
+    run.log.step(step, epoch, f.loss_sum / max(f.norm, 1), lr, int(f.images))
+    if f.stop > 0:
+        proc.stop_asked, proc.interrupted = True, f.ctrl_c > 0
 
 
 def train_one_epoch(run: Run) -> None:
@@ -153,7 +148,7 @@ def train_one_epoch(run: Run) -> None:
             return
         if cfg.train.ckpt_every and st.step % cfg.train.ckpt_every == 0 and st.batch_in_epoch < per_epoch:
             checkpoint(run)
-        if run.stop_asked:
+        if run.process.stop_asked:
             stop_here(run)
             return
 
@@ -161,23 +156,24 @@ def train_one_epoch(run: Run) -> None:
 def stop_here(run: Run) -> None:
     """A stop was requested on some rank (Ctrl-C, SIGUSR1/SIGTERM, the stop file): checkpoint on all ranks
     and wait for it, tell slurm/train.sh the checkpoint is complete, and end the run as preempted."""
-    run.log.print(f"{'interrupted' if run.interrupted else 'stop requested'}: checkpointing at step "
+    run.log.print(f"{'interrupted' if run.process.interrupted else 'stop requested'}: checkpointing at step "
                   f"{run.state.step} (a second Ctrl-C exits at once, without it)")
     checkpoint(run)
     ck = run.writer.wait()
     if run.acc.is_main_process and run.stop.file:
         atomic_write_text(Path(run.stop.file + ".done"), f"{ck}\n")
-    run.preempted = True
+    run.process.preempted = True
     run.log.print(f"checkpoint {ck} is complete: run the same command again to resume")
 
 
 def report_corrupt(run: Run) -> None:
     """After an epoch with data.on_corrupt=skip: how many samples could not be decoded and were left out."""
-    if run.corrupt:
-        run.log.print(f"warning: epoch {run.state.epoch}: {run.corrupt} sample(s) could not be decoded and "
+    proc = run.process
+    if proc.corrupt:
+        run.log.print(f"warning: epoch {run.state.epoch}: {proc.corrupt} sample(s) could not be decoded and "
                       "were left out (data.on_corrupt=skip)")
-        run.tb.add_scalar("data/corrupt_skipped", run.corrupt, run.state.step)
-    run.corrupt = 0
+        run.tb.add_scalar("data/corrupt_skipped", proc.corrupt, run.state.step)
+    proc.corrupt = 0
 
 
 class TimedBatches:
@@ -210,7 +206,7 @@ def validate(run: Run) -> None:
     end = time.time()
     first = (timed.first_done or end) - timed.start
     run.clock.validated(end - timed.start, timed.images, first, timed.first_images or timed.images)
-    run.last_scores = scores
+    run.process.last_scores = scores
     name, score = headline(scheme, scores)
     run.tb.add_scalar("val/mIoU", scores["miou"], st.step)
     run.tb.add_scalar("val/pixel_acc", scores["pixel_acc"], st.step)
@@ -240,7 +236,7 @@ def save_best(run: Run, name: str, score: float, scores: dict) -> None:
     st, failure = run.state, None
     if run.acc.is_main_process:
         meta = {"step": st.step, "epoch": st.epoch, "epoch_end": st.batch_in_epoch == 0,
-                "checkpoint": f"step-{st.step:08d}", "score": score, "score_name": name,
+                "checkpoint": files.checkpoint_name(st.step), "score": score, "score_name": name,
                 "miou": scores["miou"], "scheme": run.scheme.describe(), "config": run.cfg.name,
                 "ema": run.ema is not None, **run.provenance}
         try:
@@ -258,7 +254,7 @@ def checkpoint(run: Run, epoch_end: bool = False) -> Path:
     settle(run)
     record_segment(run)
     loader = run.train_loader
-    extra = {"loader_state": loader.state_dict()} if hasattr(loader, "state_dict") else None
+    extra = {files.LOADER_STATE: loader.state_dict()} if loader.keeps_position else None
     final = run.writer.begin(run.state, extra, ema_state(run))
     if not run.cfg.train.async_checkpoint:
         run.writer.wait()
@@ -287,39 +283,45 @@ def record_segment(run: Run) -> None:
                seconds=round(time.time() - run.clock.process_start, 3))
 
 
-def finish(run: Run) -> dict:
-    """Wait for the checkpoint in flight, write summary.json (valid JSON: absent classes are null, scores are
-    fractions) with every segment, whole-run totals, the best validation's scores, the run's timing and
-    provenance, and print the best validation's table on rank 0."""
+def run_summary(run: Run, timing: dict) -> RunSummary:
+    """The run's record as far as this process took it: every segment, whole-run totals, the best and the
+    last validation's scores, the timing and the provenance."""
+    st, scheme, proc = run.state, run.scheme, run.process
+    s = proc.last_scores
+    seconds = sum(g["seconds"] for g in st.segments)
+    images = sum(g["images"] for g in st.segments)
+    return RunSummary(
+        name=run.cfg.name, steps=st.step, epochs=st.epoch, best_score=st.best_score,
+        best_score_name=headline_name(scheme) if s else None, best_epoch=st.best_epoch,
+        best_step=st.best_step, best=st.best_scores, final_miou=s["miou"] if s else None,
+        final_pixels=s["pixels"] if s else None,
+        final_iou={scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {}, seconds=seconds,
+        img_per_s=images / max(seconds, 1e-9), processes=run.acc.num_processes, preempted=proc.preempted,
+        interrupted=proc.interrupted, finished=not proc.preempted and st.step >= run.max_steps,
+        history=st.history, segments=st.segments, timing=timing, **run.provenance)
+
+
+def finish(run: Run) -> RunSummary:
+    """Wait for the checkpoint in flight, write summary.json (runs/summary.RunSummary), and print the best
+    validation's table on rank 0."""
     run.writer.wait()
     record_segment(run)
     st, scheme = run.state, run.scheme
-    s = run.last_scores
     timing = run.clock.summary()
     for k, v in timing.items():
         if isinstance(v, float):
             run.tb.add_scalar(f"timing/{k}", v, st.step)
-    seconds = sum(g["seconds"] for g in st.segments)
-    images = sum(g["images"] for g in st.segments)
-    summary = {"name": run.cfg.name, "steps": st.step, "epochs": st.epoch, "best_score": st.best_score,
-               "best_score_name": headline_name(scheme) if s else None, "best_epoch": st.best_epoch,
-               "best_step": st.best_step, "best": st.best_scores, "final_miou": s["miou"] if s else None,
-               "final_pixels": s["pixels"] if s else None, "seconds": seconds,
-               "img_per_s": images / max(seconds, 1e-9), "processes": run.acc.num_processes,
-               "preempted": run.preempted, "interrupted": run.interrupted,
-               "finished": not run.preempted and st.step >= run.max_steps,
-               "final_iou": {scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {},
-               "history": st.history, "segments": st.segments, "timing": timing, **run.provenance}
+    summary = run_summary(run, timing)
     if run.acc.is_main_process:
-        atomic_write_json(run.dir.summary, summary)
+        summary.write(run.dir.summary)
         b = st.best_scores
-        if b and not run.preempted:
+        if b and not summary.preempted:
             names = list(b["iou"])
             print(format_table({"iou": dict(enumerate(b["iou"].values())), "miou": b["miou"],
                                 "pixel_acc": b["pixel_acc"]}, names, b.get("category_iou")))
             score = percent(st.best_score, unit="%")
             best = f"{headline_name(scheme)} {score} (epoch {st.best_epoch}: the table)"
-            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {duration(seconds)}  "
+            print(f"steps {st.step}  epochs {st.epoch}  best {best}  time {duration(summary.seconds)}  "
                   f"processes {run.acc.num_processes}  -> {run.dir.path}")
     run.tb.close()
     if run.tb.failure is not None:
@@ -327,8 +329,9 @@ def finish(run: Run) -> dict:
     return summary
 
 
-def train(cfg: Config, acc) -> dict:
-    """Run (or resume) training to max_steps, holding the run folder's lease; returns the summary."""
+def train(cfg: Config, acc) -> RunSummary | None:
+    """Run (or resume) training to max_steps, holding the run folder's lease; returns the summary (None:
+    the run had finished earlier, nothing was done)."""
     lease: Lease | None = take_lease(cfg, acc)
     try:
         try:
@@ -336,14 +339,15 @@ def train(cfg: Config, acc) -> dict:
         except FinishedEarlier as done:
             if acc.is_main_process:
                 print(done, flush=True)
-            return {"interrupted": False, "preempted": False, "finished_earlier": True}
+            return None
         st = run.state
-        while st.step < run.max_steps and not run.preempted:
+        proc = run.process
+        while st.step < run.max_steps and not proc.preempted:
             train_one_epoch(run)
-            if run.preempted:
+            if proc.preempted:
                 break
             settle(run)
-            if run.stop_asked:  # the epoch's last step asked for a stop
+            if proc.stop_asked:  # the epoch's last step asked for a stop
                 stop_here(run)
                 break
             if st.batch_in_epoch >= len(run.train_loader):  # the epoch is complete
@@ -357,7 +361,7 @@ def train(cfg: Config, acc) -> dict:
                 validate(run)
                 checkpoint(run)
         run.log.close()
-        if not run.preempted and run.last_scores is None:
+        if not proc.preempted and proc.last_scores is None:
             validate(run)
         return finish(run)
     finally:

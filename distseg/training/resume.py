@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from distseg import run_files as files
 from distseg.config import Config, load_config
+from distseg.data.batch import Loader
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
@@ -99,11 +101,12 @@ def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log) -> N
     log(f"resuming {layout(*old)} as {layout(*new)}: the same global batch of {math.prod(new)}")
 
 
-def restore(acc, ckpt: Path, state: RunState, train_loader) -> None:
-    """Accelerate's state (weights, optimizer, RNG) and, where the loader keeps one, its position."""
+def restore(acc, ckpt: Path, state: RunState, train_loader: Loader) -> None:
+    """Accelerate's state (weights, optimizer, RNG) and, where the loader keeps its own position (DALI), that
+    position; the torch loader's is `state.batch_in_epoch` (data/batch.Loader)."""
     acc.load_state(str(ckpt))
-    loader_state = ckpt / f"loader_state_{acc.process_index}"
-    if hasattr(train_loader, "load_state_dict"):
+    loader_state = ckpt / files.rank_file(files.LOADER_STATE, acc.process_index)
+    if train_loader.keeps_position:
         if loader_state.is_file() and state.world == acc.num_processes:
             train_loader.load_state_dict(loader_state.read_bytes())
         elif state.batch_in_epoch:

@@ -6,7 +6,6 @@ start that fails on its inputs leaves nothing behind. `setup` returns the `Run` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import datetime
 
 import torch
@@ -17,52 +16,16 @@ from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline_name, percent
-from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
-from distseg.models.losses import SegLoss, build_loss
 from distseg.models.optim import build_optimizer, lr_at
 from distseg.models.weights import load_weights
-from distseg.runs.checkpoint import CheckpointWriter, RunState, read_state
+from distseg.runs.checkpoint import RunState, read_state
 from distseg.runs.run_dir import RunDir, provenance
 from distseg.runs.run_lock import Lease, RunLocked, acquire
 from distseg.training.resume import check_layout, choose_resume, restore
-from distseg.training.step_log import StepLogger
-from distseg.training.stopping import StopFlag
-from distseg.training.tensorboard import make_writer
+from distseg.training.run import Run
 from distseg.training.timing import RunClock
-
-
-@dataclass
-class Run:
-    """Everything one training run holds; built by `setup`, advanced by distseg/training/loop.py."""
-
-    cfg: Config
-    acc: object  # accelerate.Accelerator
-    dir: RunDir
-    scheme: Scheme
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: SegLoss
-    train_loader: object
-    val_loader: object
-    segmenter: Segmenter  # validation's: the EMA weights when the run keeps an average
-    state: RunState
-    max_steps: int
-    log: StepLogger
-    tb: object
-    stop: StopFlag
-    last_scores: dict | None = None
-    preempted: bool = False
-    interrupted: bool = False  # the stop was a Ctrl-C (exit 130) rather than a scheduler's (75)
-    lease: Lease | None = None  # rank 0's hold on the run folder
-    corrupt: int = 0  # samples skipped as undecodable (data.on_corrupt=skip) this epoch, all ranks
-    ema: object = None  # torch.optim.swa_utils.AveragedModel of the weights (train.ema_decay > 0)
-    writer: CheckpointWriter = None  # checkpoints written off the critical path
-    clock: RunClock = None  # where the time goes (summary.json "timing")
-    pending: tuple | None = None  # the last step's all-reduced flags, read a step late (loop.settle)
-    provenance: dict = None  # distseg version, git commit, config hash (rank 0)
-    stop_asked: bool = False  # a rank asked for a stop (seen in the flags): checkpoint and end
 
 
 def take_lease(cfg: Config, acc) -> Lease | None:
@@ -183,10 +146,9 @@ def backends(cfg: Config, acc) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def step_plan(cfg: Config, train_loader) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps of the whole run)."""
-    per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
-    return per_epoch, cfg.train.max_steps or cfg.train.epochs * per_epoch
+def step_plan(cfg: Config, train_loader) -> int:
+    """The run's optimizer steps."""
+    return cfg.train.max_steps or cfg.train.epochs * math.ceil(len(train_loader) / cfg.train.grad_accum)
 
 
 def finished_earlier(cfg: Config, state: RunState, scheme: Scheme) -> FinishedEarlier:
@@ -197,13 +159,6 @@ def finished_earlier(cfg: Config, state: RunState, scheme: Scheme) -> FinishedEa
                            f"steps), {best}; nothing to do (raise train.epochs to continue it)")
 
 
-def open_segment(state: RunState, clock: RunClock, processes: int) -> None:
-    """This process's segment of the run (training/loop.py's record_segment fills it in as it goes)."""
-    start = datetime.fromtimestamp(clock.process_start).isoformat(timespec="seconds")
-    state.segments.append({"start": start, "end": None, "first_step": state.step, "last_step": state.step,
-                           "steps": 0, "images": 0, "seconds": 0.0, "processes": processes})
-
-
 def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     """Loaders, model, optimizer and resume state, validated before anything is written to the run folder
     (a finished run is left as it is: FinishedEarlier)."""
@@ -211,7 +166,7 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     backends(cfg, acc)
     scheme = get_scheme(cfg.data.scheme)
     train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
-    steps_per_epoch, max_steps = step_plan(cfg, train_loader)
+    max_steps = step_plan(cfg, train_loader)
     if resume_from is not None and state.step >= max_steps:
         raise finished_earlier(cfg, state, scheme)
     torch.manual_seed(cfg.train.seed)
@@ -224,21 +179,11 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     if resume_from is not None:
         restore(acc, resume_from, state, train_loader)
 
-    open_segment(state, clock, acc.num_processes)
-    state.world, state.batch_size, state.shuffle = acc.num_processes, cfg.data.batch_size, cfg.data.shuffle
-    state.grad_accum, state.repeat = cfg.train.grad_accum, cfg.data.repeat
     warn_about_settings(cfg, acc, max_steps)
-    run_dir = RunDir.of(cfg)
-    # a resumed run's later points replace those a killed process logged past its checkpoint: no duplicates
-    tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resume_from else None)
-    log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, math.ceil(max_steps / steps_per_epoch),
-                     cfg.name, acc.is_main_process, cfg.train.progress, clock.gpu)
-    segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
-    log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
-              f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
-              f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
-    loss_fn = build_loss(cfg, scheme, train_loader.man, acc.device)
-    return Run(cfg, acc, run_dir, scheme, model, optimizer, loss_fn, train_loader, val_loader, segmenter,
-               state, max_steps, log, tb, StopFlag(), ema=ema, lease=lease,
-               writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,
-               provenance=provenance(cfg) if acc.is_main_process else {})
+    run = Run.assemble(cfg, acc, model, optimizer, train_loader, val_loader, state, max_steps, clock=clock,
+                       ema=ema, lease=lease, resumed=resume_from is not None,
+                       provenance=provenance(cfg) if acc.is_main_process else {})
+    run.log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
+                  f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
+                  f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
+    return run

@@ -1,0 +1,112 @@
+"""What every rank learns from one optimizer step, in one all-reduce: the step's sums and the stop reasons.
+
+The rule they follow: **read one step late.** `train_step` packs the flags and queues their all-reduce on
+the device, and the host goes on to fetch and queue the next step; only then (`OneStepLate.swap`) does it
+read the previous step's numbers, which are ready by then, so no step waits for the host. Before a
+checkpoint, validation or the end, the held flags are read at once (`OneStepLate.take`). Every rank reads
+the same reduced numbers, so every rank stops, raises or checkpoints alike.
+
+A new per-step sum or stop reason is one field of `StepFlags`: its position in the vector comes from the
+field order, its origin (computed on the device from the batch, or set by the host) from its `kind`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+DEVICE, HOST = "device", "host"
+
+
+def _slot(kind: str, doc: str):
+    return field(default=0.0, metadata={"kind": kind, "doc": doc})
+
+
+@dataclass(frozen=True)
+class StepFlags:
+    """One step's all-reduced numbers (sums over ranks). Device slots are computed from the step's batches,
+    host slots are this rank's flags at the step (0 or 1 before the reduce, a count of ranks after)."""
+
+    loss_sum: float = _slot(DEVICE, "the step's summed pixel loss")
+    norm: float = _slot(DEVICE, "its normaliser: labelled pixels (summed class weights; OHEM: kept pixels)")
+    images: float = _slot(DEVICE, "valid images (padding excluded)")
+    corrupt: float = _slot(DEVICE, "samples skipped as undecodable (data.on_corrupt=skip)")
+    nonfinite: float = _slot(DEVICE, "ranks whose loss was NaN or infinite")
+    stop: float = _slot(HOST, "ranks asked to stop (a signal or the stop file)")
+    ctrl_c: float = _slot(HOST, "... of them by Ctrl-C")
+    lease_lost: float = _slot(HOST, "ranks that saw the run folder's lease taken over")
+    events_failed: float = _slot(HOST, "ranks whose TensorBoard writer failed")
+    ckpt_busy: float = _slot(HOST, "ranks still writing their checkpoint files")
+    ckpt_failed: float = _slot(HOST, "ranks whose checkpoint write failed")
+
+    @classmethod
+    def names(cls, kind: str) -> list[str]:
+        """The slots of one kind, in vector order."""
+        return [f.name for f in fields(cls) if f.metadata["kind"] == kind]
+
+    @classmethod
+    def sums(cls, device, **values: torch.Tensor) -> torch.Tensor:
+        """The device sums of one micro-batch, as a vector to add up over the step (every sum but
+        `nonfinite`, which `pack` derives from the total loss)."""
+        names = [n for n in cls.names(DEVICE) if n != "nonfinite"]
+        if set(values) != set(names):
+            raise TypeError(f"StepFlags.sums needs exactly {names}, got {sorted(values)}")
+        return torch.stack([values[n].detach().float().to(device).reshape(()) for n in names])
+
+    @classmethod
+    def pack(cls, sums: torch.Tensor, **host: float) -> torch.Tensor:
+        """The whole vector of this rank: the step's summed `sums`, whether its loss is finite, and the host
+        flags, copied to the device without waiting for it (from pinned memory on CUDA: a pageable copy
+        would wait for the queued steps)."""
+        if set(host) != set(cls.names(HOST)):
+            raise TypeError(f"StepFlags.pack needs exactly {cls.names(HOST)}, got {sorted(host)}")
+        nonfinite = (~torch.isfinite(sums[:1])).float()
+        flags = torch.tensor([float(host[n]) for n in cls.names(HOST)])
+        if sums.device.type == "cuda":
+            flags = flags.pin_memory().to(sums.device, non_blocking=True)
+        return torch.cat([sums, nonfinite, flags.to(sums.device)])
+
+    @staticmethod
+    def reduce(vector: torch.Tensor, acc) -> torch.Tensor:
+        """Summed over ranks (collective); at one process, the vector itself."""
+        return acc.reduce(vector, reduction="sum") if acc.num_processes > 1 else vector
+
+    @classmethod
+    def read(cls, vector: torch.Tensor) -> StepFlags:
+        """The numbers, on the host (waits for the device to reach them)."""
+        return cls(*vector.tolist())
+
+    @classmethod
+    def index(cls, name: str) -> int:
+        """A slot's position in the vector, for reading one on the device (OHEM's normaliser)."""
+        return [f.name for f in fields(cls)].index(name)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A step's flags as read by the host, with the step and (1-based) epoch they belong to."""
+
+    flags: StepFlags
+    step: int
+    epoch: int
+
+
+class OneStepLate:
+    """Holds the flags of the step just queued until the host has queued the next one (see the module)."""
+
+    def __init__(self):
+        self._held: tuple[torch.Tensor, int, int] | None = None
+
+    def swap(self, vector: torch.Tensor, step: int, epoch: int) -> Settled | None:
+        """Hold this step's flags; return the previous step's, read now (None if none were held)."""
+        previous = self.take()
+        self._held = (vector, step, epoch)
+        return previous
+
+    def take(self) -> Settled | None:
+        """The held flags, read now, and nothing held after."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        return Settled(StepFlags.read(held[0]), held[1], held[2])
