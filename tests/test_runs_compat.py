@@ -1,0 +1,66 @@
+"""What earlier versions wrote still reads: summaries of every version through RunSummary, and a whole run
+folder written by distseg at commit 21a2006 (tests/data/old_runs: before summary.json had a version)
+inspects, resumes, evaluates and reports."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import ROOT, base_overrides, run_train
+from distseg.runs.listing import describe_run
+from distseg.runs.run_dir import RunDir
+from distseg.runs.summary import SUMMARY_VERSION, RunSummary
+
+OLD = ROOT / "tests" / "data"
+SEED_SUMMARY = {"name": "car", "steps": 40, "epochs": 4, "best_miou": 0.61, "final_miou": 0.6,
+                "seconds": 12.5, "img_per_s": 9.6, "processes": 1, "preempted": False,
+                "final_iou": {"background": 0.9, "car": 0.3}}  # the seed's training loop wrote these keys
+
+
+def test_summaries_of_every_version_read_through_one_type(tmp_path):
+    seed = RunSummary.from_dict(SEED_SUMMARY)
+    assert (seed.best_score, seed.best_score_name, seed.finished, seed.version) == (0.61, "mIoU", True, 1)
+    assert seed.outcome == "finished" and seed.history == [] and seed.extra == {}
+
+    v1 = RunSummary.read(OLD / "summaries" / "v1-21a2006.json")
+    assert v1.version == 1 and v1.finished and v1.steps == 3 and v1.best_score_name == "mIoU"
+    assert v1.timing["images"] > 0 and len(v1.segments) == 1 and v1.git_commit.startswith("21a2006")
+
+    newer = {**v1.to_dict(), "version": SUMMARY_VERSION + 1, "tracker_runs": {"wandb": "abc"}}
+    (tmp_path / "s.json").write_text(json.dumps(newer))
+    read = RunSummary.read(tmp_path / "s.json")
+    assert read.extra == {"tracker_runs": {"wandb": "abc"}}, "a newer version's keys are kept"
+    read.write(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == newer
+    (tmp_path / "half.json").write_text('{"name": "x", "ste')
+    assert RunSummary.read(tmp_path / "half.json") is None and RunSummary.read(tmp_path / "no.json") is None
+
+
+@pytest.fixture
+def old_run(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(OLD / "old_runs" / "v1-21a2006", runs / "v1")
+    return runs / "v1"
+
+
+def test_an_old_run_folder_inspects_resumes_evaluates_and_reports(old_run, shards):
+    from distseg.flows.evaluate import score_checkpoint
+    from distseg.reporting.report import write_report
+
+    listing = describe_run(old_run)
+    assert "step-00000003" in listing and "summary: finished, 3 steps, 1 epochs" in listing
+
+    settings = base_overrides(shards, old_run.parent, "v1", **{"data.batch_size": 2, "data.crop": "[32,64]",
+                                                                "model.base": 4, "train.epochs": 2})
+    p = run_train(settings)
+    assert "resumed from" in p.stdout and "step-00000003" in p.stdout, p.stdout
+    s = RunDir(old_run).read_summary()
+    assert s.version == SUMMARY_VERSION and s.finished and s.epochs == 2
+    assert [g["first_step"] for g in s.segments] == [0, 3], "the old segment is kept, the resumed one added"
+
+    scores = score_checkpoint(str(old_run), "latest", shards=str(shards))
+    assert 0 <= scores["miou"] <= 1
+    out, built = write_report([str(old_run)], str(old_run.parent / "report.html"), images=1, checkpoints=1,
+                              log=lambda *a: None)
+    assert built and "v1" in out.read_text()
