@@ -14,8 +14,8 @@ pytest.importorskip("nvidia.dali", reason='DALI is not installed: pip install "d
 from conftest import split_keys  # noqa: E402
 from distseg.config import load_config  # noqa: E402
 from distseg.data.dali_loader import DaliLoader  # noqa: E402
-from distseg.data.manifest import load_manifest  # noqa: E402
 from distseg.data.torch_loader import TorchLoader  # noqa: E402
+from distseg.shards.manifest import load_manifest  # noqa: E402
 
 
 def cfg_for(shards, **kw):
@@ -71,8 +71,8 @@ def test_dali_val_counts_each_image_once(shards):
 @pytest.fixture(scope="module")
 def coded_shards(synth_root, tmp_path_factory):
     """A tree whose images paint each class in its own colour: alignment is then visible per pixel."""
-    from distseg.data.shard import ShardOptions, run_shard
     from distseg.labels import get_scheme
+    from distseg.shards.shard import ShardOptions, run_shard
 
     root = tmp_path_factory.mktemp("coded")
     shutil.copytree(synth_root / "gtFine", root / "gtFine")

@@ -9,9 +9,9 @@ import torch
 from conftest import split_keys
 from distseg.config import load_config
 from distseg.data.dali_loader import DaliLoader, dali_available
-from distseg.data.manifest import load_manifest
 from distseg.data.torch_loader import TorchLoader
 from distseg.errors import UserError
+from distseg.shards.manifest import load_manifest
 
 
 def loader(shards, **kw):
@@ -73,7 +73,7 @@ def test_a_repeated_split_is_k_passes_each_augmented_by_its_own_key(shards):
 
 
 def test_zstd_val_shards_give_the_png_shards_batches(synth_root, shards, tmp_path):
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     run_shard(synth_root, tmp_path, ShardOptions(split="val", maxcount=2, lossless="zstd"), progress=False,
               log=lambda *a: None)

@@ -27,8 +27,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 @pytest.fixture(scope="module")
 def scene(synth_root):
     """A synthetic 512x256 camera image (as JPEG q95 bytes and decoded) and its trainId mask."""
-    from distseg.data.cityscapes import find_pairs
     from distseg.labels import get_scheme
+    from distseg.shards.cityscapes import find_pairs
 
     pair = find_pairs(synth_root, "train")[0]
     rgb = Image.open(pair.image).convert("RGB").resize((1024, 512), Image.Resampling.BILINEAR)

@@ -10,15 +10,15 @@ import torch
 from torchvision import tv_tensors
 
 from distseg.bench.common import endless, measure, table, with_data
-from distseg.data.cityscapes import find_pairs, resolve_root
 from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
-from distseg.data.manifest import check_scheme, load_manifest
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.torch_loader import transform_sample
 from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
 from distseg.errors import UserError
 from distseg.labels import IGNORE, get_scheme
+from distseg.shards.cityscapes import find_pairs, resolve_root
+from distseg.shards.manifest import check_scheme, load_manifest
+from distseg.shards.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 
 
 class DecodeOnly(torch.utils.data.Dataset):

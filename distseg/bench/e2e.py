@@ -52,10 +52,10 @@ def run_training(config: str | None, overrides: list[str], procs: int, folder: P
 def model_only_val(cfg, device, images: int = 4) -> float:
     """img/s of the run's inference (Segmenter, eval settings, val batch) alone, on random pixels of the val
     images' size: validation's time beyond this is spent outside the model."""
-    from distseg.data.manifest import load_manifest
-    from distseg.data.shard_reader import ShardFiles, ShardSamples
     from distseg.inference.segmenter import Segmenter
     from distseg.models import build_model
+    from distseg.shards.manifest import load_manifest
+    from distseg.shards.shard_reader import ShardFiles, ShardSamples
 
     man = load_manifest(cfg.data.shards, cfg.data.val_split)
     samples = ShardSamples(man, ShardFiles.of(man, cfg.data), log=lambda *a: None)

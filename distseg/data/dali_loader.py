@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from distseg.config import DataCfg
-from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError, missing_extra
+from distseg.shards.shard_reader import ShardFiles
 from distseg.units import parse_bytes
 
 INFO_BYTES = 512

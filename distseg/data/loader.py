@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from distseg.data.manifest import check_scheme, load_manifest
 from distseg.labels import Scheme
+from distseg.shards.manifest import check_scheme, load_manifest
 
 
 def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):

@@ -18,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
-from distseg.data.manifest import load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import usable_workers, worker_init
+from distseg.shards.manifest import load_manifest
+from distseg.shards.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 
 
 class ShardDataset(Dataset):

@@ -29,8 +29,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from distseg.data.loader import make_loader
-from distseg.data.manifest import load_manifest
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline, percent
@@ -39,6 +37,8 @@ from distseg.inference.segmenter import Segmenter, segment_images
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import list_checkpoints, read_state
 from distseg.runs.run_dir import LoadedRun, RunDir, load_run
+from distseg.shards.manifest import load_manifest
+from distseg.shards.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.training.tensorboard import score_tag
 
 FAVICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect "

@@ -19,9 +19,9 @@ import torch
 from servers import http_files, moto_s3
 
 from conftest import SGD, TRAIN, assert_user_error, base_overrides, run_cli, run_train, split_keys, weights
-from distseg.data.manifest import load_manifest
-from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError
+from distseg.shards.manifest import load_manifest
+from distseg.shards.shard_reader import ShardFiles
 
 pytestmark = pytest.mark.slow
 
@@ -122,13 +122,13 @@ def test_train_from_s3_and_http_equals_local_disk(s3, s3_shards, shards, one_pro
 
 
 def test_killed_download_leaves_no_partial_shard_and_flipped_bytes_are_refused(shards, tmp_path):
-    from distseg.data.storage import ShardCache, StorageError
+    from distseg.shards.storage import ShardCache, StorageError
 
     sh = json.loads((shards / "train.json").read_text())["shards"][0]
     cache_dir = tmp_path / "cache"
     with http_files(shards) as (base, faults):
         faults.slow["/train-000000.tar"] = 0.5
-        script = (f"from distseg.data.storage import ShardCache; "
+        script = (f"from distseg.shards.storage import ShardCache; "
                   f"ShardCache({str(cache_dir)!r}).fetch({base + '/train-000000.tar'!r}, {sh['sha256']!r})")
         proc = subprocess.Popen([sys.executable, "-c", script])
         deadline = time.time() + 60
@@ -307,7 +307,7 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     from distseg.config import load_config
     from distseg.data.dali_loader import DaliLoader
-    from distseg.data.manifest import load_manifest
+    from distseg.shards.manifest import load_manifest
 
     with http_files(shards) as (base, _):
         cfg = load_config(None, [f"data.shards={base}", f"data.cache_dir={tmp_path / 'c'}",
@@ -325,7 +325,7 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
 
 
 def test_stamps_spare_a_second_hash_unless_verify_is_always(shards, tmp_path, monkeypatch):
-    from distseg.data import shard_reader
+    from distseg.shards import shard_reader
 
     hashed = []
     real = shard_reader.sha256_file
