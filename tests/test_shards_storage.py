@@ -251,6 +251,8 @@ def _corrupt_one_sample(shards, dst):
 def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path):
     from distseg.config import load_config
     from distseg.data.torch_loader import TorchLoader
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
 
     key, name, man = _corrupt_one_sample(shards, tmp_path / "s")
     p = run_train(base_overrides(tmp_path / "s", tmp_path, "r"), check=False)
@@ -261,7 +263,8 @@ def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path)
     for world in (1, 2):
         cfg = load_config(None, [f"data.shards={tmp_path / 's'}", "data.batch_size=3", "data.num_workers=1",
                                  "data.crop=[64,96]", "data.on_corrupt=skip"])
-        loaders = [TorchLoader(cfg.data, 0, "train", True, "cpu", world, r, None) for r in range(world)]
+        opened = open_split(tmp_path / "s", "train", get_scheme("trainid"))
+        loaders = [TorchLoader(cfg.data, 0, opened, True, "cpu", world, r) for r in range(world)]
         got, lengths = [], set()
         for L in loaders:
             L.set_epoch(0)
@@ -307,21 +310,22 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     from distseg.config import load_config
     from distseg.data.dali_loader import DaliLoader
-    from distseg.shards.manifest import load_manifest
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
 
     with http_files(shards) as (base, _):
         cfg = load_config(None, [f"data.shards={base}", f"data.cache_dir={tmp_path / 'c'}",
                                  "data.crop=[64,96]", "data.batch_size=4", "data.num_workers=1"])
-        man = load_manifest(base, "train")
+        opened = open_split(base, "train", get_scheme("trainid"))
         keys = []
-        L = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
+        L = DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 1, 0)
         for b in L:
             keys += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
     assert sorted(keys) == sorted(split_keys(shards))
-    assert len(list((tmp_path / "c").glob("*.tar"))) == len(man["shards"])
+    assert len(list((tmp_path / "c").glob("*.tar"))) == len(opened.manifest["shards"])
     cfg.data.cache_size = "1K"
     with pytest.raises(Exception, match="must hold"):
-        DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
+        DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 1, 0)
 
 
 def test_stamps_spare_a_second_hash_unless_verify_is_always(shards, tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ from distseg.data.transforms import augment_pil, augment_tensor, draw_params, me
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import usable_workers, worker_init
-from distseg.shards.manifest import load_manifest
-from distseg.shards.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
+from distseg.shards.shard_reader import ShardSamples, decode_mask, decode_rgb
+from distseg.shards.split import OpenSplit
 
 
 class ShardDataset(Dataset):
@@ -173,12 +173,12 @@ class TorchLoader:
     DataLoader iterator runs on from epoch to epoch (`BatchStream`): iterating the next epoch continues it;
     asking for another position starts it afresh there."""
 
-    def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device: torch.device, world: int,
-                 rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
+    def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device: torch.device, world: int,
+                 rank: int, channels_last: bool = False):
         self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
-        self.man = man or load_manifest(d.shards, split)
-        self.files = ShardFiles.of(self.man, d)
-        self.samples = ShardSamples(self.man, self.files)
+        self.man = split.manifest
+        self.samples = split.samples(d)
+        self.files = self.samples.files
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
                            and want in ("gpu", "auto"))
@@ -193,7 +193,7 @@ class TorchLoader:
         else:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
                                              seed=seed, repeat=repeat)
-        ds = ShardDataset(self.samples, d, seed, train, lut, self.gpu_decode)
+        ds = ShardDataset(self.samples, d, seed, train, split.lut, self.gpu_decode)
         nw = usable_workers(d.num_workers, "data.num_workers")
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)
