@@ -1,5 +1,5 @@
 """Locations as text: a local path or a URL (`s3://`, `https://`, `file://`, any fsspec scheme), joined and
-redacted the same way everywhere. Pure string functions: reading and writing live in data/storage.py."""
+redacted the same way everywhere. Pure string functions: reading and writing live in shards/storage.py."""
 
 from __future__ import annotations
 

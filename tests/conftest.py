@@ -34,7 +34,7 @@ def assert_user_error(p, needle: str):
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
-    from distseg.data.synth import write_synth
+    from distseg.shards.synth import write_synth
 
     root = tmp_path_factory.mktemp("cityscapes")
     write_synth(root, {"train": 14, "val": 5, "test": 2}, width=256, height=128, seed=3, progress=False)
@@ -44,7 +44,7 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shards(synth_root, tmp_path_factory) -> Path:
     """train + val shards of the synthetic tree (trainid; train JPEG, val PNG: the defaults)."""
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     out = tmp_path_factory.mktemp("shards")
     for split, maxcount in (("train", 4), ("val", 2)):
@@ -56,7 +56,7 @@ def shards(synth_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def person_shards(synth_root, tmp_path_factory) -> Path:
     """train + val shards of the synthetic tree with the binary person scheme (read-only for the tests)."""
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     out = tmp_path_factory.mktemp("person-shards")
     for split in ("train", "val"):
@@ -70,8 +70,8 @@ TRAIN = str(ROOT / "distseg" / "train.py")
 
 def split_keys(shards, split: str = "train") -> list[str]:
     """The sample keys of a split, in the order of its shards (from their index)."""
-    from distseg.data.manifest import load_manifest
-    from distseg.data.shard_reader import ShardFiles, ShardSamples
+    from distseg.shards.manifest import load_manifest
+    from distseg.shards.shard_reader import ShardFiles, ShardSamples
 
     man = load_manifest(shards, split)
     return ShardSamples(man, ShardFiles(man)).index.all_keys()

@@ -14,8 +14,11 @@ pytest.importorskip("nvidia.dali", reason='DALI is not installed: pip install "d
 from conftest import split_keys  # noqa: E402
 from distseg.config import load_config  # noqa: E402
 from distseg.data.dali_loader import DaliLoader  # noqa: E402
-from distseg.data.manifest import load_manifest  # noqa: E402
 from distseg.data.torch_loader import TorchLoader  # noqa: E402
+from distseg.labels import get_scheme  # noqa: E402
+from distseg.shards.split import open_split  # noqa: E402
+
+TRAINID = get_scheme("trainid")
 
 
 def cfg_for(shards, **kw):
@@ -37,11 +40,11 @@ def epoch_keys(loader, epoch):
 @pytest.mark.parametrize("world,bs,repeat", [(1, 4, 1), (2, 3, 1), (3, 2, 1), (2, 3, 2)])
 def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs, repeat):
     cfg = cfg_for(shards, **{"data.batch_size": bs, "data.repeat": repeat})
-    man = load_manifest(shards, "train")
+    opened = open_split(shards, "train", TRAINID)
     every = sorted(split_keys(shards) * repeat)
     seed = cfg.train.seed
-    dali = [DaliLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
-    torch_l = [TorchLoader(cfg.data, seed, "train", True, "cpu", world, r, None, man) for r in range(world)]
+    dali = [DaliLoader(cfg.data, seed, opened, True, "cpu", world, r) for r in range(world)]
+    torch_l = [TorchLoader(cfg.data, seed, opened, True, "cpu", world, r) for r in range(world)]
     for epoch in range(2):
         for loaders in (dali, torch_l):
             got, lens = [], set()
@@ -56,8 +59,8 @@ def test_dali_epochs_are_sample_exact_and_match_torch_loader(shards, world, bs, 
 
 def test_dali_val_counts_each_image_once(shards):
     cfg = cfg_for(shards)
-    man = load_manifest(shards, "val")
-    loaders = [DaliLoader(cfg.data, cfg.train.seed, "val", False, "cpu", 2, r, None, man) for r in range(2)]
+    opened = open_split(shards, "val", TRAINID)
+    loaders = [DaliLoader(cfg.data, cfg.train.seed, opened, False, "cpu", 2, r) for r in range(2)]
     for _ in range(3):  # every validation pass, not just the first
         got = []
         for L in loaders:
@@ -71,8 +74,8 @@ def test_dali_val_counts_each_image_once(shards):
 @pytest.fixture(scope="module")
 def coded_shards(synth_root, tmp_path_factory):
     """A tree whose images paint each class in its own colour: alignment is then visible per pixel."""
-    from distseg.data.shard import ShardOptions, run_shard
     from distseg.labels import get_scheme
+    from distseg.shards.shard import ShardOptions, run_shard
 
     root = tmp_path_factory.mktemp("coded")
     shutil.copytree(synth_root / "gtFine", root / "gtFine")
@@ -94,8 +97,8 @@ def coded_shards(synth_root, tmp_path_factory):
 def test_augmented_image_and_mask_stay_aligned(coded_shards, kind):
     out, pal = coded_shards
     cfg = cfg_for(out, **{"data.batch_size": 4})
-    man = load_manifest(out, "train")
-    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, "train", True, "cpu", 1, 0, None, man)
+    opened = open_split(out, "train", TRAINID)
+    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, opened, True, "cpu", 1, 0)
     mean, std = torch.tensor(cfg.data.mean).view(3, 1, 1), torch.tensor(cfg.data.std).view(3, 1, 1)
     colours = torch.from_numpy(pal[:19]).float()
     flipped_somewhere = False
@@ -121,8 +124,8 @@ def test_both_loaders_pad_a_small_image_as_the_table_says(shards, kind):
     """distseg/data/transforms.py: a scaled image smaller than the crop sits at the top left (top right once
     flipped), the padding is the mean colour (0 normalised) with ignored masks, and both flips occur."""
     cfg = cfg_for(shards, **{"data.scale": "[0.5,0.5]", "data.crop": "[96,192]", "data.batch_size": 7})
-    man = load_manifest(shards, "train")
-    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, "train", True, "cpu", 1, 0, None, man)
+    opened = open_split(shards, "train", TRAINID)
+    L = (DaliLoader if kind == "dali" else TorchLoader)(cfg.data, 0, opened, True, "cpu", 1, 0)
     sides = set()
     for b in L:  # 256x128 sources at scale 0.5: 128x64 inside a 192x96 crop
         for img, m in zip(b["image"], b["mask"]):
@@ -137,15 +140,15 @@ def test_both_loaders_pad_a_small_image_as_the_table_says(shards, kind):
 
 def test_dali_resume_mid_epoch_continues_exactly(shards):
     cfg = cfg_for(shards)
-    man = load_manifest(shards, "train")
-    a = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 2, 1, None, man)
+    opened = open_split(shards, "train", TRAINID)
+    a = DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 2, 1)
     epoch_keys(a, 0)
     a.set_epoch(1)
     it = iter(a)
     first = [next(it)["key"] for _ in range(2)]
     state = a.state_dict()
     rest = [(b["key"], b["valid"].tolist(), b["image"].sum().item()) for b in it]
-    b = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 2, 1, None, man)
+    b = DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 2, 1)
     b.load_state_dict(state)
     b.set_epoch(1, skip_batches=2)
     again = [(x["key"], x["valid"].tolist(), x["image"].sum().item()) for x in b]
@@ -168,10 +171,10 @@ def test_training_with_dali_loader_two_processes(shards, tmp_path):
 @pytest.mark.gpu
 def test_dali_mixed_decode_matches_the_cpu_pipeline_on_the_train_jpeg_shards(shards):
     cfg = cfg_for(shards, **{"data.val_batch_size": 4})
-    man = load_manifest(shards, "train")
-    assert man["image_ext"] == "jpg"  # nvJPEG's path: the train shards (val is lossless PNG)
-    cpu = next(iter(DaliLoader(cfg.data, 0, "train", False, "cpu", 1, 0, None, man)))
-    gpu = next(iter(DaliLoader(cfg.data, 0, "train", False, "cuda:0", 1, 0, None, man)))
+    opened = open_split(shards, "train", TRAINID)
+    assert opened.manifest["image_ext"] == "jpg"  # nvJPEG's path: the train shards (val is lossless PNG)
+    cpu = next(iter(DaliLoader(cfg.data, 0, opened, False, "cpu", 1, 0)))
+    gpu = next(iter(DaliLoader(cfg.data, 0, opened, False, "cuda:0", 1, 0)))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
     torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
     grey = (gpu["image"].cpu() - cpu["image"]) * torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255

@@ -9,16 +9,19 @@ import torch
 from conftest import split_keys
 from distseg.config import load_config
 from distseg.data.dali_loader import DaliLoader, dali_available
-from distseg.data.manifest import load_manifest
 from distseg.data.torch_loader import TorchLoader
 from distseg.errors import UserError
+from distseg.labels import get_scheme
+from distseg.shards.split import open_split
+
+TRAINID = get_scheme("trainid")
 
 
 def loader(shards, **kw):
     o = {"data.shards": shards, "data.batch_size": 3, "data.num_workers": 1, "data.crop": "[64,96]"}
     o.update(kw)
     cfg = load_config(None, [f"{k}={v}" for k, v in o.items()])
-    return TorchLoader(cfg.data, 0, "train", True, "cpu", 1, 0, None)
+    return TorchLoader(cfg.data, 0, open_split(shards, "train", TRAINID), True, "cpu", 1, 0)
 
 
 def epoch(L, e, skip=0):
@@ -73,27 +76,27 @@ def test_a_repeated_split_is_k_passes_each_augmented_by_its_own_key(shards):
 
 
 def test_zstd_val_shards_give_the_png_shards_batches(synth_root, shards, tmp_path):
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     run_shard(synth_root, tmp_path, ShardOptions(split="val", maxcount=2, lossless="zstd"), progress=False,
               log=lambda *a: None)
     cfg = load_config(None, ["data.val_batch_size=2", "data.num_workers=0"])
-    got = [TorchLoader(cfg.data, 0, "val", False, "cpu", 1, 0, None,
-                       load_manifest(folder, "val")) for folder in (shards, tmp_path)]
+    got = [TorchLoader(cfg.data, 0, open_split(folder, "val", TRAINID), False, "cpu", 1, 0)
+           for folder in (shards, tmp_path)]
     for a, b in zip(*got):
         assert a["key"] == b["key"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     if dali_available():
         with pytest.raises(UserError, match="data.loader=dali decodes JPEG and PNG members"):
-            DaliLoader(cfg.data, 0, "val", False, "cpu", 1, 0, None, load_manifest(tmp_path, "val"))
+            DaliLoader(cfg.data, 0, open_split(tmp_path, "val", TRAINID), False, "cpu", 1, 0)
 
 
 @pytest.mark.gpu
 def test_torch_loader_nvjpeg_matches_cpu_decode_on_the_train_jpeg_shards(shards):
     cfg = load_config(None, [f"data.shards={shards}", "data.val_batch_size=4", "data.num_workers=1"])
-    man = load_manifest(shards, "train")
-    cpu = next(iter(TorchLoader(cfg.data, 0, "train", False, "cpu", 1, 0, None, man)))
-    gpu_loader = TorchLoader(cfg.data, 0, "train", False, "cuda", 1, 0, None, man)
+    opened = open_split(shards, "train", TRAINID)
+    cpu = next(iter(TorchLoader(cfg.data, 0, opened, False, "cpu", 1, 0)))
+    gpu_loader = TorchLoader(cfg.data, 0, opened, False, "cuda", 1, 0)
     assert gpu_loader.gpu_decode
     gpu = next(iter(gpu_loader))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]

@@ -27,8 +27,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 @pytest.fixture(scope="module")
 def scene(synth_root):
     """A synthetic 512x256 camera image (as JPEG q95 bytes and decoded) and its trainId mask."""
-    from distseg.data.cityscapes import find_pairs
     from distseg.labels import get_scheme
+    from distseg.shards.cityscapes import find_pairs
 
     pair = find_pairs(synth_root, "train")[0]
     rgb = Image.open(pair.image).convert("RGB").resize((1024, 512), Image.Resampling.BILINEAR)
@@ -96,12 +96,15 @@ def test_reduced_jpeg_decode_where_the_window_is_downscaled_twice(scene):
 def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
     from distseg.config import load_config
     from distseg.data.torch_loader import TorchLoader, unpack
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
 
     cfg = load_config(None,
                       [f"data.shards={shards}", "data.batch_size=3", "data.num_workers=1",
                        "data.crop=[64,96]"])
     for train in (True, False):
-        loader = TorchLoader(cfg.data, cfg.train.seed, "train" if train else "val", train, "cpu", 1, 0, None)
+        opened = open_split(shards, "train" if train else "val", get_scheme("trainid"))
+        loader = TorchLoader(cfg.data, cfg.train.seed, opened, train, "cpu", 1, 0)
         raw = next(iter(loader.dl))  # what the workers send: uint8 pixels, already N x 3 x H x W for the CPU
         image, mask = unpack(raw["pixels"], raw["size"], nhwc=False)
         assert raw["pixels"].dtype == torch.uint8 and image.shape[1] == 3 and image.shape[0] == mask.shape[0]

@@ -8,14 +8,14 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "distseg"
 # bottom to top: a module may import its own room and the rooms below it
-ROOMS = ["leaves", "data", "models", "inference", "runs", "training", "flows", "reporting", "bench",
+ROOMS = ["leaves", "shards", "data", "models", "inference", "runs", "training", "flows", "reporting", "bench",
          "commands", "entry"]
 LEAVES = {"config", "labels", "errors", "files", "units", "urls", "processes", "run_files", "__init__"}
 ENTRIES = {"cli", "launch", "train", "__main__"}
 
 
 def room_of(module: str) -> str:
-    """distseg.data.shard -> data; distseg.config -> leaves; distseg.cli -> entry."""
+    """distseg.shards.shard -> shards; distseg.config -> leaves; distseg.cli -> entry."""
     parts = module.split(".")[1:] or ["__init__"]
     if len(parts) == 1:
         if parts[0] in LEAVES:
@@ -95,6 +95,7 @@ def test_the_checks_can_fail():
     """The walker sees function-level imports and ranks rooms: an upward import is caught."""
     assert "distseg.flows.predict" in imports(PACKAGE / "commands" / "predict.py")
     assert ROOMS.index(room_of("distseg.training.loop")) > ROOMS.index(room_of("distseg.data.loader"))
+    assert ROOMS.index(room_of("distseg.data.loader")) > ROOMS.index(room_of("distseg.shards.manifest"))
     assert room_of("distseg.config") == "leaves" and room_of("distseg.cli") == "entry"
 
 

@@ -1,7 +1,7 @@
 """Every command in the README's ```bash blocks runs as written, in order, on synthetic data: only tiny model
 settings are appended (and short benchmark options), so a README that drifts from the code fails here. Lines
 marked `# needs GPUs` / `# needs a Slurm cluster` / `# needs an S3 endpoint` / `# needs a network` are skipped
-(tests/test_slurm.py and tests/test_data_storage.py run those paths against real servers);
+(tests/test_slurm.py and tests/test_shards_storage.py run those paths against real servers);
 `tools/test.sh` is this suite itself."""
 
 import json
@@ -72,7 +72,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         ran.append(cmd)
     # test.sh, 8-GPU training, the 8 -> 4 GPU resume (tests/test_training_operators.py runs it on CPU
-    # processes), two sbatch lines, four S3 lines (tests/test_data_storage.py runs those against a real S3
+    # processes), two sbatch lines, four S3 lines (tests/test_shards_storage.py runs those against a real S3
     # server), the ImageNet download, the GPU check (its --dry-run is tests/test_bench.py's): nothing else
     assert len(skipped) == 12, skipped
     assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran

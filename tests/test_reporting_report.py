@@ -1,15 +1,20 @@
 """The report as a person sees it: opened in Debian's headless Chromium through selenium, it shows no console
 error, requests nothing over the network, every image loads, every chart has a size, and choosing another
-checkpoint changes the gallery, for a multi-class and a binary run on one page."""
+checkpoint changes the gallery, for a multi-class and a binary run on one page; its val images are refused
+in one line when the shards were made in a scheme other than the run's."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import base_overrides, run_cli, run_train
+from distseg.config import load_config
+from distseg.errors import UserError
+from distseg.labels import get_scheme
+from distseg.reporting.report import val_images
 
-pytestmark = pytest.mark.slow
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -67,6 +72,15 @@ def visible_predictions(driver, run: int) -> list[str]:
         ".filter(i => i.offsetParent !== null).map(i => i.src);", run)
 
 
+def test_val_images_refuse_shards_of_another_scheme_in_one_line(shards):
+    run = SimpleNamespace(cfg=load_config(None, [f"data.shards={shards}"]), scheme=get_scheme("category"))
+    with pytest.raises(UserError, match="sharded with scheme 'trainid' but the config asks for 'category'") \
+            as e:
+        val_images(run, 2)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
 def test_report_in_a_real_browser(browser, page):
     from selenium.webdriver.support.ui import Select
 

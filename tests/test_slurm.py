@@ -97,7 +97,7 @@ def empty_config(tmp_path) -> str:
 
 
 def test_shard_array_job(cluster, synth_root, tmp_path):
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     out = tmp_path / "shards"
     jid = sbatch(cluster, "--array=0-1", f"--output={tmp_path}/shard-%a.out", "slurm/shard.sh",

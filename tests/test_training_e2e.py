@@ -26,11 +26,11 @@ from conftest import (
     weights,
 )
 from distseg.config import load_config
-from distseg.data.manifest import check_scheme, load_manifest
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import latest_checkpoint
+from distseg.shards.manifest import check_scheme, load_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -10,15 +10,16 @@ import torch
 from torchvision import tv_tensors
 
 from distseg.bench.common import endless, measure, table, with_data
-from distseg.data.cityscapes import find_pairs, resolve_root
 from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
-from distseg.data.manifest import check_scheme, load_manifest
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.torch_loader import transform_sample
 from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
 from distseg.errors import UserError
 from distseg.labels import IGNORE, get_scheme
+from distseg.shards.cityscapes import find_pairs, resolve_root
+from distseg.shards.manifest import load_manifest
+from distseg.shards.shard_reader import ShardSamples, decode_mask, decode_rgb
+from distseg.shards.split import OpenSplit, open_split
 
 
 class DecodeOnly(torch.utils.data.Dataset):
@@ -137,12 +138,13 @@ MODES = {"decode": "decode only: full image + mask, the loader's decoders (1 pro
          "tv-jpg": "torchvision reference, same JPEG shards"}
 
 
-def reduced_decode_share(cfg, man: dict, epochs: int = 4) -> float:
+def reduced_decode_share(cfg, opened: OpenSplit, epochs: int = 4) -> float:
     """Share of training samples whose crop window is downscaled 2x or more (decoded at reduced size), over a
     few epochs of this split's sample sizes and the configured scale range."""
+    man = opened.manifest
     if man["image_ext"] != "jpg" or not cfg.data.crop:
         return 0.0
-    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
+    samples = opened.samples(cfg.data)
     w, h = json.loads(samples.read(0, "json"))["size"]  # the shards' image size (all alike in Cityscapes)
     n = hits = 0
     for e in range(epochs):
@@ -153,10 +155,9 @@ def reduced_decode_share(cfg, man: dict, epochs: int = 4) -> float:
     return hits / max(n, 1)
 
 
-def time_pipeline(mode: str, cfg, root, split: str, man: dict, n_batches: int) -> dict | str:
+def time_pipeline(mode: str, cfg, root, opened: OpenSplit, n_batches: int) -> dict | str:
     """One pipeline's figures ({"img_s", "cores"}) over `n_batches` batches, or why it was skipped."""
-    scheme = get_scheme(cfg.data.scheme)
-    lut = scheme.lut if check_scheme(man, scheme) else None
+    split, scheme, lut = opened.split, opened.scheme, opened.lut
     bs, nw, cuda = cfg.data.batch_size, cfg.data.num_workers, torch.cuda.is_available()
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
@@ -169,7 +170,7 @@ def time_pipeline(mode: str, cfg, root, split: str, man: dict, n_batches: int) -
                       decode="gpu" if mode == "torch-gpu" else "cpu")
         where = "cpu" if mode == "dali" or not cuda else "cuda:0"  # DALI's CPU mode on any machine
         return _time_batches(endless(make_loader(c, split, scheme, True, where)), n_batches, bs)
-    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
+    samples = opened.samples(cfg.data)
     need = (n_batches + 2) * bs
     if mode == "decode":  # one process: its rate is a rate per core
         ds, workers = DecodeOnly(samples, lut), 0
@@ -212,12 +213,13 @@ def compare_pipelines(results: dict) -> tuple[list, dict]:
 def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
     """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
     per-core rate as a share of decode-only's."""
-    man = load_manifest(cfg.data.shards, split)
-    rows, out = compare_pipelines({mode: time_pipeline(mode, cfg, root, split, man, n_batches)
+    opened = open_split(cfg.data.shards, split, get_scheme(cfg.data.scheme))
+    man = opened.manifest
+    rows, out = compare_pipelines({mode: time_pipeline(mode, cfg, root, opened, n_batches)
                                    for mode in modes})
     cuda = torch.cuda.is_available()
     crop = "x".join(map(str, cfg.data.crop[::-1])) if cfg.data.crop else "full"
-    reduced = reduced_decode_share(cfg, man)
+    reduced = reduced_decode_share(cfg, opened)
     head = (f"data pipelines, {split} split of {man['_path']} ({man['total']} samples, {man['image_ext']}), "
             f"batch {cfg.data.batch_size}, {cfg.data.num_workers} workers/threads, crop {crop}, scale "
             f"{cfg.data.scale}, {n_batches} batches each, "

@@ -54,15 +54,14 @@ def run_training(config: str | None, overrides: list[str], procs: int, folder: P
 def model_only_val(cfg, device, images: int = 4) -> float:
     """img/s of the run's inference (Segmenter, eval settings, val batch) alone, on random pixels of the val
     images' size: validation's time beyond this is spent outside the model."""
-    from distseg.data.manifest import load_manifest
-    from distseg.data.shard_reader import ShardFiles, ShardSamples
     from distseg.inference.segmenter import Segmenter
     from distseg.models import build_model
+    from distseg.shards.split import open_split
 
-    man = load_manifest(cfg.data.shards, cfg.data.val_split)
-    samples = ShardSamples(man, ShardFiles.of(man, cfg.data), log=lambda *a: None)
+    opened = open_split(cfg.data.shards, cfg.data.val_split, get_scheme(cfg.data.scheme))
+    samples = opened.samples(cfg.data, log=lambda *a: None)
     w, h = json.loads(samples.read(0, "json"))["size"]
-    model = build_model(cfg, out_channels(cfg, get_scheme(cfg.data.scheme).num_classes)).to(device).eval()
+    model = build_model(cfg, out_channels(cfg, opened.scheme.num_classes)).to(device).eval()
     seg = Segmenter.from_config(model, cfg, device)
     x = torch.randint(0, 256, (cfg.data.val_batch_size, 3, h, w), dtype=torch.uint8)
     seg.classes(seg.preprocess(x))  # warm-up

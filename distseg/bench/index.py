@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from distseg.bench.common import table
-from distseg.data.sample_index import identity, node_folder, read_index_file, sample_index
 from distseg.data.sampler import EpochBatchSampler
+from distseg.shards.sample_index import identity, node_folder, read_index_file, sample_index
 
 PER_SHARD = 100
 MEMBERS = (("jpg", 180_000), ("mask.png", 9_000), ("json", 200))  # a Cityscapes-like sample's files

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from distseg.bench.common import measure, table
-from distseg.data.cityscapes import find_pairs, resolve_root
-from distseg.data.shard import ShardOptions, encode_pair
 from distseg.labels import get_scheme
+from distseg.shards.cityscapes import find_pairs, resolve_root
+from distseg.shards.shard import ShardOptions, encode_pair
 
 
 def bench_shard(root, split: str, workers: int, limit: int) -> str:

@@ -18,9 +18,9 @@ from distseg.bench.train import FEEDS, VARIANTS, bench_train
 from distseg.commands.options import SETTINGS_HELP, set_option, settings
 from distseg.config import load_config
 from distseg.data.dali_loader import dali_available
-from distseg.data.manifest import load_manifest
 from distseg.errors import UserError
 from distseg.models import check_encoder
+from distseg.shards.manifest import load_manifest
 from distseg.units import parse_wxh
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from distseg.data.shard import ShardOptions, run_shard
-from distseg.data.synth import write_synth
 from distseg.errors import UserError
+from distseg.shards.shard import ShardOptions, run_shard
+from distseg.shards.synth import write_synth
 from distseg.units import parse_bytes, parse_wxh
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from distseg.data.manifest import load_manifest
 from distseg.errors import UserError
 from distseg.runs.listing import describe_run
 from distseg.runs.run_dir import RunDir
+from distseg.shards.manifest import load_manifest
 
 
 def manifest_text(man: dict, verify: bool) -> str:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from distseg.config import DataCfg
-from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError, missing_extra
+from distseg.shards.shard_reader import ShardFiles
+from distseg.shards.split import OpenSplit
 from distseg.units import parse_bytes
 
 INFO_BYTES = 512
@@ -55,8 +56,8 @@ class DaliLoader:
 
     keeps_position = True
 
-    def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device, world: int, rank: int, lut,
-                 man: dict):
+    def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device, world: int, rank: int):
+        man = split.manifest
         missing = dali_missing()
         if missing:
             raise UserError(f"data.loader=dali {missing}")
@@ -69,7 +70,7 @@ class DaliLoader:
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.world, self.rank = world, rank
-        self.lut = lut
+        self.lut = split.lut
         self.n = man["total"]
         self.batch_size = d.batch_size if train else d.val_batch_size
         self.repeat = d.repeat if train else 1
@@ -82,10 +83,9 @@ class DaliLoader:
         self.files = ShardFiles.of(man, d)
         limit, total = parse_bytes(d.cache_size), sum(sh["bytes"] for sh in man["shards"])
         if man["_remote"] and limit and limit < total:
-            raise UserError(f"data.loader=dali reads every shard of {split} from the cache: data.cache_size "
-                            f"({d.cache_size}) must hold {total / 2**30:.2f} GiB (or use data.loader=torch "
-                            "with "
-                            "data.shuffle=shards)")
+            raise UserError(f"data.loader=dali reads every shard of {man['split']} from the cache: "
+                            f"data.cache_size ({d.cache_size}) must hold {total / 2**30:.2f} GiB (or use "
+                            "data.loader=torch with data.shuffle=shards)")
         if train and d.shuffle == "shards" and rank == 0:
             print("note: data.loader=dali shuffles with its own reader (shard ranges per rank, reshuffled "
                   "each epoch); data.shuffle=shards applies to the torch loader", flush=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from distseg.data.manifest import check_scheme, load_manifest
 from distseg.labels import Scheme
+from distseg.shards.split import open_split
 
 
 def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
@@ -15,14 +15,12 @@ def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
 def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", world: int = 1, rank: int = 0):
     """The configured loader for an explicit device, world size and rank. Loaders (and their workers) get the
     `data` settings and the seed, not the whole config."""
-    man = load_manifest(cfg.data.shards, split)
-    lut = scheme.lut if check_scheme(man, scheme) else None
+    opened = open_split(cfg.data.shards, split, scheme)
     if cfg.data.loader == "dali":
         from distseg.data.dali_loader import DaliLoader
 
-        return DaliLoader(cfg.data, cfg.train.seed, split, train, device, world, rank, lut, man)
+        return DaliLoader(cfg.data, cfg.train.seed, opened, train, device, world, rank)
     from distseg.data.torch_loader import TorchLoader
 
-    return TorchLoader(cfg.data, cfg.train.seed, split, train, device, world, rank, lut, man,
-                       cfg.model.channels_last)
+    return TorchLoader(cfg.data, cfg.train.seed, opened, train, device, world, rank, cfg.model.channels_last)
 

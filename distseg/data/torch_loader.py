@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.batch import Batch
-from distseg.data.manifest import load_manifest
 from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import usable_workers, worker_init
+from distseg.shards.shard_reader import ShardSamples, decode_mask, decode_rgb
+from distseg.shards.split import OpenSplit
 
 
 class ShardDataset(Dataset):
@@ -177,12 +177,12 @@ class TorchLoader:
 
     keeps_position = False
 
-    def __init__(self, d: DataCfg, seed: int, split: str, train: bool, device: torch.device, world: int,
-                 rank: int, lut: np.ndarray | None, man: dict | None = None, channels_last: bool = False):
+    def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device: torch.device, world: int,
+                 rank: int, channels_last: bool = False):
         self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
-        self.man = man or load_manifest(d.shards, split)
-        self.files = ShardFiles.of(self.man, d)
-        self.samples = ShardSamples(self.man, self.files)
+        self.man = split.manifest
+        self.samples = split.samples(d)
+        self.files = self.samples.files
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
                            and want in ("gpu", "auto"))
@@ -197,7 +197,7 @@ class TorchLoader:
         else:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
                                              seed=seed, repeat=repeat)
-        ds = ShardDataset(self.samples, d, seed, train, lut, self.gpu_decode)
+        ds = ShardDataset(self.samples, d, seed, train, split.lut, self.gpu_decode)
         nw = usable_workers(d.num_workers, "data.num_workers")
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from distseg.data.codec import decode_array, is_array
 from distseg.labels import IGNORE
+from distseg.shards.codec import decode_array, is_array
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from distseg.data.cityscapes import resolve_root
-from distseg.data.image_files import ImageItem, labelled_items, read_array
 from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
@@ -26,6 +24,8 @@ from distseg.inference.scoring import Scorer, score_loader
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import get_scheme
 from distseg.runs.run_dir import load_run
+from distseg.shards.cityscapes import resolve_root
+from distseg.shards.image_files import ImageItem, labelled_items, read_array
 
 
 def _report(scorer: Scorer, header: str, json_out: str | None, extra: dict) -> dict:

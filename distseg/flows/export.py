@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distseg.data.manifest import load_manifest
 from distseg.errors import UserError
 from distseg.files import atomic_write_bytes
 from distseg.inference.segmenter import classes_from_logits
 from distseg.runs.run_dir import LoadedRun
+from distseg.shards.manifest import load_manifest
 
 
 class Deployable(nn.Module):

@@ -16,12 +16,12 @@ import torch
 from tqdm import tqdm
 
 from distseg.config import Config
-from distseg.data.cityscapes import resolve_root
-from distseg.data.image_files import ImageFiles, ImageItem, raise_errors
-from distseg.data.manifest import manifest_location, read_manifest_text
 from distseg.errors import UserError
 from distseg.inference.segmenter import Segmenter, segment_images
 from distseg.processes import usable_workers
+from distseg.shards.cityscapes import resolve_root
+from distseg.shards.image_files import ImageFiles, ImageItem, raise_errors
+from distseg.shards.manifest import manifest_location, read_manifest_text
 
 
 def source_root(root: str | None, cfg: Config, split: str) -> tuple[Path, str]:

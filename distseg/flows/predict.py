@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distseg.data.image_files import ImageItem, find_inputs
 from distseg.errors import UserError
 from distseg.files import atomic_save_png, atomic_write_bytes
 from distseg.flows.images import segment_files, source_root
@@ -28,6 +27,7 @@ from distseg.inference.segmenter import Segmenter
 from distseg.inference.visual import overlay
 from distseg.labels import Scheme
 from distseg.runs.run_dir import load_run
+from distseg.shards.image_files import ImageItem, find_inputs
 
 
 def result_name(key: str, scheme: Scheme) -> str:

@@ -21,12 +21,12 @@ from pathlib import Path
 import yaml
 
 from distseg.config import dump_config, load_config
-from distseg.data.manifest import manifest_location
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
 from distseg.inference.metrics import percent
 from distseg.runs.run_dir import RunDir
 from distseg.runs.summary import RunSummary
+from distseg.shards.manifest import manifest_location
 from distseg.urls import is_remote, local_path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"  # distseg/train.py
@@ -120,7 +120,7 @@ def config_path(stage: Stage) -> str:
 
 def ensure_shards(plan: Plan, log=print) -> None:
     """Shard train and val once with scheme labelid (every stage remaps it to its own scheme) if missing."""
-    from distseg.data.shard import ShardOptions, run_shard
+    from distseg.shards.shard import ShardOptions, run_shard
 
     if is_remote(plan.shards):
         return  # remote shards are read, not made here

@@ -29,8 +29,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from distseg.data.loader import make_loader
-from distseg.data.manifest import load_manifest
-from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline, percent
@@ -39,6 +37,8 @@ from distseg.inference.segmenter import Segmenter, segment_images
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import list_checkpoints, read_state
 from distseg.runs.run_dir import LoadedRun, RunDir, load_run
+from distseg.shards.shard_reader import decode_mask, decode_rgb
+from distseg.shards.split import open_split
 from distseg.training.tensorboard import score_tag
 
 FAVICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect "
@@ -123,14 +123,13 @@ def errors_overlay(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndar
 def val_images(loaded: LoadedRun, count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """`count` val samples spread over the split: (key, RGB uint8, mask in the run's classes)."""
     cfg = loaded.cfg
-    man = load_manifest(cfg.data.shards, cfg.data.val_split)
-    samples = ShardSamples(man, ShardFiles.of(man, cfg.data))
-    lut = loaded.scheme.lut if man["scheme"]["fingerprint"] != loaded.scheme.fingerprint() else None
+    opened = open_split(cfg.data.shards, cfg.data.val_split, loaded.scheme)
+    samples = opened.samples(cfg.data)
     picks = sorted({round(i * (len(samples) - 1) / max(1, count - 1)) for i in range(count)})
     out = []
     for i in picks[:count]:
         img = decode_rgb(samples.read(i, "image")).permute(1, 2, 0).numpy()
-        mask = decode_mask(samples.read(i, "mask"), lut).numpy()
+        mask = decode_mask(samples.read(i, "mask"), opened.lut).numpy()
         out.append((samples.key(i), img, mask))
     return out
 

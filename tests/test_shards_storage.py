@@ -19,9 +19,9 @@ import torch
 from servers import http_files, moto_s3
 
 from conftest import SGD, TRAIN, assert_user_error, base_overrides, run_cli, run_train, split_keys, weights
-from distseg.data.manifest import load_manifest
-from distseg.data.shard_reader import ShardFiles
 from distseg.errors import UserError
+from distseg.shards.manifest import load_manifest
+from distseg.shards.shard_reader import ShardFiles
 
 pytestmark = pytest.mark.slow
 
@@ -122,13 +122,13 @@ def test_train_from_s3_and_http_equals_local_disk(s3, s3_shards, shards, one_pro
 
 
 def test_killed_download_leaves_no_partial_shard_and_flipped_bytes_are_refused(shards, tmp_path):
-    from distseg.data.storage import ShardCache, StorageError
+    from distseg.shards.storage import ShardCache, StorageError
 
     sh = json.loads((shards / "train.json").read_text())["shards"][0]
     cache_dir = tmp_path / "cache"
     with http_files(shards) as (base, faults):
         faults.slow["/train-000000.tar"] = 0.5
-        script = (f"from distseg.data.storage import ShardCache; "
+        script = (f"from distseg.shards.storage import ShardCache; "
                   f"ShardCache({str(cache_dir)!r}).fetch({base + '/train-000000.tar'!r}, {sh['sha256']!r})")
         proc = subprocess.Popen([sys.executable, "-c", script])
         deadline = time.time() + 60
@@ -251,6 +251,8 @@ def _corrupt_one_sample(shards, dst):
 def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path):
     from distseg.config import load_config
     from distseg.data.torch_loader import TorchLoader
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
 
     key, name, man = _corrupt_one_sample(shards, tmp_path / "s")
     p = run_train(base_overrides(tmp_path / "s", tmp_path, "r"), check=False)
@@ -261,7 +263,8 @@ def test_undecodable_sample_is_an_error_or_skipped_and_counted(shards, tmp_path)
     for world in (1, 2):
         cfg = load_config(None, [f"data.shards={tmp_path / 's'}", "data.batch_size=3", "data.num_workers=1",
                                  "data.crop=[64,96]", "data.on_corrupt=skip"])
-        loaders = [TorchLoader(cfg.data, 0, "train", True, "cpu", world, r, None) for r in range(world)]
+        opened = open_split(tmp_path / "s", "train", get_scheme("trainid"))
+        loaders = [TorchLoader(cfg.data, 0, opened, True, "cpu", world, r) for r in range(world)]
         got, lengths = [], set()
         for L in loaders:
             L.set_epoch(0)
@@ -307,25 +310,26 @@ def test_dali_reads_remote_shards_from_the_cache(shards, tmp_path):
     pytest.importorskip("nvidia.dali")
     from distseg.config import load_config
     from distseg.data.dali_loader import DaliLoader
-    from distseg.data.manifest import load_manifest
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
 
     with http_files(shards) as (base, _):
         cfg = load_config(None, [f"data.shards={base}", f"data.cache_dir={tmp_path / 'c'}",
                                  "data.crop=[64,96]", "data.batch_size=4", "data.num_workers=1"])
-        man = load_manifest(base, "train")
+        opened = open_split(base, "train", get_scheme("trainid"))
         keys = []
-        L = DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
+        L = DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 1, 0)
         for b in L:
             keys += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
     assert sorted(keys) == sorted(split_keys(shards))
-    assert len(list((tmp_path / "c").glob("*.tar"))) == len(man["shards"])
+    assert len(list((tmp_path / "c").glob("*.tar"))) == len(opened.manifest["shards"])
     cfg.data.cache_size = "1K"
     with pytest.raises(Exception, match="must hold"):
-        DaliLoader(cfg.data, cfg.train.seed, "train", True, "cpu", 1, 0, None, man)
+        DaliLoader(cfg.data, cfg.train.seed, opened, True, "cpu", 1, 0)
 
 
 def test_stamps_spare_a_second_hash_unless_verify_is_always(shards, tmp_path, monkeypatch):
-    from distseg.data import shard_reader
+    from distseg.shards import shard_reader
 
     hashed = []
     real = shard_reader.sha256_file

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distseg.data.cityscapes import IMG_SUFFIX, find_pairs
 from distseg.errors import UserError
+from distseg.shards.cityscapes import IMG_SUFFIX, find_pairs
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 CAMERA = re.compile(r"^(.+_\d{6}_\d{6})_leftImg8bit\.(png|jpe?g)$", re.IGNORECASE)

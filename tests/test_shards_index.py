@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from distseg.bench.index import bench_index
-from distseg.data.manifest import load_manifest
-from distseg.data.sample_index import identity, read_index_file, sample_index
-from distseg.data.shard_reader import ShardFiles, ShardSamples
 from distseg.errors import UserError
+from distseg.shards.manifest import load_manifest
+from distseg.shards.sample_index import identity, read_index_file, sample_index
+from distseg.shards.shard_reader import ShardFiles, ShardSamples
 
 
 def test_the_index_holds_what_the_idx_files_say(shards, tmp_path):

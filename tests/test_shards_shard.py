@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from conftest import assert_user_error, run_cli, split_keys
-from distseg.data.cityscapes import find_pairs
-from distseg.data.codec import member_names
-from distseg.data.shard import ShardOptions, run_shard
-from distseg.data.shard_reader import decode_mask, decode_rgb
 from distseg.labels import get_scheme
+from distseg.shards.cityscapes import find_pairs
+from distseg.shards.codec import member_names
+from distseg.shards.shard import ShardOptions, run_shard
+from distseg.shards.shard_reader import decode_mask, decode_rgb
 
 
 def read_tar(path):
@@ -266,7 +266,7 @@ def test_sigterm_mid_run_cleans_up_and_rerun_resumes(synth_root, tmp_path):
 
 
 def test_synth_writes_the_same_files_with_any_number_of_workers(tmp_path):
-    from distseg.data.synth import write_synth
+    from distseg.shards.synth import write_synth
 
     for w in (1, 2):
         write_synth(tmp_path / f"w{w}", {"train": 5, "val": 2}, 128, 64, seed=4, progress=False, workers=w)

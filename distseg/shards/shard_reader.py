@@ -17,12 +17,12 @@ import torch
 from filelock import FileLock
 
 from distseg.config import DataCfg
-from distseg.data.codec import decode_array, is_array
-from distseg.data.manifest import shard_url
-from distseg.data.sample_index import node_folder, read_index_file, sample_index, scan_tar
-from distseg.data.storage import ChecksumError, ShardCache
 from distseg.errors import UserError
 from distseg.files import atomic_write_text, sha256_file
+from distseg.shards.codec import decode_array, is_array
+from distseg.shards.manifest import shard_url
+from distseg.shards.sample_index import node_folder, read_index_file, sample_index, scan_tar
+from distseg.shards.storage import ChecksumError, ShardCache
 from distseg.units import parse_bytes
 from distseg.urls import redact
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distseg.data.cityscapes import Pair, find_pairs, resolve_root
-from distseg.data.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
-from distseg.data.manifest import build_manifest, load_manifest
-from distseg.data.shard_outputs import LocalOutput, open_output
 from distseg.errors import UserError, naming
 from distseg.files import atomic_write_text, sha256_file
 from distseg.labels import Scheme, get_scheme
+from distseg.shards.cityscapes import Pair, find_pairs, resolve_root
+from distseg.shards.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
+from distseg.shards.manifest import build_manifest, load_manifest
+from distseg.shards.shard_outputs import LocalOutput, open_output
 
 IMAGE_EXTS = ("jpg", "png")
 
@@ -49,7 +49,7 @@ class ShardOptions:
     maxcount: int = 100
     maxsize: int = 1 << 30
     seed: int = 0
-    lossless: str = "png"  # masks and lossless images: png | zstd (distseg/data/codec.py)
+    lossless: str = "png"  # masks and lossless images: png | zstd (distseg/shards/codec.py)
 
 
 @dataclass

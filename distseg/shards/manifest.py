@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from distseg import __version__
-from distseg.data.codec import member_names
-from distseg.data.storage import NotFound, read_bytes, sha256_remote
 from distseg.errors import UserError
 from distseg.files import sha256_file
 from distseg.labels import IGNORE, Scheme
+from distseg.shards.codec import member_names
+from distseg.shards.storage import NotFound, read_bytes, sha256_remote
 from distseg.urls import is_remote, join, local_path, redact
 
 MANIFEST_VERSION = 2  # 2: sample keys live in the shards' indexes (version 1 listed them here), still read

@@ -11,9 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distseg.data import storage
-from distseg.data.storage import NotFound
 from distseg.files import atomic_write_json
+from distseg.shards import storage
+from distseg.shards.storage import NotFound
 from distseg.urls import is_remote, join, local_path, redact
 
 
