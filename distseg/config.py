@@ -76,7 +76,7 @@ class ModelCfg:
 @dataclass
 class LossCfg:
     """Weights of the loss terms (distseg/losses.py)."""
-    ce: float = 1.0  # cross-entropy weight (ignore 255)
+    ce: float = 1.0  # cross-entropy weight (the ignore label, labels.IGNORE, left out)
     dice: float = 0.0  # soft Dice weight
     bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
     class_weights: str = "none"  # CE class weights from the train pixel counts: none | inv_log | median_freq

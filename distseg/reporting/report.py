@@ -36,6 +36,7 @@ from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.segmenter import Segmenter, segment_images
+from distseg.labels import IGNORE
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import list_checkpoints, read_state
 from distseg.runs.run_dir import LoadedRun, RunDir, load_run
@@ -100,7 +101,7 @@ def thumb(arr: np.ndarray, fmt: str) -> str:
 
 def image_iou(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
     """Mean IoU of one image over the classes present in its ground truth or prediction (ignore left out)."""
-    keep = gt != 255
+    keep = gt != IGNORE
     ious = []
     for c in range(n):
         p, g = (pred == c) & keep, gt == c
@@ -113,8 +114,8 @@ def image_iou(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
 def errors_overlay(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """The image darkened, wrong pixels red, ignored ground truth grey."""
     out = (rgb * 0.35).astype(np.uint8)
-    out[(pred != gt) & (gt != 255)] = (230, 30, 30)
-    out[gt == 255] = (90, 90, 90)
+    out[(pred != gt) & (gt != IGNORE)] = (230, 30, 30)
+    out[gt == IGNORE] = (90, 90, 90)
     return out
 
 
