@@ -51,7 +51,7 @@ class DataCfg:
 
 @dataclass
 class EvalCfg:
-    """How validation, evaluate, predict and the report run the model (distseg/inference.py)."""
+    """How validation, evaluate, predict and the report run the model (distseg/inference/segmenter.py)."""
 
     mode: str = "whole"  # whole | slide
     crop: list[int] = field(default_factory=list)  # slide window [height, width]; [] = data.crop
@@ -75,7 +75,7 @@ class ModelCfg:
 
 @dataclass
 class LossCfg:
-    """Weights of the loss terms (distseg/losses.py)."""
+    """Weights of the loss terms (distseg/models/losses.py)."""
     ce: float = 1.0  # cross-entropy weight (the ignore label, labels.IGNORE, left out)
     dice: float = 0.0  # soft Dice weight
     bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
@@ -87,7 +87,7 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
-    """Optimizer (distseg/optim.py)."""
+    """Optimizer (distseg/models/optim.py)."""
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -1,10 +1,11 @@
 """`distseg evaluate`: score a run's checkpoint, or a results folder made by any tool, the official way.
 
 A checkpoint is scored on the split's source images (the PNGs the benchmark scores, not re-encoded JPEG
-shards) through the same inference path as validation and `distseg predict` (distseg/inference.py), with
-each rank taking every world-th image and the sums reduced over ranks. Runs whose scheme is `trainid` or
-`labelid` get the official Cityscapes scores (class and category IoU and iIoU, distseg/cityscapes_metric.py);
-other schemes get that scheme's IoU (foreground IoU for binary schemes).
+shards) through the same inference path as validation and `distseg predict`
+(distseg/inference/segmenter.py), each rank taking every world-th image and the sums reduced over ranks.
+Runs whose scheme is `trainid` or `labelid` get the official Cityscapes scores (class and category IoU
+and iIoU, distseg/inference/cityscapes_metric.py); other schemes get that scheme's IoU (foreground IoU for
+binary schemes).
 """
 
 from __future__ import annotations

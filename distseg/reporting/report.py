@@ -7,7 +7,8 @@ script and favicon are inline) comparing runs:
   checkpoint's per-image IoU, with a checkpoint chooser: the predictions of up to `checkpoints` saved
   checkpoints are precomputed for `images` images, and the chooser shows one set at a time.
 
-Charts are drawn by matplotlib (SVG); predictions go through the one inference path (distseg/inference.py).
+Charts are drawn by matplotlib (SVG); predictions go through the one inference path
+(distseg/inference/segmenter.py).
 """
 
 from __future__ import annotations
