@@ -63,8 +63,8 @@ class EvalCfg:
 
 @dataclass
 class ModelCfg:
-    """The network: the seed's U-Net or a torchvision encoder with a U-Net decoder."""
-    encoder: str = "unet"  # unet (the seed's) | a torchvision encoder: distseg.models.encoder_names()
+    """The network: the plain U-Net or a torchvision encoder with a U-Net decoder."""
+    encoder: str = "unet"  # unet (the plain U-Net) | a torchvision encoder: distseg.models.encoder_names()
     pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, downloaded once) | PATH
     base: int = 64  # channels of the shallowest level: the U-Net's first level, or an encoder's decoder
     depth: int = 4  # number of down-sampling steps
