@@ -18,6 +18,12 @@ from distseg.errors import UserError
 from distseg.units import parse_bytes
 from distseg.urls import redact
 
+# The precisions a model trains and runs in (train.mixed_precision; every command's --precision), and the
+# --precision value that means "the run's own train.mixed_precision", the default of every command that
+# runs a model: then evaluate, predict and the report score a checkpoint as training's validation did.
+PRECISIONS = ("no", "bf16", "fp16")
+RUN_PRECISION = "run"
+
 
 @dataclass
 class DataCfg:
@@ -147,8 +153,14 @@ CHOICES = {
     "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
-    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
+    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": PRECISIONS,
 }
+
+
+def inference_precision(precision: str | None, cfg: Config) -> str:
+    """The precision to run a model in: `precision`, or for `run` (or None) the run's train.mixed_precision,
+    so that a checkpoint scores what training's validation printed for it."""
+    return cfg.train.mixed_precision if precision in (None, RUN_PRECISION) else precision
 
 
 def _build(cls, data: dict, where: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distseg.config import inference_precision
 from distseg.data.cityscapes import resolve_root
 from distseg.data.image_files import ImageItem, labelled_items, read_array
 from distseg.data.loader import build_loader
@@ -48,7 +49,7 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
     loaded = load_run(run, checkpoint, overrides, weights)
     cfg, scheme = loaded.cfg, loaded.scheme
     split = split or cfg.data.val_split
-    precision = precision or cfg.train.mixed_precision
+    precision = inference_precision(precision, cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
     if shards:

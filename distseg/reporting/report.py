@@ -29,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from distseg.config import RUN_PRECISION
 from distseg.data.loader import make_loader
 from distseg.data.manifest import load_manifest
 from distseg.data.shard_reader import ShardFiles, ShardSamples, decode_mask, decode_rgb
@@ -289,7 +290,7 @@ def built_from(path: Path) -> str | None:
 
 
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
-                 precision: str = "no", weights: str = "auto", log=print) -> tuple[Path, bool]:
+                 precision: str = RUN_PRECISION, weights: str = "auto", log=print) -> tuple[Path, bool]:
     """Build the page for `run_dirs` and write it atomically to `out`, saying how far it got; returns its
     path and whether it was built (False: the page there was built from the same runs and options)."""
     dirs = [RunDir(Path(r)).require() for r in run_dirs]
