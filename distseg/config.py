@@ -18,6 +18,12 @@ from distseg.errors import UserError
 from distseg.units import parse_bytes
 from distseg.urls import redact
 
+# The precisions a model trains and runs in (train.mixed_precision; every command's --precision), and the
+# --precision value that means "the run's own train.mixed_precision", the default of every command that
+# runs a model: then evaluate, predict and the report score a checkpoint as training's validation did.
+PRECISIONS = ("no", "bf16", "fp16")
+RUN_PRECISION = "run"
+
 
 @dataclass
 class DataCfg:
@@ -51,7 +57,7 @@ class DataCfg:
 
 @dataclass
 class EvalCfg:
-    """How validation, evaluate, predict and the report run the model (distseg/inference.py)."""
+    """How validation, evaluate, predict and the report run the model (distseg/inference/segmenter.py)."""
 
     mode: str = "whole"  # whole | slide
     crop: list[int] = field(default_factory=list)  # slide window [height, width]; [] = data.crop
@@ -63,8 +69,8 @@ class EvalCfg:
 
 @dataclass
 class ModelCfg:
-    """The network: the seed's U-Net or a torchvision encoder with a U-Net decoder."""
-    encoder: str = "unet"  # unet (the seed's) | a torchvision encoder: distseg.models.encoder_names()
+    """The network: the plain U-Net or a torchvision encoder with a U-Net decoder."""
+    encoder: str = "unet"  # unet (the plain U-Net) | a torchvision encoder: distseg.models.encoder_names()
     pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, downloaded once) | PATH
     base: int = 64  # channels of the shallowest level: the U-Net's first level, or an encoder's decoder
     depth: int = 4  # number of down-sampling steps
@@ -75,8 +81,8 @@ class ModelCfg:
 
 @dataclass
 class LossCfg:
-    """Weights of the loss terms (distseg/losses.py)."""
-    ce: float = 1.0  # cross-entropy weight (ignore 255)
+    """Weights of the loss terms (distseg/models/losses.py)."""
+    ce: float = 1.0  # cross-entropy weight (the ignore label, labels.IGNORE, left out)
     dice: float = 0.0  # soft Dice weight
     bce: float = 0.0  # BCE-with-logits weight (binary schemes only; the model then has 1 output)
     class_weights: str = "none"  # CE class weights from the train pixel counts: none | inv_log | median_freq
@@ -87,7 +93,7 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
-    """Optimizer (distseg/optim.py)."""
+    """Optimizer (distseg/models/optim.py)."""
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -147,8 +153,14 @@ CHOICES = {
     "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
-    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": ("no", "bf16", "fp16"),
+    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": PRECISIONS,
 }
+
+
+def inference_precision(precision: str | None, cfg: Config) -> str:
+    """The precision to run a model in: `precision`, or for `run` (or None) the run's train.mixed_precision,
+    so that a checkpoint scores what training's validation printed for it."""
+    return cfg.train.mixed_precision if precision in (None, RUN_PRECISION) else precision
 
 
 def _build(cls, data: dict, where: str):

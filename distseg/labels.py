@@ -2,7 +2,7 @@
 
 Every remap is a 256-entry uint8 lookup table built from this one table, so the shard writer, the
 loaders (load-time remap of a `labelid` shard) and the results exporter (class -> labelId) cannot
-disagree. 255 means "ignore" everywhere.
+disagree. IGNORE (255) is the one ignore label everywhere.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ BUILTIN_SCHEMES = ("trainid", "category", "automobile", "person", "labelid")
 
 @dataclass
 class Scheme:
-    """A remap from Cityscapes labelIds to training classes (0..num_classes-1, 255 = ignore)."""
+    """A remap from Cityscapes labelIds to training classes (0..num_classes-1, IGNORE = ignore)."""
 
     name: str
     class_names: list[str]
@@ -95,7 +95,7 @@ class Scheme:
 
     @property
     def num_classes(self) -> int:
-        """Number of training classes (255 = ignore is not one)."""
+        """Number of training classes (IGNORE is not one)."""
         return len(self.class_names)
 
     @property
@@ -151,7 +151,7 @@ def _binary(name: str, members: list[str]) -> Scheme:
 
 
 def _trainid() -> Scheme:
-    train = sorted((lab for lab in LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId)
+    train = sorted((lab for lab in LABELS if 0 <= lab.trainId < IGNORE), key=lambda lab: lab.trainId)
     lut = _table_lut({lab.id: lab.trainId for lab in LABELS if lab.id >= 0})
     return Scheme("trainid", [lab.name for lab in train], lut, [lab.color for lab in train],
                   [lab.id for lab in train], eval_classes=list(range(len(train))))

@@ -1,6 +1,7 @@
-"""The training entry as a file, so that `accelerate launch distseg/train.py -c configs/X.yaml [key=value]`
-(or `python -m distseg.launch ... distseg/train.py ...`) starts one process per rank. It is `distseg
-train`: the same options, messages and exit status (distseg/commands/train.py, distseg/training/entry.py)."""
+"""The training entry as a file, so that `accelerate launch distseg/train.py -c configs/<name>.yaml
+[key=value]` (or `python -m distseg.launch ... distseg/train.py ...`) starts one process per rank. It is
+`distseg train`: the same options, messages and exit status (distseg/commands/train.py,
+distseg/training/entry.py)."""
 
 import sys
 from pathlib import Path

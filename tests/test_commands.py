@@ -2,13 +2,16 @@
 command and says how to run several processes; messages point further. One mistake runs `distseg` as a
 user would (a subprocess); the others call the same entry in this process (`cli.main`), which is faster."""
 
+import importlib
 import json
 import signal
 
+import click
 import pytest
 
 from conftest import assert_user_error, run_cli
 from distseg.cli import COMMANDS, main
+from distseg.config import PRECISIONS, RUN_PRECISION
 
 
 class Result:
@@ -71,6 +74,29 @@ def test_help_lists_every_command_and_each_command_has_its_help(cli):
     for name in COMMANDS:
         p = cli(name, "--help")
         assert p.returncode == 0 and p.stdout.startswith(f"Usage: distseg {name} "), (name, p.stdout[:200])
+
+
+def every_command() -> dict[str, click.Command]:
+    """Every command and subcommand by its name as typed (`bench eval`), imported as `distseg` would."""
+    out = {}
+    for name, (target, _) in COMMANDS.items():
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        subs = command.commands if isinstance(command, click.Group) else {}
+        out |= {f"{name} {sub}": c for sub, c in subs.items()} if subs else {name: command}
+    return out
+
+
+def test_every_command_that_runs_a_model_takes_one_precision_option():
+    """One rule: the run's own train.mixed_precision by default (`run`), or the precision given; export
+    writes a float32 program and takes none."""
+    commands = every_command()
+    options = {name: p for name, c in commands.items() for p in c.params if p.name == "precision"}
+    assert set(options) == {"evaluate", "predict", "report", "bench eval"}
+    for name, p in options.items():
+        assert list(p.type.choices) == [RUN_PRECISION, *PRECISIONS] and p.default == RUN_PRECISION, name
+        assert f"{RUN_PRECISION}: " in p.help and "train.mixed_precision" in p.help, name
+    assert "float32 whatever the run's train.mixed_precision" in " ".join(commands["export"].help.split())
 
 
 def test_help_texts(cli):

@@ -126,6 +126,15 @@ def test_spec_from_config():
         load_config(None, ["eval.scales=[]"])
 
 
+def test_a_runs_segmenter_runs_in_its_training_precision_unless_told():
+    from distseg.config import load_config
+
+    cfg = load_config(None, ["train.mixed_precision=bf16"])
+    model = torch.nn.Conv2d(3, 2, 1)
+    assert [Segmenter.from_config(model, cfg, "cpu", p).dtype for p in (None, "run", "no", "fp16")] == \
+        [torch.bfloat16, torch.bfloat16, None, torch.float16]
+
+
 def test_confusion_matrix_scores():
     cm = ConfusionMatrix(3)
     t = torch.tensor([0, 0, 1, 1, 2, 255, 2])

@@ -79,6 +79,17 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
+def test_the_precision_a_model_runs_in_is_the_runs_own_unless_given():
+    from distseg.config import PRECISIONS, RUN_PRECISION, inference_precision, load_config
+    from distseg.errors import UserError
+
+    cfg = load_config(None, ["train.mixed_precision=bf16"])
+    assert inference_precision(RUN_PRECISION, cfg) == inference_precision(None, cfg) == "bf16"
+    assert [inference_precision(p, cfg) for p in PRECISIONS] == list(PRECISIONS)
+    with pytest.raises(UserError, match=f"train.mixed_precision must be one of {', '.join(PRECISIONS)}"):
+        load_config(None, ["train.mixed_precision=fp8"])
+
+
 def test_workers_are_capped_to_the_cores_with_one_note(monkeypatch, capsys):
     import os
     import warnings

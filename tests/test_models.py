@@ -1,4 +1,4 @@
-"""The models room: the seed's U-Net and torchvision encoders with a U-Net decoder, pretrained weights from a
+"""The models room: the plain U-Net and torchvision encoders with a U-Net decoder, pretrained weights from a
 local file (one clear error for a wrong one), and the losses (plain, class-weighted and OHEM cross-entropy,
 BCE, Dice) against direct reference computations."""
 
@@ -210,8 +210,8 @@ def test_unet_shapes_and_odd_sizes():
     m = UNet(3, 5, base=8, depth=3, norm="group")
     assert m(torch.randn(2, 3, 64, 96)).shape == (2, 5, 64, 96)
     assert m(torch.randn(1, 3, 37, 51)).shape == (1, 5, 37, 51)
-    seed = UNet(3, 19, base=64, depth=4)
-    assert 30e6 < sum(p.numel() for p in seed.parameters()) < 32e6  # the seed's 31M-parameter U-Net
+    plain = UNet(3, 19, base=64, depth=4)
+    assert 30e6 < sum(p.numel() for p in plain.parameters()) < 32e6  # the plain U-Net at base 64: 31M
 
 
 @pytest.mark.parametrize("encoder", ["unet", "resnet18"])

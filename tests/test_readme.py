@@ -2,21 +2,25 @@
 settings are appended (and short benchmark options), so a README that drifts from the code fails here. Lines
 marked `# needs GPUs` / `# needs a Slurm cluster` / `# needs an S3 endpoint` / `# needs a network` are skipped
 (tests/test_slurm.py and tests/test_shards_storage.py run those paths against real servers);
-`tools/test.sh` is this suite itself."""
+`tools/test.sh` is this suite itself. Every repository path that the README, docs/*.md, the package's
+docstrings and comments, tools/*.sh and slurm/* name exists."""
 
+import ast
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tokenize
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
 README = ROOT / "README.md"
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
         "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false",
@@ -27,6 +31,10 @@ BENCH = {"data": ["--batches", "2", "--modes", "decode,torch-cpu"],
                   "--precision", "no"],
          "index": ["--samples", "2000", "--workers", "1", "--no-dali"], "e2e": []}
 MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", "# needs a network")
+# a path in the repository named in prose: one of these folders, then anything up to a space, quote or bracket
+NAMED_PATH = re.compile(r"(?<![\w./-])((?:distseg|tools|configs|docs|slurm|tests)/[^\s`'\"()\[\]]*)")
+# what stands for any name: <split>, NNNNNN, *, …, ..., {a,b}, $VAR / ${VAR}
+PLACEHOLDER = re.compile(r"<[^>]*>|N{2,}|\*+|…|\.\.\.|\{[^}]*\}|\$\{?\w+\}?")
 
 
 def readme_commands() -> list[str]:
@@ -51,6 +59,59 @@ def tinier(cmd: str) -> list[str]:
     return words
 
 
+def named_paths(text: str) -> set[str]:
+    """The repository paths a text names, as written less trailing punctuation and a `:function` tail."""
+    out = set()
+    for m in NAMED_PATH.finditer(text):
+        path = re.sub(r"[.,;:!?]+$", "", m.group(1))
+        out.add(re.sub(r":[\w.:]+$", "", path))
+    return out
+
+
+def missing_paths(text: str, root: Path = ROOT) -> list[str]:
+    """The paths a text names that are neither a file nor a folder under root; a name with placeholders
+    counts when the glob it stands for matches something."""
+    missing = []
+    for path in sorted(named_paths(text)):
+        pattern = PLACEHOLDER.sub("*", path).rstrip("/")
+        found = any(root.glob(pattern)) if "*" in pattern else (root / pattern).exists()
+        if not found:
+            missing.append(path)
+    return missing
+
+
+def python_prose(path: Path) -> str:
+    """A module's docstrings and comments: what a person reads, not the code (whose paths import checks)."""
+    src = path.read_text()
+    parts = [ast.get_docstring(node, clean=False) or "" for node in ast.walk(ast.parse(src))
+             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    parts += [tok.string for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+              if tok.type == tokenize.COMMENT]
+    return "\n".join(parts)
+
+
+def documents() -> dict[str, str]:
+    """Every text that names repository paths for people, by its path."""
+    texts = {p: p.read_text() for p in [README, *sorted((ROOT / "docs").glob("*.md")),
+                                        *sorted((ROOT / "tools").glob("*.sh")),
+                                        *sorted(p for p in (ROOT / "slurm").iterdir() if p.is_file())]}
+    texts |= {p: python_prose(p) for p in sorted((ROOT / "distseg").rglob("*.py"))}
+    return {str(p.relative_to(ROOT)): text for p, text in texts.items()}
+
+
+def test_missing_paths_finds_a_missing_file_and_reads_placeholders():
+    text = ("See distseg/nowhere.py:run, `tools/test.sh`, docs/ARCHITECTURE.md. and distseg/cli.py:main; "
+            "configs/<name>.yaml, slurm/*.sh, distseg/data/… and (tests/test_zzz_<room>.py)")
+    assert missing_paths(text) == ["distseg/nowhere.py", "tests/test_zzz_<room>.py"]
+    assert named_paths("https://example.org/distseg/x.py and ../shared/tools/y.sh") == set()
+
+
+def test_every_named_path_exists():
+    stale = [f"{doc}: {path}" for doc, text in documents().items() for path in missing_paths(text)]
+    assert not stale, "paths named that are not in the repository:\n" + "\n".join(stale)
+
+
+@pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path):
     for name in ("configs", "distseg", "slurm"):
         (tmp_path / name).symlink_to(ROOT / name)

@@ -1,9 +1,11 @@
 """`distseg experiment` with a tiny plan: stages in order, finished stages skipped on a rerun, a killed stage
 resumed, stage 2a really started from stage 1's weights (and 2b not), the comparison table; bad plans are
-one line."""
+one line. A stage stored by an older version (tests/data/old_stage: a config.yaml without a key added
+since) still counts as finished, by its effective settings."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,11 @@ import torch
 import yaml
 
 from conftest import ROOT, assert_user_error, run_cli
+from distseg.config import dump_config, load_config
 from distseg.errors import UserError
-from distseg.reporting.experiment import load_plan
+from distseg.reporting.experiment import Plan, Stage, config_path, finished, load_plan
 
-pytestmark = pytest.mark.slow
+OLD_STAGE = ROOT / "tests" / "data" / "old_stage"  # written by distseg, less train.async_checkpoint
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
         "data.val_batch_size=2", "data.num_workers=0", "train.epochs=2", "train.progress=false",
         "sched.warmup_steps=0", "train.mixed_precision=no", "train.log_every=1", "train.val_every=1",
@@ -40,6 +43,7 @@ def write_plan(tmp_path, synth_root, **extra) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
     from distseg.models.weights import load_weights
     from distseg.runs.checkpoint import latest_checkpoint
@@ -83,6 +87,7 @@ def test_experiment_runs_skips_and_resumes_stages(synth_root, tmp_path):
     assert p.stdout.count("skipped") == 3 and "training in" not in p.stdout
 
 
+@pytest.mark.slow
 def test_bad_plans_are_one_line(synth_root, tmp_path):
     plan = write_plan(tmp_path, synth_root, stages=[{"name": "a", "config": "configs/person.yaml",
                                                      "init_from": "zzz"}])
@@ -93,3 +98,36 @@ def test_bad_plans_are_one_line(synth_root, tmp_path):
         load_plan(plan)
     with pytest.raises(UserError, match="experiment plan not found"):
         load_plan(tmp_path / "none.yaml")
+
+
+def old_plan(output_dir) -> tuple[Plan, Stage]:
+    """The plan whose one stage tests/data/old_stage holds, with that stage's settings."""
+    tiny = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
+            "data.val_batch_size=2", "data.num_workers=0", "train.epochs=1", "train.progress=false",
+            "sched.warmup_steps=0", "train.mixed_precision=no"]
+    stage = Stage("person", "configs/person.yaml", ["train.init_from=''"])
+    return Plan("old", output_dir, "shards/labelid", "", tiny, [stage], [], []), stage
+
+
+def test_a_stage_stored_by_an_older_version_is_finished_by_its_effective_settings(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the stored config names its output_dir relative to the repository
+    plan, stage = old_plan(OLD_STAGE.relative_to(ROOT))
+    saved = (OLD_STAGE / "person" / "config.yaml").read_text()
+    now = dump_config(load_config(config_path(stage), plan.stage_overrides(stage)))
+    assert "async_checkpoint" not in saved and saved != now  # the text differs: an older version wrote it
+    assert finished(plan, stage, ())
+    assert not finished(plan, stage, ("train.epochs=2",))  # a setting that changed still counts
+    assert not finished(plan, stage, ("train.async_checkpoint=false",))  # so does the key it lacks
+
+
+def test_a_stored_key_this_version_does_not_know_is_not_finished_with_a_line(tmp_path):
+    shutil.copytree(OLD_STAGE, tmp_path, dirs_exist_ok=True)
+    config = tmp_path / "person" / "config.yaml"
+    text = config.read_text().replace("output_dir: tests/data/old_stage", f"output_dir: {tmp_path}")
+    plan, stage = old_plan(tmp_path)
+    config.write_text(text)
+    assert finished(plan, stage, ())
+    config.write_text(text.replace("  keep_last: 2\n", "  keep_last: 2\n  retired_key: 1\n"))
+    said = []
+    assert not finished(plan, stage, (), log=said.append)
+    assert len(said) == 1 and "stage person" in said[0] and "unknown key train.retired_key" in said[0]

@@ -169,10 +169,11 @@ def phase_data(c: Check) -> str:
 
 
 def phase_eval(c: Check) -> str:
-    """bench eval: whole / slide / flip / multi-scale."""
-    size = ["--size", "256x128", "--crop", "128x64", "--stride", "85x43", "--images", "1",
-            "--precision", "no"] if c.sizes.dry else ["--images", "8"]
-    return c.bench("eval", *size, *[s for s in c.sizes.settings if s.startswith("model.")])
+    """bench eval: whole / slide / flip / multi-scale, in the precision the check's runs train in."""
+    size = ["--size", "256x128", "--crop", "128x64", "--stride", "85x43", "--images", "1"] if c.sizes.dry \
+        else ["--images", "8"]
+    kept = [s for s in c.sizes.settings if s.startswith(("model.", "train.mixed_precision="))]
+    return c.bench("eval", *size, *kept)
 
 
 def phase_train(c: Check) -> str:

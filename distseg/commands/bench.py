@@ -15,7 +15,7 @@ from distseg.bench.gpu_check import PHASES, QUICK, gpu_check
 from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import FEEDS, VARIANTS, bench_train
-from distseg.commands.options import SETTINGS_HELP, set_option, settings
+from distseg.commands.options import SETTINGS_HELP, precision_option, set_option, settings
 from distseg.config import load_config
 from distseg.data.dali_loader import dali_available
 from distseg.errors import UserError
@@ -127,7 +127,7 @@ def bench_shard_cmd(root, split, limit, out) -> None:
 @click.option("--batch", default=1, show_default=True, help="images per batch")
 @click.option("--crop", default="1024x512", show_default=True, help="slide window WIDTHxHEIGHT")
 @click.option("--stride", default="683x341", show_default=True, help="slide stride WIDTHxHEIGHT")
-@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["no", "bf16", "fp16"]))
+@precision_option("the config's")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import click
 
-from distseg.commands.options import SETTINGS_HELP, set_option, settings, weights_option
+from distseg.commands.options import SETTINGS_HELP, precision_option, set_option, settings, weights_option
 from distseg.errors import UserError
 from distseg.flows.evaluate import score_checkpoint, score_results
 from distseg.runs.run_dir import CHECKPOINT_HELP
-
-PRECISIONS = click.Choice(["no", "bf16", "fp16"])
 
 
 @click.command(epilog=SETTINGS_HELP)
@@ -24,7 +22,7 @@ PRECISIONS = click.Choice(["no", "bf16", "fp16"])
               help="with --results: what the PNGs hold (trainid/labelid: label ids; else class indexes)")
 @click.option("--shards", default=None, help="score the images stored in these shards instead of the sources")
 @click.option("--json", "json_out", default=None, help="also write every score and the confusion matrix here")
-@click.option("--precision", default=None, type=PRECISIONS, help="[default: the run's train.mixed_precision]")
+@precision_option()
 @click.option("--workers", default=2, show_default=True, help="image decoding processes")
 @weights_option
 @set_option

@@ -28,7 +28,9 @@ from distseg.runs.run_dir import CHECKPOINT_HELP, find_run, load_run
               help="uint8 pixels 0-255, or float32 in [0, 1] (RGB, N x 3 x H x W; normalisation folded in)")
 def export(run, checkpoint, weights, fmt, out, height, width, dynamic, argmax, input_dtype) -> None:
     """Export a run's weights for serving: normalisation folded in, logits or class map out. The input is
-    fixed at the run's image size unless --height/--width or --dynamic (named axes batch, height, width)."""
+    fixed at the run's image size unless --height/--width or --dynamic (named axes batch, height, width).
+    The program computes in float32 whatever the run's train.mixed_precision: the serving runtime chooses
+    its own precision."""
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401

@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 from accelerate import PartialState
 
-from distseg.commands.options import SETTINGS_HELP, inputs_and_settings, set_option, settings, weights_option
+from distseg.commands.options import (
+    SETTINGS_HELP,
+    inputs_and_settings,
+    precision_option,
+    set_option,
+    settings,
+    weights_option,
+)
 from distseg.flows.predict import predict as run_predict
 from distseg.runs.run_dir import CHECKPOINT_HELP
 
@@ -23,8 +30,7 @@ from distseg.runs.run_dir import CHECKPOINT_HELP
 @click.option("--alpha", default=0.5, show_default=True, help="overlay opacity")
 @click.option("--batch-size", default=None, type=int, help="images per batch [default: data.val_batch_size]")
 @click.option("--workers", default=2, show_default=True, help="image decoding processes")
-@click.option("--precision", default=None, type=click.Choice(["no", "bf16", "fp16"]),
-              help="[default: the run's train.mixed_precision]")
+@precision_option()
 @set_option
 @weights_option
 @click.argument("inputs", nargs=-1)

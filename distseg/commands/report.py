@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from distseg.commands.options import weights_option
+from distseg.commands.options import precision_option, weights_option
 from distseg.reporting.report import write_report
 
 
@@ -13,8 +13,7 @@ from distseg.reporting.report import write_report
 @click.option("--out", default="report.html", show_default=True, help="the HTML file to write")
 @click.option("--images", default=8, show_default=True, help="val images in each run's gallery")
 @click.option("--checkpoints", default=5, show_default=True, help="checkpoints the gallery shows, best first")
-@click.option("--precision", default="no", show_default=True, type=click.Choice(["no", "bf16", "fp16"]),
-              help="inference precision")
+@precision_option("each run's")
 @weights_option
 def report(runs, out, images, checkpoints, precision, weights) -> None:
     """Curves, per-class IoU, confusion matrix and a val gallery with a checkpoint chooser for RUNS (run

@@ -1,10 +1,11 @@
 """`distseg evaluate`: score a run's checkpoint, or a results folder made by any tool, the official way.
 
 A checkpoint is scored on the split's source images (the PNGs the benchmark scores, not re-encoded JPEG
-shards) through the same inference path as validation and `distseg predict` (distseg/inference.py), with
-each rank taking every world-th image and the sums reduced over ranks. Runs whose scheme is `trainid` or
-`labelid` get the official Cityscapes scores (class and category IoU and iIoU, distseg/cityscapes_metric.py);
-other schemes get that scheme's IoU (foreground IoU for binary schemes).
+shards) through the same inference path as validation and `distseg predict`
+(distseg/inference/segmenter.py), each rank taking every world-th image and the sums reduced over ranks.
+Runs whose scheme is `trainid` or `labelid` get the official Cityscapes scores (class and category IoU
+and iIoU, distseg/inference/cityscapes_metric.py); other schemes get that scheme's IoU (foreground IoU for
+binary schemes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distseg.config import inference_precision
 from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
@@ -47,7 +49,7 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
     loaded = load_run(run, checkpoint, overrides, weights)
     cfg, scheme = loaded.cfg, loaded.scheme
     split = split or cfg.data.val_split
-    precision = precision or cfg.train.mixed_precision
+    precision = inference_precision(precision, cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
     if shards:

@@ -24,7 +24,7 @@ import numpy as np
 
 from distseg.errors import UserError
 from distseg.inference.metrics import percent
-from distseg.labels import LABELS
+from distseg.labels import IGNORE, LABELS
 
 NUM_IDS = 34  # Cityscapes label ids 0..33
 # average instance size per class in the benchmark's training data: the iIoU weights (cityscapesScripts)
@@ -176,8 +176,8 @@ def check_prediction(pred: np.ndarray, gt_shape: tuple[int, ...], name: str = ""
                         f"{gt_shape[1]}x{gt_shape[0]}: predictions must have the label image's size")
     top = int(pred.max(initial=0))
     if top >= NUM_IDS or int(pred.min(initial=0)) < 0:
-        hint = " (trainIds with 255 = ignore saved by mistake? convert them to label ids)"
-        hint = hint if top == 255 else ""
+        hint = f" (trainIds with {IGNORE} = ignore saved by mistake? convert them to label ids)"
+        hint = hint if top == IGNORE else ""
         raise UserError(f"{what} holds value {top}, which is not a Cityscapes label id (0-33){hint}")
     if top <= 18 and np.isin(pred, _VOID_IDS).mean() > 0.5:
         raise UserError(f"{what} looks like trainIds (values 0-{top}, mostly void label ids): results must "

@@ -22,9 +22,10 @@ class ConfusionMatrix:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred, target: integer maps of equal shape; target 255 (or >= num_classes) is ignored. Counted on
-        the device without reading anything back (no boolean indexing, no bincount: both wait for the
-        device to learn a size): ignored pixels go to a spare slot that is dropped."""
+        """pred, target: integer maps of equal shape; target pixels of the ignore label (labels.IGNORE) or
+        >= num_classes are left out. Counted on the device without reading anything back (no boolean
+        indexing, no bincount: both wait for the device to learn a size): ignored pixels go to a spare slot
+        that is dropped."""
         t = target.reshape(-1).long()
         p = pred.reshape(-1).long().to(t.device)
         n = self.n

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distseg.config import inference_precision
 from distseg.data.transforms import normalize
 from distseg.errors import UserError
 
@@ -88,9 +89,10 @@ class Segmenter:
     def from_config(cls, model, cfg, device, precision: str | None = None,
                     spec: InferenceSpec | None = None) -> Segmenter:
         """A run's Segmenter: its `eval` settings (or `spec`), normalisation and memory layout, in `precision`
-        (default: the run's train.mixed_precision). Every caller builds it here, so none can drift."""
+        (config.inference_precision: `run` or None is the run's train.mixed_precision). Every caller builds
+        it here, so none can drift."""
         return cls(model, spec or InferenceSpec.from_config(cfg), cfg.data.mean, cfg.data.std, device,
-                   precision or cfg.train.mixed_precision, cfg.model.channels_last)
+                   inference_precision(precision, cfg), cfg.model.channels_last)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x 3 x H x W (any device) -> normalised float on the model's device."""

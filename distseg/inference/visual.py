@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distseg.labels import IGNORE
+
 
 def denormalize(img: torch.Tensor, mean, std) -> np.ndarray:
     """Normalised 3xHxW -> uint8 HxWx3."""
@@ -16,10 +18,11 @@ def denormalize(img: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def overlay(rgb: np.ndarray, classes: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend class colours over an image; ignore (255) pixels keep the image."""
+    """Blend class colours over an image; pixels of the ignore label (labels.IGNORE) keep the image."""
     col = palette[classes].astype(np.float32)
     out = rgb.astype(np.float32) * (1 - alpha) + col * alpha
-    out[classes == 255] = rgb[classes == 255]
+    ignored = classes == IGNORE
+    out[ignored] = rgb[ignored]
     return out.round().astype(np.uint8)
 
 

@@ -1,4 +1,4 @@
-"""The models: the seed's U-Net (unet.py) and torchvision encoders with a U-Net decoder (encoders.py, one
+"""The models: the plain U-Net (unet.py) and torchvision encoders with a U-Net decoder (encoders.py, one
 `STAGES` entry per encoder), with the loss (losses.py), the optimizer and LR schedule (optim.py) and the
 weights folders they are saved in (weights.py). Imports only the leaves."""
 
@@ -12,7 +12,7 @@ from distseg.models.unet import UNet
 
 
 def encoder_names() -> list[str]:
-    """Every value model.encoder takes: the seed's U-Net, then each torchvision encoder (encoders.STAGES)."""
+    """Every value model.encoder takes: the plain U-Net, then each torchvision encoder (encoders.STAGES)."""
     return ["unet", *STAGES]
 
 
@@ -29,7 +29,7 @@ def build_model(cfg, num_classes: int) -> nn.Module:
     if m.encoder == "unet":
         if m.pretrained not in ("", "none"):
             raise UserError("model.pretrained needs a torchvision encoder (model.encoder=resnet50, ...); the "
-                            "seed's U-Net trains from scratch")
+                            "plain U-Net trains from scratch")
         return UNet(3, num_classes, m.base, m.depth, m.norm)
     return EncoderUNet(m.encoder, num_classes, m.pretrained, m.norm, m.base)
 

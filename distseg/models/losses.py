@@ -1,9 +1,9 @@
 """Losses as pixel *sums* plus their normaliser, so the trainer can divide by the global count across ranks
 and accumulation steps: the gradient then does not depend on how a global batch is split over processes.
 
-- CE (ignore 255), optionally class-weighted (weights from the train manifest's pixel histogram: ENet's
-  inverse log frequency or median frequency balancing); its normaliser is the summed weight of the
-  labelled pixels, as PyTorch's weighted mean.
+- CE (pixels of the ignore label, labels.IGNORE, left out), optionally class-weighted (weights from the
+  train manifest's pixel histogram: ENet's inverse log frequency or median frequency balancing); its
+  normaliser is the summed weight of the labelled pixels, as PyTorch's weighted mean.
 - OHEM CE (as mmsegmentation's OHEMPixelSampler): per micro-batch, keep the pixels whose true-class
   probability is below `thresh`, and at least `min_kept` per image; the normaliser is the kept count (their
   summed class weights when weighted), known only after the forward pass (the trainer divides the summed
@@ -28,7 +28,7 @@ def class_weights(man: dict, scheme: Scheme, method: str) -> torch.Tensor | None
     if man["scheme"]["name"] != scheme.name:  # labelid shards remapped at load time: count through the map
         counts = np.zeros(scheme.num_classes)
         for lid, n in enumerate(man["class_pixels"].values()):
-            c = int(scheme.lut[lid]) if lid < 256 else 255
+            c = int(scheme.lut[lid]) if lid < 256 else IGNORE
             if c < scheme.num_classes:
                 counts[c] += n
     freq = counts / max(counts.sum(), 1)
@@ -42,7 +42,7 @@ def class_weights(man: dict, scheme: Scheme, method: str) -> torch.Tensor | None
 
 
 def ce_sum(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy summed over labelled pixels (255 ignored), each weighted by its class weight."""
+    """Cross-entropy summed over labelled pixels (not the ignore label), each weighted by its class weight."""
     return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE, reduction="sum")
 
 
@@ -61,7 +61,7 @@ def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kep
 
 
 def bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits on a binary target (0/1, 255 ignored); one logit channel, or two (fg - bg)."""
+    """BCE-with-logits on a binary target (0/1, the ignore label left out); one logit, or two (fg - bg)."""
     valid = target != IGNORE
     z = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
     loss = F.binary_cross_entropy_with_logits(z.float(), (target == 1).float(), reduction="none")

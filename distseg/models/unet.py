@@ -1,4 +1,4 @@
-"""The seed's U-Net: DoubleConv encoder with max-pool, ConvTranspose2d decoder, concatenated skips,
+"""The plain U-Net: DoubleConv encoder with max-pool, ConvTranspose2d decoder, concatenated skips,
 1x1 head, raw logits. Width and depth are configurable; inputs of any size are padded to a multiple
 of 2**depth and the logits cropped back, so val images need not be resized."""
 
@@ -48,7 +48,7 @@ class DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """The seed's U-Net; see the module docstring."""
+    """The plain U-Net; see the module docstring."""
     def __init__(self, in_channels: int = 3, num_classes: int = 19, base: int = 64, depth: int = 4,
                  norm: str = "batch"):
         super().__init__()

@@ -139,16 +139,23 @@ def stage_record(s: RunSummary | None) -> dict:
             "best_epoch": s.best_epoch, "history": s.history, "steps": s.steps}
 
 
-def finished(plan: Plan, stage: Stage, extra: tuple[str, ...]) -> bool:
-    """The stage's run completed, with exactly the settings it would run with now."""
+def finished(plan: Plan, stage: Stage, extra: tuple[str, ...], log=print) -> bool:
+    """The stage's run completed, with the effective settings it would run with now. Its saved config.yaml
+    is loaded as any run's config is (a key added by a later version takes its default), so a new setting
+    does not make every finished stage look unfinished; a saved key this version does not know (removed or
+    renamed since) cannot be compared: the stage counts as not finished, and a line says why."""
     run = plan.run_dir(stage)
     summary = run.read_summary()
-    try:
-        saved = run.config.read_text()
-    except OSError:
+    if summary is None or not summary.finished or not run.config.is_file():
         return False
-    now = dump_config(load_config(config_path(stage), plan.stage_overrides(stage, extra)))
-    return summary is not None and summary.finished and saved == now
+    try:
+        saved = load_config(run.config)
+    except (UserError, OSError) as e:
+        log(f"stage {stage.name}: its saved settings do not load in this version ({e}): not counted as "
+            "finished")
+        return False
+    now = load_config(config_path(stage), plan.stage_overrides(stage, extra))
+    return dump_config(saved) == dump_config(now)
 
 
 def train_command(plan: Plan, stage: Stage, extra: tuple[str, ...], procs: int) -> list[str]:
@@ -167,7 +174,7 @@ def run_plan(path: str, extra: tuple[str, ...] = (), procs: int = 1, report: boo
     ensure_shards(plan, log)
     for k, stage in enumerate(plan.stages, 1):
         head = f"stage {k}/{len(plan.stages)} {stage.name}"
-        if finished(plan, stage, extra):
+        if finished(plan, stage, extra, log):
             log(f"{head}: finished earlier with the same settings, skipped")
             continue
         log(f"{head}: training in {plan.run_dir(stage).path}"

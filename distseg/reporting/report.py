@@ -7,7 +7,8 @@ script and favicon are inline) comparing runs:
   checkpoint's per-image IoU, with a checkpoint chooser: the predictions of up to `checkpoints` saved
   checkpoints are precomputed for `images` images, and the chooser shows one set at a time.
 
-Charts are drawn by matplotlib (SVG); predictions go through the one inference path (distseg/inference.py).
+Charts are drawn by matplotlib (SVG); predictions go through the one inference path
+(distseg/inference/segmenter.py).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from distseg.config import RUN_PRECISION
 from distseg.data.loader import make_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.segmenter import Segmenter, segment_images
+from distseg.labels import IGNORE
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import list_checkpoints, read_state
 from distseg.runs.run_dir import LoadedRun, RunDir, load_run
@@ -100,7 +103,7 @@ def thumb(arr: np.ndarray, fmt: str) -> str:
 
 def image_iou(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
     """Mean IoU of one image over the classes present in its ground truth or prediction (ignore left out)."""
-    keep = gt != 255
+    keep = gt != IGNORE
     ious = []
     for c in range(n):
         p, g = (pred == c) & keep, gt == c
@@ -113,8 +116,8 @@ def image_iou(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
 def errors_overlay(rgb: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """The image darkened, wrong pixels red, ignored ground truth grey."""
     out = (rgb * 0.35).astype(np.uint8)
-    out[(pred != gt) & (gt != 255)] = (230, 30, 30)
-    out[gt == 255] = (90, 90, 90)
+    out[(pred != gt) & (gt != IGNORE)] = (230, 30, 30)
+    out[gt == IGNORE] = (90, 90, 90)
     return out
 
 
@@ -286,7 +289,7 @@ def built_from(path: Path) -> str | None:
 
 
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
-                 precision: str = "no", weights: str = "auto", log=print) -> tuple[Path, bool]:
+                 precision: str = RUN_PRECISION, weights: str = "auto", log=print) -> tuple[Path, bool]:
     """Build the page for `run_dirs` and write it atomically to `out`, saying how far it got; returns its
     path and whether it was built (False: the page there was built from the same runs and options)."""
     dirs = [RunDir(Path(r)).require() for r in run_dirs]
