@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from distseg.errors import UserError
+from distseg.run_files import looks_like_run
 from distseg.runs.listing import describe_run
-from distseg.runs.run_dir import RunDir
 from distseg.shards.manifest import load_manifest
 
 
@@ -55,7 +55,7 @@ def inspect(path: str, split: str, verify: bool) -> None:
     if path.endswith((".tar", ".idx")):
         raise UserError(one_shard_hint(path))
     local = Path(path)
-    if "://" not in path and local.is_dir() and (RunDir(local).is_run() or (local / "checkpoints").is_dir()):
+    if "://" not in path and local.is_dir() and looks_like_run(local):
         click.echo(describe_run(local))
         return
     click.echo(manifest_text(load_manifest(path, split, verify=verify), verify))

@@ -21,6 +21,7 @@ import torch
 
 from distseg.config import DataCfg
 from distseg.errors import UserError, missing_extra
+from distseg.labels import IGNORE
 from distseg.shards.shard_reader import ShardFiles
 from distseg.shards.split import OpenSplit
 from distseg.units import parse_bytes
@@ -125,7 +126,7 @@ class DaliLoader:
             m = fn.decoders.image(mask, device="cpu", output_type=types.GRAY)
             if lut is not None:
                 keys = list(range(256))
-                m = fn.lookup_table(m, keys=keys, values=[int(v) for v in lut], default_value=255,
+                m = fn.lookup_table(m, keys=keys, values=[int(v) for v in lut], default_value=IGNORE,
                                     dtype=types.UINT8)
             if gpu:
                 m = m.gpu()
@@ -201,7 +202,7 @@ def augment(img, m, encoded, d, mean: list[float], std: list[float]):
         img = fn.crop(img, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
                       out_of_bounds_policy="pad", fill_values=mean)  # pads to 0 after normalising
         m = fn.crop(m, crop=list(d.crop), crop_pos_x=cx, crop_pos_y=cy,
-                    out_of_bounds_policy="pad", fill_values=255)
+                    out_of_bounds_policy="pad", fill_values=IGNORE)
     if d.color > 0:
         rng = [1 - d.color, 1 + d.color]
         img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),

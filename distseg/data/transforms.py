@@ -6,7 +6,7 @@ loader, CPU workers), `augment_tensor` (torch loader, nvJPEG on the GPU) and the
 |---|-----------|-------------------------------|-----------------------------------|-------------------|
 | 1 | rescale   | s ~ U(data.scale)             | x s, bilinear, antialiased        | x s, nearest      |
 | 2 | crop      | cy, cx ~ U(0, 1)              | data.crop at c * (scaled - crop)  | the same window   |
-| 3 | pad       | -                             | bottom and right, the mean colour | ignore (255)      |
+| 3 | pad       | -                             | bottom and right, the mean colour | labels.IGNORE     |
 | 4 | colour    | b, c, s ~ U(1 -+ data.color)  | brightness, contrast, saturation  | -                 |
 | 5 | flip      | p = 0.5 if data.flip          | horizontal                        | horizontal        |
 | 6 | normalise | -                             | (x / 255 - data.mean) / data.std  | int64             |

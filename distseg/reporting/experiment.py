@@ -30,6 +30,7 @@ from distseg.shards.manifest import manifest_location
 from distseg.urls import is_remote, local_path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"  # distseg/train.py
+TABLE_FILE = "summary.json"  # the experiment's own: its compared stages, beside their run folders
 REPO = TRAIN_SCRIPT.parents[1]
 
 
@@ -215,7 +216,7 @@ def compare(plan: Plan, report: bool = True, log=print) -> dict:
     summary = {"plan": plan.name, "stages": {n: stage_record(s) for n, s in stages.items()},
                "compare": plan.compare, "table": table}
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan.output_dir / "summary.json", summary)
+    atomic_write_json(plan.output_dir / TABLE_FILE, summary)
     if report:
         from distseg.reporting.report import write_report
 

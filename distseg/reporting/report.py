@@ -29,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from distseg import run_files as files
 from distseg.config import RUN_PRECISION
 from distseg.data.loader import make_loader
 from distseg.errors import UserError
@@ -76,7 +77,7 @@ def scalars(run: RunDir) -> dict[str, list[tuple[int, float]]]:
 
 def choose_checkpoints(run: RunDir, most: int) -> list[tuple[str, Path]]:
     """best, then saved checkpoints spread evenly from the newest back: at most `most` in all."""
-    out = [("best", run.best)] if run.best.is_dir() else []
+    out = [(files.BEST, run.best)] if run.best.is_dir() else []
     saved = list_checkpoints(run.checkpoints)
     room = max(0, most - len(out))
     if saved and room:
@@ -161,7 +162,7 @@ def report_run(run: RunDir, images: int, checkpoints: int, precision: str,
         for (key, rgb, gt), pred in zip(shown, preds):
             p = pred.cpu().numpy().astype(np.uint8)
             shots[key] = (thumb(pal[p], "PNG"), thumb(errors_overlay(rgb, p, gt), "PNG"))
-            if label == "best" or not per_image.get(key):
+            if label == files.BEST or not per_image.get(key):
                 per_image.setdefault(key, image_iou(p, gt, scheme.num_classes))
         ckpts.append((label, shots))
     gallery = [(key, thumb(rgb, "JPEG"), thumb(pal[gt], "PNG"), per_image[key]) for key, rgb, gt in shown]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distseg import __version__
+from distseg import __version__, run_files
 from distseg.errors import UserError
 from distseg.files import sha256_file
 from distseg.labels import IGNORE, Scheme
@@ -41,7 +41,7 @@ def _missing_hint(loc: str, split: str) -> str:
     state = path.with_suffix(".state.json")
     if state.exists():
         return f" (an unfinished run left {state.name}: rerun `distseg shard` to finish)"
-    if (path.parent / "config.yaml").is_file() or (path.parent / "checkpoints").is_dir():
+    if run_files.looks_like_run(path.parent):
         return (f": {path.parent} is a training run folder, not a shard folder (its shards are the "
                 "config.yaml's data.shards)")
     return f" (run `distseg shard --split {split} --out {path.parent}`)"
