@@ -243,14 +243,3 @@ class CheckpointWriter:
             self.phase, self.snap, self.thread, self.error = 0, None, None, None
         self.acc.wait_for_everyone()
         return final
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, state: RunState, keep_last: int,
-                    rank_files: dict | None = None, ema_state: dict | None = None) -> Path:
-    """Collective: a checkpoint written and complete before it returns (every rank must call it at the same
-    step). `rank_files` ({name: str or bytes}) are written by each rank with its index appended (e.g. a DALI
-    reader position); `ema_state`, the weight average, also goes to ema.safetensors for evaluate, predict
-    and export."""
-    writer = CheckpointWriter(accelerator, ckpt_dir, keep_last)
-    writer.begin(state, rank_files, ema_state)
-    return writer.wait()
