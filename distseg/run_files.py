@@ -27,7 +27,7 @@ BEST = "best"
 SUMMARY = "summary.json"
 TENSORBOARD = "tb"
 TRAINER_STATE = "trainer_state.json"
-CHECKSUMS = "checksums.sha256"
+CHECKSUMS = "checksums.sha256"  # every other file of a checkpoint, `sha256sum` format
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 META = "meta.json"
@@ -42,9 +42,19 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def staging_name(name: str) -> str:
+    """The hidden name a folder (a checkpoint, best/) is written under until it is complete."""
+    return f".{name}.tmp"
+
+
+def replaced_name(name: str) -> str:
+    """The hidden name a folder is moved to while its replacement is renamed into place."""
+    return f".{name}.old"
+
+
 def partial_checkpoint_name(step: int) -> str:
     """The hidden name a checkpoint is written under until it is complete."""
-    return f".{checkpoint_name(step)}.tmp"
+    return staging_name(checkpoint_name(step))
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distseg.config import load_config
-from distseg.data.batch import Batch, Loader, batch_problems, masked_targets
+from distseg.data.batch import Batch, Loader, PositionedLoader, batch_problems, masked_targets
 from distseg.data.loader import make_loader
 from distseg.labels import IGNORE, get_scheme
 
@@ -55,10 +55,10 @@ def test_the_loaders_meet_the_protocol():
     from distseg.data.dali_loader import DaliLoader
     from distseg.data.torch_loader import TorchLoader
 
-    wanted = {n for n in vars(Loader) if not n.startswith("_")} - {"man"} | {"__len__", "__iter__"}
-    own_position = {"state_dict", "load_state_dict"}
-    assert own_position < wanted
-    assert all(hasattr(DaliLoader, n) for n in wanted)
+    wanted = {n for n in vars(Loader) if not n.startswith("_")} - {"split"} | {"__len__", "__iter__"}
+    own_position = {n for n in vars(PositionedLoader) if not n.startswith("_")}
+    assert own_position == {"state_dict", "load_state_dict"} and not own_position & wanted
+    assert all(hasattr(DaliLoader, n) for n in wanted | own_position)
     assert all(hasattr(TorchLoader, n) for n in wanted - own_position)
     assert not any(hasattr(TorchLoader, n) for n in own_position), "the torch loader's position is RunState's"
     assert TorchLoader.keeps_position is False and DaliLoader.keeps_position is True

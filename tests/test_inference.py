@@ -133,6 +133,10 @@ def test_a_runs_segmenter_runs_in_its_training_precision_unless_told():
     model = torch.nn.Conv2d(3, 2, 1)
     assert [Segmenter.from_config(model, cfg, "cpu", p).dtype for p in (None, "run", "no", "fp16")] == \
         [torch.bfloat16, torch.bfloat16, None, torch.float16]
+    from distseg.config import PRECISIONS
+    from distseg.inference.segmenter import AUTOCAST_DTYPES
+
+    assert set(AUTOCAST_DTYPES) == set(PRECISIONS), "every precision choice has its dtype"
 
 
 def test_confusion_matrix_scores():

@@ -35,6 +35,10 @@ MARKERS = ("# needs GPUs", "# needs a Slurm cluster", "# needs an S3 endpoint", 
 NAMED_PATH = re.compile(r"(?<![\w./-])((?:distseg|tools|configs|docs|slurm|tests)/[^\s`'\"()\[\]]*)")
 # what stands for any name: <split>, NNNNNN, *, …, ..., {a,b}, $VAR / ${VAR}
 PLACEHOLDER = re.compile(r"<[^>]*>|N{2,}|\*+|…|\.\.\.|\{[^}]*\}|\$\{?\w+\}?")
+# a module named from inside the package, by its room: runs/summary.py, training/step_flags.StepFlags
+ROOMS = "data|shards|models|inference|runs|training|flows|reporting|bench|commands"
+FILE_TYPES = "yaml|json|html|md|tar|png|txt|sh"  # runs/x.json is a file of a run, not a module
+ROOM_MODULE = re.compile(rf"(?<![\w./-])((?:{ROOMS})/\w+)(?:\.py\b|\.(?!(?:{FILE_TYPES})\b)[A-Za-z_])")
 
 
 def readme_commands() -> list[str]:
@@ -60,11 +64,15 @@ def tinier(cmd: str) -> list[str]:
 
 
 def named_paths(text: str) -> set[str]:
-    """The repository paths a text names, as written less trailing punctuation and a `:function` tail."""
+    """The repository paths a text names, as written less trailing punctuation and a `:function` tail;
+    a room-relative module (`runs/summary.RunSummary`) as its file under distseg/."""
     out = set()
     for m in NAMED_PATH.finditer(text):
         path = re.sub(r"[.,;:!?]+$", "", m.group(1))
         out.add(re.sub(r":[\w.:]+$", "", path))
+    for m in ROOM_MODULE.finditer(text):
+        module = ROOT / "distseg" / m.group(1)
+        out.add(f"distseg/{m.group(1)}" + ("" if module.is_dir() else ".py"))
     return out
 
 
@@ -104,6 +112,8 @@ def test_missing_paths_finds_a_missing_file_and_reads_placeholders():
             "configs/<name>.yaml, slurm/*.sh, distseg/data/… and (tests/test_zzz_<room>.py)")
     assert missing_paths(text) == ["distseg/nowhere.py", "tests/test_zzz_<room>.py"]
     assert named_paths("https://example.org/distseg/x.py and ../shared/tools/y.sh") == set()
+    rooms = "runs/summary.RunSummary, training/nowhere.py, shards/cityscapes, runs/x/config.yaml, runs/a.json"
+    assert missing_paths(rooms) == ["distseg/training/nowhere.py"]
 
 
 def test_every_named_path_exists():

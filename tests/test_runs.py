@@ -15,13 +15,14 @@ from distseg.runs.run_dir import RunDir
 
 
 def test_keep_last_prunes_only_this_runs_checkpoints(tmp_path):
-    from distseg.runs.checkpoint import STATE_FILE, RunState, list_checkpoints, prune
+    from distseg.run_files import TRAINER_STATE
+    from distseg.runs.checkpoint import RunState, list_checkpoints, prune
 
     ck = tmp_path / "checkpoints"
     for step, rid in [(1, "old"), (2, "old"), (3, "new"), (4, "new"), (5, "new")]:
         d = ck / f"step-{step:08d}"
         d.mkdir(parents=True)
-        (d / STATE_FILE).write_text(RunState(run_id=rid, step=step).to_json())
+        (d / TRAINER_STATE).write_text(RunState(run_id=rid, step=step).to_json())
     prune(ck, "new", keep_last=2)
     assert [c.name for c in list_checkpoints(ck)] == ["step-00000001", "step-00000002", "step-00000004",
                                                       "step-00000005"]

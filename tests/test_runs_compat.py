@@ -23,6 +23,11 @@ def test_summaries_of_every_version_read_through_one_type(tmp_path):
     assert (seed.best_score, seed.best_score_name, seed.finished, seed.version) == (0.61, "mIoU", True, 1)
     assert seed.outcome == "finished" and seed.history == [] and seed.extra == {}
 
+    no_finished = {k: v for k, v in json.loads((OLD / "summaries" / "v1-21a2006.json").read_text()).items()
+                   if k not in ("finished", "interrupted")}  # as written on 2026-11-26
+    assert RunSummary.from_dict(no_finished).finished
+    assert not RunSummary.from_dict({**no_finished, "preempted": True}).finished
+
     v1 = RunSummary.read(OLD / "summaries" / "v1-21a2006.json")
     assert v1.version == 1 and v1.finished and v1.steps == 3 and v1.best_score_name == "mIoU"
     assert v1.timing["images"] > 0 and len(v1.segments) == 1 and v1.git_commit.startswith("21a2006")

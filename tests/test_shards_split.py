@@ -26,6 +26,8 @@ def test_labelid_shards_are_remapped_to_the_masks_of_the_schemes_own_shards(synt
     assert own.lut is None and own.split == "val" and own.manifest["total"] == labelid.manifest["total"]
     assert np.array_equal(labelid.lut, trainid.lut)
     assert all(torch.equal(a, b) for a, b in zip(masks(own, data), masks(labelid, data), strict=True))
+    # the loss weights' histogram: labelid counts summed through the table equal the trainid shards' own
+    assert own.class_pixels().sum() > 0 and np.array_equal(own.class_pixels(), labelid.class_pixels())
 
 
 def test_shards_of_another_scheme_are_refused_in_one_line(shards, person_shards):

@@ -7,13 +7,17 @@ import errno
 import math
 import os
 import signal
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from distseg.config import load_config
 from distseg.labels import IGNORE, get_scheme
 from distseg.models import build_model
+from distseg.models.losses import ohem_mask
 from distseg.runs import checkpoint_writer
 from distseg.runs.checkpoint import NotWritten, RunState, list_checkpoints, read_state
 from distseg.runs.checkpoint_writer import CheckpointWriter, accelerate_state
@@ -21,7 +25,7 @@ from distseg.runs.run_dir import RunDir
 from distseg.runs.run_lock import Holder, RunLocked, acquire
 from distseg.training.loop import Diverged, checkpoint, settle, train_one_epoch, train_step
 from distseg.training.run import Run
-from distseg.training.step_flags import HOST, OneStepLate, StepFlags
+from distseg.training.step_flags import DEVICE, HOST, OneStepLate, StepFlags
 from distseg.training.stopping import StopFlag
 
 H, W, CLASSES = 16, 16, 19
@@ -34,7 +38,8 @@ class ListLoader:
     keeps_position = False
 
     def __init__(self, batches):
-        self.batches, self.man, self.skip = batches, {}, 0
+        self.batches, self.skip = batches, 0
+        self.split = SimpleNamespace(class_pixels=lambda: np.ones(CLASSES))  # what the loss weights read
 
     @property
     def num_samples(self):
@@ -70,7 +75,19 @@ def signals():
 
 
 @pytest.fixture
-def make_run(tmp_path, signals):
+def fresh_accelerate():
+    """Accelerate keeps one state per process: a fresh one for this test's Accelerator(cpu=True), and none
+    left for the next test (on a GPU host an in-process evaluate would otherwise meet a CPU state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def make_run(tmp_path, signals, fresh_accelerate):
     from accelerate import Accelerator
 
     def make(batches, **settings):
@@ -92,30 +109,71 @@ def make_run(tmp_path, signals):
     return make
 
 
+def reference_step(run, group, ohem=None):
+    """The group's summed pixel loss over its labelled (OHEM: kept) pixels, on a copy of the model: its
+    gradient is what one training step must apply. Returns (copy with .grad, weights before, loss, count)."""
+    before = {k: v.clone() for k, v in run.acc.unwrap_model(run.model).state_dict().items()}
+    ref = build_model(run.cfg, CLASSES)
+    ref.load_state_dict(before)
+    total, count = 0.0, 0
+    for b in group:
+        target = torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], IGNORE))
+        logits = ref(b["image"])
+        if ohem is not None:
+            target = torch.where(ohem_mask(logits, target, *ohem), target, torch.full_like(target, IGNORE))
+        total = total + torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE,
+                                                           reduction="sum")
+        count += int((target != IGNORE).sum())
+    (total / count).backward()
+    return ref, before, total.item(), count
+
+
+def assert_stepped(run, ref, before):
+    model = run.acc.unwrap_model(run.model)
+    for name, p in ref.named_parameters():
+        want = before[name] - run.cfg.optim.lr * p.grad
+        assert torch.allclose(model.state_dict()[name], want, atol=1e-6), name
+
+
 def test_train_step_normalises_by_the_labelled_pixels_of_the_whole_group(make_run):
     """Two micro-batches with different labelled pixels, one padded sample: one step equals the gradient
     of the group's summed pixel loss over its labelled pixels (not a mean of per-micro-batch means)."""
     group = [batch(1, ignore_rows=12, corrupt=[True, False]), batch(2, valid=[True, False])]
     run = make_run(group, **{"train.grad_accum": 2})
-    model = run.acc.unwrap_model(run.model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = build_model(run.cfg, CLASSES)
-    ref.load_state_dict(before)
-    total, labelled = 0.0, 0
-    for b in group:
-        target = torch.where(b["valid"].view(-1, 1, 1), b["mask"], torch.full_like(b["mask"], IGNORE))
-        total = total + torch.nn.functional.cross_entropy(ref(b["image"]), target, ignore_index=IGNORE,
-                                                           reduction="sum")
-        labelled += int((target != IGNORE).sum())
-    (total / labelled).backward()
-
+    ref, before, total, labelled = reference_step(run, group)
     flags = StepFlags.read(train_step(run, group))
     assert flags.norm == labelled == 2 * 4 * W + 1 * H * W
-    assert flags.loss_sum == pytest.approx(total.item(), rel=1e-5)
+    assert flags.loss_sum == pytest.approx(total, rel=1e-5)
     assert (flags.images, flags.corrupt, flags.nonfinite, flags.stop) == (3, 1, 0, 0)
-    for name, p in ref.named_parameters():
-        want = before[name] - run.cfg.optim.lr * p.grad
-        assert torch.allclose(model.state_dict()[name], want, atol=1e-6), name
+    assert_stepped(run, ref, before)
+
+
+def test_train_step_with_ohem_divides_by_the_kept_pixels_of_the_whole_group(make_run):
+    """OHEM's kept pixels are known only after each forward: the summed gradients are divided by the
+    group's kept count afterwards, giving the same step as the group's loss over its kept pixels."""
+    group = [batch(12, ignore_rows=6), batch(13)]
+    run = make_run(group, **{"train.grad_accum": 2, "loss.ohem": "true", "loss.ohem_min_kept": 20})
+    ohem = (run.cfg.loss.ohem_thresh, run.cfg.loss.ohem_min_kept)
+    ref, before, total, kept = reference_step(run, group, ohem)
+    flags = StepFlags.read(train_step(run, group))
+    assert flags.norm == kept < 2 * 2 * H * W
+    assert_stepped(run, ref, before)
+
+
+def test_a_new_slot_reads_back_wherever_it_stands():
+    """A sum or flag added to StepFlags (here after the host flags) packs and reads by name."""
+    @dataclass(frozen=True)
+    class Extended(StepFlags):
+        crops_retried: float = field(default=0.0, metadata={"kind": DEVICE, "doc": "a new per-step sum"})
+        disk_low: float = field(default=0.0, metadata={"kind": HOST, "doc": "a new stop reason"})
+
+    host = dict.fromkeys(Extended.names(HOST), 0.0) | {"disk_low": 1.0, "ckpt_busy": 1.0}
+    sums = Extended.sums("cpu", loss_sum=torch.tensor(2.0), norm=torch.tensor(4.0), images=torch.tensor(2),
+                         corrupt=torch.tensor(1), crops_retried=torch.tensor(7))
+    f = Extended.read(Extended.pack(sums, **host))
+    assert (f.loss_sum, f.norm, f.images, f.corrupt, f.crops_retried, f.nonfinite) == (2, 4, 2, 1, 7, 0)
+    assert (f.disk_low, f.ckpt_busy, f.stop) == (1, 1, 0)
+    assert float(Extended.view(Extended.pack(sums, **host)).norm) == 4
 
 
 def test_step_flags_are_one_vector_read_one_step_late():

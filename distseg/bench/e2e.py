@@ -48,7 +48,10 @@ def run_training(config: str | None, overrides: list[str], procs: int, folder: P
     if p.returncode:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise UserError(f"the benchmarked training failed (exit status {p.returncode}): {last}")
-    return RunDir(folder / "e2e").read_summary()
+    summary = RunDir(folder / "e2e").read_summary()
+    if summary is None:
+        raise UserError(f"the benchmarked training wrote no readable summary in {folder / 'e2e'}")
+    return summary
 
 
 def model_only_val(cfg, device, images: int = 4) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from distseg.bench.common import device_name, measure, table
-from distseg.config import Config
+from distseg.config import Config, inference_precision
 from distseg.errors import UserError
 from distseg.inference.segmenter import InferenceSpec, Segmenter, window_starts
 from distseg.labels import get_scheme
@@ -55,7 +55,8 @@ def bench_eval(cfg: Config, modes: list[str], size: tuple[int, int], images: int
         rows.append([mode, spec.describe(), n / m["wall"], len(calls) / rounds, m["peak_mb"]])
     slides = any(m.startswith("slide") for m in modes)
     head = (f"inference, U-Net base {cfg.model.base} depth {cfg.model.depth}, {w}x{h} input, batch {batch}"
-            f"{slide_note(size, crop, stride, cfg.eval.batch) if slides else ''}, precision {precision}, "
+            f"{slide_note(size, crop, stride, cfg.eval.batch) if slides else ''}, "
+            f"precision {inference_precision(precision, cfg)}, "
             f"{device_name()}; peak memory above the model's: "
             f"{'GPU allocated' if device.type == 'cuda' else 'process RSS'}; sizes WIDTHxHEIGHT")
     return head + "\n\n" + table(["mode", "inference", "img/s", "forward passes per batch", "peak MB"], rows)

@@ -8,6 +8,7 @@ from typing import Iterator, Protocol, TypedDict
 import torch
 
 from distseg.labels import IGNORE
+from distseg.shards.split import OpenSplit
 
 
 class Batch(TypedDict):
@@ -54,11 +55,11 @@ class Loader(Protocol):
     Where the position lives decides how a run resumes. The torch loader keeps none of its own
     (`keeps_position = False`): its order is a pure function of (seed, epoch, layout), so the checkpointed
     `RunState.batch_in_epoch` is all it needs, and a resume on another process count converts that
-    position through the samples consumed. DALI's reader has state of its own (`keeps_position = True`):
-    `state_dict()` is saved per rank in each checkpoint and `load_state_dict` restores it, in the same
-    layout only (distseg/training/resume.py)."""
+    position through the samples consumed. DALI's reader has state of its own (`keeps_position = True`, a
+    `PositionedLoader`), saved per rank in each checkpoint and restored in the same layout only
+    (distseg/training/resume.py)."""
 
-    man: object  # the split's manifest (class pixel counts for the loss weights)
+    split: OpenSplit  # the split it reads (its manifest, scheme, class pixels)
     keeps_position: bool
 
     @property
@@ -74,8 +75,12 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[Batch]:
         """The epoch's batches of this process, on its device."""
 
+
+class PositionedLoader(Loader, Protocol):
+    """A loader whose position is its own (`keeps_position = True`: DALI's reader)."""
+
     def state_dict(self) -> bytes:
-        """The loader's own position (only where `keeps_position`)."""
+        """The position and random state, to save in a checkpoint (per rank)."""
 
     def load_state_dict(self, state: bytes) -> None:
-        """Restore `state_dict()` (only where `keeps_position`)."""
+        """Continue from a `state_dict()`."""

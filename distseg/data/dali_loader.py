@@ -67,7 +67,7 @@ class DaliLoader:
             raise UserError(f"{man['_path']}: data.loader=dali decodes JPEG and PNG members; these shards "
                             "hold zstd arrays (distseg shard --lossless zstd): use data.loader=torch, or "
                             "re-shard with --lossless png")
-        self.data, self.seed, self.train, self.man = d, seed, train, man
+        self.data, self.seed, self.train, self.split, self.man = d, seed, train, split, man
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
         self.world, self.rank = world, rank

@@ -180,7 +180,7 @@ class TorchLoader:
     def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device: torch.device, world: int,
                  rank: int, channels_last: bool = False):
         self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
-        self.man = split.manifest
+        self.split, self.man = split, split.manifest
         self.samples = split.samples(d)
         self.files = self.samples.files
         want = d.decode

@@ -75,6 +75,10 @@ def classes_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1)
 
 
+# config.PRECISIONS as autocast dtypes (None: float32, no autocast)
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Segmenter:
     """A model with its preprocessing, precision and inference spec: images in, logits or classes out."""
 
@@ -82,7 +86,7 @@ class Segmenter:
                  channels_last: bool = False):
         self.model, self.spec, self.mean, self.std = model, spec, mean, std
         self.device = torch.device(device)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.dtype = AUTOCAST_DTYPES[precision]
         self.channels_last = channels_last and self.device.type == "cuda"
 
     @classmethod

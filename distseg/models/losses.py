@@ -17,20 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distseg.labels import IGNORE, Scheme
+from distseg.labels import IGNORE
 
 
-def class_weights(man: dict, scheme: Scheme, method: str) -> torch.Tensor | None:
-    """Per-class CE weights from the manifest's class pixel counts (classes never seen get the largest)."""
+def class_weights(counts: np.ndarray, method: str) -> torch.Tensor | None:
+    """Per-class CE weights from the train split's labelled pixels per class (shards/split.OpenSplit
+    .class_pixels); classes never seen get the largest."""
     if method == "none":
         return None
-    counts = np.array([man["class_pixels"].get(n, 0) for n in scheme.class_names], np.float64)
-    if man["scheme"]["name"] != scheme.name:  # labelid shards remapped at load time: count through the map
-        counts = np.zeros(scheme.num_classes)
-        for lid, n in enumerate(man["class_pixels"].values()):
-            c = int(scheme.lut[lid]) if lid < 256 else IGNORE
-            if c < scheme.num_classes:
-                counts[c] += n
+    counts = np.asarray(counts, np.float64)
     freq = counts / max(counts.sum(), 1)
     if method == "inv_log":  # ENet: 1 / ln(1.02 + p)
         w = 1.0 / np.log(1.02 + freq)
@@ -134,9 +129,10 @@ class SegLoss:
         return total / count.clamp(min=1e-12) + self.mean_terms(logits, target)
 
 
-def build_loss(cfg, scheme: Scheme, man: dict, device) -> SegLoss:
-    """The loss the config describes (class weights from the train manifest `man`)."""
+def build_loss(cfg, class_pixels: np.ndarray | None, device) -> SegLoss:
+    """The loss the config describes (class weights from the train split's `class_pixels`; None where no
+    split is read, e.g. a benchmark on synthetic batches: then the weights are uniform)."""
     lo = cfg.loss
-    weight = class_weights(man, scheme, lo.class_weights) if lo.ce else None
+    weight = class_weights(class_pixels, lo.class_weights) if lo.ce and class_pixels is not None else None
     return SegLoss(lo.ce, lo.dice, lo.bce, weight.to(device) if weight is not None else None,
                    (lo.ohem_thresh, lo.ohem_min_kept) if lo.ohem else None)

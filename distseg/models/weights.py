@@ -22,7 +22,7 @@ from distseg.errors import UserError
 def save_weights(state_dict: dict, out_dir: Path, meta: dict, ema_state: dict | None = None) -> None:
     """Model weights alone (for evaluate/predict/fine-tune), and their EMA when training keeps one, replaced
     atomically."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    tmp = out_dir.with_name(files.staging_name(out_dir.name))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -34,7 +34,7 @@ def save_weights(state_dict: dict, out_dir: Path, meta: dict, ema_state: dict | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out_dir.with_name(f".{out_dir.name}.old")
+    old = out_dir.with_name(files.replaced_name(out_dir.name))
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
@@ -59,7 +59,7 @@ def weights_file(folder: Path, which: str = "auto") -> Path:
     for name in (files.WEIGHTS, "pytorch_model.bin", "model.pt"):  # and other tools' names
         if (folder / name).is_file():
             return folder / name
-    raise UserError(f"no model weights (model.safetensors) in {folder}")
+    raise UserError(f"no model weights ({files.WEIGHTS}) in {folder}")
 
 
 def load_weights(path: str | os.PathLike, which: str = "auto") -> dict[str, torch.Tensor]:

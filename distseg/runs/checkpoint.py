@@ -22,8 +22,6 @@ from distseg import run_files as files
 from distseg.errors import UserError, write_reason
 from distseg.files import sha256_file
 
-STATE_FILE = files.TRAINER_STATE
-SUMS_FILE = files.CHECKSUMS  # every other file of the checkpoint, `sha256sum` format
 STATE_VERSION = 1
 
 
@@ -89,7 +87,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if files.checkpoint_step(p.name) is not None
-             and (p / STATE_FILE).is_file()]
+             and (p / files.TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: files.checkpoint_step(p.name))
 
 
@@ -102,7 +100,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def read_state(ckpt: Path) -> RunState:
     """The RunState of a checkpoint folder, or one clear error."""
     try:
-        return RunState.from_json((ckpt / STATE_FILE).read_text())
+        return RunState.from_json((ckpt / files.TRAINER_STATE).read_text())
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{ckpt} is not a complete distseg checkpoint: {e}") from None
 
@@ -146,13 +144,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_checksums(folder: Path) -> None:
-    """fsync every file of a checkpoint being written and record its sha256 in SUMS_FILE."""
+    """fsync every file of a checkpoint being written and record its sha256 in files.CHECKSUMS."""
     lines = []
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name not in (STATE_FILE, SUMS_FILE)):
+    written_last = (files.TRAINER_STATE, files.CHECKSUMS)
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name not in written_last):
         with open(p, "rb") as f:
             os.fsync(f.fileno())
         lines.append(f"{sha256_file(p)}  {p.relative_to(folder)}\n")
-    with open(folder / SUMS_FILE, "w") as f:
+    with open(folder / files.CHECKSUMS, "w") as f:
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
@@ -165,7 +164,7 @@ def damage(ckpt: Path) -> str | None:
         read_state(ckpt)
     except UserError as e:
         return str(e)
-    sums = ckpt / SUMS_FILE
+    sums = ckpt / files.CHECKSUMS
     if not sums.is_file():
         return None  # written before checksums existed: as complete as its state file says
     for line in sums.read_text().splitlines():

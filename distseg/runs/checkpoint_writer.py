@@ -2,9 +2,9 @@
 written on a thread in Accelerate's `save_state` layout (so `load_state` restores them), then checked,
 fsynced and renamed by rank 0 (distseg/runs/checkpoint.py holds the layout and the run state).
 
-Written by hand because Accelerate's save_state writes in the caller's thread. Every use of Accelerate's
-private names is in `accelerate_state` and `write_accelerate_files`; tests/test_runs.py fails loudly if one
-of them moves.
+Written by hand because Accelerate's save_state writes in the caller's thread. Accelerate's private
+attributes are read in `accelerate_state` alone, its file writers called in `write_accelerate_files` alone;
+tests/test_training_loop.py fails loudly if either moves.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from distseg import run_files as files
 from distseg.errors import write_reason
 from distseg.models.weights import write_safetensors
 from distseg.runs.checkpoint import (
-    STATE_FILE,
     NotWritten,
     RunState,
     all_ranks_wrote,
@@ -37,9 +36,10 @@ from distseg.runs.checkpoint import (
 
 def accelerate_state(acc) -> dict:
     """What Accelerate's save_state would write for this process, read through its private attributes
-    (`_models`, `_optimizers`, `_custom_objects`, `scaler`, `step`), checked against accelerate 1.0 to
-    1.15: models' state dicts (as prepared, not unwrapped), optimizers', the grad scaler's or None, the
-    objects registered for checkpointing (the EMA) and the step. Live tensors: copy them (`to_host`)."""
+    (`_models`, `_optimizers`, `_custom_objects`, `scaler`, `step`), checked against accelerate 1.15.0 (the
+    version tools/constraints.txt pins; pyproject.toml allows >= 1.0): models' state dicts (as prepared,
+    not unwrapped), optimizers', the grad scaler's or None, the objects registered for checkpointing (the
+    EMA) and the step. Live tensors: copy them (`to_host`)."""
     return {"models": [acc.get_state_dict(m, unwrap=False) for m in acc._models],
             "optimizers": [o.state_dict() for o in acc._optimizers],
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -47,8 +47,9 @@ def accelerate_state(acc) -> dict:
 
 
 def write_accelerate_files(folder: Path, state: dict, rng: dict, rank: int) -> None:
-    """This rank's files of `accelerate_state` + `rng_states` in `folder`, as save_state lays them out
-    (accelerate.checkpointing's writers, public in that module though not in the package's API)."""
+    """This rank's files of `accelerate_state` + `rng_states` in `folder`, as save_state lays them out:
+    accelerate.checkpointing's writers (public in that module, not in the package's API), checked against
+    accelerate 1.15.0; the test writes a checkpoint with them and restores it with load_state."""
     from accelerate.checkpointing import save_accelerator_state, save_custom_state
 
     scaler = Frozen(state["scaler"]) if state["scaler"] is not None else None
@@ -180,7 +181,7 @@ class CheckpointWriter:
         if snap.ema is not None:
             write_safetensors(snap.ema, snap.tmp / files.EMA_WEIGHTS)
         write_checksums(snap.tmp)
-        with open(snap.tmp / STATE_FILE, "w") as f:
+        with open(snap.tmp / files.TRAINER_STATE, "w") as f:
             f.write(snap.state_json)
             f.flush()
             os.fsync(f.fileno())

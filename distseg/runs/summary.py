@@ -1,10 +1,10 @@
 """A run's record, `summary.json`: written by the training loop at the end of every process that trained,
 read by `distseg inspect`, the report, the experiment table and `bench e2e` — all through `RunSummary`.
 
-Versions: 2 (this one) names its version; 1 (no `version` key, 2026-11-27 onward) has the same fields;
-the first one (the seed's: `best_miou`, no `finished`) reads as a version 1 with the mIoU as its score and
-`finished` = not preempted (its runs ended at their last step or preempted). Keys a newer version adds are
-kept in `extra` and written back unchanged, so an older reader never loses them.
+Versions: 2 (this one) names its version; 1 (no `version` key) has the same fields, or fewer in its
+earliest form: the seed's (`best_miou`) reads with the mIoU as its score, and one without `finished`
+reads as finished unless preempted or interrupted (those runs ended at their last step otherwise). Keys
+a newer version adds are kept in `extra` and written back unchanged, so an older reader never loses them.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ class RunSummary:
     version: int = SUMMARY_VERSION
     extra: dict = field(default_factory=dict)  # keys of a newer version, kept as they were
 
+    def with_provenance(self, provenance: dict) -> RunSummary:
+        """Itself with runs/run_dir.provenance's fields (a key this type does not name goes to `extra`)."""
+        return RunSummary.from_dict({**self.to_dict(), **provenance})
+
     @property
     def outcome(self) -> str:
         """finished, preempted, interrupted or stopped early."""
@@ -69,7 +73,8 @@ class RunSummary:
         data = dict(data)
         if "best_score" not in data and "best_miou" in data:  # the seed's
             data["best_score"], data["best_score_name"] = data.pop("best_miou"), "mIoU"
-            data.setdefault("finished", not data.get("preempted", False))
+        if "finished" not in data:  # written before it was recorded: such runs ended at their last step
+            data["finished"] = not data.get("preempted", False) and not data.get("interrupted", False)
         data.setdefault("version", 1)
         known = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in known},

@@ -146,12 +146,6 @@ class ShardFiles:
             return None
         return Prefetcher(self, order, ahead)
 
-    @property
-    def downloaded_bytes(self) -> int:
-        """Bytes this process downloaded into the cache."""
-        return self.cache.downloaded if self.cache else 0
-
-
 class Prefetcher:
     """Downloads the shards of one epoch in read order on a thread, never more than `ahead` shards beyond
     the position the reader reported (`advance`), so a size-limited cache is not filled with shards that

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distseg.config import DataCfg
-from distseg.labels import Scheme
+from distseg.labels import IGNORE, Scheme
 from distseg.shards.manifest import check_scheme, load_manifest
 from distseg.shards.shard_reader import ShardFiles, ShardSamples
 
@@ -27,6 +27,19 @@ class OpenSplit:
     def split(self) -> str:
         """The split the shards were made from, as their manifest names it."""
         return self.manifest["split"]
+
+    def class_pixels(self) -> np.ndarray:
+        """Labelled pixels per class of the scheme (float64), from the manifest's histogram in the shards'
+        own label space: labelid counts are summed through the table the masks are read through."""
+        hist = self.manifest["class_pixels"]
+        if self.lut is None:
+            return np.array([hist.get(n, 0) for n in self.scheme.class_names], np.float64)
+        counts = np.zeros(self.scheme.num_classes)
+        for label_id, n in enumerate(hist.values()):
+            c = int(self.lut[label_id]) if label_id < len(self.lut) else IGNORE
+            if c < self.scheme.num_classes:
+                counts[c] += n
+        return counts
 
     def samples(self, data: DataCfg, log=print) -> ShardSamples:
         """The split's samples by index, through the shard files the `data` settings give (cache, retries,

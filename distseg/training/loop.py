@@ -32,7 +32,7 @@ from distseg.runs.run_lock import Lease, RunLocked
 from distseg.runs.summary import RunSummary
 from distseg.training.run import Run
 from distseg.training.setup import FinishedEarlier, setup, take_lease
-from distseg.training.step_flags import StepFlags
+from distseg.training.step_flags import StepFlags, host_values
 from distseg.training.step_log import duration
 
 
@@ -40,14 +40,6 @@ class Diverged(UserError):
     """The loss became NaN or infinite: training stops on every rank (exit status 3)."""
 
     collective = True
-
-
-def host_flags(run: Run) -> dict[str, float]:
-    """This rank's stop reasons at this step (StepFlags' host slots)."""
-    busy, failed = run.writer.flags()
-    return {"stop": run.stop.set, "ctrl_c": run.stop.interrupted,
-            "lease_lost": run.lease is not None and run.lease.lost_to is not None,
-            "events_failed": run.tb.failure is not None, "ckpt_busy": busy, "ckpt_failed": failed}
 
 
 def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
@@ -75,9 +67,9 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
             acc.backward(pix * scale + loss_fn.mean_terms(logits, mask) / len(group))
         sums = sums + StepFlags.sums(acc.device, loss_sum=pix, norm=count, images=b["valid"].sum(),
                                      corrupt=b["corrupt"].sum())
-    flags = StepFlags.reduce(StepFlags.pack(sums, **host_flags(run)), acc)
+    flags = StepFlags.reduce(StepFlags.pack(sums, **host_values(run)), acc)
     if after:  # gradients are linear in the loss: divide them by the kept pixels of all ranks and steps
-        kept = flags[StepFlags.index("norm")].clamp(min=1e-12)
+        kept = StepFlags.view(flags).norm.clamp(min=1e-12)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(kept)
@@ -298,7 +290,7 @@ def run_summary(run: Run, timing: dict) -> RunSummary:
         final_iou={scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {}, seconds=seconds,
         img_per_s=images / max(seconds, 1e-9), processes=run.acc.num_processes, preempted=proc.preempted,
         interrupted=proc.interrupted, finished=not proc.preempted and st.step >= run.max_steps,
-        history=st.history, segments=st.segments, timing=timing, **run.provenance)
+        history=st.history, segments=st.segments, timing=timing).with_provenance(run.provenance)
 
 
 def finish(run: Run) -> RunSummary:

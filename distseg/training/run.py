@@ -6,6 +6,10 @@
 - `Run.process`: what this process has seen and nobody checkpoints (`ProcessState`): the last scores, stop
   requests, corrupt samples of the epoch, the flags held a step late.
 
+The objects inside `Run` keep their own internal state (the checkpoint writer its write in flight, the clock
+and the logger their timings, the stop flag its signals, the lease its heartbeat's finding); none of them is
+replaced during a run.
+
 `Run.assemble` builds one from its parts; `setup` (distseg/training/setup.py) calls it after reading and
 validating the inputs, and the loop's in-process tests call it with tiny parts.
 """
@@ -87,7 +91,7 @@ class Run:
         """A run from its prepared parts (model and optimizer through `acc.prepare`): the loss, validation's
         Segmenter, TensorBoard (a resumed run's later points replace those a killed process logged past its
         checkpoint), the step logger, the checkpoint writer and the stop flag (signal handlers) are made
-        here; `state` gets this process's segment and layout."""
+        here; `state` gets this process's segment and layout (so: once per process)."""
         scheme, run_dir = get_scheme(cfg.data.scheme), RunDir.of(cfg)
         clock = clock or RunClock(acc.device.type == "cuda", acc.num_processes)
         open_segment(state, clock, acc.num_processes)
@@ -99,8 +103,9 @@ class Run:
         log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, epochs, cfg.name,
                          acc.is_main_process, cfg.train.progress, clock.gpu)
         segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
-        return cls(cfg, acc, run_dir, scheme, model, optimizer,
-                   build_loss(cfg, scheme, train_loader.man, acc.device), train_loader, val_loader, segmenter,
-                   max_steps, log, tb, stop or StopFlag(),
-                   CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock, state, ema=ema,
-                   lease=lease, provenance=provenance or {})
+        return cls(cfg=cfg, acc=acc, dir=run_dir, scheme=scheme, model=model, optimizer=optimizer,
+                   loss_fn=build_loss(cfg, train_loader.split.class_pixels(), acc.device),
+                   train_loader=train_loader, val_loader=val_loader, segmenter=segmenter, max_steps=max_steps,
+                   log=log, tb=tb, stop=stop or StopFlag(),
+                   writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,
+                   state=state, ema=ema, lease=lease, provenance=provenance or {})

@@ -6,8 +6,9 @@ read the previous step's numbers, which are ready by then, so no step waits for 
 checkpoint, validation or the end, the held flags are read at once (`OneStepLate.take`). Every rank reads
 the same reduced numbers, so every rank stops, raises or checkpoints alike.
 
-A new per-step sum or stop reason is one field of `StepFlags`: its position in the vector comes from the
-field order, its origin (computed on the device from the batch, or set by the host) from its `kind`.
+A new per-step sum or stop reason is a field of `StepFlags` (its place in the vector follows from the
+field order, wherever it stands; its origin from its `kind`) and, for a host flag, its source in
+`host_values`; what a stop reason does is `settle`'s (distseg/training/loop.py).
 """
 
 from __future__ import annotations
@@ -46,26 +47,31 @@ class StepFlags:
         return [f.name for f in fields(cls) if f.metadata["kind"] == kind]
 
     @classmethod
+    def summed(cls) -> list[str]:
+        """The device slots a micro-batch adds to (all but `nonfinite`, which `pack` derives)."""
+        return [n for n in cls.names(DEVICE) if n != "nonfinite"]
+
+    @classmethod
     def sums(cls, device, **values: torch.Tensor) -> torch.Tensor:
-        """The device sums of one micro-batch, as a vector to add up over the step (every sum but
-        `nonfinite`, which `pack` derives from the total loss)."""
-        names = [n for n in cls.names(DEVICE) if n != "nonfinite"]
-        if set(values) != set(names):
-            raise TypeError(f"StepFlags.sums needs exactly {names}, got {sorted(values)}")
-        return torch.stack([values[n].detach().float().to(device).reshape(()) for n in names])
+        """The device sums of one micro-batch, in `summed()` order, to add up over the step."""
+        if set(values) != set(cls.summed()):
+            raise TypeError(f"StepFlags.sums needs exactly {cls.summed()}, got {sorted(values)}")
+        return torch.stack([values[n].detach().float().to(device).reshape(()) for n in cls.summed()])
 
     @classmethod
     def pack(cls, sums: torch.Tensor, **host: float) -> torch.Tensor:
-        """The whole vector of this rank: the step's summed `sums`, whether its loss is finite, and the host
-        flags, copied to the device without waiting for it (from pinned memory on CUDA: a pageable copy
-        would wait for the queued steps)."""
+        """The whole vector of this rank in field order: the step's summed `sums`, whether its loss is
+        finite, and the host flags, copied to the device without waiting for it (from pinned memory on
+        CUDA: a pageable copy would wait for the queued steps)."""
         if set(host) != set(cls.names(HOST)):
             raise TypeError(f"StepFlags.pack needs exactly {cls.names(HOST)}, got {sorted(host)}")
-        nonfinite = (~torch.isfinite(sums[:1])).float()
+        slots = dict(zip(cls.summed(), sums.split(1)))
+        slots["nonfinite"] = (~torch.isfinite(slots["loss_sum"])).float()
         flags = torch.tensor([float(host[n]) for n in cls.names(HOST)])
         if sums.device.type == "cuda":
             flags = flags.pin_memory().to(sums.device, non_blocking=True)
-        return torch.cat([sums, nonfinite, flags.to(sums.device)])
+        slots.update(zip(cls.names(HOST), flags.to(sums.device).split(1)))
+        return torch.cat([slots[f.name] for f in fields(cls)])
 
     @staticmethod
     def reduce(vector: torch.Tensor, acc) -> torch.Tensor:
@@ -78,9 +84,18 @@ class StepFlags:
         return cls(*vector.tolist())
 
     @classmethod
-    def index(cls, name: str) -> int:
-        """A slot's position in the vector, for reading one on the device (OHEM's normaliser)."""
-        return [f.name for f in fields(cls)].index(name)
+    def view(cls, vector: torch.Tensor) -> StepFlags:
+        """The slots as 0-d tensors on the device, without waiting for them (OHEM's normaliser)."""
+        return cls(*vector.unbind())
+
+
+def host_values(run) -> dict[str, float]:
+    """This rank's host slots at this step, from their sources: the stop flag, the lease (its heartbeat
+    thread notices a takeover), TensorBoard's writer and the checkpoint writer."""
+    busy, failed = run.writer.flags()
+    return {"stop": run.stop.set, "ctrl_c": run.stop.interrupted,
+            "lease_lost": run.lease is not None and run.lease.lost_to is not None,
+            "events_failed": run.tb.failure is not None, "ckpt_busy": busy, "ckpt_failed": failed}
 
 
 @dataclass(frozen=True)
