@@ -18,6 +18,15 @@ With repeat 1 the key is the epoch.
   reads only its share of the shards; within a part, samples are shuffled inside windows of `window`
   consecutive shards. A node-local cache then needs room for a window, not for the dataset.
 
+With data.streams (`StreamSampler`, under `global`), the samples of several splits share one index space
+(stream s holds [offset_s, offset_s + n_s)) and an epoch has a fixed size E, each stream its share q_s of it
+(largest-remainder rounding: the shares sum to E). Each stream is drawn without replacement pass after pass:
+its endless sequence is pass 0's permutation, then pass 1's, ..., and epoch e takes items [e q_s, (e+1) q_s)
+of it, so a small stream repeats within an epoch (each pass its own permutation and augmentation key: the
+pass number) and a large one is sub-sampled, continuing next epoch where it stopped. The streams' items are
+then interleaved in one permutation of the epoch and cut into global batches as `global` does, which keeps
+its guarantees: equal batches per rank, each stream's pass exactly once, any split over processes.
+
 The order of an epoch is a numpy array (8 bytes per sample and pass); batches are made when asked for, so
 no Python object exists per sample of the dataset.
 """
@@ -112,7 +121,10 @@ class EpochBatchSampler(_EpochSampler):
         return np.concatenate(perms), np.repeat(keys, self.n)
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        order, keys = self.order()
+        return self.cut(*self.order())
+
+    def cut(self, order: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's global order cut into global batches of world x batch, padded; this rank's slices."""
         total, g = len(self) * self.b * self.world, self.b * self.world
         pad = total - len(order)  # the tail: repeats of the epoch's first samples, invalid
         order = np.concatenate([order, order[np.arange(pad) % len(order)]])
@@ -120,6 +132,62 @@ class EpochBatchSampler(_EpochSampler):
         valid = np.arange(total) < total - pad
         mine = (np.arange(total) % g) // self.b == self.rank  # rank r: slots [r*b, (r+1)*b) of each group
         return order[mine], keys[mine], valid[mine]
+
+
+class StreamSampler(EpochBatchSampler):
+    """data.streams under data.shuffle=global; see the module docstring. `sizes` are the streams' sample
+    counts, `shares` their samples per epoch (summing to the epoch's size)."""
+
+    def __init__(self, sizes: list[int], shares: list[int], batch_size: int, world: int = 1, rank: int = 0,
+                 seed: int = 0):
+        if min(sizes) < 1:
+            raise ValueError("empty stream")
+        super().__init__(sum(shares), batch_size, world, rank, shuffle=True, seed=seed)
+        self.sizes, self.shares = np.asarray(sizes, np.int64), np.asarray(shares, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    def stream_pass(self, s: int, p: int) -> np.ndarray:
+        """Stream s's permutation in its pass p (indexes in the shared space)."""
+        rng = np.random.default_rng([self.seed, 0x5354, s, p])
+        return rng.permutation(int(self.sizes[s])) + self.offsets[s]
+
+    def drawn(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's items of every stream, stream after stream: (index, augmentation key = its pass)."""
+        idx, keys = [], []
+        for s, (n, q) in enumerate(zip(self.sizes.tolist(), self.shares.tolist())):
+            start = epoch * q
+            for p in range(start // n, (start + q - 1) // n + 1 if q else start // n):
+                lo, hi = max(start, p * n) - p * n, min(start + q, (p + 1) * n) - p * n
+                idx.append(self.stream_pass(s, p)[lo:hi])
+                keys.append(np.full(hi - lo, p, np.int64))
+        return np.concatenate(idx), np.concatenate(keys)
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's items interleaved in one permutation of the epoch."""
+        idx, keys = self.drawn(self.epoch)
+        mix = np.random.default_rng([self.seed, 0x4D49, self.epoch]).permutation(len(idx))
+        return idx[mix], keys[mix]
+
+    def stream_of(self, index: np.ndarray) -> np.ndarray:
+        """The stream each index of the shared space belongs to."""
+        return np.searchsorted(self.offsets, index, side="right") - 1
+
+    def seen(self, epochs: int, batches: int) -> list[int]:
+        """Samples of each stream trained on after `epochs` whole epochs and `batches` batches (of each
+        process) into the next one, padding excluded."""
+        done = self.shares * epochs
+        if batches:
+            order, _ = self._order_of(epochs)
+            taken = order[:min(batches * self.b * self.world, len(order))]
+            done = done + np.bincount(self.stream_of(taken), minlength=len(self.sizes))
+        return done.tolist()
+
+    def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        current, self.epoch = self.epoch, epoch
+        try:
+            return self.order()
+        finally:
+            self.epoch = current
 
 
 class ShardWindowSampler(_EpochSampler):
