@@ -41,7 +41,7 @@ def test_each_epoch_gives_every_stream_its_share_exactly_once_per_pass(sizes, sh
             assert len(members) == len(set(members)), f"stream {s} repeats a sample within pass {k}"
             full = [p for p in by_pass if p < max(by_pass)]
             if k in full:
-                assert sorted(members) == list(range(offsets[s], offsets[s] + n)), "a whole pass is every sample"
+                assert sorted(members) == list(range(offsets[s], offsets[s] + n)), "a whole pass: each once"
 
 
 def test_a_small_stream_repeats_with_its_own_keys_and_a_large_one_continues():
@@ -53,7 +53,8 @@ def test_a_small_stream_repeats_with_its_own_keys_and_a_large_one_continues():
     assert sorted(set(keys[small].tolist())) == [0, 1, 2]
     large = [sorted(s.drawn(e)[0][s.drawn(e)[0] >= 3].tolist()) for e in range(10)]
     assert sorted(sum(large, [])) == list(range(3, 53)), "ten epochs of 5 are one pass over 50"
-    passes = [[i for e in range(10 * p, 10 * p + 10) for i in s.drawn(e)[0].tolist() if i >= 3] for p in (0, 1)]
+    passes = [[i for e in range(10 * p, 10 * p + 10) for i in s.drawn(e)[0].tolist() if i >= 3]
+              for p in (0, 1)]
     assert sorted(passes[1]) == sorted(passes[0]) and passes[1] != passes[0], "each pass its own order"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, TypedDict
 
+import numpy as np
 import torch
 
 from distseg.labels import IGNORE
@@ -59,7 +60,8 @@ class Loader(Protocol):
     `PositionedLoader`), saved per rank in each checkpoint and restored in the same layout only
     (distseg/training/resume.py)."""
 
-    split: OpenSplit  # the split it reads (its manifest, scheme, class pixels)
+    split: OpenSplit  # the split it reads (with data.streams: the first stream's)
+    shares: list[int] | None  # data.streams: each stream's samples per epoch; None without
     keeps_position: bool
 
     @property
@@ -74,6 +76,13 @@ class Loader(Protocol):
 
     def __iter__(self) -> Iterator[Batch]:
         """The epoch's batches of this process, on its device."""
+
+    def stream_images(self, epochs: int, batches: int) -> list[int] | None:
+        """data.streams: each stream's samples trained on at that position (None without streams)."""
+
+    def class_pixels(self) -> np.ndarray:
+        """Labelled pixels per class of what it trains on, for the loss weights (data.streams: weighted
+        by the streams' shares of an epoch)."""
 
 
 class PositionedLoader(Loader, Protocol):

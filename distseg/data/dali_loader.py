@@ -56,6 +56,7 @@ class DaliLoader:
     """DALI pipeline + iterator: a `batch.Loader` whose reader keeps its own position, yielding `Batch`es."""
 
     keeps_position = True
+    shares = None  # data.streams is the torch loader's
 
     def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device, world: int, rank: int):
         man = split.manifest
@@ -143,6 +144,14 @@ class DaliLoader:
     def num_samples(self) -> int:
         """Samples in the split (padding excluded)."""
         return self.n
+
+    def stream_images(self, epochs: int, batches: int) -> None:
+        """data.streams is the torch loader's."""
+        return None
+
+    def class_pixels(self) -> np.ndarray:
+        """Labelled pixels per class of the split, for the loss weights."""
+        return self.split.class_pixels()
 
     @property
     def per_pass(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from distseg.data.streams import epoch_shares, open_streams
 from distseg.labels import Scheme
 from distseg.shards.split import open_split
 
@@ -14,7 +15,15 @@ def build_loader(cfg, split: str, accelerator, scheme: Scheme, train: bool):
 
 def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", world: int = 1, rank: int = 0):
     """The configured loader for an explicit device, world size and rank. Loaders (and their workers) get the
-    `data` settings and the seed, not the whole config."""
+    `data` settings and the seed, not the whole config. With data.streams, training reads the streams
+    (data/streams.py); validation reads data.shards as always."""
+    if train and cfg.data.streams:
+        from distseg.data.torch_loader import TorchLoader
+
+        splits = open_streams(cfg.data, scheme)
+        shares = epoch_shares(cfg.data, [sp.manifest["total"] for sp in splits])
+        return TorchLoader(cfg.data, cfg.train.seed, splits, train, device, world, rank,
+                           cfg.model.channels_last, shares)
     opened = open_split(cfg.data.shards, split, scheme)
     if cfg.data.loader == "dali":
         from distseg.data.dali_loader import DaliLoader

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.batch import Batch
-from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler
+from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler, StreamSampler
+from distseg.data.streams import Sources
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import usable_workers, worker_init
-from distseg.shards.shard_reader import ShardSamples, decode_mask, decode_rgb
+from distseg.shards.shard_reader import decode_mask, decode_rgb
 from distseg.shards.split import OpenSplit
 
 
@@ -32,10 +33,8 @@ class ShardDataset(Dataset):
     """Item (index, epoch, valid) -> uint8 image and mask of the (augmented) sample, or, for GPU decode, the
     JPEG bytes and the mask."""
 
-    def __init__(self, samples: ShardSamples, data: DataCfg, seed: int, train: bool, lut: np.ndarray | None,
-                 gpu_decode: bool):
+    def __init__(self, samples: Sources, data: DataCfg, seed: int, train: bool, gpu_decode: bool):
         self.s, self.data, self.seed, self.train, self.gpu_decode = samples, data, seed, train, gpu_decode
-        self.lut = lut.astype(np.uint8) if lut is not None else None
 
     def __len__(self) -> int:
         return len(self.s)
@@ -54,7 +53,7 @@ class ShardDataset(Dataset):
             return {"error": UserError(f"cannot read sample {i} of shard {self.s.shard_name(i)}: "
                                        f"{describe_os_error(e)}")}
         try:
-            mask = decode_mask(mask_bytes, self.lut)
+            mask = decode_mask(mask_bytes, self.s.lut(i))
             if self.gpu_decode:
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
                 return out
@@ -177,27 +176,32 @@ class TorchLoader:
 
     keeps_position = False
 
-    def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device: torch.device, world: int,
-                 rank: int, channels_last: bool = False):
+    def __init__(self, d: DataCfg, seed: int, split: OpenSplit | list[OpenSplit], train: bool,
+                 device: torch.device, world: int, rank: int, channels_last: bool = False,
+                 shares: list[int] | None = None):
+        """`split`, or with data.streams the streams' splits and their `shares` of an epoch."""
         self.data, self.seed, self.train, self.device = d, seed, train, torch.device(device)
-        self.split, self.man = split, split.manifest
-        self.samples = split.samples(d)
-        self.files = self.samples.files
+        splits = split if isinstance(split, list) else [split]
+        self.split, self.man, self.shares = splits[0], splits[0].manifest, shares
+        self.samples = Sources(splits, d)
+        self.files = self.samples.single.files if self.samples.single is not None else None
         want = d.decode
-        self.gpu_decode = (self.device.type == "cuda" and self.man["image_ext"] == "jpg"
-                           and want in ("gpu", "auto"))
+        self.gpu_decode = (self.device.type == "cuda" and want in ("gpu", "auto")
+                           and all(sp.manifest["image_ext"] == "jpg" for sp in splits))
         self.channels_last = self.device.type == "cuda" and channels_last
         if want == "gpu" and not self.gpu_decode:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = d.batch_size if train else d.val_batch_size
         repeat = d.repeat if train else 1
-        if train and d.shuffle == "shards":
+        if shares is not None:
+            self.sampler = StreamSampler(self.samples.sizes(), shares, bs, world, rank, seed)
+        elif train and d.shuffle == "shards":
             self.sampler = ShardWindowSampler([sh["count"] for sh in self.man["shards"]], bs, world, rank,
                                               seed, d.shuffle_window, repeat)
         else:
             self.sampler = EpochBatchSampler(len(self.samples), bs, world, rank, shuffle=train,
                                              seed=seed, repeat=repeat)
-        ds = ShardDataset(self.samples, d, seed, train, split.lut, self.gpu_decode)
+        ds = ShardDataset(self.samples, d, seed, train, self.gpu_decode)
         nw = usable_workers(d.num_workers, "data.num_workers")
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)
@@ -211,8 +215,17 @@ class TorchLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples in the split (padding excluded)."""
+        """Samples in the split (padding excluded); with streams, in all of them."""
         return len(self.samples)
+
+    def stream_images(self, epochs: int, batches: int) -> list[int] | None:
+        """With data.streams: each stream's samples trained on after `epochs` epochs and `batches` batches
+        of the next (all processes; a pure function of the position)."""
+        return self.sampler.seen(epochs, batches) if self.shares is not None else None
+
+    def class_pixels(self) -> np.ndarray:
+        """Labelled pixels per class for the loss weights (with streams, weighted by their shares)."""
+        return self.samples.class_pixels(self.shares)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch and how many of its batches this rank already consumed."""
@@ -225,7 +238,7 @@ class TorchLoader:
         """This rank's shards in first-read order for the rest of the epoch, and for each remaining batch
         how many of them it has reached."""
         idx = self.sampler.rows()[0][self.sampler.skip * self.sampler.b:]
-        shards = self.samples.index.shard[idx]
+        shards = self.samples.single.index.shard[idx]
         order, first = np.unique(shards, return_index=True)
         by_first = np.argsort(first)
         new_at = np.zeros(len(shards), np.int64)
@@ -250,7 +263,7 @@ class TorchLoader:
     def __iter__(self):
         it, epoch, skip = self._iterator(), self.sampler.epoch, self.sampler.skip
         prefetch, reached = None, []
-        if self.files.cache is not None:
+        if self.files is not None and self.files.cache is not None:
             order, reached = self._shard_schedule()
             prefetch = self.files.prefetcher(order, self.data.prefetch_shards)
         try:

@@ -32,9 +32,10 @@ class RunState:
     Fields: `step` optimizer steps done; `epoch` epochs completed (the epoch in progress is epoch + 1,
     1-based); `batch_in_epoch` micro-batches of that epoch each process has consumed (0 at an epoch end);
     `samples` training samples seen, padding excluded; `world`, `batch_size`, `grad_accum`, `shuffle` and
-    `repeat` (data.repeat: passes per epoch) the layout that wrote it; `best_score`, `best_step`,
-    `best_epoch` the best validation score so far (mIoU, or the foreground IoU of a binary scheme; -1 before
-    any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel accuracy, category IoU);
+    `repeat` (data.repeat: passes per epoch) the layout that wrote it; `streams` one {"shards", "split",
+    "weight", "samples"} per stream of data.streams (samples: its share of an epoch), empty without;
+    `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the foreground IoU
+    of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel accuracy, category IoU);
     `history` one {"epoch", "step", "score"} per validation; `segments` one {"start", "end", "first_step",
     "last_step", "steps", "images", "seconds", "processes"} per process start that trained (the last one up
     to this checkpoint); `run_id` drawn at a fresh start and kept by every resume (pruning touches only this
@@ -56,6 +57,7 @@ class RunState:
     history: list = field(default_factory=list)
     shuffle: str = "global"
     repeat: int = 1
+    streams: list = field(default_factory=list)
     best_scores: dict = field(default_factory=dict)
     segments: list = field(default_factory=list)
     version: int = STATE_VERSION

@@ -42,6 +42,7 @@ class RunSummary:
     history: list = field(default_factory=list)  # one {"epoch", "step", "score"} per validation
     segments: list = field(default_factory=list)  # one per process that trained (runs/checkpoint.RunState)
     timing: dict = field(default_factory=dict)  # training/timing.RunClock.summary()
+    streams: list = field(default_factory=list)  # data.streams: {shards, split, weight, samples, images}
     distseg_version: str | None = None
     git_commit: str | None = None
     config_sha256: str | None = None

@@ -213,7 +213,7 @@ def validate(run: Run) -> None:
     st.history.append({"epoch": st.epoch, "step": st.step, "score": None if math.isnan(score) else score})
     also = "" if name == "mIoU" else f", mIoU {percent(scores['miou'], unit='%')}"
     run.log.print(f"epoch {st.epoch} step {st.step}: val {name} {percent(score, unit='%')}{also}, pixel acc "
-                  f"{percent(scores['pixel_acc'], unit='%')} ({scores['pixels']} px)")
+                  f"{percent(scores['pixel_acc'], unit='%')} ({scores['pixels']} px){streams_seen(run)}")
     if score > st.best_score:
         st.best_score, st.best_step, st.best_epoch = score, st.step, st.epoch
         st.best_scores = {"iou": {scheme.class_names[c]: v for c, v in scores["iou"].items()},
@@ -221,6 +221,19 @@ def validate(run: Run) -> None:
                           "pixels": scores["pixels"], "category_iou": category_iou(cm, scheme)}
         save_best(run, name, score, scores)
     run.acc.wait_for_everyone()
+
+
+def stream_images(run: Run) -> list[int]:
+    """Images trained on per stream of data.streams so far, all processes and segments (empty without)."""
+    st = run.state
+    return run.train_loader.stream_images(st.epoch, st.batch_in_epoch) if st.streams else []
+
+
+def streams_seen(run: Run) -> str:
+    """`; images seen per stream: fine/train 2975, coarse/train_extra 992` (empty without streams)."""
+    seen = stream_images(run)
+    named = [f"{rec['split']} of {rec['shards']} {n}" for rec, n in zip(run.state.streams, seen)]
+    return f"; images seen per stream: {', '.join(named)}" if named else ""
 
 
 def save_best(run: Run, name: str, score: float, scores: dict) -> None:
@@ -290,7 +303,9 @@ def run_summary(run: Run, timing: dict) -> RunSummary:
         final_iou={scheme.class_names[c]: v for c, v in s["iou"].items()} if s else {}, seconds=seconds,
         img_per_s=images / max(seconds, 1e-9), processes=run.acc.num_processes, preempted=proc.preempted,
         interrupted=proc.interrupted, finished=not proc.preempted and st.step >= run.max_steps,
-        history=st.history, segments=st.segments, timing=timing).with_provenance(run.provenance)
+        history=st.history, segments=st.segments, timing=timing,
+        streams=[{**rec, "images": n} for rec, n in zip(st.streams, stream_images(run))],
+    ).with_provenance(run.provenance)
 
 
 def finish(run: Run) -> RunSummary:

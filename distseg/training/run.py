@@ -24,6 +24,7 @@ import torch
 
 from distseg.config import Config
 from distseg.data.batch import Loader
+from distseg.data.streams import stream_record
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models.losses import SegLoss, build_loss
@@ -98,13 +99,14 @@ class Run:
         state.world, state.batch_size = acc.num_processes, cfg.data.batch_size
         state.grad_accum = cfg.train.grad_accum
         state.shuffle, state.repeat = cfg.data.shuffle, cfg.data.repeat
+        state.streams = stream_record(cfg.data, train_loader.shares) if cfg.data.streams else []
         epochs = math.ceil(max_steps / math.ceil(len(train_loader) / cfg.train.grad_accum))
         tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resumed else None)
         log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, epochs, cfg.name,
                          acc.is_main_process, cfg.train.progress, clock.gpu)
         segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
         return cls(cfg=cfg, acc=acc, dir=run_dir, scheme=scheme, model=model, optimizer=optimizer,
-                   loss_fn=build_loss(cfg, train_loader.split.class_pixels(), acc.device),
+                   loss_fn=build_loss(cfg, train_loader.class_pixels(), acc.device),
                    train_loader=train_loader, val_loader=val_loader, segmenter=segmenter, max_steps=max_steps,
                    log=log, tb=tb, stop=stop or StopFlag(),
                    writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,

@@ -55,7 +55,7 @@ def read_inputs(cfg: Config, acc, scheme: Scheme):
         resume_from = choose_resume(cfg, acc.print)
         state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
         if resume_from is not None:
-            check_layout(cfg, acc.num_processes, resume_from, state, acc.print)
+            check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares)
     except UserError as e:
         e.collective = True
         raise

@@ -1,0 +1,101 @@
+"""Several opened splits read as one (data.streams): one index space, stream s holding the samples
+[offset_s, offset_s + n_s), each with its own label table. A single split is the case of one stream, read
+exactly as before (the same indexes, the same reads). The order of an epoch over them is the sampler's
+(data/sampler.StreamSampler)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distseg.config import DataCfg, default_epoch_samples, stream_shares
+from distseg.errors import UserError
+from distseg.labels import Scheme
+from distseg.shards.split import OpenSplit, open_split
+from distseg.urls import redact
+
+
+class Sources:
+    """The samples of one or more opened splits by index in the shared space."""
+
+    def __init__(self, splits: list[OpenSplit], data: DataCfg):
+        self.splits = splits
+        self.samples = [sp.samples(data) for sp in splits]
+        self.luts = [sp.lut.astype(np.uint8) if sp.lut is not None else None for sp in splits]
+        self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.samples])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def sizes(self) -> list[int]:
+        """Samples of each stream."""
+        return [len(s) for s in self.samples]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(stream, index within it) of a shared index."""
+        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return s, i - int(self.offsets[s])
+
+    def key(self, i: int) -> str:
+        """The sample's key."""
+        s, j = self.locate(i)
+        return self.samples[s].key(j)
+
+    def shard_name(self, i: int) -> str:
+        """The shard holding it."""
+        s, j = self.locate(i)
+        return self.samples[s].shard_name(j)
+
+    def read(self, i: int, member: str) -> bytes:
+        """One member of the sample (image, mask, json)."""
+        s, j = self.locate(i)
+        return self.samples[s].read(j, member)
+
+    def lut(self, i: int) -> np.ndarray | None:
+        """The label table its mask is read through (None: already in the scheme's classes)."""
+        return self.luts[self.locate(i)[0]]
+
+    @property
+    def single(self):
+        """The one stream's ShardSamples (its index and files drive prefetching), None with several."""
+        return self.samples[0] if len(self.samples) == 1 else None
+
+    def class_pixels(self, shares: list[int] | None = None) -> np.ndarray:
+        """Labelled pixels per class of the scheme, for the loss weights: with shares, each stream's
+        histogram weighted by the fraction of it an epoch draws (its expected pixels per epoch)."""
+        counts = [sp.class_pixels() for sp in self.splits]
+        if shares is None:
+            return counts[0] if len(counts) == 1 else np.sum(counts, axis=0)
+        return np.sum([c * q / n for c, q, n in zip(counts, shares, self.sizes())], axis=0)
+
+
+def epoch_shares(data: DataCfg, sizes: list[int]) -> list[int]:
+    """Each stream's samples per epoch: data.epoch_samples (default: one pass over the first stream at its
+    share, x data.repeat) split by the weights with largest-remainder rounding, so they sum exactly."""
+    weights = [st.weight for st in data.streams]
+    total = data.epoch_samples or default_epoch_samples(sizes[0], weights, data.repeat)
+    return stream_shares(weights, total)
+
+
+def open_streams(data: DataCfg, scheme: Scheme) -> list[OpenSplit]:
+    """Every stream's split, opened for the run's scheme: a stream whose shards cannot give the scheme's
+    classes (another scheme; labelid shards are remapped) is refused naming the stream."""
+    if data.loader == "dali":
+        raise UserError("data.streams reads through the torch loader: set data.loader=torch (DALI streams "
+                        "are not supported yet)")
+    if data.shuffle == "shards":
+        raise UserError("data.streams mixes streams in one global permutation: set data.shuffle=global "
+                        "(shard-window streams are not supported yet)")
+    splits = []
+    for k, st in enumerate(data.streams):
+        try:
+            splits.append(open_split(st.shards, st.split, scheme))
+        except UserError as e:
+            raise UserError(f"data.streams[{k}] ({redact(st.shards)}, {st.split}): {e}") from None
+    return splits
+
+
+def stream_record(data: DataCfg, shares: list[int]) -> list[dict]:
+    """What the run state keeps of the streams (a resume must have the same): location, split, weight,
+    samples per epoch."""
+    return [{"shards": redact(st.shards), "split": st.split, "weight": st.weight, "samples": q}
+            for st, q in zip(data.streams, shares)]
