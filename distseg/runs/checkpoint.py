@@ -35,7 +35,8 @@ class RunState:
     `repeat` (data.repeat: passes per epoch) the layout that wrote it; `streams` one {"shards", "split",
     "weight", "samples"} per stream of data.streams (samples: its share of an epoch), empty without;
     `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the foreground IoU
-    of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel accuracy, category IoU);
+    of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel
+    accuracy, category IoU);
     `history` one {"epoch", "step", "score"} per validation; `segments` one {"start", "end", "first_step",
     "last_step", "steps", "images", "seconds", "processes"} per process start that trained (the last one up
     to this checkpoint); `run_id` drawn at a fresh start and kept by every resume (pruning touches only this
