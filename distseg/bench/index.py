@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from distseg.bench.common import table
-from distseg.data.sampler import EpochBatchSampler
+from distseg.data.sampler import EpochBatchSampler, StreamSampler
 from distseg.shards.sample_index import identity, node_folder, read_index_file, sample_index
 
 PER_SHARD = 100
@@ -125,6 +125,36 @@ def sampler_epoch(n: int, world: int = 64, batch: int = 8) -> tuple[float, float
     return time.perf_counter() - t, sum(a.nbytes for a in rows) / 2**20
 
 
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _plan_in_child(conn, n: int, streams: bool) -> None:
+    before = _vm_kib("VmRSS")
+    t = time.perf_counter()
+    if streams:  # two streams, 3:1, the first one pass per epoch
+        first = n * 3 // 4
+        StreamSampler([first, n - first], [first, n - first], 8, 64, 63).order()
+    else:
+        EpochBatchSampler(n, 8, 64, 63, shuffle=True).order()
+    conn.send((time.perf_counter() - t, (_vm_kib("VmHWM") - before) / 1024))
+
+
+def plan_epoch(n: int, streams: bool) -> tuple[float, float]:
+    """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples, in a forked
+    child so that its peak resident memory (VmHWM) is this planning's alone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_plan_in_child, args=(child, n, streams))
+    proc.start()
+    out = parent.recv()
+    proc.join()
+    return out
+
+
 def dali_memory(man: dict) -> float | str:
     """MiB this process gains when a DALI webdataset reader over the same .idx files is built and yields a
     batch (its own index of every sample), or why it was not measured."""
@@ -160,6 +190,7 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
         per_sample = size / samples
         growth, first = workers_epoch(index, workers)
         order_s, order_mib = sampler_epoch(samples)
+        plans = [plan_epoch(samples, streams) for streams in (False, True)]
         dali_mib = dali_memory(man) if dali else "skipped (--no-dali)"
     rows = [["index file on disk", f"{per_sample:.1f} B/sample ({per_sample - 20:.1f} + a 20-byte key)"],
             ["open + 10^4 random lookups, cold (built from the .idx files)", f"{cold:.3f} s"],
@@ -172,6 +203,9 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
              f"{max(first):.2f} s"],
             ["one rank's epoch order among 64 ranks (global shuffle, batch 8)",
              f"{order_s:.3f} s, {order_mib:.2f} MiB of arrays"],
+            *[[f"planning an epoch's global order, {what}",
+               f"{t:.3f} s, peak {mib:.1f} MiB ({mib * 2**20 / samples:.1f} B/sample)"]
+              for what, (t, mib) in zip(("one split", "two streams 3:1 (data.streams)"), plans)],
             ["DALI webdataset reader over the same .idx files: its own memory",
              dali_mib if isinstance(dali_mib, str) else f"{dali_mib:.1f} MiB"]]
     head = (f"sample index: {samples:,} fake samples in {len(man['shards']):,} shards of {PER_SHARD} "

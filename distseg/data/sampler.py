@@ -147,26 +147,37 @@ class StreamSampler(EpochBatchSampler):
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     def stream_pass(self, s: int, p: int) -> np.ndarray:
-        """Stream s's permutation in its pass p (indexes in the shared space)."""
+        """Stream s's permutation in its pass p (indexes within the stream, int32)."""
         rng = np.random.default_rng([self.seed, 0x5354, s, p])
-        return rng.permutation(int(self.sizes[s])) + self.offsets[s]
+        return rng.permutation(np.arange(int(self.sizes[s]), dtype=np.int32))
 
-    def drawn(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's items of every stream, stream after stream: (index, augmentation key = its pass)."""
-        idx, keys = [], []
+    def packed(self, epoch: int) -> np.ndarray:
+        """The epoch's items of every stream, stream after stream, each one int64: its index in the shared
+        space above 32 bits, its augmentation key (the stream's pass) below, so the interleaving shuffles
+        one array in place (8 bytes a sample while the epoch is planned)."""
+        out, at = np.empty(int(self.shares.sum()), np.int64), 0
         for s, (n, q) in enumerate(zip(self.sizes.tolist(), self.shares.tolist())):
             start = epoch * q
             for p in range(start // n, (start + q - 1) // n + 1 if q else start // n):
                 lo, hi = max(start, p * n) - p * n, min(start + q, (p + 1) * n) - p * n
-                idx.append(self.stream_pass(s, p)[lo:hi])
-                keys.append(np.full(hi - lo, p, np.int64))
-        return np.concatenate(idx), np.concatenate(keys)
+                part = out[at:at + hi - lo]
+                part[:] = self.stream_pass(s, p)[lo:hi]
+                part += self.offsets[s]
+                part <<= 32
+                part |= p
+                at += hi - lo
+        return out
+
+    def drawn(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's items of every stream, stream after stream: (index, augmentation key = its pass)."""
+        packed = self.packed(epoch)
+        return packed >> 32, packed & 0xFFFFFFFF
 
     def order(self) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's items interleaved in one permutation of the epoch."""
-        idx, keys = self.drawn(self.epoch)
-        mix = np.random.default_rng([self.seed, 0x4D49, self.epoch]).permutation(len(idx))
-        return idx[mix], keys[mix]
+        packed = self.packed(self.epoch)
+        np.random.default_rng([self.seed, 0x4D49, self.epoch]).shuffle(packed)
+        return packed >> 32, packed & 0xFFFFFFFF
 
     def stream_of(self, index: np.ndarray) -> np.ndarray:
         """The stream each index of the shared space belongs to."""
