@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,15 @@ RUN_PRECISION = "run"
 
 
 @dataclass
+class StreamCfg:
+    """One weighted training stream (an entry of data.streams): a split of a shards folder or URL."""
+
+    shards: str  # folder or URL with <split>.json, as data.shards
+    split: str = "train"  # the split read (<split>.json)
+    weight: float = 1.0  # relative share of each epoch's samples (> 0): weight / the sum of the weights
+
+
+@dataclass
 class DataCfg:
     """Where the shards are and how samples are loaded and augmented."""
 
@@ -41,6 +51,12 @@ class DataCfg:
     repeat: int = 1  # passes over the train split per epoch, each its own shuffle and augmentation
     train_split: str = "train"  # the shards' split names (<split>.json)
     val_split: str = "val"
+    streams: list[StreamCfg] = field(default_factory=list)  # training streams mixed by weight, each
+    # {shards, split, weight}; [] = data.shards / data.train_split alone. With streams training reads them
+    # and validation still reads data.shards / data.val_split. Set in a config file or as a YAML flow list:
+    # data.streams=[{shards: a, weight: 3}, {shards: b, split: train_extra}]
+    epoch_samples: int = 0  # with data.streams: samples per epoch, shared by weight; 0 = one pass over the
+    # first stream at its share, x data.repeat (data.repeat multiplies only this default)
     loader: str = "torch"  # torch | dali
     scheme: str = "trainid"  # the classes the shards were made with (distseg shard --scheme)
     batch_size: int = 8  # per process
@@ -163,18 +179,22 @@ def inference_precision(precision: str | None, cfg: Config) -> str:
     return cfg.train.mixed_precision if precision in (None, RUN_PRECISION) else precision
 
 
+def _check_keys(cls, data: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        bad = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(bad, sorted(names), n=1, cutoff=0.6)
+        hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else \
+            f"known: {', '.join(sorted(names))}"
+        raise UserError(f"config: unknown key {where + '.' if where else ''}{bad} ({hint})")
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise UserError(f"config: {where or 'top level'} must be a mapping")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        bad = sorted(unknown)[0]
-        close = difflib.get_close_matches(str(bad), sorted(names), n=1, cutoff=0.6)
-        hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else \
-            f"known: {', '.join(sorted(names))}"
-        raise UserError(f"config: unknown key {where + '.' if where else ''}{bad} ({hint})")
+    _check_keys(cls, data, where)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -196,12 +216,59 @@ class _Override:
     parsed: Any
 
 
+def _entries(cls, val: Any, key: str) -> list:
+    """A list of mappings (data.streams), each entry built as a `cls`: from a config file, or from an
+    override written as a YAML flow list. An entry's values are taken as YAML typed them (a split `no` or
+    `2019` is refused, not turned into text), and its mistakes name the entry: data.streams[1].weight."""
+    fields = dataclasses.fields(cls)
+    shape = "{" + ", ".join(f.name for f in fields) + "}"
+    example = f"{key}=[{{shards: a, weight: 3}}, {{shards: b, split: train_extra}}]"
+    if isinstance(val, _Override):
+        if isinstance(val.parsed, str) and val.text.lstrip().startswith("["):
+            raise UserError(f"config: {key}={val.text} is not a valid YAML flow list: write {example}")
+        val = val.parsed
+    if val is None:
+        return []
+    if isinstance(val, dict):
+        raise UserError(f"config: {key} is a list, set whole: a `- {shape}` entry each in a config file, or "
+                        f"{example}")
+    if not isinstance(val, list):
+        raise UserError(f"config: {key} must be a list of {shape} mappings (a `- {{...}}` entry each in a "
+                        f"config file, or {example}), got {val!r}")
+    hints, out = get_type_hints(cls), []
+    for i, entry in enumerate(val):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"config: {where} must be a mapping {shape}, got {entry!r}")
+        _check_keys(cls, entry, where)
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            v = entry.get(f.name)
+            if f.name not in entry:
+                if required:
+                    raise UserError(f"config: {where}.{f.name} is missing (each entry is {shape}; "
+                                    f"{f.name} is required)")
+            elif v is None:
+                raise UserError(f"config: {where}.{f.name} is empty")
+            elif hints[f.name] is str and not isinstance(v, str):
+                quote = f" (quote it: {f.name}: '{v}')" if isinstance(v, (int, float)) else ""
+                if isinstance(v, bool):
+                    quote = f" (YAML reads yes/no/on/off as booleans: quote it, e.g. {f.name}: 'no')"
+                raise UserError(f"config: {where}.{f.name} must be a string, got {v!r}{quote}")
+            elif hints[f.name] is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise UserError(f"config: {where}.{f.name} must be a number, got {v!r}")
+        out.append(_build(cls, entry, where))
+    return out
+
+
 def _coerce(val: Any, typ, key: str):
+    origin = getattr(typ, "__origin__", None)
+    if origin is list and dataclasses.is_dataclass(typ.__args__[0]):
+        return _entries(typ.__args__[0], val, key)
     if isinstance(val, _Override):  # a string setting takes YAML's string (quotes removed), else the text
         val = (val.parsed if isinstance(val.parsed, str) else val.text) if typ is str else val.parsed
     elif typ is str and isinstance(val, bool) and key == "train.mixed_precision":
         val = "no" if val is False else val  # `mixed_precision: no` in a YAML file
-    origin = getattr(typ, "__origin__", None)
     try:
         if typ is bool:
             if isinstance(val, bool):
@@ -241,6 +308,9 @@ def _coerce(val: Any, typ, key: str):
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    if "[" in dotted:  # data.streams[0].weight=2
+        raise UserError(f"config override {dotted}: a list's entries are not set one by one; set the whole "
+                        f"list: {dotted.split('[')[0]}=[...]")
     parts = dotted.split(".")
     for p in parts[:-1]:
         nxt = d.setdefault(p, {})
@@ -313,6 +383,7 @@ def validate(cfg: Config) -> None:
         raise UserError("config: data.shuffle_window and data.retries must be >= 1, data.prefetch_shards >= "
                         "0")
     parse_bytes(d.cache_size, "config: data.cache_size")
+    _validate_streams(d)
     e = cfg.eval
     for key, v in (("eval.crop", e.crop), ("eval.stride", e.stride)):
         if v and (len(v) != 2 or min(v) < 1):
@@ -338,6 +409,35 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: name must be a plain folder name, got {cfg.name!r}")
 
 
+def _validate_streams(d: DataCfg) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(d.streams):
+        where = f"data.streams[{i}]"
+        if not s.shards.strip():
+            raise UserError(f"config: {where}.shards must name a shards folder or URL, got ''")
+        if not s.split.strip():
+            raise UserError(f"config: {where}.split must name a split, got ''")
+        if not s.weight > 0:  # NaN included
+            raise UserError(f"config: {where}.weight must be > 0, got {s.weight:g}")
+        if math.isinf(s.weight):
+            raise UserError(f"config: {where}.weight must be finite, got {s.weight:g}")
+        # the same place compared as saved (credentials and query removed, no trailing slash)
+        pair = (redact(s.shards).rstrip("/"), s.split)
+        if pair in seen:
+            raise UserError(f"config: {where} repeats data.streams[{seen[pair]}] (shards {redact(s.shards)}, "
+                            f"split {s.split}): one stream per shards and split; merge them, adding the "
+                            "weights")
+        seen[pair] = i
+    if d.epoch_samples < 0:
+        raise UserError(f"config: data.epoch_samples must be >= 0, got {d.epoch_samples}")
+    if d.epoch_samples and not d.streams:
+        raise UserError("config: data.epoch_samples is the epoch's length with data.streams; without streams "
+                        "an epoch is data.repeat passes over data.train_split")
+    if d.epoch_samples and d.repeat != 1:
+        raise UserError(f"config: data.epoch_samples={d.epoch_samples} sets the epoch's length itself: leave "
+                        "data.repeat=1 (it multiplies the default, data.epoch_samples=0)")
+
+
 def to_dict(cfg: Config) -> dict:
     """The config as nested plain dicts."""
     return dataclasses.asdict(cfg)
@@ -347,20 +447,30 @@ def dump_config(cfg: Config) -> str:
     """The config as YAML (what runs/<name>/config.yaml holds), with passwords and URL signatures removed."""
     d = to_dict(cfg)
     d["data"]["shards"] = redact(d["data"]["shards"])
+    for stream in d["data"]["streams"]:
+        stream["shards"] = redact(stream["shards"])
     return yaml.safe_dump(d, sort_keys=False)
 
 
 def _comments(cls) -> dict[str, str]:
-    """A config dataclass's field comments (`name: type = default  # comment`), read from its source: the
-    comments beside the defaults are the settings' documentation, kept in one place."""
+    """A config dataclass's field comments (`name: type = default  # comment`, continued on the lines below
+    that hold only a comment), read from its source: the comments beside the defaults are the settings'
+    documentation, kept in one place."""
     import inspect
     import re
 
-    out = {}
+    out: dict[str, str] = {}
+    last = None
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        more = re.match(r"\s+#\s*(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2) or ""
+            last = m.group(1)
+            out[last] = m.group(2) or ""
+        elif more and last and out[last]:
+            out[last] += " " + more.group(1)
+        else:
+            last = None
     return out
 
 

@@ -1,0 +1,102 @@
+"""The config layer's weighted training streams (data.streams, data.epoch_samples): read from a config file or
+a YAML flow list override alike, every mistake one line naming the entry, saved so that it loads back (with
+credentials removed from every stream's URL), shown by `distseg config`; and the epoch's shares."""
+
+import re
+
+import pytest
+
+from distseg.config import Config, StreamCfg, load_config
+from distseg.errors import UserError
+
+FILE = """\
+data:
+  shards: shards/fine          # validation still reads data.shards / data.val_split
+  streams:
+    - {shards: shards/fine, split: train, weight: 3}
+    - {shards: shards/coarse, split: train_extra, weight: 1}
+"""
+WANT = [StreamCfg("shards/fine", "train", 3.0), StreamCfg("shards/coarse", "train_extra", 1.0)]
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_streams_from_a_file_or_a_flow_list_override_are_the_same(tmp_path):
+    assert Config().data.streams == [] and Config().data.epoch_samples == 0  # the simple case
+    cfg = load_config(write(tmp_path, FILE))
+    assert cfg.data.streams == WANT and cfg.data.shards == "shards/fine"
+    assert all(isinstance(s.weight, float) for s in cfg.data.streams)
+    flow = "data.streams=[{shards: shards/fine, split: train, weight: 3}, {shards: shards/coarse, split: " \
+           "train_extra}]"
+    assert load_config(None, [flow]).data.streams == WANT
+    json = 'data.streams=[{"shards": "shards/fine", "weight": 3}, {"shards": "shards/coarse", "split": ' \
+           '"train_extra"}]'
+    assert load_config(None, [json]).data.streams == WANT
+    # an override replaces the file's list whole; an empty one turns streams off
+    assert load_config(write(tmp_path, FILE), ["data.streams=[{shards: x}]"]).data.streams == [StreamCfg("x")]
+    assert load_config(write(tmp_path, FILE), ["data.streams=[]"]).data.streams == []
+    assert load_config(write(tmp_path, FILE), ["data.epoch_samples=4000"]).data.epoch_samples == 4000
+
+
+ENTRY_MISTAKES = [
+    ("- {shards: a}\n    - {shards: b, weight: -1}", "data.streams[1].weight must be > 0, got -1"),
+    ("- {shards: a, weight: 0}", "data.streams[0].weight must be > 0, got 0"),
+    ("- {shards: a, weight: .nan}", "data.streams[0].weight must be > 0, got nan"),
+    ("- {shards: a, weight: .inf}", "data.streams[0].weight must be finite, got inf"),
+    ("- {shards: a, weight: abc}", "data.streams[0].weight must be a number, got 'abc'"),
+    ("- {shards: a, weight: '3'}", "data.streams[0].weight must be a number, got '3'"),
+    ("- {shards: a, weight: true}", "data.streams[0].weight must be a number, got True"),
+    ("- {shards: a}\n    - {shards: b, wieght: 2}",
+     "unknown key data.streams[1].wieght (did you mean data.streams[1].weight?)"),
+    ("- {shard: a}", "unknown key data.streams[0].shard (did you mean data.streams[0].shards?)"),
+    ("- {split: train, weight: 2}", "data.streams[0].shards is missing"),
+    ("- {shards: }", "data.streams[0].shards is empty"),
+    ("- {shards: ''}", "data.streams[0].shards must name a shards folder or URL, got ''"),
+    ("- {shards: a, split: no}", "data.streams[0].split must be a string, got False (YAML reads yes/no"),
+    ("- {shards: a, split: 2019}",
+     "data.streams[0].split must be a string, got 2019 (quote it: split: '2019')"),
+    ("- {shards: a, split: [x]}", "data.streams[0].split must be a string, got ['x']"),
+    ("- {shards: a, split: ''}", "data.streams[0].split must name a split, got ''"),
+    ("- shards/fine", "data.streams[0] must be a mapping {shards, split, weight}, got 'shards/fine'"),
+    ("- {shards: a}\n    - {shards: b}\n    - {shards: a/, weight: 2}",
+     "data.streams[2] repeats data.streams[0] (shards a/, split train): one stream per shards and split"),
+    # the same place once saved: a stream's password is not in the line either
+    ("- {shards: 's3://k:one@b/x'}\n    - {shards: 's3://k:two@b/x'}",
+     "data.streams[1] repeats data.streams[0] (shards s3://k:***@b/x, split train)"),
+]
+
+
+@pytest.mark.parametrize("entries,message", ENTRY_MISTAKES)
+def test_a_stream_mistake_is_one_line_naming_the_entry(tmp_path, entries, message):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, f"data:\n  streams:\n    {entries}\n"))
+    assert str(e.value).startswith(f"config: {message}") and "\n" not in str(e.value)
+    assert "one@" not in str(e.value) and "two@" not in str(e.value)
+    # the same entries as an override's flow list say the same
+    flow = "[" + ", ".join(line.strip()[2:] for line in entries.split("\n")) + "]"
+    with pytest.raises(UserError) as o:
+        load_config(None, [f"data.streams={flow}"])
+    assert str(o.value) == str(e.value)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["data.streams=a"], "data.streams must be a list of {shards, split, weight} mappings"),
+    (["data.streams={shards: a}"], "data.streams is a list, set whole"),
+    (["data.streams.weight=3"], "data.streams is a list, set whole"),
+    (["data.streams=[{shards: a}"], "data.streams=[{shards: a} is not a valid YAML flow list: write "
+                                    "data.streams=[{shards: a, weight: 3}, {shards: b, split: train_extra}]"),
+    (["data.streams[0].weight=3"], "data.streams[0].weight: a list's entries are not set one by one"),
+    (["data.epoch_samples=-1", "data.streams=[{shards: a}]"], "data.epoch_samples must be >= 0, got -1"),
+    (["data.epoch_samples=10"], "data.epoch_samples is the epoch's length with data.streams"),
+    (["data.epoch_samples=10", "data.streams=[{shards: a}]", "data.repeat=2"],
+     "data.epoch_samples=10 sets the epoch's length itself: leave data.repeat=1"),
+    (["data.epoch_samples=1.5", "data.streams=[{shards: a}]"], "data.epoch_samples must be int"),
+])
+def test_streams_settings_mistakes_are_one_line(settings, message):
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        load_config(None, settings)
+    assert "\n" not in str(e.value)
