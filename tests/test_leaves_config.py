@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import ROOT
-from distseg.config import Config, StreamCfg, dump_config, load_config
+from distseg.config import Config, StreamCfg, dump_config, load_config, settings_table
 from distseg.errors import UserError
 
 FILE = """\
@@ -141,3 +141,38 @@ def test_credentials_in_a_streams_url_are_not_saved(tmp_path):
     assert [s.shards for s in streams] == ["s3://AKIAKEY:***@bucket/fine", "https://host/coarse?***",
                                            "https://user:***@host/more"]
     assert load_config(saved).data.shards == "s3://AKIAKEY:***@bucket/fine"
+
+
+def rows(table: str) -> dict[str, tuple[str, str]]:
+    """`distseg config` lines by key: (the text before the note, the note)."""
+    out = {}
+    for line in table.splitlines():
+        text, _, note = line.partition("  # ")
+        out[text.split("=")[0].strip()] = (text.strip(), note)
+    return out
+
+
+def test_the_settings_table_documents_streams_and_shows_a_configs_readably(tmp_path):
+    default = rows(settings_table())
+    assert default["data.streams"][0] == "data.streams=[]" and default["data.epoch_samples"][0] == \
+        "data.epoch_samples=0"
+    assert "each {shards, split, weight}" in default["data.streams"][1]
+    assert "data.val_split" in default["data.streams"][1]  # documented: validation does not read streams
+    assert "x data.repeat" in default["data.epoch_samples"][1]  # the comment's continuation line too
+    assert default["data.streams[].shards"] == ("data.streams[].shards",
+                                                "folder or URL with <split>.json, as data.shards (required)")
+    assert default["data.streams[].split"][1].endswith("(default train)")
+    assert default["data.streams[].weight"][1].endswith("> 0 (default 1.0)")
+    keys = list(default)
+    assert keys[keys.index("data.streams"):keys.index("data.streams") + 5] == [
+        "data.streams", "data.streams[].shards", "data.streams[].split", "data.streams[].weight",
+        "data.epoch_samples"]
+    # a config's streams: one flow list, which given back as a setting is the same streams
+    cfg = load_config(None, ["data.streams=[{shards: 's3://b/x', split: 'no'}, {shards: 'a, b'}]"])
+    table = settings_table(cfg)
+    line = rows(table)["data.streams"][0]
+    assert line == "data.streams=[{shards: 's3://b/x', split: 'no', weight: 1.0}, {shards: 'a, b', split: " \
+                   "train, weight: 1.0}]"
+    assert load_config(None, [line]).data.streams == cfg.data.streams
+    # its length does not widen the other rows: they align as without it
+    assert table.splitlines()[0] == settings_table().splitlines()[0]
