@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -33,6 +34,44 @@ class StreamCfg:
     shards: str  # folder or URL with <split>.json, as data.shards
     split: str = "train"  # the split read, <split>.json
     weight: float = 1.0  # its share of each epoch's samples: weight / the sum of the weights; > 0
+
+
+def _exact(weights: list[float]) -> list[Fraction]:
+    """Weights as exact fractions of what was written (0.1 is 1/10, not its binary neighbour), checked > 0."""
+    if not weights:
+        raise ValueError("no stream weights")
+    exact = [Fraction(str(w)) for w in weights]  # ValueError for nan and inf
+    if min(exact) <= 0:
+        raise ValueError(f"stream weights must be > 0, got {list(weights)}")
+    return exact
+
+
+def stream_shares(weights: list[float], epoch_samples: int) -> list[int]:
+    """Each stream's samples in an epoch of `epoch_samples`, in proportion to `weights`, by largest
+    remainder: the floor of epoch_samples * w / sum(w) each, then the samples left one each to the largest
+    fractional parts (a tie to the earlier stream). Exact (fractions, no float error); the shares sum to
+    epoch_samples."""
+    if epoch_samples < 0:
+        raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
+    exact = _exact(weights)
+    quotas = [epoch_samples * w / sum(exact) for w in exact]
+    shares = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (shares[i] - quotas[i], i))  # largest first
+    for i in by_remainder[:epoch_samples - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def default_epoch_samples(first_stream_size: int, weights: list[float], repeat: int = 1) -> int:
+    """data.epoch_samples=0's epoch: enough samples for one pass over the first stream at its share of the
+    weights, ceil(first_stream_size / share_0) x repeat with share_0 = w0 / sum(w), computed exactly.
+    stream_shares then gives the first stream at least first_stream_size x repeat, and per repeat at most
+    one more (rounding): e.g. 2975 at 3:1 is 3967 samples, 2975 of them the first stream's; 10 at 9:1 is
+    12, 11 of them the first stream's."""
+    if first_stream_size < 0 or repeat < 1:
+        raise ValueError(f"first_stream_size must be >= 0 and repeat >= 1, got {first_stream_size}, {repeat}")
+    exact = _exact(weights)
+    return math.ceil(first_stream_size * sum(exact) / exact[0]) * repeat
 
 
 @dataclass

@@ -3,12 +3,23 @@ a YAML flow list override alike, every mistake one line naming the entry, saved 
 credentials removed from every stream's URL), shown by `distseg config`; and the epoch's shares."""
 
 import difflib
+import math
+import random
 import re
+from fractions import Fraction
 
 import pytest
 
 from conftest import ROOT
-from distseg.config import Config, StreamCfg, dump_config, load_config, settings_table
+from distseg.config import (
+    Config,
+    StreamCfg,
+    default_epoch_samples,
+    dump_config,
+    load_config,
+    settings_table,
+    stream_shares,
+)
 from distseg.errors import UserError
 
 FILE = """\
@@ -176,3 +187,55 @@ def test_the_settings_table_documents_streams_and_shows_a_configs_readably(tmp_p
     assert load_config(None, [line]).data.streams == cfg.data.streams
     # its length does not widen the other rows: they align as without it
     assert table.splitlines()[0] == settings_table().splitlines()[0]
+
+
+ODD = [1, 2, 3, 7, 0.1, 0.25, 1 / 3, 2.5, 1e-3, 1e6]  # weights
+
+
+def test_stream_shares_are_largest_remainder_and_sum_exactly():
+    assert stream_shares([1, 1, 1], 10) == [4, 3, 3]  # the one left over to the earlier of equal remainders
+    assert stream_shares([1, 1, 1], 11) == [4, 4, 3]
+    assert stream_shares([3, 1], 3967) == [2975, 992]
+    assert stream_shares([2.5], 7) == [7] and stream_shares([3, 1], 0) == [0, 0]
+    # weights as written: quotas 0.5, 3.5, 1 tie exactly (in floats 0.1 + 0.7 + 0.2 < 1 tips it to stream 2)
+    assert stream_shares([0.1, 0.7, 0.2], 5) == [1, 3, 1]
+    # and the shares of weights as written are those of the same ratio in integers (the binary values of 0.3
+    # and 0.1 would tip 1.5 : 0.5 to the second stream)
+    for n in range(60):
+        assert stream_shares([0.3, 0.1], n) == stream_shares([3, 1], n), n
+        assert stream_shares([0.1, 0.7, 0.2], n) == stream_shares([1, 7, 2], n), n
+    rng = random.Random(0)
+    for _ in range(300):
+        weights = [rng.choice(ODD) for _ in range(rng.randint(1, 5))]
+        n = rng.randint(0, 10_000)
+        shares = stream_shares(weights, n)
+        exact = [n * Fraction(str(w)) / sum(Fraction(str(v)) for v in weights) for w in weights]
+        assert sum(shares) == n and all(0 <= s - math.floor(q) <= 1 for s, q in zip(shares, exact))
+        rest = [q - math.floor(q) for q in exact]
+        bumped = [i for i, (s, q) in enumerate(zip(shares, exact)) if s > math.floor(q)]
+        kept = [i for i in range(len(weights)) if i not in bumped]
+        # every stream given one more had the larger remainder, or an equal one and came first
+        assert all(rest[b] > rest[k] or (rest[b] == rest[k] and b < k) for b in bumped for k in kept)
+    for bad in ([], [1, 0], [1, -2], [float("nan")]):
+        with pytest.raises(ValueError):
+            stream_shares(bad, 10)
+
+
+def test_the_default_epoch_is_one_pass_over_the_first_stream_at_its_share():
+    assert default_epoch_samples(2975, [3, 1]) == 3967  # 2975 / (3/4) = 3966.67
+    assert stream_shares([3, 1], 3967)[0] == 2975
+    assert default_epoch_samples(2975, [3, 1], 2) == 2 * 3967
+    # weights as written, exactly: 3 at 0.3:0.1 is 3 at 3:1, 3 / (3/4) = 4 (in floats, or the binary values of
+    # 0.3 and 0.1, a hair above 4: 5)
+    assert default_epoch_samples(3, [0.3, 0.1]) == default_epoch_samples(3, [3, 1]) == 4
+    assert default_epoch_samples(21, [7, 3]) == 30  # 21 / 0.7 is 30.000000000000004 in floats
+    assert default_epoch_samples(2975, [1]) == 2975 and default_epoch_samples(0, [1, 1]) == 0
+    rng = random.Random(1)
+    for _ in range(300):
+        weights = [rng.choice(ODD) for _ in range(rng.randint(1, 5))]
+        size, repeat = rng.randint(1, 5000), rng.randint(1, 3)
+        n = default_epoch_samples(size, weights, repeat)
+        assert n % repeat == 0 and stream_shares(weights, n)[0] >= size * repeat  # at least one pass each
+        assert stream_shares(weights, n // repeat)[0] in (size, size + 1)  # rounding adds one sample at most
+    with pytest.raises(ValueError):
+        default_epoch_samples(10, [0, 1])
