@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -31,8 +32,46 @@ class StreamCfg:
     """One weighted training stream (an entry of data.streams): a split of a shards folder or URL."""
 
     shards: str  # folder or URL with <split>.json, as data.shards
-    split: str = "train"  # the split read (<split>.json)
-    weight: float = 1.0  # relative share of each epoch's samples (> 0): weight / the sum of the weights
+    split: str = "train"  # the split read, <split>.json
+    weight: float = 1.0  # its share of each epoch's samples: weight / the sum of the weights; > 0
+
+
+def _exact(weights: list[float]) -> list[Fraction]:
+    """Weights as exact fractions of what was written (0.1 is 1/10, not its binary neighbour), checked > 0."""
+    if not weights:
+        raise ValueError("no stream weights")
+    exact = [Fraction(str(w)) for w in weights]  # ValueError for nan and inf
+    if min(exact) <= 0:
+        raise ValueError(f"stream weights must be > 0, got {list(weights)}")
+    return exact
+
+
+def stream_shares(weights: list[float], epoch_samples: int) -> list[int]:
+    """Each stream's samples in an epoch of `epoch_samples`, in proportion to `weights`, by largest
+    remainder: the floor of epoch_samples * w / sum(w) each, then the samples left one each to the largest
+    fractional parts (a tie to the earlier stream). Exact (fractions, no float error); the shares sum to
+    epoch_samples."""
+    if epoch_samples < 0:
+        raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
+    exact = _exact(weights)
+    quotas = [epoch_samples * w / sum(exact) for w in exact]
+    shares = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda i: (shares[i] - quotas[i], i))  # largest first
+    for i in by_remainder[:epoch_samples - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def default_epoch_samples(first_stream_size: int, weights: list[float], repeat: int = 1) -> int:
+    """data.epoch_samples=0's epoch: enough samples for one pass over the first stream at its share of the
+    weights, ceil(first_stream_size / share_0) x repeat with share_0 = w0 / sum(w), computed exactly.
+    stream_shares then gives the first stream at least first_stream_size x repeat, and per repeat at most
+    one more (rounding): e.g. 2975 at 3:1 is 3967 samples, 2975 of them the first stream's; 10 at 9:1 is
+    12, 11 of them the first stream's."""
+    if first_stream_size < 0 or repeat < 1:
+        raise ValueError(f"first_stream_size must be >= 0 and repeat >= 1, got {first_stream_size}, {repeat}")
+    exact = _exact(weights)
+    return math.ceil(first_stream_size * sum(exact) / exact[0]) * repeat
 
 
 @dataclass
@@ -51,12 +90,11 @@ class DataCfg:
     repeat: int = 1  # passes over the train split per epoch, each its own shuffle and augmentation
     train_split: str = "train"  # the shards' split names (<split>.json)
     val_split: str = "val"
-    streams: list[StreamCfg] = field(default_factory=list)  # training streams mixed by weight, each
-    # {shards, split, weight}; [] = data.shards / data.train_split alone. With streams training reads them
-    # and validation still reads data.shards / data.val_split. Set in a config file or as a YAML flow list:
-    # data.streams=[{shards: a, weight: 3}, {shards: b, split: train_extra}]
+    streams: list[StreamCfg] = field(default_factory=list)  # weighted training streams, each {shards,
+    # split, weight}; [] = train on data.shards / data.train_split. Validation reads data.shards /
+    # data.val_split either way. In a config file, or data.streams=[{shards: a, weight: 3}, {shards: b}]
     epoch_samples: int = 0  # with data.streams: samples per epoch, shared by weight; 0 = one pass over the
-    # first stream at its share, x data.repeat (data.repeat multiplies only this default)
+    # first stream at its share, x data.repeat (which multiplies only this default)
     loader: str = "torch"  # torch | dali
     scheme: str = "trainid"  # the classes the shards were made with (distseg shard --scheme)
     batch_size: int = 8  # per process
@@ -475,26 +513,46 @@ def _comments(cls) -> dict[str, str]:
 
 
 def _as_override(v: Any) -> str:
-    """A value as it is written on a command line: data.crop=[512,1024], train.progress=true."""
+    """A value as it is written on a command line: data.crop=[512,1024], train.progress=true, data.streams as
+    a YAML flow list ([{shards: a, split: train, weight: 3.0}, ...])."""
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+        flow = [dataclasses.asdict(e) for e in v]
+        return yaml.safe_dump(flow, default_flow_style=True, sort_keys=False, width=math.inf).strip()
     if isinstance(v, list):
         return f"[{','.join(map(_as_override, v))}]"
     return "''" if v == "" else str(v)
 
 
+def _entry_rows(key: str, cls) -> list[tuple[str, str]]:
+    """The fields of a list's entries (data.streams[].weight), each with its documentation and default:
+    shown, not set one by one."""
+    notes, rows = _comments(cls), []
+    for f in dataclasses.fields(cls):
+        default = "required" if f.default is dataclasses.MISSING else f"default {_as_override(f.default)}"
+        rows.append((f"{key}[].{f.name}", f"{notes.get(f.name, '')} ({default})"))
+    return rows
+
+
 def settings_table(cfg: Config | None = None) -> str:
-    """Every setting as `section.key=value  # what it means`: the defaults, or a config's values."""
+    """Every setting as `section.key=value  # what it means`: the defaults, or a config's values. A list of
+    mappings (data.streams) is one setting, a YAML flow list, followed by its entries' fields (`key[].field`,
+    no value) and what they mean."""
     cfg = cfg or Config()
-    rows = []
+    rows = []  # (text, note)
     for section in dataclasses.fields(Config):
         value = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(value):
-            rows.append((section.name, value, _comments(Config).get(section.name, "")))
+            rows.append((f"{section.name}={_as_override(value)}", _comments(Config).get(section.name, "")))
             continue
-        notes = _comments(type(value))
-        rows += [(f"{section.name}.{f.name}", getattr(value, f.name), notes.get(f.name, ""))
-                 for f in dataclasses.fields(value)]
-    texts = [f"{key}={_as_override(value)}" for key, value, _ in rows]
-    width = max(map(len, texts))
-    return "\n".join(f"{t:<{width}}  # {note}" if note else t for t, (_, _, note) in zip(texts, rows))
+        notes, hints = _comments(type(value)), get_type_hints(type(value))
+        for f in dataclasses.fields(value):
+            key = f"{section.name}.{f.name}"
+            rows.append((f"{key}={_as_override(getattr(value, f.name))}", notes.get(f.name, "")))
+            entry = getattr(hints[f.name], "__args__", (None,))[0]
+            if getattr(hints[f.name], "__origin__", None) is list and dataclasses.is_dataclass(entry):
+                rows += _entry_rows(key, entry)
+    # aligned on the usual widths; a long value (a config's streams) is not padded to, its note follows it
+    width = max(len(t) for t, _ in rows if len(t) <= 40)
+    return "\n".join(f"{t:<{width}}  # {note}" if note else t for t, note in rows)

@@ -59,6 +59,10 @@ def test_a_mistake_in_a_real_process_is_one_line():
     (["train", "data.crop=64,128"], "data.crop must be a list, written data.crop=[64,128]"),
     (["train", "train.epoch=3"], "unknown key train.epoch (did you mean train.epochs?)"),
     (["train", "--train.epochs=2"], "without dashes: e.g. train.epochs=2"),
+    (["config", "--set", "data.streams=[{{shards: a}}, {{shards: b, weight: -1}}]"],
+     "config: data.streams[1].weight must be > 0, got -1"),
+    (["train", "data.streams=[{{shards: a, split: train}}, {{shards: a}}]"],
+     "config: data.streams[1] repeats data.streams[0] (shards a, split train)"),
 ])
 def test_cli_errors_are_one_line(cli, args, needle, synth_root, tmp_path):
     args = [a.format(tmp=tmp_path, root=synth_root) for a in args]
@@ -113,15 +117,19 @@ def test_help_texts(cli):
 def test_config_lists_every_setting_with_its_value_and_meaning(cli, tmp_path):
     import dataclasses
 
-    from distseg.config import Config
+    from distseg.config import Config, StreamCfg
 
     want = []
     for section in dataclasses.fields(Config):
         value = getattr(Config(), section.name)
         fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else []
         want += [f"{section.name}.{f.name}" for f in fields] or [section.name]
+    # a list of mappings is followed by its entries' fields (no value: they are set with the list)
+    entries = [f"data.streams[].{f.name}" for f in dataclasses.fields(StreamCfg)]
+    want[want.index("data.streams") + 1:0] = entries
     out = cli("config").stdout.splitlines()
-    assert [line.split("=")[0] for line in out] == want
+    assert [line.split("=")[0].split()[0] for line in out] == want
+    assert all(out[want.index(e)].split("  # ")[0].strip() == e for e in entries)
     crop = out[want.index("data.crop")]
     assert crop.startswith("data.crop=[512,1024] ") and crop.endswith("# H, W of training crops; [] = no "
                                                                       "crop")

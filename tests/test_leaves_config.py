@@ -2,11 +2,24 @@
 a YAML flow list override alike, every mistake one line naming the entry, saved so that it loads back (with
 credentials removed from every stream's URL), shown by `distseg config`; and the epoch's shares."""
 
+import difflib
+import math
+import random
 import re
+from fractions import Fraction
 
 import pytest
 
-from distseg.config import Config, StreamCfg, load_config
+from conftest import ROOT
+from distseg.config import (
+    Config,
+    StreamCfg,
+    default_epoch_samples,
+    dump_config,
+    load_config,
+    settings_table,
+    stream_shares,
+)
 from distseg.errors import UserError
 
 FILE = """\
@@ -100,3 +113,129 @@ def test_streams_settings_mistakes_are_one_line(settings, message):
     with pytest.raises(UserError, match=re.escape(message)) as e:
         load_config(None, settings)
     assert "\n" not in str(e.value)
+
+
+def test_a_dump_loads_back_to_the_same_config(tmp_path):
+    odd = "data.streams=[{shards: shards/fine, weight: 2.5}, {shards: 's3://bucket/coarse', split: 'no', " \
+          "weight: 0.5}, {shards: 'a, b', split: train_extra}]"
+    cfg = load_config(write(tmp_path, FILE + "  epoch_samples: 5000\n"), [odd])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    again = load_config(saved)
+    assert again == cfg and again.data.streams[1] == StreamCfg("s3://bucket/coarse", "no", 0.5)
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_a_config_without_streams_dumps_as_before_plus_the_two_keys():
+    """tests/data/old_stage's config.yaml was written by an older version: its dump now differs only by the
+    keys added since, streams and epoch_samples among them, at their defaults."""
+    stored = (ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml").read_text()
+    now = dump_config(load_config(ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml"))
+    a, b = stored.splitlines(keepends=True), now.splitlines(keepends=True)
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    assert {op for op, *_ in ops} == {"equal", "insert"}
+    added = [line for op, _, _, j1, j2 in ops if op == "insert" for line in b[j1:j2]]
+    assert added == ["  streams: []\n", "  epoch_samples: 0\n", "  async_checkpoint: true\n"]
+    assert now[now.index("  val_split:"):].startswith("  val_split: val\n  streams: []\n  epoch_samples: 0\n")
+
+
+def test_credentials_in_a_streams_url_are_not_saved(tmp_path):
+    secret = ["data.shards=s3://AKIAKEY:topsecret@bucket/fine",
+              "data.streams=[{shards: 's3://AKIAKEY:topsecret@bucket/fine'}, {shards: "
+              "'https://host/coarse?X-Amz-Signature=deadbeef&X-Amz-Credential=cred', split: train_extra}, "
+              "{shards: 'https://user:pw@host/more'}]"]
+    text = dump_config(load_config(None, secret))
+    assert "topsecret" not in text and "deadbeef" not in text and "cred" not in text and "pw@" not in text
+    saved = tmp_path / "config.yaml"
+    saved.write_text(text)
+    streams = load_config(saved).data.streams
+    assert [s.shards for s in streams] == ["s3://AKIAKEY:***@bucket/fine", "https://host/coarse?***",
+                                           "https://user:***@host/more"]
+    assert load_config(saved).data.shards == "s3://AKIAKEY:***@bucket/fine"
+
+
+def rows(table: str) -> dict[str, tuple[str, str]]:
+    """`distseg config` lines by key: (the text before the note, the note)."""
+    out = {}
+    for line in table.splitlines():
+        text, _, note = line.partition("  # ")
+        out[text.split("=")[0].strip()] = (text.strip(), note)
+    return out
+
+
+def test_the_settings_table_documents_streams_and_shows_a_configs_readably(tmp_path):
+    default = rows(settings_table())
+    assert default["data.streams"][0] == "data.streams=[]" and default["data.epoch_samples"][0] == \
+        "data.epoch_samples=0"
+    assert "each {shards, split, weight}" in default["data.streams"][1]
+    assert "data.val_split" in default["data.streams"][1]  # documented: validation does not read streams
+    assert "x data.repeat" in default["data.epoch_samples"][1]  # the comment's continuation line too
+    assert default["data.streams[].shards"] == ("data.streams[].shards",
+                                                "folder or URL with <split>.json, as data.shards (required)")
+    assert default["data.streams[].split"][1].endswith("(default train)")
+    assert default["data.streams[].weight"][1].endswith("> 0 (default 1.0)")
+    keys = list(default)
+    assert keys[keys.index("data.streams"):keys.index("data.streams") + 5] == [
+        "data.streams", "data.streams[].shards", "data.streams[].split", "data.streams[].weight",
+        "data.epoch_samples"]
+    # a config's streams: one flow list, which given back as a setting is the same streams
+    cfg = load_config(None, ["data.streams=[{shards: 's3://b/x', split: 'no'}, {shards: 'a, b'}]"])
+    table = settings_table(cfg)
+    line = rows(table)["data.streams"][0]
+    assert line == "data.streams=[{shards: 's3://b/x', split: 'no', weight: 1.0}, {shards: 'a, b', split: " \
+                   "train, weight: 1.0}]"
+    assert load_config(None, [line]).data.streams == cfg.data.streams
+    # its length does not widen the other rows: they align as without it
+    assert table.splitlines()[0] == settings_table().splitlines()[0]
+
+
+ODD = [1, 2, 3, 7, 0.1, 0.25, 1 / 3, 2.5, 1e-3, 1e6]  # weights
+
+
+def test_stream_shares_are_largest_remainder_and_sum_exactly():
+    assert stream_shares([1, 1, 1], 10) == [4, 3, 3]  # the one left over to the earlier of equal remainders
+    assert stream_shares([1, 1, 1], 11) == [4, 4, 3]
+    assert stream_shares([3, 1], 3967) == [2975, 992]
+    assert stream_shares([2.5], 7) == [7] and stream_shares([3, 1], 0) == [0, 0]
+    # weights as written: quotas 0.5, 3.5, 1 tie exactly (in floats 0.1 + 0.7 + 0.2 < 1 tips it to stream 2)
+    assert stream_shares([0.1, 0.7, 0.2], 5) == [1, 3, 1]
+    # and the shares of weights as written are those of the same ratio in integers (the binary values of 0.3
+    # and 0.1 would tip 1.5 : 0.5 to the second stream)
+    for n in range(60):
+        assert stream_shares([0.3, 0.1], n) == stream_shares([3, 1], n), n
+        assert stream_shares([0.1, 0.7, 0.2], n) == stream_shares([1, 7, 2], n), n
+    rng = random.Random(0)
+    for _ in range(300):
+        weights = [rng.choice(ODD) for _ in range(rng.randint(1, 5))]
+        n = rng.randint(0, 10_000)
+        shares = stream_shares(weights, n)
+        exact = [n * Fraction(str(w)) / sum(Fraction(str(v)) for v in weights) for w in weights]
+        assert sum(shares) == n and all(0 <= s - math.floor(q) <= 1 for s, q in zip(shares, exact))
+        rest = [q - math.floor(q) for q in exact]
+        bumped = [i for i, (s, q) in enumerate(zip(shares, exact)) if s > math.floor(q)]
+        kept = [i for i in range(len(weights)) if i not in bumped]
+        # every stream given one more had the larger remainder, or an equal one and came first
+        assert all(rest[b] > rest[k] or (rest[b] == rest[k] and b < k) for b in bumped for k in kept)
+    for bad in ([], [1, 0], [1, -2], [float("nan")]):
+        with pytest.raises(ValueError):
+            stream_shares(bad, 10)
+
+
+def test_the_default_epoch_is_one_pass_over_the_first_stream_at_its_share():
+    assert default_epoch_samples(2975, [3, 1]) == 3967  # 2975 / (3/4) = 3966.67
+    assert stream_shares([3, 1], 3967)[0] == 2975
+    assert default_epoch_samples(2975, [3, 1], 2) == 2 * 3967
+    # weights as written, exactly: 3 at 0.3:0.1 is 3 at 3:1, 3 / (3/4) = 4 (in floats, or the binary values of
+    # 0.3 and 0.1, a hair above 4: 5)
+    assert default_epoch_samples(3, [0.3, 0.1]) == default_epoch_samples(3, [3, 1]) == 4
+    assert default_epoch_samples(21, [7, 3]) == 30  # 21 / 0.7 is 30.000000000000004 in floats
+    assert default_epoch_samples(2975, [1]) == 2975 and default_epoch_samples(0, [1, 1]) == 0
+    rng = random.Random(1)
+    for _ in range(300):
+        weights = [rng.choice(ODD) for _ in range(rng.randint(1, 5))]
+        size, repeat = rng.randint(1, 5000), rng.randint(1, 3)
+        n = default_epoch_samples(size, weights, repeat)
+        assert n % repeat == 0 and stream_shares(weights, n)[0] >= size * repeat  # at least one pass each
+        assert stream_shares(weights, n // repeat)[0] in (size, size + 1)  # rounding adds one sample at most
+    with pytest.raises(ValueError):
+        default_epoch_samples(10, [0, 1])
