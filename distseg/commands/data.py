@@ -42,7 +42,10 @@ def synth(out: str, n_train: int, n_val: int, n_test: int, n_extra: int, size: s
 
 
 @click.command()
-@click.option("--split", required=True, help="train, val or test")
+@click.option("--split", required=True, help="train, val, test, or train_extra (coarse labels only)")
+@click.option("--labels", default="fine", show_default=True, type=click.Choice(["fine", "coarse"]),
+              help="the ground truth: fine (gtFine) or coarse (gtCoarse: train, val, train_extra); "
+                   "coarse and fine shard sets live in separate --out folders")
 @click.option("--root", default=None, help="Cityscapes root [default: $CITYSCAPES_DATASET]")
 @click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
               help="shard folder")
@@ -60,11 +63,11 @@ def synth(out: str, n_train: int, n_val: int, n_test: int, n_extra: int, size: s
 @click.option("--workers", default=1, show_default=True, help="encoding processes")
 @click.option("--seed", default=0, show_default=True, help="shuffle seed")
 @click.option("--overwrite", is_flag=True, help="replace shards made with other settings")
-def shard(split, root, out, scheme, image_format, lossless, quality, resize, maxcount, maxsize, workers, seed,
-          overwrite) -> None:
+def shard(split, labels, root, out, scheme, image_format, lossless, quality, resize, maxcount, maxsize,
+          workers, seed, overwrite) -> None:
     """Pack one split into WebDataset tars + <split>.json manifest + DALI .idx files."""
     opts = ShardOptions(split=split, scheme=scheme, image_format=image_format or "", quality=quality,
                         resize=parse_wxh(resize), maxcount=maxcount, seed=seed,
-                        maxsize=parse_bytes(maxsize, "--maxsize"), lossless=lossless)
+                        maxsize=parse_bytes(maxsize, "--maxsize"), lossless=lossless, labels=labels)
     run_shard(root, out, opts, workers=workers, overwrite=overwrite, progress=sys.stderr.isatty(),
               log=click.echo)
