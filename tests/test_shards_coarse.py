@@ -224,3 +224,11 @@ def test_train_extra_with_fine_labels_is_one_line(coarse_root, tmp_path):
                 check=False)
     assert_user_error(p, "has coarse labels only")
     assert "--labels coarse" in p.stderr and not (tmp_path / "s").exists()
+
+
+def test_coarse_labels_missing_from_a_tree_say_where_they_come_from(tmp_path):
+    write_synth(tmp_path, {"train": 1}, W, H, progress=False)  # no --extra: fine labels only
+    with pytest.raises(UserError, match=r"no coarse labels: .*gtCoarse.* `distseg synth --extra N`"):
+        find_pairs(tmp_path, "train", "coarse")
+    with pytest.raises(UserError, match="--labels must be one of fine, coarse"):
+        run_shard(tmp_path, tmp_path / "s", ShardOptions(split="train", labels="rough"), **QUIET)
