@@ -232,3 +232,9 @@ def test_coarse_labels_missing_from_a_tree_say_where_they_come_from(tmp_path):
         find_pairs(tmp_path, "train", "coarse")
     with pytest.raises(UserError, match="--labels must be one of fine, coarse"):
         run_shard(tmp_path, tmp_path / "s", ShardOptions(split="train", labels="rough"), **QUIET)
+    only_coarse = tmp_path / "c"
+    (only_coarse / "leftImg8bit" / "val").mkdir(parents=True)
+    (only_coarse / "gtCoarse" / "val").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"has no gtFine/val under .*, only gtCoarse/val \(`distseg shard "
+                                        r"--labels coarse` reads it\)"):
+        find_pairs(only_coarse, "val")

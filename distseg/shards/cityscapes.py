@@ -69,13 +69,12 @@ def find_pairs(root: Path, split: str, labels: str = "fine") -> list[Pair]:
                         f"{', '.join(have) or 'none'})")
     gt_dir = root / LABELS[labels] / split
     if not gt_dir.is_dir():
-        other = next((k for k, d in LABELS.items() if k != labels and (root / d / split).is_dir()), None)
-        if other:
-            raise UserError(f"split {split!r} has no {LABELS[labels]}/{split} under {root}, only "
-                            f"{LABELS[other]}/{split} (`distseg shard --labels {other}` reads it)")
         if labels == "coarse":
             raise UserError(f"no coarse labels: {gt_dir} not found (the gtCoarse download; `distseg synth "
                             "--extra N` writes synthetic ones)")
+        if (root / LABELS["coarse"] / split).is_dir():
+            raise UserError(f"split {split!r} has no {gt_dir.relative_to(root)} under {root}, only "
+                            f"gtCoarse/{split} (`distseg shard --labels coarse` reads it)")
     pairs, missing = [], []
     for img in sorted(img_dir.glob(f"*/*{IMG_SUFFIX}")):
         city = img.parent.name
