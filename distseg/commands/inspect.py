@@ -14,12 +14,14 @@ from distseg.shards.manifest import load_manifest
 
 
 def manifest_text(man: dict, verify: bool) -> str:
-    """The listing of a manifest: totals, scheme and formats, pixels per class, shards."""
+    """The listing of a manifest: totals, scheme, labels (fine or coarse) and formats, pixels per class,
+    shards."""
     p, n_sh = man["params"], len(man["shards"])
     lines = [f"{man['_path']}: split {man['split']}, {man['total']} samples in {n_sh} "
              f"shard{'s' * (n_sh != 1)}, {man['bytes'] / 1e6:.1f} MB "
              f"({man['bytes'] / max(man['source_bytes'], 1):.2f}x source)",
-             f"scheme {man['scheme']['name']} ({man['scheme']['num_classes']} classes), image "
+             f"scheme {man['scheme']['name']} ({man['scheme']['num_classes']} classes), labels "
+             f"{man['labels']}, image "
              f"{man['image_ext']}{' q' + str(p['quality']) if man['image_ext'] == 'jpg' else ''}, mask "
              f"{man['mask_ext']}, resize {'x'.join(map(str, p['resize'])) if p['resize'] else 'none'}, "
              f"seed {p['seed']}, {man['tool']}"]

@@ -1,4 +1,8 @@
-"""Find and validate (image, labelIds) pairs in a Cityscapes tree, before any work starts."""
+"""Find and validate (image, labelIds) pairs in a Cityscapes tree, before any work starts.
+
+Labels are fine (gtFine: train, val, test) or coarse (gtCoarse: train, val and train_extra, the 19,998 images
+that have coarse labels only); both name their files `<city>_<seq>_<frame>_<gtFine|gtCoarse>_labelIds.png`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,29 @@ from distseg.errors import UserError
 
 IMG_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "train_extra")
+LABELS = {"fine": "gtFine", "coarse": "gtCoarse"}  # --labels: the ground-truth folder it reads
+COARSE_ONLY = ("train_extra",)  # splits Cityscapes labels coarsely only
+
+
+def label_suffix(labels: str = "fine") -> str:
+    """The end of a labelIds file's name: `_gtFine_labelIds.png` or `_gtCoarse_labelIds.png`."""
+    return f"_{LABELS[labels]}_labelIds.png"
+
+
+def check_labels(split: str, labels: str, hint: str = "") -> None:
+    """One line for labels a split cannot have (an unknown kind, or fine labels of train_extra), ending
+    with `hint`, the caller's way out."""
+    if labels not in LABELS:
+        raise UserError(f"labels must be one of {', '.join(LABELS)}, not {labels!r}")
+    if labels == "fine" and split in COARSE_ONLY:
+        raise UserError(f"split {split!r} has coarse labels only (gtCoarse/{split}; Cityscapes has no "
+                        f"gtFine/{split}){hint}")
 
 
 @dataclass(frozen=True)
 class Pair:
-    """One camera image and its labelIds file."""
+    """One camera image and its labelIds file (fine or coarse)."""
     key: str  # <city>_<seq>_<frame>: unique, no dots (WebDataset splits keys at the first dot)
     city: str
     image: Path
@@ -37,20 +58,30 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return p
 
 
-def find_pairs(root: Path, split: str) -> list[Pair]:
-    """All pairs of one split, sorted by key; every image must have its label file."""
+def find_pairs(root: Path, split: str, labels: str = "fine") -> list[Pair]:
+    """All pairs of one split with `labels` (fine: gtFine, coarse: gtCoarse), sorted by key; every image
+    must have its label file."""
+    check_labels(split, labels)
     img_dir = root / "leftImg8bit" / split
     if not img_dir.is_dir():
         have = sorted(d.name for d in (root / "leftImg8bit").iterdir() if d.is_dir())
         raise UserError(f"split {split!r} not found under {root / 'leftImg8bit'} (found: "
                         f"{', '.join(have) or 'none'})")
+    gt_dir = root / LABELS[labels] / split
+    if not gt_dir.is_dir():
+        if labels == "coarse":
+            raise UserError(f"no coarse labels: {gt_dir} not found (the gtCoarse download; `distseg synth "
+                            "--extra N` writes synthetic ones)")
+        if (root / LABELS["coarse"] / split).is_dir():
+            raise UserError(f"split {split!r} has no {gt_dir.relative_to(root)} under {root}, only "
+                            f"gtCoarse/{split} (`distseg shard --labels coarse` reads it)")
     pairs, missing = [], []
     for img in sorted(img_dir.glob(f"*/*{IMG_SUFFIX}")):
         city = img.parent.name
         key = img.name[: -len(IMG_SUFFIX)]
         if "." in key:
             raise UserError(f"image name has a dot in its key, which WebDataset cannot split: {img}")
-        label = root / "gtFine" / split / city / f"{key}{LABEL_SUFFIX}"
+        label = gt_dir / city / f"{key}{label_suffix(labels)}"
         if not label.is_file():
             missing.append(label)
             continue

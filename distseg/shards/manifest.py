@@ -98,6 +98,7 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
         raise UserError(f"{where} is not a distseg manifest (version {', '.join(map(str, READABLE))})")
     check_names(man, where)
     man.setdefault("mask_ext", "mask.png")
+    man.setdefault("labels", "fine")  # manifests written before coarse shards are all fine
     remote = is_remote(loc)
     man["_base"] = loc.rsplit("/", 1)[0] if remote else str(local_path(loc).parent)
     man["_path"] = where
@@ -147,6 +148,7 @@ def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[d
     image_ext, mask_ext = member_names(params["image_format"], params.get("lossless", "png"))
     return {
         "version": MANIFEST_VERSION, "tool": f"distseg {__version__}", "split": params["split"],
+        "labels": params.get("labels", "fine"),  # the ground truth: fine (gtFine) or coarse (gtCoarse)
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": params,
         "scheme": scheme.describe(), "image_ext": image_ext, "mask_ext": mask_ext,
         "total": sum(sh["count"] for sh in done), "bytes": sum(sh["bytes"] for sh in done),

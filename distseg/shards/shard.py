@@ -23,7 +23,7 @@ from PIL import Image
 from distseg.errors import UserError, naming
 from distseg.files import atomic_write_text, sha256_file
 from distseg.labels import Scheme, get_scheme
-from distseg.shards.cityscapes import Pair, find_pairs, resolve_root
+from distseg.shards.cityscapes import LABELS, Pair, check_labels, find_pairs, resolve_root
 from distseg.shards.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
 from distseg.shards.manifest import build_manifest, load_manifest
 from distseg.shards.shard_outputs import LocalOutput, open_output
@@ -50,6 +50,7 @@ class ShardOptions:
     maxsize: int = 1 << 30
     seed: int = 0
     lossless: str = "png"  # masks and lossless images: png | zstd (distseg/shards/codec.py)
+    labels: str = "fine"  # fine (gtFine) | coarse (gtCoarse): the ground truth the masks come from
 
 
 @dataclass
@@ -187,11 +188,14 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+PARAM_DEFAULTS = {"lossless": "png", "labels": "fine"}  # options added later: a params without one had this
+
 def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -> dict:
     keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
     d = asdict(opts)
-    if d["lossless"] == "png":  # the default, left out: shards written before the option keep their params
-        del d["lossless"]
+    for k, default in PARAM_DEFAULTS.items():  # left out: shards written before the option keep their params
+        if d[k] == default:
+            del d[k]
     d["resize"] = list(opts.resize) if opts.resize else None
     d.update(scheme_fingerprint=scheme.fingerprint(), source=str(root.resolve()), n_source=len(pairs),
              keys_sha=keys)
@@ -200,7 +204,7 @@ def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -
 
 _FLAGS = {"scheme": "--scheme", "image_format": "--image-format", "quality": "--quality",
           "resize": "--resize", "maxcount": "--maxcount", "maxsize": "--maxsize", "seed": "--seed",
-          "source": "--root", "lossless": "--lossless",
+          "source": "--root", "lossless": "--lossless", "labels": "--labels",
           "scheme_fingerprint": "the scheme's definition", "n_source": "the number of source images",
           "keys_sha": "the source images"}
 
@@ -213,12 +217,13 @@ def params_diff(old: dict | None, new: dict) -> str:
         return "x".join(map(str, v)) if isinstance(v, list) else str(v)
 
     out = []
-    for k, v in new.items():
-        if old.get(k) != v:
+    for k in [*new, *(k for k in PARAM_DEFAULTS if k in old and k not in new)]:
+        was, v = old.get(k, PARAM_DEFAULTS.get(k)), new.get(k, PARAM_DEFAULTS.get(k))
+        if was != v:
             if k in ("scheme_fingerprint", "keys_sha", "n_source"):
                 out.append(f"{_FLAGS[k]} changed")
             else:
-                out.append(f"{_FLAGS.get(k, k)} {show(old.get(k))} -> {show(v)}")
+                out.append(f"{_FLAGS.get(k, k)} {show(was)} -> {show(v)}")
     return "; ".join(out) or "settings changed"
 
 
@@ -237,6 +242,9 @@ def check_options(opts: ShardOptions, workers: int, log) -> ShardOptions:
         raise UserError(f"--image-format must be one of {', '.join(IMAGE_EXTS)}")
     if opts.lossless not in CODECS:
         raise UserError(f"--lossless must be one of {', '.join(CODECS)}")
+    if opts.labels not in LABELS:
+        raise UserError(f"--labels must be one of {', '.join(LABELS)}")
+    check_labels(opts.split, opts.labels, ": pass --labels coarse")
     if not 1 <= opts.quality <= 100:
         raise UserError("--quality must be in 1..100")
     if opts.maxcount < 1 or opts.maxsize < 1:
@@ -252,9 +260,12 @@ def earlier_run(output: LocalOutput, split: str, params: dict, overwrite: bool) 
     old = output.read_json(f"{split}.json") or output.read_json(f"{split}.state.json")
     if old is not None and old.get("params") != params:
         if not overwrite:
+            was = old.get("params")
+            labels = isinstance(was, dict) and was.get("labels", "fine") != params.get("labels", "fine")
+            separate = " (coarse and fine shards of a split live in separate folders)" if labels else ""
             raise UserError(f"{output.where} already holds {split!r} shards made with other settings or data "
-                            f"({params_diff(old.get('params'), params)}): pass --overwrite to replace them, "
-                            "or choose another --out")
+                            f"({params_diff(was, params)}): pass --overwrite to replace them, "
+                            f"or choose another --out{separate}")
         output.remove_split(split)
         return None
     return old
@@ -334,7 +345,7 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
     opts = check_options(opts, workers, log)
     scheme = get_scheme(opts.scheme)
     root = resolve_root(root)
-    pairs = find_pairs(root, opts.split)
+    pairs = find_pairs(root, opts.split, opts.labels)
     params = _params(opts, scheme, root, pairs)
     output = open_output(out)
     man_name, state_name = f"{opts.split}.json", f"{opts.split}.state.json"

@@ -4,6 +4,13 @@ The tree has the real layout and file names (leftImg8bit/<split>/<city>/<city>_<
 gtFine/... _gtFine_labelIds.png, _color.png, _instanceIds.png), so every tool that reads Cityscapes reads
 it. Each class has its own colour family and texture, with random geometry, so the task is learnable but not
 trivial.
+
+With a `train_extra` count (`distseg synth --extra N`) the tree also has coarse labels as the real dataset
+has them: leftImg8bit/train_extra (cities of the real train_extra, bad-honnef among them) with only
+gtCoarse/train_extra, and gtCoarse/train and gtCoarse/val beside every fine image. A coarse map is its fine
+map with every region (a value of the instanceIds map: an object, or a class's stuff) eroded by a margin, so
+boundaries stay 'unlabeled' (0), and some regions left out entirely, chosen by (seed, split, index). Without
+train_extra not a byte changes.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from PIL import Image, ImageDraw
 from distseg.files import atomic_save_png
 from distseg.labels import ID2LABEL, NAME2LABEL
 
-CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"]}
+CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"], "test": ["berlin"],
+          "train_extra": ["augsburg", "bad-honnef", "bamberg", "bayreuth", "dortmund"]}
+COARSE_SPLITS = ("train", "val", "train_extra")  # the real gtCoarse has these (test has no coarse labels)
+COARSE_DROP = {"stuff": 0.1, "object": 0.3}  # the chance that a region has no coarse label at all
 L = {name: NAME2LABEL[name].id for name in
      ("unlabeled", "ego vehicle", "road", "sidewalk", "building", "pole", "traffic sign", "vegetation",
       "sky", "person", "car")}
@@ -199,33 +209,93 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int) -> None:
-    """Render and write image i of a split (its camera image and the four gtFine files)."""
+def coarse_margin(width: int, height: int) -> int:
+    """How far (in pixels, square window) a coarse label stays inside its region: 1 at 128x64, 4 at 512x256,
+    16 at 2048x1024."""
+    return max(1, round(min(width, height) / 64))
+
+
+def interior(regions: np.ndarray, margin: int) -> np.ndarray:
+    """True where every pixel within `margin` (a (2m+1)^2 window, the image edge repeated) is in the same
+    region: the regions eroded by `margin`."""
+    h, w = regions.shape
+    p = np.pad(regions, margin, mode="edge")
+    lo, hi = p[:h], p[:h]
+    for k in range(1, 2 * margin + 1):  # rows, then columns: a separable min/max filter
+        lo, hi = np.minimum(lo, p[k:k + h]), np.maximum(hi, p[k:k + h])
+    lo2, hi2 = lo[:, :w], hi[:, :w]
+    for k in range(1, 2 * margin + 1):
+        lo2, hi2 = np.minimum(lo2, lo[:, k:k + w]), np.maximum(hi2, hi[:, k:k + w])
+    return lo2 == hi2
+
+
+def coarse_labels(lab: np.ndarray, inst: np.ndarray, rng: np.random.Generator, margin: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A fine scene's coarse (labelIds, instanceIds): each region (a value of `inst`: an object, or a
+    class's stuff) eroded by `margin`, and regions chosen by `rng` left unlabelled (at least one: an object
+    when there is one); 0 elsewhere."""
+    ids = np.unique(inst)
+    objects = ids >= 1000  # instance ids are label x 1000 + index
+    drop = ids[rng.random(len(ids)) < np.where(objects, COARSE_DROP["object"], COARSE_DROP["stuff"])]
+    if not len(drop) and len(ids) > 1:
+        pool = ids[objects] if objects.any() else ids
+        drop = pool[[int(rng.integers(len(pool)))]]
+    keep = interior(inst, margin) & ~np.isin(inst, drop)
+    return np.where(keep, lab, L["unlabeled"]).astype(np.uint8), np.where(keep, inst, 0).astype(np.int32)
+
+
+def coarse_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Which regions of a scene the coarse labels leave out: a function of (seed, split, index), apart from
+    the scene's own generator (so the fine files do not change)."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, zlib.crc32(b"gtCoarse")])
+
+
+def stem_of(split: str, i: int) -> tuple[str, str]:
+    """(city, <city>_<seq>_<frame>) of image i of a split."""
     cities = CITIES.get(split, [split])
     city = cities[i % len(cities)]
-    stem = f"{city}_{i // len(cities):06d}_000019"
+    frame = "000000" if split == "train_extra" else "000019"
+    return city, f"{city}_{i // len(cities):06d}_{frame}"
+
+
+def _write_gt(out: Path, kind: str, split: str, city: str, stem: str, lab: np.ndarray, inst: np.ndarray
+              ) -> None:
+    gt_dir = out / kind / split / city
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_png(Image.fromarray(lab), gt_dir / f"{stem}_{kind}_labelIds.png")
+    atomic_save_png(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_{kind}_color.png")
+    atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_{kind}_instanceIds.png")
+
+
+def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int, coarse: bool = False
+              ) -> None:
+    """Render and write image i of a split: its camera image, the three gtFine files (not for train_extra)
+    and, with `coarse` (always for train_extra), the three gtCoarse files of a split that has them."""
+    city, stem = stem_of(split, i)
     rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height)
     img_dir = out / "leftImg8bit" / split / city
-    gt_dir = out / "gtFine" / split / city
     img_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_png(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
-    atomic_save_png(Image.fromarray(lab), gt_dir / f"{stem}_gtFine_labelIds.png")
-    atomic_save_png(Image.fromarray(color_image(lab)), gt_dir / f"{stem}_gtFine_color.png")
-    atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_gtFine_instanceIds.png")
+    if split != "train_extra":
+        _write_gt(out, "gtFine", split, city, stem, lab, inst)
+    if (coarse or split == "train_extra") and split in COARSE_SPLITS:
+        c_lab, c_inst = coarse_labels(lab, inst, coarse_rng(seed, split, i), coarse_margin(width, height))
+        _write_gt(out, "gtCoarse", split, city, stem, c_lab, c_inst)
 
 
 def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int = 256, seed: int = 0,
                 progress: bool = True, workers: int = 1) -> int:
     """Write a Cityscapes-format tree under `out` in `workers` processes (each image depends on (seed,
-    split, index) alone, so any number of workers writes the same files); returns the number written."""
+    split, index) alone, so any number of workers writes the same files); returns the number written.
+    A `train_extra` count adds coarse labels: gtCoarse for train_extra and beside each train and val image."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     from tqdm import tqdm
 
     todo = [(split, i) for split, n in counts.items() for i in range(n)]
-    one = partial(write_one, out, width=width, height=height, seed=seed)
+    coarse = bool(counts.get("train_extra"))
+    one = partial(write_one, out, width=width, height=height, seed=seed, coarse=coarse)
     with tqdm(total=len(todo), desc="synth", unit="img", disable=not progress) as bar:
         if workers <= 1:
             for split, i in todo:
