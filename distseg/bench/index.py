@@ -131,6 +131,8 @@ def _vm_kib(field: str) -> int:
 
 
 def _plan_in_child(conn, n: int, streams: bool) -> None:
+    EpochBatchSampler(1000, 8, 64, 63, shuffle=True).order()  # first use of torch's and numpy's generators
+    StreamSampler([750, 250], [750, 250], 8, 64, 63).order()
     before = _vm_kib("VmRSS")
     t = time.perf_counter()
     if streams:  # two streams, 3:1, the first one pass per epoch
@@ -142,11 +144,12 @@ def _plan_in_child(conn, n: int, streams: bool) -> None:
 
 
 def plan_epoch(n: int, streams: bool) -> tuple[float, float]:
-    """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples, in a forked
-    child so that its peak resident memory (VmHWM) is this planning's alone."""
+    """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples, in a fresh
+    child process, so that its peak resident memory (VmHWM) is this planning's alone (a forked child would
+    reuse pages the parent's allocator already holds)."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_plan_in_child, args=(child, n, streams))
     proc.start()
