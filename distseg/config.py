@@ -63,15 +63,22 @@ def stream_shares(weights: list[float], epoch_samples: int) -> list[int]:
 
 
 def default_epoch_samples(first_stream_size: int, weights: list[float], repeat: int = 1) -> int:
-    """data.epoch_samples=0's epoch: enough samples for one pass over the first stream at its share of the
-    weights, ceil(first_stream_size / share_0) x repeat with share_0 = w0 / sum(w), computed exactly.
-    stream_shares then gives the first stream at least first_stream_size x repeat, and per repeat at most
-    one more (rounding): e.g. 2975 at 3:1 is 3967 samples, 2975 of them the first stream's; 10 at 9:1 is
-    12, 11 of them the first stream's."""
+    """data.epoch_samples=0's epoch: the one whose share for the first stream (stream_shares) is exactly
+    first_stream_size x repeat, so each of its samples is seen `repeat` times an epoch: the largest such size
+    up to ceil(size x repeat / share_0), share_0 = w0 / sum(w), computed exactly (e.g. 2975 at 3:1: 3967,
+    2975 + 992; 10 at 9:1: 11, not 12, which would give the first stream 11). Where rounding allows no exact
+    share, that ceiling."""
     if first_stream_size < 0 or repeat < 1:
         raise ValueError(f"first_stream_size must be >= 0 and repeat >= 1, got {first_stream_size}, {repeat}")
-    exact = _exact(weights)
-    return math.ceil(first_stream_size * sum(exact) / exact[0]) * repeat
+    exact, target = _exact(weights), first_stream_size * repeat
+    ceiling = math.ceil(target * sum(exact) / exact[0])
+    for size in range(ceiling, target - 1, -1):  # the first stream's share falls by at most 1 a step
+        first = stream_shares(weights, size)[0]
+        if first == target:
+            return size
+        if first < target:
+            break
+    return ceiling
 
 
 @dataclass
@@ -293,10 +300,20 @@ def _entries(cls, val: Any, key: str) -> list:
                 if isinstance(v, bool):
                     quote = f" (YAML reads yes/no/on/off as booleans: quote it, e.g. {f.name}: 'no')"
                 raise UserError(f"config: {where}.{f.name} must be a string, got {v!r}{quote}")
+            elif hints[f.name] is float and isinstance(v, str) and _number(v) is not None:
+                entry = {**entry, f.name: _number(v)}  # YAML 1.1 reads 1e-3 as text: a number, as elsewhere
             elif hints[f.name] is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise UserError(f"config: {where}.{f.name} must be a number, got {v!r}")
         out.append(_build(cls, entry, where))
     return out
+
+
+def _number(text: str) -> float | None:
+    """The float a string spells (`1e-3`), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _coerce(val: Any, typ, key: str):

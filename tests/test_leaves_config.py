@@ -55,13 +55,23 @@ def test_streams_from_a_file_or_a_flow_list_override_are_the_same(tmp_path):
     assert load_config(write(tmp_path, FILE), ["data.epoch_samples=4000"]).data.epoch_samples == 4000
 
 
+def test_a_weight_written_1e_3_is_a_number_as_elsewhere(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 without a dot as text; optim.lr: 1e-3 is taken as a number, and so is a
+    stream's weight."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\ndata:\n  streams:\n"
+                    "    - {shards: a, weight: 1e-3}\n    - {shards: b}\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == cfg.data.streams[0].weight == 0.001
+
+
 ENTRY_MISTAKES = [
     ("- {shards: a}\n    - {shards: b, weight: -1}", "data.streams[1].weight must be > 0, got -1"),
     ("- {shards: a, weight: 0}", "data.streams[0].weight must be > 0, got 0"),
     ("- {shards: a, weight: .nan}", "data.streams[0].weight must be > 0, got nan"),
     ("- {shards: a, weight: .inf}", "data.streams[0].weight must be finite, got inf"),
     ("- {shards: a, weight: abc}", "data.streams[0].weight must be a number, got 'abc'"),
-    ("- {shards: a, weight: '3'}", "data.streams[0].weight must be a number, got '3'"),
+    ("- {shards: a, weight: 'three'}", "data.streams[0].weight must be a number, got 'three'"),
     ("- {shards: a, weight: true}", "data.streams[0].weight must be a number, got True"),
     ("- {shards: a}\n    - {shards: b, wieght: 2}",
      "unknown key data.streams[1].wieght (did you mean data.streams[1].weight?)"),
@@ -224,7 +234,9 @@ def test_stream_shares_are_largest_remainder_and_sum_exactly():
 def test_the_default_epoch_is_one_pass_over_the_first_stream_at_its_share():
     assert default_epoch_samples(2975, [3, 1]) == 3967  # 2975 / (3/4) = 3966.67
     assert stream_shares([3, 1], 3967)[0] == 2975
-    assert default_epoch_samples(2975, [3, 1], 2) == 2 * 3967
+    assert default_epoch_samples(2975, [3, 1], 2) == 7933 and stream_shares([3, 1], 7933)[0] == 5950
+    assert default_epoch_samples(10, [9, 1]) == 11 and stream_shares([9, 1], 11) == [10, 1]
+    assert default_epoch_samples(100, [3, 1]) == 133 and stream_shares([3, 1], 133)[0] == 100
     # weights as written, exactly: 3 at 0.3:0.1 is 3 at 3:1, 3 / (3/4) = 4 (in floats, or the binary values of
     # 0.3 and 0.1, a hair above 4: 5)
     assert default_epoch_samples(3, [0.3, 0.1]) == default_epoch_samples(3, [3, 1]) == 4
@@ -235,7 +247,6 @@ def test_the_default_epoch_is_one_pass_over_the_first_stream_at_its_share():
         weights = [rng.choice(ODD) for _ in range(rng.randint(1, 5))]
         size, repeat = rng.randint(1, 5000), rng.randint(1, 3)
         n = default_epoch_samples(size, weights, repeat)
-        assert n % repeat == 0 and stream_shares(weights, n)[0] >= size * repeat  # at least one pass each
-        assert stream_shares(weights, n // repeat)[0] in (size, size + 1)  # rounding adds one sample at most
+        assert stream_shares(weights, n)[0] == size * repeat, (size, weights, repeat)  # exactly repeat passes
     with pytest.raises(ValueError):
         default_epoch_samples(10, [0, 1])

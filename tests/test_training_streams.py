@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TRAIN, base_overrides, run_train, wait_for, weights
+from conftest import SGD, TRAIN, base_overrides, run_train, wait_for, weights
 from distseg.config import load_config
 from distseg.data.loader import make_loader
 from distseg.errors import UserError
@@ -46,15 +46,16 @@ def test_the_loader_draws_each_stream_its_share(shards, labelid_shards, tmp_path
                                                                          "crop": [64, 128]}), [])
     loaders = [make_loader(cfg, "train", get_scheme("trainid"), True, world=2, rank=r) for r in range(2)]
     assert loaders[0].shares == [14, 5]  # 14 samples at 3/4: an epoch of ceil(14 / 0.75) = 19
-    keys = []
+    items = []
     for L in loaders:
         L.set_epoch(1)
-        keys += [(k, int(m.max())) for b in L for k, v, m in zip(b["key"], b["valid"], b["mask"]) if v]
-    assert len(keys) == 19 and len({k for k, _ in keys}) == 14, "the fine stream once, the other 5 of 14"
-    assert all(m < 19 or m == 255 for _, m in keys), "labelid masks arrive in trainid classes"
+        items += [(i, int(m.max())) for b in L for i, v, m in zip(b["index"], b["valid"], b["mask"]) if v]
+    fine = sorted(i for i, _ in items if i < 14)
+    assert len(items) == 19 and fine == list(range(14)), "the fine stream once an epoch, with 5 of the other"
+    assert all(m < 19 or m == 255 for _, m in items), "labelid masks arrive in trainid classes"
     assert loaders[0].stream_images(2, 0) == [28, 10]
-    fine = make_loader(load_config(None, [f"data.shards={shards}"]), "train", get_scheme("trainid"), True)
-    assert np.allclose(loaders[0].class_pixels(), fine.class_pixels() * (1 + 5 / 14))
+    alone = make_loader(load_config(None, [f"data.shards={shards}"]), "train", get_scheme("trainid"), True)
+    assert np.allclose(loaders[0].class_pixels(), alone.class_pixels() * (1 + 5 / 14))
 
 
 def test_streams_are_refused_where_they_cannot_keep_their_guarantees(shards, labelid_shards, person_shards,
@@ -71,16 +72,21 @@ def test_streams_are_refused_where_they_cannot_keep_their_guarantees(shards, lab
         make_loader(cfg, "train", trainid, True)
     assert "\n" not in str(e.value)
     state = RunState(batch_size=2, streams=[
-        {"shards": str(shards), "split": "train", "weight": 3, "samples": 14},
-        {"shards": str(labelid_shards), "split": "train", "weight": 1, "samples": 5}])
+        {"shards": str(shards), "split": "train", "weight": 3, "samples": 14, "size": 14},
+        {"shards": str(labelid_shards), "split": "train", "weight": 1, "samples": 5, "size": 14}])
     cfg = load_config(streams_config(tmp_path, shards, labelid_shards), [])
-    check_streams(cfg, tmp_path, state, [14, 5])  # the same streams resume
-    for cfg_now, shares in ((cfg, [14, 6]), (load_config(streams_config(tmp_path, shards, labelid_shards,
-                                                                        weights=(1, 1)), []), [14, 14]),
-                            (load_config(None, [f"data.shards={shards}"]), None)):
-        with pytest.raises(UserError, match="other data.streams") as e:
-            check_streams(cfg_now, tmp_path, state, shares)
+    check_streams(cfg, tmp_path, state, [14, 5], [14, 14])  # the same streams resume
+    equal = load_config(streams_config(tmp_path, shards, labelid_shards, weights=(1, 1)), [])
+    for cfg_now, shares, sizes in ((cfg, [14, 6], [14, 14]), (equal, [14, 14], [14, 14]),
+                                   (cfg, [14, 5], [14, 20]), (load_config(None, [f"data.shards={shards}"]),
+                                                              None, None)):
+        with pytest.raises(UserError, match="other data.streams .*then: .*now: ") as e:
+            check_streams(cfg_now, tmp_path, state, shares, sizes)
         assert "\n" not in str(e.value)
+    for mix, needle in (((1e-6, 1), "so small a share"), ((1000, 1), r"data.streams\[1\] .*gets 0 of")):
+        with pytest.raises(UserError, match=needle):
+            make_loader(load_config(streams_config(tmp_path, shards, labelid_shards, weights=mix), []),
+                        "train", trainid, True)
 
 
 def test_ctrl_c_and_resume_with_streams_equal_an_uninterrupted_run(shards, labelid_shards, tmp_path):
@@ -89,7 +95,7 @@ def test_ctrl_c_and_resume_with_streams_equal_an_uninterrupted_run(shards, label
     run. A stop at step 2 on 2 processes finished on 1 x batch 2: each stream's count as uninterrupted."""
     config = streams_config(tmp_path, shards, labelid_shards)
     ov = {"data.batch_size": 1, "data.num_workers": 0, "train.max_steps": 12, "train.epochs": 60,
-          "train.ckpt_every": 2, "train.deterministic": "true", "train.mixed_precision": "no"}
+          "train.ckpt_every": 2, "train.deterministic": "true", "train.mixed_precision": "no", **SGD}
 
     def args(name, **more):
         return ["--config", str(config), *base_overrides(shards, tmp_path, name, **{**ov, **more})]
@@ -124,3 +130,5 @@ def test_ctrl_c_and_resume_with_streams_equal_an_uninterrupted_run(shards, label
     assert "resuming 2 process(es) x data.batch_size 1" in p.stdout
     el = json.loads((tmp_path / "el" / "summary.json").read_text())
     assert el["streams"] == ref["streams"], "2 -> 1 processes: each stream's count as uninterrupted"
+    for k, v in weights(tmp_path / "ref").items():  # the same samples trained on: SGD is linear in them
+        torch.testing.assert_close(weights(tmp_path / "el")[k], v, rtol=1e-4, atol=1e-5, msg=k)

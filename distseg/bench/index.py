@@ -8,6 +8,7 @@ own."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import time
@@ -19,6 +20,7 @@ import torch
 
 from distseg.bench.common import table
 from distseg.data.sampler import EpochBatchSampler, StreamSampler
+from distseg.errors import UserError
 from distseg.shards.sample_index import identity, node_folder, read_index_file, sample_index
 
 PER_SHARD = 100
@@ -133,11 +135,13 @@ def _vm_kib(field: str) -> int:
 def _plan_in_child(conn, n: int, streams: bool) -> None:
     EpochBatchSampler(1000, 8, 64, 63, shuffle=True).order()  # first use of torch's and numpy's generators
     StreamSampler([750, 250], [750, 250], 8, 64, 63).order()
+    with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) from here: start-up left out
+        f.write("5")
     before = _vm_kib("VmRSS")
     t = time.perf_counter()
-    if streams:  # two streams, 3:1, the first one pass per epoch
-        first = n * 3 // 4
-        StreamSampler([first, n - first], [first, n - first], 8, 64, 63).order()
+    if streams:  # two streams, 3:1: the first one pass per epoch, the second 4x larger, sub-sampled
+        first = max(1, n * 3 // 4)
+        StreamSampler([first, 4 * (n - first) + 1], [first, n - first], 8, 64, 63).order()
     else:
         EpochBatchSampler(n, 8, 64, 63, shuffle=True).order()
     conn.send((time.perf_counter() - t, (_vm_kib("VmHWM") - before) / 1024))
@@ -147,13 +151,16 @@ def plan_epoch(n: int, streams: bool) -> tuple[float, float]:
     """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples, in a fresh
     child process, so that its peak resident memory (VmHWM) is this planning's alone (a forked child would
     reuse pages the parent's allocator already holds)."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_plan_in_child, args=(child, n, streams))
     proc.start()
-    out = parent.recv()
+    child.close()  # the child's end: a child that dies closes the pipe, and recv raises instead of waiting
+    try:
+        out = parent.recv()
+    except EOFError:
+        raise UserError(f"planning an epoch of {n:,} samples failed in its process (exit status "
+                        f"{proc.join() or proc.exitcode})") from None
     proc.join()
     return out
 

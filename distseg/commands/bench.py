@@ -48,6 +48,17 @@ def _emit(text: str, out: str | None) -> None:
             f.write(text + "\n\n")
 
 
+def one_split_config(config: str | None, overrides: list[str]):
+    """The config for `bench data` and `bench train`, which time the pipelines of one split: with
+    data.streams, data.shards is benchmarked (said in one line), as every row and the heading read it."""
+    cfg = load_config(config, overrides)
+    if cfg.data.streams:
+        click.echo(f"note: data.streams is not benchmarked here: the rows read data.shards "
+                   f"({cfg.data.shards})")
+        cfg.data.streams, cfg.data.epoch_samples = [], 0
+    return cfg
+
+
 @bench.command("data", epilog=SETTINGS_HELP)
 @click.option("--config", "-c", default=None, help="training config (data section is used)")
 @click.option("--root", default=None, help="Cityscapes root for the raw-PNG baseline [$CITYSCAPES_DATASET]")
@@ -69,7 +80,7 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
     """Decode-only vs torch loader (CPU / GPU decode) vs DALI vs torchvision's reference pipeline (PNG folder,
     JPEG shards): img/s, CPU use, per busy core; shuffle quality and bytes per rank; with --shards URL,
     remote shards through the cache. OVERRIDES: config settings."""
-    cfg = load_config(config, settings(overrides, set_values))
+    cfg = one_split_config(config, settings(overrides, set_values))
     if as_json:
         click.echo(bench_data(cfg, root, split, batches, modes.split(","), as_json=True))
         return
@@ -101,7 +112,7 @@ def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, enc
                     set_values, overrides) -> None:
     """Training-step img/s, ÷ synthetic, TFLOP/s, MFU and data wait / GPU idle per encoder, variant and feed,
     every row timed alike, against a plain-PyTorch row. OVERRIDES: config settings."""
-    cfg = load_config(config, settings(overrides, set_values))
+    cfg = one_split_config(config, settings(overrides, set_values))
     names = encoders.split(",") if encoders else None
     for name in names or []:
         check_encoder(name)

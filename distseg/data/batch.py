@@ -62,6 +62,7 @@ class Loader(Protocol):
 
     split: OpenSplit  # the split it reads (with data.streams: the first stream's)
     shares: list[int] | None  # data.streams: each stream's samples per epoch; None without
+    stream_sizes: list[int] | None  # data.streams: each stream's samples; None without
     keeps_position: bool
 
     @property

@@ -56,7 +56,7 @@ class DaliLoader:
     """DALI pipeline + iterator: a `batch.Loader` whose reader keeps its own position, yielding `Batch`es."""
 
     keeps_position = True
-    shares = None  # data.streams is the torch loader's
+    shares = stream_sizes = None  # data.streams is the torch loader's
 
     def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device, world: int, rank: int):
         man = split.manifest

@@ -13,6 +13,8 @@ from distseg.labels import Scheme
 from distseg.shards.split import OpenSplit, open_split
 from distseg.urls import redact
 
+MAX_DEFAULT_EPOCH = 100  # a default epoch beyond this many times the streams' samples is refused
+
 
 class Sources:
     """The samples of one or more opened splits by index in the shared space."""
@@ -73,7 +75,17 @@ def epoch_shares(data: DataCfg, sizes: list[int]) -> list[int]:
     share, x data.repeat) split by the weights with largest-remainder rounding, so they sum exactly."""
     weights = [st.weight for st in data.streams]
     total = data.epoch_samples or default_epoch_samples(sizes[0], weights, data.repeat)
-    return stream_shares(weights, total)
+    if not data.epoch_samples and total > MAX_DEFAULT_EPOCH * sum(sizes) * data.repeat:
+        raise UserError(f"data.streams[0] (weight {weights[0]:g}) is so small a share that one pass over it "
+                        f"takes an epoch of {total:,} samples, {total / sum(sizes):,.0f}x all the streams' "
+                        "samples: raise its weight, or set data.epoch_samples")
+    shares = stream_shares(weights, total)
+    for k, q in enumerate(shares):
+        if q == 0:
+            raise UserError(f"data.streams[{k}] (weight {weights[k]:g}) gets 0 of the epoch's {total} "
+                            "samples, so it would never be trained on: raise its weight or "
+                            "data.epoch_samples")
+    return shares
 
 
 def open_streams(data: DataCfg, scheme: Scheme) -> list[OpenSplit]:
@@ -94,8 +106,14 @@ def open_streams(data: DataCfg, scheme: Scheme) -> list[OpenSplit]:
     return splits
 
 
-def stream_record(data: DataCfg, shares: list[int]) -> list[dict]:
-    """What the run state keeps of the streams (a resume must have the same): location, split, weight,
-    samples per epoch."""
-    return [{"shards": redact(st.shards), "split": st.split, "weight": st.weight, "samples": q}
-            for st, q in zip(data.streams, shares)]
+def stream_record(data: DataCfg, shares: list[int], sizes: list[int]) -> list[dict]:
+    """What the run state keeps of the streams (a resume must have the same): location, split, weight, its
+    samples per epoch and its size (a re-sharded stream would change every pass's permutation)."""
+    return [{"shards": redact(st.shards), "split": st.split, "weight": st.weight, "samples": q, "size": n}
+            for st, q, n in zip(data.streams, shares, sizes)]
+
+
+def describe_streams(records: list[dict]) -> str:
+    """`shards/fine train weight 3 (2975 of 2975 per epoch); ...`, or `none (data.shards)`."""
+    return "; ".join(f"{r['shards']} {r['split']} weight {r['weight']:g} ({r['samples']} of "
+                     f"{r.get('size', '?')} per epoch)" for r in records) or "none (data.shards)"

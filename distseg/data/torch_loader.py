@@ -184,6 +184,7 @@ class TorchLoader:
         splits = split if isinstance(split, list) else [split]
         self.split, self.man, self.shares = splits[0], splits[0].manifest, shares
         self.samples = Sources(splits, d)
+        self.stream_sizes = self.samples.sizes() if shares is not None else None
         self.files = self.samples.single.files if self.samples.single is not None else None
         want = d.decode
         self.gpu_decode = (self.device.type == "cuda" and want in ("gpu", "auto")

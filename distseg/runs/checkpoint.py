@@ -33,7 +33,7 @@ class RunState:
     1-based); `batch_in_epoch` micro-batches of that epoch each process has consumed (0 at an epoch end);
     `samples` training samples seen, padding excluded; `world`, `batch_size`, `grad_accum`, `shuffle` and
     `repeat` (data.repeat: passes per epoch) the layout that wrote it; `streams` one {"shards", "split",
-    "weight", "samples"} per stream of data.streams (samples: its share of an epoch), empty without;
+    "weight", "samples", "size"} per stream of data.streams (samples: its share of an epoch), empty without;
     `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the foreground IoU
     of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel
     accuracy, category IoU);

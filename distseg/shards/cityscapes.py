@@ -13,7 +13,6 @@ from pathlib import Path
 from distseg.errors import UserError
 
 IMG_SUFFIX = "_leftImg8bit.png"
-LABEL_SUFFIX = "_gtFine_labelIds.png"
 SPLITS = ("train", "val", "test", "train_extra")
 LABELS = {"fine": "gtFine", "coarse": "gtCoarse"}  # --labels: the ground-truth folder it reads
 COARSE_ONLY = ("train_extra",)  # splits Cityscapes labels coarsely only

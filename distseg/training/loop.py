@@ -230,7 +230,8 @@ def stream_images(run: Run) -> list[int]:
 
 
 def streams_seen(run: Run) -> str:
-    """`; images seen per stream: fine/train 2975, coarse/train_extra 992` (empty without streams)."""
+    """`; images seen per stream: train of shards/fine 2975, train_extra of shards/coarse 992` (empty
+    without streams)."""
     seen = stream_images(run)
     named = [f"{rec['split']} of {rec['shards']} {n}" for rec, n in zip(run.state.streams, seen)]
     return f"; images seen per stream: {', '.join(named)}" if named else ""

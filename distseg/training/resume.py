@@ -13,12 +13,12 @@ from pathlib import Path
 from distseg import run_files as files
 from distseg.config import Config, load_config
 from distseg.data.batch import Loader
+from distseg.data.streams import describe_streams, stream_record
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
 from distseg.runs.checkpoint import RunState, damage, list_checkpoints
 from distseg.runs.run_dir import RunDir
-from distseg.urls import redact
 
 # settings that change the weights' shapes or meaning: a run cannot resume across a change of these
 MODEL_KEYS = ("model.encoder", "model.base", "model.depth", "model.norm", "data.scheme")
@@ -73,7 +73,7 @@ def choose_resume(cfg: Config, log) -> Path | None:
 
 
 def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log,
-                 shares: list[int] | None = None) -> None:
+                 shares: list[int] | None = None, sizes: list[int] | None = None) -> None:
     """Resuming in another layout (processes x data.batch_size x train.grad_accum): allowed when the global
     batch is the same, and then the interrupted epoch continues exactly where it stopped, each sample once
     (the global shuffle is one permutation cut into global batches, whatever their split over processes).
@@ -84,7 +84,7 @@ def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log,
                         f"has {cfg.data.repeat}: an epoch and the learning-rate schedule would change; keep "
                         f"data.repeat={state.repeat}, or start a new run with name=... (train.init_from="
                         "its best weights to continue from them)")
-    check_streams(cfg, ckpt, state, shares)
+    check_streams(cfg, ckpt, state, shares, sizes)
     old = (state.world, state.batch_size, state.grad_accum)
     new = (world, cfg.data.batch_size, cfg.train.grad_accum)
     if old == new or not state.batch_size:
@@ -104,19 +104,19 @@ def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log,
     log(f"resuming {layout(*old)} as {layout(*new)}: the same global batch of {math.prod(new)}")
 
 
-def check_streams(cfg: Config, ckpt: Path, state: RunState, shares: list[int] | None) -> None:
-    """A run resumes with the streams, weights and epoch shares it was trained with, or not at all: each
-    would change what an epoch is, and its learning-rate schedule (as data.repeat would)."""
+def check_streams(cfg: Config, ckpt: Path, state: RunState, shares: list[int] | None,
+                  sizes: list[int] | None) -> None:
+    """A run resumes with the streams, weights, epoch shares and stream sizes it was trained with, or not at
+    all: each would change what an epoch is, which samples a pass draws, and the learning-rate schedule."""
     if not state.batch_size:
         return
-    now = [(redact(st.shards), st.split, st.weight, q) for st, q in zip(cfg.data.streams, shares or [])]
-    then = [(st["shards"], st["split"], st["weight"], st["samples"]) for st in state.streams]
-    if now != then:
-        said = "; ".join(f"{s} {sp} weight {w:g}" for s, sp, w, _ in then) or "none (data.shards)"
-        raise UserError(f"{ckpt} was trained with other data.streams or data.epoch_samples (streams: {said}; "
-                        f"{sum(st['samples'] for st in state.streams) or 'no'} samples per epoch): an epoch "
-                        "and the learning-rate schedule would change; resume with those, or start a new run "
-                        "with name=... (train.init_from=its best weights to continue from them)")
+    now = stream_record(cfg.data, shares, sizes) if cfg.data.streams else []
+    if now != state.streams:
+        then = describe_streams(state.streams)
+        raise UserError(f"{ckpt} was trained with other data.streams (then: {then}; now: "
+                        f"{describe_streams(now)}): an epoch, its samples and the learning-rate schedule "
+                        "would change; resume with those, or start a new run with name=... "
+                        "(train.init_from=its best weights to continue from them)")
 
 
 def restore(acc, ckpt: Path, state: RunState, train_loader: Loader) -> None:

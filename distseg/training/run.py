@@ -99,7 +99,8 @@ class Run:
         state.world, state.batch_size = acc.num_processes, cfg.data.batch_size
         state.grad_accum = cfg.train.grad_accum
         state.shuffle, state.repeat = cfg.data.shuffle, cfg.data.repeat
-        state.streams = stream_record(cfg.data, train_loader.shares) if cfg.data.streams else []
+        state.streams = stream_record(cfg.data, train_loader.shares, train_loader.stream_sizes) \
+            if cfg.data.streams else []
         epochs = math.ceil(max_steps / math.ceil(len(train_loader) / cfg.train.grad_accum))
         tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resumed else None)
         log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, epochs, cfg.name,

@@ -13,6 +13,7 @@ from accelerate.utils import broadcast_object_list
 
 from distseg.config import Config, dump_config
 from distseg.data.loader import build_loader
+from distseg.data.streams import describe_streams
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline_name, percent
@@ -55,7 +56,8 @@ def read_inputs(cfg: Config, acc, scheme: Scheme):
         resume_from = choose_resume(cfg, acc.print)
         state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
         if resume_from is not None:
-            check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares)
+            check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares,
+                         train_loader.stream_sizes)
     except UserError as e:
         e.collective = True
         raise
@@ -185,5 +187,6 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
                        provenance=provenance(cfg) if acc.is_main_process else {})
     run.log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
                   f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
-                  f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}")
+                  f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}"
+                  f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}")
     return run
