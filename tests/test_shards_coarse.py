@@ -232,6 +232,8 @@ def test_coarse_labels_missing_from_a_tree_say_where_they_come_from(tmp_path):
         find_pairs(tmp_path, "train", "coarse")
     with pytest.raises(UserError, match="--labels must be one of fine, coarse"):
         run_shard(tmp_path, tmp_path / "s", ShardOptions(split="train", labels="rough"), **QUIET)
+    with pytest.raises(UserError, match="split 'test' has no coarse labels"):
+        run_shard(tmp_path, tmp_path / "s", ShardOptions(split="test", labels="coarse"), **QUIET)
     only_coarse = tmp_path / "c"
     (only_coarse / "leftImg8bit" / "val").mkdir(parents=True)
     (only_coarse / "gtCoarse" / "val").mkdir(parents=True)

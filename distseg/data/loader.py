@@ -17,19 +17,17 @@ def make_loader(cfg, split: str, scheme: Scheme, train: bool, device="cpu", worl
     """The configured loader for an explicit device, world size and rank. Loaders (and their workers) get the
     `data` settings and the seed, not the whole config. With data.streams, training reads the streams
     (data/streams.py); validation reads data.shards as always."""
-    if train and cfg.data.streams:
-        from distseg.data.torch_loader import TorchLoader
-
-        splits = open_streams(cfg.data, scheme)
-        shares = epoch_shares(cfg.data, [sp.manifest["total"] for sp in splits])
-        return TorchLoader(cfg.data, cfg.train.seed, splits, train, device, world, rank,
-                           cfg.model.channels_last, shares)
-    opened = open_split(cfg.data.shards, split, scheme)
-    if cfg.data.loader == "dali":
+    if train and cfg.data.streams:  # data.shards' train split is not read: it may not even exist
+        opened = open_streams(cfg.data, scheme)
+        shares = epoch_shares(cfg.data, [sp.manifest["total"] for sp in opened])
+    else:
+        opened, shares = open_split(cfg.data.shards, split, scheme), None
+    if cfg.data.loader == "dali" and shares is None:
         from distseg.data.dali_loader import DaliLoader
 
         return DaliLoader(cfg.data, cfg.train.seed, opened, train, device, world, rank)
     from distseg.data.torch_loader import TorchLoader
 
-    return TorchLoader(cfg.data, cfg.train.seed, opened, train, device, world, rank, cfg.model.channels_last)
+    return TorchLoader(cfg.data, cfg.train.seed, opened, train, device, world, rank, cfg.model.channels_last,
+                       shares)
 

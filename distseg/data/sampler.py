@@ -173,10 +173,15 @@ class StreamSampler(EpochBatchSampler):
         packed = self.packed(epoch)
         return packed >> 32, packed & 0xFFFFFFFF
 
+    def mixed(self, epoch: int) -> np.ndarray:
+        """`packed(epoch)` interleaved in one permutation of the epoch (its global order)."""
+        packed = self.packed(epoch)
+        np.random.default_rng([self.seed, 0x4D49, epoch]).shuffle(packed)
+        return packed
+
     def order(self) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's items interleaved in one permutation of the epoch."""
-        packed = self.packed(self.epoch)
-        np.random.default_rng([self.seed, 0x4D49, self.epoch]).shuffle(packed)
+        """The epoch's global order: (index, augmentation key)."""
+        packed = self.mixed(self.epoch)
         return packed >> 32, packed & 0xFFFFFFFF
 
     def stream_of(self, index: np.ndarray) -> np.ndarray:
@@ -188,17 +193,9 @@ class StreamSampler(EpochBatchSampler):
         process) into the next one, padding excluded."""
         done = self.shares * epochs
         if batches:
-            order, _ = self._order_of(epochs)
-            taken = order[:min(batches * self.b * self.world, len(order))]
+            taken = self.mixed(epochs)[:batches * self.b * self.world] >> 32
             done = done + np.bincount(self.stream_of(taken), minlength=len(self.sizes))
         return done.tolist()
-
-    def _order_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        current, self.epoch = self.epoch, epoch
-        try:
-            return self.order()
-        finally:
-            self.epoch = current
 
 
 class ShardWindowSampler(_EpochSampler):

@@ -24,13 +24,16 @@ def label_suffix(labels: str = "fine") -> str:
 
 
 def check_labels(split: str, labels: str, hint: str = "") -> None:
-    """One line for labels a split cannot have (an unknown kind, or fine labels of train_extra), ending
-    with `hint`, the caller's way out."""
+    """One line for labels a split cannot have (an unknown kind, fine labels of train_extra, coarse ones
+    of test), ending with `hint`, the caller's way out."""
     if labels not in LABELS:
-        raise UserError(f"labels must be one of {', '.join(LABELS)}, not {labels!r}")
+        raise UserError(f"--labels must be one of {', '.join(LABELS)}, not {labels!r}")
     if labels == "fine" and split in COARSE_ONLY:
         raise UserError(f"split {split!r} has coarse labels only (gtCoarse/{split}; Cityscapes has no "
                         f"gtFine/{split}){hint}")
+    if labels == "coarse" and split == "test":
+        raise UserError("split 'test' has no coarse labels (Cityscapes' gtCoarse holds train, val and "
+                        "train_extra): shard it with --labels fine")
 
 
 @dataclass(frozen=True)

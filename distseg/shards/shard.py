@@ -23,7 +23,7 @@ from PIL import Image
 from distseg.errors import UserError, naming
 from distseg.files import atomic_write_text, sha256_file
 from distseg.labels import Scheme, get_scheme
-from distseg.shards.cityscapes import LABELS, Pair, check_labels, find_pairs, resolve_root
+from distseg.shards.cityscapes import Pair, check_labels, find_pairs, resolve_root
 from distseg.shards.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
 from distseg.shards.manifest import build_manifest, load_manifest
 from distseg.shards.shard_outputs import LocalOutput, open_output
@@ -190,6 +190,7 @@ class ShardWriter:
 
 PARAM_DEFAULTS = {"lossless": "png", "labels": "fine"}  # options added later: a params without one had this
 
+
 def _params(opts: ShardOptions, scheme: Scheme, root: Path, pairs: list[Pair]) -> dict:
     keys = hashlib.sha256("\n".join(p.key for p in pairs).encode()).hexdigest()[:16]
     d = asdict(opts)
@@ -242,8 +243,6 @@ def check_options(opts: ShardOptions, workers: int, log) -> ShardOptions:
         raise UserError(f"--image-format must be one of {', '.join(IMAGE_EXTS)}")
     if opts.lossless not in CODECS:
         raise UserError(f"--lossless must be one of {', '.join(CODECS)}")
-    if opts.labels not in LABELS:
-        raise UserError(f"--labels must be one of {', '.join(LABELS)}")
     check_labels(opts.split, opts.labels, ": pass --labels coarse")
     if not 1 <= opts.quality <= 100:
         raise UserError("--quality must be in 1..100")
