@@ -111,7 +111,7 @@ def test_missing_paths_finds_a_missing_file_and_reads_placeholders():
     text = ("See distseg/nowhere.py:run, `tools/test.sh`, docs/ARCHITECTURE.md. and distseg/cli.py:main; "
             "configs/<name>.yaml, slurm/*.sh, distseg/data/… and (tests/test_zzz_<room>.py)")
     assert missing_paths(text) == ["distseg/nowhere.py", "tests/test_zzz_<room>.py"]
-    assert named_paths("https://example.org/distseg/x.py and ../shared/tools/y.sh") == set()
+    assert named_paths("https://example.org/distseg/x.py and ../elsewhere/tools/y.sh") == set()
     rooms = "runs/summary.RunSummary, training/nowhere.py, shards/cityscapes, runs/x/config.yaml, runs/a.json"
     assert missing_paths(rooms) == ["distseg/training/nowhere.py"]
 

@@ -168,10 +168,14 @@ class StreamSampler(EpochBatchSampler):
                 at += hi - lo
         return out
 
-    def drawn(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's items of every stream, stream after stream: (index, augmentation key = its pass)."""
-        packed = self.packed(epoch)
+    @staticmethod
+    def unpack(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index in the shared space, augmentation key = the stream's pass) of packed items."""
         return packed >> 32, packed & 0xFFFFFFFF
+
+    def drawn(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's items of every stream, stream after stream, before they are interleaved."""
+        return self.unpack(self.packed(epoch))
 
     def mixed(self, epoch: int) -> np.ndarray:
         """`packed(epoch)` interleaved in one permutation of the epoch (its global order)."""
@@ -181,8 +185,7 @@ class StreamSampler(EpochBatchSampler):
 
     def order(self) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's global order: (index, augmentation key)."""
-        packed = self.mixed(self.epoch)
-        return packed >> 32, packed & 0xFFFFFFFF
+        return self.unpack(self.mixed(self.epoch))
 
     def stream_of(self, index: np.ndarray) -> np.ndarray:
         """The stream each index of the shared space belongs to."""
@@ -193,7 +196,7 @@ class StreamSampler(EpochBatchSampler):
         process) into the next one, padding excluded."""
         done = self.shares * epochs
         if batches:
-            taken = self.mixed(epochs)[:batches * self.b * self.world] >> 32
+            taken, _ = self.unpack(self.mixed(epochs)[:batches * self.b * self.world])
             done = done + np.bincount(self.stream_of(taken), minlength=len(self.sizes))
         return done.tolist()
 

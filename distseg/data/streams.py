@@ -63,11 +63,12 @@ class Sources:
 
     def class_pixels(self, shares: list[int] | None = None) -> np.ndarray:
         """Labelled pixels per class of the scheme, for the loss weights: with shares, each stream's
-        histogram weighted by the fraction of it an epoch draws (its expected pixels per epoch)."""
-        counts = [sp.class_pixels() for sp in self.splits]
+        histogram weighted by the fraction of it an epoch draws (its expected pixels per epoch); without
+        (a single split), that split's."""
         if shares is None:
-            return counts[0] if len(counts) == 1 else np.sum(counts, axis=0)
-        return np.sum([c * q / n for c, q, n in zip(counts, shares, self.sizes())], axis=0)
+            return self.splits[0].class_pixels()
+        weighted = [sp.class_pixels() * q / n for sp, q, n in zip(self.splits, shares, self.sizes())]
+        return np.sum(weighted, axis=0)
 
 
 def epoch_shares(data: DataCfg, sizes: list[int]) -> list[int]:
