@@ -154,13 +154,21 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
-    """Optimizer (distseg/models/optim.py)."""
+    """Optimizer (distseg/models/optim.py) and its parameter groups (distseg/models/param_groups.py: printed
+    at the start, recorded in the run state)."""
     name: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     fused: str = "auto"  # auto (on CUDA) | true | false
+    no_decay: str = "auto"  # no weight decay on norm weights, biases, 1-d tensors and no_decay_names: auto
+    # (true for a new run; a resumed run keeps what it recorded) | true | false
+    no_decay_names: list[str] = field(default_factory=list)  # more parameters kept from weight decay, by
+    # dotted name or its end, e.g. [pos_embed]
+    encoder_lr_mult: float = 1.0  # the encoder's learning rate as a fraction of optim.lr (e.g. 0.1); 1 = same
+    layer_decay: float = 1.0  # over the encoder's stages: the deepest at the encoder's rate, each shallower
+    # one x this (e.g. 0.9); 1 = off
 
 
 @dataclass
@@ -214,7 +222,8 @@ CHOICES = {
     "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
-    "optim.fused": ("auto", "true", "false"), "train.mixed_precision": PRECISIONS,
+    "optim.fused": ("auto", "true", "false"), "optim.no_decay": ("auto", "true", "false"),
+    "train.mixed_precision": PRECISIONS,
 }
 
 
@@ -458,6 +467,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config: train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if cfg.optim.lr <= 0:
         raise UserError("config: optim.lr must be > 0")
+    if cfg.optim.encoder_lr_mult <= 0 or not 0 < cfg.optim.layer_decay <= 1:
+        raise UserError("config: optim.encoder_lr_mult must be > 0 and optim.layer_decay in (0, 1] (1 = off),"
+                        f" got {cfg.optim.encoder_lr_mult:g} and {cfg.optim.layer_decay:g}")
     if min(cfg.loss.ce, cfg.loss.dice, cfg.loss.bce) < 0 or cfg.loss.ce + cfg.loss.dice + cfg.loss.bce == 0:
         raise UserError("config: loss weights must be >= 0 and not all 0")
     if not cfg.name or "/" in cfg.name:

@@ -1,13 +1,17 @@
-"""What earlier versions wrote still reads: summaries of every version through RunSummary, and a whole run
+"""What earlier versions wrote still reads: summaries of every version through RunSummary, a whole run
 folder written by distseg at commit 21a2006 (tests/data/old_runs: before summary.json had a version)
-inspects, resumes, evaluates and reports."""
+inspects, resumes, evaluates and reports, and one written at 5064110 (before parameter groups; its tb/ left
+out for size) resumes with its one optimizer group."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
-from conftest import ROOT, base_overrides, run_train
+from conftest import ROOT, assert_user_error, base_overrides, run_train
+from distseg.models.param_groups import ONE_GROUP
+from distseg.runs.checkpoint import latest_checkpoint, read_state
 from distseg.runs.listing import describe_run
 from distseg.runs.run_dir import RunDir
 from distseg.runs.summary import SUMMARY_VERSION, RunSummary
@@ -69,3 +73,20 @@ def test_an_old_run_folder_inspects_resumes_evaluates_and_reports(old_run, shard
     out, built = write_report([str(old_run)], str(old_run.parent / "report.html"), images=1, checkpoints=1,
                               log=lambda *a: None)
     assert built and "v1" in out.read_text()
+
+
+def test_a_run_made_before_parameter_groups_resumes_with_its_one_group(tmp_path, shards):
+    run = tmp_path / "runs" / "v2"
+    shutil.copytree(OLD / "old_runs" / "v2-5064110", run)
+    settings = base_overrides(shards, run.parent, "v2", **{"data.batch_size": 2, "data.crop": "[32,64]",
+                                                            "model.base": 4, "train.epochs": 1})
+    refused = run_train([*settings, "optim.no_decay=true"], check=False)
+    assert_user_error(refused, 'parameter groups "one group", this start asks for "no decay on norms')
+    assert "resume with optim.no_decay=false" in refused.stderr
+    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-00000003"], "nothing written"
+
+    p = run_train(settings)  # today's command: optim.no_decay=auto keeps what the run trained with
+    assert "resumed from" in p.stdout and "parameter groups: one group (the run's own)" in p.stdout, p.stdout
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert read_state(ckpt).step == 7 and read_state(ckpt).grouping == ONE_GROUP.record()
+    assert len(torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"]) == 1

@@ -17,6 +17,8 @@ from distseg.config import load_config
 from distseg.labels import IGNORE, get_scheme
 from distseg.models import build_model
 from distseg.models.losses import ohem_mask
+from distseg.models.optim import build_optimizer, lr_at
+from distseg.models.param_groups import build_param_groups, requested_grouping
 from distseg.runs import checkpoint_writer
 from distseg.runs.checkpoint import NotWritten, RunState, list_checkpoints, read_state
 from distseg.runs.checkpoint_writer import CheckpointWriter, accelerate_state
@@ -101,12 +103,12 @@ def make_run(tmp_path, signals, fresh_accelerate):
         acc = Accelerator(cpu=True)
         torch.manual_seed(0)
         model = build_model(cfg, get_scheme(cfg.data.scheme).num_classes)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
-        model, optimizer = acc.prepare(model, optimizer)
+        groups = build_param_groups(model, requested_grouping(cfg.optim))
+        model, optimizer = acc.prepare(model, build_optimizer(cfg, groups, on_cuda=False))
         loader = ListLoader(batches)
         RunDir.of(cfg).path.mkdir(parents=True)
-        return Run.assemble(cfg, acc, model, optimizer, loader, ListLoader(batches[:1]), RunState(config="r"),
-                            max_steps=100, stop=StopFlag())
+        return Run.assemble(cfg, acc, model, optimizer, groups, loader, ListLoader(batches[:1]),
+                            RunState(config="r"), max_steps=100, stop=StopFlag())
     return make
 
 
@@ -147,6 +149,26 @@ def test_train_step_normalises_by_the_labelled_pixels_of_the_whole_group(make_ru
     assert flags.loss_sum == pytest.approx(total, rel=1e-5)
     assert (flags.images, flags.corrupt, flags.nonfinite, flags.stop) == (3, 1, 0, 0)
     assert_stepped(run, ref, before)
+
+
+def test_each_group_steps_at_its_own_rate_through_the_schedule(make_run):
+    """An encoder at 0.1 x the rate with a layer decay of 0.5 over its five stages: every step, during the
+    warm-up and after it, moves each parameter by its own group's lr x its gradient (SGD, no momentum)."""
+    batches = [batch(20 + i) for i in range(4)]
+    run = make_run(batches, **{"model.encoder": "resnet18", "optim.encoder_lr_mult": 0.1,
+                               "optim.layer_decay": 0.5, "sched.warmup_steps": 2})
+    model = run.acc.unwrap_model(run.model)
+    params = dict(model.named_parameters())
+    scale = {id(p): g.lr_scale for g in run.groups for p in g.params}
+    assert sorted(set(scale.values())) == pytest.approx([0.1 * 0.5 ** k for k in range(4, -1, -1)] + [1])
+    for step, b in enumerate(batches):
+        run.state.step = step
+        ref, before, _, _ = reference_step(run, [b])
+        train_step(run, [b])
+        lr = lr_at(step, run.cfg, run.max_steps)
+        for name, p in ref.named_parameters():
+            want = before[name] - lr * scale[id(params[name])] * p.grad
+            assert torch.allclose(params[name].detach(), want, atol=1e-6), (step, name)
 
 
 def test_train_step_with_ohem_divides_by_the_kept_pixels_of_the_whole_group(make_run):

@@ -29,6 +29,7 @@ from distseg.labels import IGNORE, get_scheme
 from distseg.models import build_model, out_channels
 from distseg.models.losses import build_loss
 from distseg.models.optim import build_optimizer
+from distseg.models.param_groups import build_param_groups, requested_grouping
 from distseg.training.timing import GpuIdle
 
 VARIANTS = {  # name: (precision, tf32, channels_last, torch.compile mode or None)
@@ -174,7 +175,8 @@ def make_step(cfg, nc: int, variant: str, device):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return plain, model
-    opt = build_optimizer(cfg, model.parameters(), device.type == "cuda")
+    groups = build_param_groups(model, requested_grouping(cfg.optim))  # as a new run of this config has them
+    opt = build_optimizer(cfg, groups, device.type == "cuda")
     loss_fn = build_loss(cfg, None, device)  # uniform class weights: the speed does not depend on them
 
     def step(batch):

@@ -37,7 +37,9 @@ class RunState:
     `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the foreground IoU
     of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel
     accuracy, category IoU);
-    `history` one {"epoch", "step", "score"} per validation; `segments` one {"start", "end", "first_step",
+    `history` one {"epoch", "step", "score"} per validation; `grouping` the optimizer's parameter grouping
+    (models/param_groups.Grouping.record; None in a run made before grouping was recorded: one group);
+    `segments` one {"start", "end", "first_step",
     "last_step", "steps", "images", "seconds", "processes"} per process start that trained (the last one up
     to this checkpoint); `run_id` drawn at a fresh start and kept by every resume (pruning touches only this
     run's checkpoints); `config` the run name.
@@ -60,6 +62,7 @@ class RunState:
     repeat: int = 1
     streams: list = field(default_factory=list)
     best_scores: dict = field(default_factory=dict)
+    grouping: dict | None = None
     segments: list = field(default_factory=list)
     version: int = STATE_VERSION
 

@@ -25,7 +25,7 @@ from distseg.files import atomic_write_text
 from distseg.inference.metrics import category_iou, format_table, headline, headline_name, percent
 from distseg.inference.scoring import score_loader
 from distseg.inference.visual import denormalize, panel
-from distseg.models.optim import lr_at
+from distseg.models.optim import lr_at, set_lr
 from distseg.models.weights import save_weights
 from distseg.runs.checkpoint import NotWritten, all_ranks_wrote, latest_checkpoint
 from distseg.runs.run_lock import Lease, RunLocked
@@ -73,8 +73,7 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(kept)
-    for g in run.optimizer.param_groups:
-        g["lr"] = lr_at(run.state.step, run.cfg, run.max_steps)
+    set_lr(run.optimizer, run.groups, lr_at(run.state.step, run.cfg, run.max_steps))
     if run.cfg.train.clip_grad > 0:
         acc.clip_grad_norm_(model.parameters(), run.cfg.train.clip_grad)
     run.optimizer.step()

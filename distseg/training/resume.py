@@ -17,6 +17,7 @@ from distseg.data.streams import describe_streams, stream_record
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
+from distseg.models.param_groups import Grouping, requested_grouping
 from distseg.runs.checkpoint import RunState, damage, list_checkpoints
 from distseg.runs.run_dir import RunDir
 
@@ -117,6 +118,23 @@ def check_streams(cfg: Config, ckpt: Path, state: RunState, shares: list[int] | 
                         f"{describe_streams(now)}): an epoch, its samples and the learning-rate schedule "
                         "would change; resume with those, or start a new run with name=... "
                         "(train.init_from=its best weights to continue from them)")
+
+
+def check_grouping(cfg: Config, ckpt: Path, state: RunState) -> Grouping:
+    """The parameter grouping a resumed run continues with: the one it recorded (a run made before grouping
+    was recorded: one group), since its optimizer state fits only those groups. A config left at the defaults
+    (optim.no_decay=auto) takes it; a setting that asks for other groups is refused."""
+    then = Grouping.from_record(state.grouping)
+    try:
+        now = requested_grouping(cfg.optim, then)
+    except UserError as e:
+        raise UserError(f"{ckpt}: {e}") from None
+    if now != then:
+        raise UserError(f"{ckpt} was trained with parameter groups \"{then.describe()}\", this start asks "
+                        f"for \"{now.describe()}\": its optimizer state fits only its own groups; resume "
+                        f"with {then.settings()}, or start a new run with name=... (train.init_from=its best "
+                        "weights to fine-tune with the new groups)")
+    return then
 
 
 def restore(acc, ckpt: Path, state: RunState, train_loader: Loader) -> None:

@@ -28,6 +28,7 @@ from distseg.data.streams import stream_record
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models.losses import SegLoss, build_loss
+from distseg.models.param_groups import ParamGroup
 from distseg.runs.checkpoint import RunState
 from distseg.runs.checkpoint_writer import CheckpointWriter
 from distseg.runs.run_dir import RunDir
@@ -68,6 +69,7 @@ class Run:
     scheme: Scheme
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    groups: tuple[ParamGroup, ...]  # the optimizer's groups, in its order: each one's lr factor
     loss_fn: SegLoss
     train_loader: Loader
     val_loader: Loader
@@ -85,9 +87,9 @@ class Run:
     process: ProcessState = field(default_factory=ProcessState)
 
     @classmethod
-    def assemble(cls, cfg: Config, acc, model, optimizer, train_loader: Loader, val_loader: Loader,
-                 state: RunState, max_steps: int, *, clock: RunClock | None = None, ema=None,
-                 lease: Lease | None = None, resumed: bool = False, provenance: dict | None = None,
+    def assemble(cls, cfg: Config, acc, model, optimizer, groups: list[ParamGroup], train_loader: Loader,
+                 val_loader: Loader, state: RunState, max_steps: int, *, clock: RunClock | None = None,
+                 ema=None, lease: Lease | None = None, resumed: bool = False, provenance: dict | None = None,
                  stop: StopFlag | None = None) -> Run:
         """A run from its prepared parts (model and optimizer through `acc.prepare`): the loss, validation's
         Segmenter, TensorBoard (a resumed run's later points replace those a killed process logged past its
@@ -107,7 +109,7 @@ class Run:
                          acc.is_main_process, cfg.train.progress, clock.gpu)
         segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
         return cls(cfg=cfg, acc=acc, dir=run_dir, scheme=scheme, model=model, optimizer=optimizer,
-                   loss_fn=build_loss(cfg, train_loader.class_pixels(), acc.device),
+                   groups=tuple(groups), loss_fn=build_loss(cfg, train_loader.class_pixels(), acc.device),
                    train_loader=train_loader, val_loader=val_loader, segmenter=segmenter, max_steps=max_steps,
                    log=log, tb=tb, stop=stop or StopFlag(),
                    writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,

@@ -6,6 +6,7 @@ start that fails on its inputs leaves nothing behind. `setup` returns the `Run` 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import datetime
 
 import torch
@@ -20,11 +21,12 @@ from distseg.inference.metrics import headline_name, percent
 from distseg.labels import Scheme, get_scheme
 from distseg.models import build_model, out_channels
 from distseg.models.optim import build_optimizer, lr_at
+from distseg.models.param_groups import Grouping, ParamGroup, build_param_groups, requested_grouping
 from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import RunState, read_state
 from distseg.runs.run_dir import RunDir, provenance
 from distseg.runs.run_lock import Lease, RunLocked, acquire
-from distseg.training.resume import check_layout, choose_resume, restore
+from distseg.training.resume import check_grouping, check_layout, choose_resume, restore
 from distseg.training.run import Run
 from distseg.training.timing import RunClock
 
@@ -48,8 +50,9 @@ def take_lease(cfg: Config, acc) -> Lease | None:
 
 
 def read_inputs(cfg: Config, acc, scheme: Scheme):
-    """The loaders and the checkpoint to resume from with its state, all validated. Every rank reads the
-    same files with the same settings, so a mistake here is the same on every rank: reported once."""
+    """The loaders, the checkpoint to resume from with its state, and the parameter grouping (a resumed
+    run's own), all validated. Every rank reads the same files with the same settings, so a mistake here is
+    the same on every rank: reported once."""
     try:
         train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
         val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
@@ -58,10 +61,29 @@ def read_inputs(cfg: Config, acc, scheme: Scheme):
         if resume_from is not None:
             check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares,
                          train_loader.stream_sizes)
+        grouping = check_grouping(cfg, resume_from, state) if resume_from else requested_grouping(cfg.optim)
     except UserError as e:
         e.collective = True
         raise
-    return train_loader, val_loader, resume_from, state
+    return train_loader, val_loader, resume_from, state, grouping
+
+
+def make_groups(model: torch.nn.Module, grouping: Grouping) -> list[ParamGroup]:
+    """The optimizer's parameter groups; a setting that does not fit the model is the same on every rank."""
+    try:
+        return build_param_groups(model, grouping)
+    except UserError as e:
+        e.collective = True
+        raise
+
+
+def print_groups(run: Run, grouping: Grouping, resumed: bool) -> None:
+    """Each group's tensors, parameters, learning rate and weight decay, once at the start."""
+    kept = " (the run's own)" if resumed else ""
+    run.log.print(f"parameter groups: {grouping.describe()}{kept}")
+    lr = run.cfg.optim.lr
+    for g in run.groups:
+        run.log.print(g.line(lr, run.cfg.optim.weight_decay))
 
 
 def prepare_run_dir(cfg: Config, acc) -> None:
@@ -118,14 +140,15 @@ def make_ema(cfg: Config, acc, model: torch.nn.Module):
     return ema
 
 
-def prepare_model(cfg: Config, acc, model: torch.nn.Module):
-    """Model and optimizer on the device: SyncBatchNorm across GPUs, channels_last, DDP, torch.compile."""
+def prepare_model(cfg: Config, acc, model: torch.nn.Module, groups: list[ParamGroup]):
+    """Model and optimizer on the device: SyncBatchNorm across GPUs, channels_last, DDP, torch.compile. Both
+    conversions keep the parameter objects, so the groups made before them still hold the model's."""
     on_cuda = acc.device.type == "cuda"
     if cfg.model.norm == "sync_batch" and acc.num_processes > 1 and on_cuda:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if on_cuda and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model.parameters(), on_cuda)
+    optimizer = build_optimizer(cfg, groups, on_cuda)
     model, optimizer = acc.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
@@ -167,7 +190,10 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     clock = RunClock(acc.device.type == "cuda", acc.num_processes)
     backends(cfg, acc)
     scheme = get_scheme(cfg.data.scheme)
-    train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
+    train_loader, val_loader, resume_from, state, grouping = read_inputs(cfg, acc, scheme)
+    # the run folder's config.yaml says which grouping the run uses, not `auto`
+    cfg = replace(cfg, optim=replace(cfg.optim, no_decay=str(grouping.no_decay).lower()))
+    state.grouping = grouping.record()
     max_steps = step_plan(cfg, train_loader)
     if resume_from is not None and state.step >= max_steps:
         raise finished_earlier(cfg, state, scheme)
@@ -175,18 +201,20 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     model = build_model(cfg, out_channels(cfg, scheme.num_classes))
     if cfg.train.init_from and resume_from is None:
         init_weights(cfg, model, acc)
+    groups = make_groups(model, grouping)
     prepare_run_dir(cfg, acc)
-    model, optimizer = prepare_model(cfg, acc, model)
+    model, optimizer = prepare_model(cfg, acc, model, groups)
     ema = make_ema(cfg, acc, model)
     if resume_from is not None:
         restore(acc, resume_from, state, train_loader)
 
     warn_about_settings(cfg, acc, max_steps)
-    run = Run.assemble(cfg, acc, model, optimizer, train_loader, val_loader, state, max_steps, clock=clock,
-                       ema=ema, lease=lease, resumed=resume_from is not None,
+    run = Run.assemble(cfg, acc, model, optimizer, groups, train_loader, val_loader, state, max_steps,
+                       clock=clock, ema=ema, lease=lease, resumed=resume_from is not None,
                        provenance=provenance(cfg) if acc.is_main_process else {})
     run.log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
                   f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
                   f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}"
                   f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}")
+    print_groups(run, grouping, resume_from is not None)
     return run
