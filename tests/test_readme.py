@@ -144,13 +144,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
         ran.append(cmd)
     # test.sh, 8-GPU training, the 8 -> 4 GPU resume (tests/test_training_operators.py runs it on CPU
     # processes), two sbatch lines, four S3 lines (tests/test_shards_storage.py runs those against a real S3
-    # server), the ImageNet download, the GPU check (its --dry-run is tests/test_bench.py's): nothing else
-    assert len(skipped) == 12, skipped
+    # server), two ImageNet downloads, the GPU check (its --dry-run is tests/test_bench.py's): nothing else
+    assert len(skipped) == 13, skipped
     assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran
     # what the commands were for is there
     assert json.loads((tmp_path / "scores.json").read_text())["miou"] is not None
     assert len(list((tmp_path / "results").glob("*_pred_labelIds.png"))) == 12
     assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
+    assert (tmp_path / "runs" / "timm_resnet18d" / "summary.json").is_file()
     assert (tmp_path / "resnet18.onnx").stat().st_size > 0 and (tmp_path / "resnet18.pt2").stat().st_size > 0
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         assert len(z.namelist()) == 4

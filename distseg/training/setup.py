@@ -6,7 +6,6 @@ start that fails on its inputs leaves nothing behind. `setup` returns the `Run` 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from datetime import datetime
 
 import torch
@@ -191,8 +190,6 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     backends(cfg, acc)
     scheme = get_scheme(cfg.data.scheme)
     train_loader, val_loader, resume_from, state, grouping = read_inputs(cfg, acc, scheme)
-    # the run folder's config.yaml says which grouping the run uses, not `auto`
-    cfg = replace(cfg, optim=replace(cfg.optim, no_decay=str(grouping.no_decay).lower()))
     state.grouping = grouping.record()
     max_steps = step_plan(cfg, train_loader)
     if resume_from is not None and state.step >= max_steps:
