@@ -112,7 +112,7 @@ def encoder_stages(encoder: nn.Module) -> dict[str, int]:
     encoder.eval()
     try:
         with torch.enable_grad():
-            feats = encoder(torch.zeros(1, 3, 64, 64))
+            feats = encoder(torch.zeros(1, 3, 64, 64, device=next(iter(params.values())).device))
         stage: dict[str, int] = {}
         for i, f in enumerate(feats):
             left = [n for n in params if n not in stage]
