@@ -108,6 +108,8 @@ def encoder_stages(encoder: nn.Module) -> dict[str, int]:
     autograd graph, on a probe input in eval mode (no statistics move). A parameter no stage reaches is
     given the deepest."""
     params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+    if not params:
+        return {}
     was_training = encoder.training
     encoder.eval()
     try:
