@@ -132,7 +132,10 @@ class EvalCfg:
 class ModelCfg:
     """The network: the plain U-Net or a torchvision encoder with a U-Net decoder."""
     encoder: str = "unet"  # unet (the plain U-Net) | a torchvision encoder: distseg.models.encoder_names()
-    pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, downloaded once) | PATH
+    # | timm:NAME, a timm CNN's features_only stages (timm:resnet50d, timm:convnext_tiny; needs distseg[timm])
+    pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, or timm's default tag from
+    # the Hugging Face cache; downloaded once) | PATH: a state dict file of the network (timm: of the full
+    # classification model) or a distseg run's checkpoint of the same encoder
     base: int = 64  # channels of the shallowest level: the U-Net's first level, or an encoder's decoder
     depth: int = 4  # number of down-sampling steps
     norm: str = "batch"  # batch | sync_batch | group | none

@@ -67,7 +67,8 @@ def naming(path):
 # optional dependencies: top-level module -> (what to call it, the distseg extra that installs it)
 EXTRAS = {"nvidia": ("DALI", "dali"), "matplotlib": ("matplotlib", "report"), "onnx": ("onnx", "export"),
           "onnxscript": ("onnxscript", "export"), "onnxruntime": ("onnxruntime", "export"),
-          "s3fs": ("s3fs", "storage"), "aiohttp": ("aiohttp", "storage"), "gcsfs": ("gcsfs", "storage")}
+          "s3fs": ("s3fs", "storage"), "aiohttp": ("aiohttp", "storage"), "gcsfs": ("gcsfs", "storage"),
+          "timm": ("timm", "timm")}
 
 
 def missing_extra(e: ImportError) -> str | None:

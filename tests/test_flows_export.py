@@ -1,5 +1,6 @@
 """What the flows take from a run: evaluate, predict, export and fine-tuning choose the EMA weights (or the
-raw ones when asked), and ONNX / torch.export files equal torch, at fixed and dynamic sizes."""
+raw ones when asked), and ONNX / torch.export files equal torch (the plain U-Net, a torchvision and two timm
+encoders), at fixed and dynamic sizes."""
 
 import json
 from pathlib import Path
@@ -77,8 +78,9 @@ def run_exported(path: Path, images: torch.Tensor) -> np.ndarray:
         return torch.export.load(str(path)).module()(images).numpy()
 
 
-@pytest.mark.parametrize("encoder", ["unet", "resnet18"])
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+# the timm encoders in one format each (~10 s a case on CPU; both pass in both formats)
+@pytest.mark.parametrize("encoder,fmt", [(e, f) for e in ("unet", "resnet18") for f in ("onnx", "pt2")]
+                         + [("timm:convnext_atto", "onnx"), ("timm:resnet10t", "pt2")])
 def test_exported_files_equal_torch(tmp_path, encoder, fmt):
     from distseg.flows.export import export_run
 

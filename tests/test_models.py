@@ -69,7 +69,7 @@ def test_wrong_weights_files_are_one_clear_error(tmp_path):
         build_model(tiny_cfg("resnet18", f"model.pretrained={tmp_path / 'resnet50.pth'}"), 19)
     with pytest.raises(UserError, match="cannot read weights"):
         build_model(tiny_cfg("resnet18", f"model.pretrained={tmp_path / 'junk.pth'}"), 19)
-    with pytest.raises(UserError, match="needs a torchvision encoder"):
+    with pytest.raises(UserError, match="needs an encoder"):
         build_model(tiny_cfg("unet", f"model.pretrained={tmp_path / 'resnet34.pth'}"), 19)
 
 

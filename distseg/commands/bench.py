@@ -103,7 +103,7 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
 @click.option("--warmup", default=5, show_default=True, help="untimed steps first")
 @click.option("--encoders", default=None,
               help="comma-separated model.encoder values to compare (e.g. unet,resnet18,resnet50,"
-                   "convnext_tiny,efficientnet_b0) [default: the config's]")
+                   "convnext_tiny,efficientnet_b0,timm:resnet50d) [default: the config's]")
 @click.option("--profile", is_flag=True, help="also the top operators by device time (torch.profiler)")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option

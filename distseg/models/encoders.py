@@ -5,6 +5,8 @@ raw logits at the input's resolution.
 Pretrained encoders (`model.pretrained`): `imagenet` asks torchvision's weights API (downloaded once into
 its cache, so it needs a network the first time), a PATH loads a local file — torchvision's own state
 dict (its classifier is left out) or a distseg checkpoint — so air-gapped clusters work.
+
+timm's backbones (`model.encoder=timm:NAME`) are built in timm_encoder.py and feed the same `EncoderUNet`.
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, source: st
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith(CLASSIFIER)}
-    known, need = net.state_dict(), body.state_dict()
+    need = body.state_dict()
+    check_fit(sd, need, net.state_dict(), source, name)
+    body.load_state_dict({k: sd[k] for k in need})
+
+
+def check_fit(sd: dict, need: dict, known: dict, source: str, name: str) -> None:
+    """One error line when the state dict `sd` read from `source` is of another network than encoder `name`:
+    a tensor of `need` is missing or has another shape, or `sd` has keys the network (`known`) lacks."""
     problems = [(f"{len(v)} {what}", v[0]) for what, v in (
         ("missing", [k for k in need if k not in sd]),
         ("with other shapes", [k for k in need if k in sd and sd[k].shape != need[k].shape]),
@@ -61,11 +70,13 @@ def load_backbone_weights(net: nn.Module, body: nn.Module, name: str, source: st
     if problems:
         what = ", ".join(f"{n} (e.g. {k})" for n, k in problems)
         raise UserError(f"model.pretrained {source} does not fit encoder {name}: tensors {what}")
-    body.load_state_dict({k: sd[k] for k in need})
 
 
 class Encoder(nn.Module):
-    """A torchvision backbone returning its stages' feature maps, shallow to deep."""
+    """A torchvision backbone returning its stages' feature maps, shallow to deep: `channels` per stage, the
+    inputs' sides a multiple of `stride` (the deepest stage's reduction)."""
+
+    stride = STRIDE
 
     def __init__(self, name: str, pretrained: str = "none"):
         super().__init__()
@@ -90,12 +101,16 @@ class Encoder(nn.Module):
 
 class EncoderUNet(nn.Module):
     """Encoder stages -> U-Net decoder (upsample, concatenate the skip, DoubleConv) -> upsample to the input's
-    size -> 1x1 head. Inputs of any size are padded to a multiple of 32 and the logits cropped back."""
+    size -> 1x1 head. Inputs of any size are padded to a multiple of the encoder's stride (32 for the
+    torchvision ones) and the logits cropped back.
 
-    def __init__(self, encoder: str, num_classes: int, pretrained: str = "none", norm: str = "batch",
-                 width: int = 32):
+    `encoder`: a torchvision name (`STAGES`), or a built encoder module (`channels`, `stride`, and a forward
+    giving NCHW maps shallow to deep), e.g. a `timm_encoder.TimmEncoder`."""
+
+    def __init__(self, encoder: str | nn.Module, num_classes: int, pretrained: str = "none",
+                 norm: str = "batch", width: int = 32):
         super().__init__()
-        self.encoder = Encoder(encoder, pretrained)
+        self.encoder = Encoder(encoder, pretrained) if isinstance(encoder, str) else encoder
         ch = self.encoder.channels
         dec = [width * 2 ** i for i in range(len(ch) - 1)]  # decoder widths, shallow to deep
         ins = [(ch[i + 1] if i == len(ch) - 2 else dec[i + 1]) + ch[i] for i in range(len(ch) - 1)]
@@ -105,7 +120,7 @@ class EncoderUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images N x 3 x H x W -> logits N x C x H x W."""
-        x, ph, pw = pad_to_multiple(x, STRIDE)
+        x, ph, pw = pad_to_multiple(x, self.encoder.stride)
         return crop_padding(self.body(x), ph, pw)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
