@@ -43,7 +43,8 @@ def undecayed_names(model) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("encoder", ["unet", "resnet18", "convnext_tiny"])
+@pytest.mark.parametrize("encoder", ["unet", "resnet18", "convnext_tiny", "timm:convnext_atto",
+                                     "timm:efficientnet_b0"])
 def test_every_parameter_in_one_group_and_norms_and_biases_undecayed(encoder):
     extra = [] if encoder == "unet" else ["optim.encoder_lr_mult=0.1", "optim.layer_decay=0.5"]
     cfg = tiny(encoder, *extra)
@@ -62,13 +63,16 @@ def test_every_parameter_in_one_group_and_norms_and_biases_undecayed(encoder):
             assert g.decay, f"conv weight {name} is not decayed"
         if not name.startswith("encoder."):
             assert g.lr_scale == 1.0 and g.name.startswith("decoder"), name
-    if encoder == "convnext_tiny":  # torchvision's layer scale is C x 1 x 1: vector-like, undecayed
-        scale = [n for n in named if n.endswith("layer_scale")]
+    if "convnext" in encoder:  # layer scales (torchvision's are C x 1 x 1, timm's C): undecayed
+        scale = [n for n in named if n.endswith(("layer_scale", ".gamma"))]
         assert scale and all(not where[id(named[n])].decay for n in scale)
 
 
-def test_encoder_stages_get_the_multiplier_and_the_layer_decay():
-    cfg = tiny("resnet18", "optim.encoder_lr_mult=0.1", "optim.layer_decay=0.5")
+@pytest.mark.parametrize("encoder", ["resnet18", "timm:resnet10t"])
+def test_encoder_stages_get_the_multiplier_and_the_layer_decay(encoder):
+    """ResNet's stages, as torchvision's and timm's feature extractors both cut them: the stem (conv1, bn1)
+    up to the first ReLU, then layer1..layer4."""
+    cfg = tiny(encoder, "optim.encoder_lr_mult=0.1", "optim.layer_decay=0.5")
     model = build_model(cfg, 19)
     where = group_of(build_param_groups(model, requested_grouping(cfg.optim)))
     for name, p in model.named_parameters():

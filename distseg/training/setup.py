@@ -18,7 +18,7 @@ from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline_name, percent
 from distseg.labels import Scheme, get_scheme
-from distseg.models import build_model, out_channels
+from distseg.models import build_model, out_channels, sync_batchnorm
 from distseg.models.optim import build_optimizer, lr_at
 from distseg.models.param_groups import Grouping, ParamGroup, build_param_groups, requested_grouping
 from distseg.models.weights import load_weights
@@ -144,7 +144,7 @@ def prepare_model(cfg: Config, acc, model: torch.nn.Module, groups: list[ParamGr
     conversions keep the parameter objects, so the groups made before them still hold the model's."""
     on_cuda = acc.device.type == "cuda"
     if cfg.model.norm == "sync_batch" and acc.num_processes > 1 and on_cuda:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     if on_cuda and cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, groups, on_cuda)
