@@ -149,3 +149,14 @@ def test_export_takes_the_runs_image_size(one_proc_run, tmp_path):
     with zipfile.ZipFile(tmp_path / "m.pt2") as z:
         name = next(n for n in z.namelist() if n.endswith("distseg.json"))
         assert json.loads(z.read(name))["shape"] == "fixed 128x256 (H x W)"
+
+
+def test_a_run_loads_without_its_pretrained_source(tmp_path):
+    """The run's weights hold every tensor: a run trained from a weights file (or ImageNet) evaluates,
+    predicts and exports where that file or the cache is gone."""
+    run = make_run(tmp_path, "resnet18", ema=False)
+    cfg = load_config(run / "config.yaml", ["model.pretrained=/gone/resnet18.pth"])
+    (run / "config.yaml").write_text(dump_config(cfg))
+    loaded = load_run(run, "best")
+    saved = load_weights(run / "best")
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())

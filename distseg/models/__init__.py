@@ -28,9 +28,12 @@ def check_encoder(name: str) -> None:
                         f"timm CNN, e.g. timm:resnet50d), got {name!r}")
 
 
-def build_model(cfg, num_classes: int) -> nn.Module:
-    """The model the config describes (model.encoder), with `num_classes` output channels."""
+def build_model(cfg, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The model the config describes (model.encoder), with `num_classes` output channels. `pretrained=False`
+    leaves model.pretrained unread, for a caller that loads every tensor itself (a trained run's weights, a
+    resume): evaluating a run on a machine without the ImageNet cache or the original weights file works."""
     m = cfg.model
+    source = m.pretrained if pretrained else "none"
     check_encoder(m.encoder)
     if m.encoder == "unet":
         if m.pretrained not in ("", "none"):
@@ -38,9 +41,9 @@ def build_model(cfg, num_classes: int) -> nn.Module:
                             "...); the plain U-Net trains from scratch")
         return UNet(3, num_classes, m.base, m.depth, m.norm)
     if m.encoder.startswith(PREFIX):
-        encoder = TimmEncoder(m.encoder[len(PREFIX):], m.pretrained)
+        encoder = TimmEncoder(m.encoder[len(PREFIX):], source)
     else:
-        encoder = Encoder(m.encoder, m.pretrained)
+        encoder = Encoder(m.encoder, source)
     return EncoderUNet(encoder, num_classes, norm=m.norm, width=m.base)
 
 

@@ -177,7 +177,7 @@ def load_run(run: str | Path, checkpoint: str = "best", overrides: tuple[str, ..
     cfg = load_config(run_dir.config, overrides)
     path = run_dir.weights(checkpoint)
     scheme = get_scheme(cfg.data.scheme)
-    model = build_model(cfg, out_channels(cfg, scheme.num_classes))
+    model = build_model(cfg, out_channels(cfg, scheme.num_classes), pretrained=False)  # all loaded below
     if path.is_dir():
         path = weights_file(path, weights)
     sd = load_weights(path)

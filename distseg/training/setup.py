@@ -195,7 +195,8 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     if resume_from is not None and state.step >= max_steps:
         raise finished_earlier(cfg, state, scheme)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, out_channels(cfg, scheme.num_classes))
+    # a resume loads every tensor from its checkpoint: no need for the pretrained weights again
+    model = build_model(cfg, out_channels(cfg, scheme.num_classes), pretrained=resume_from is None)
     if cfg.train.init_from and resume_from is None:
         init_weights(cfg, model, acc)
     groups = make_groups(model, grouping)
