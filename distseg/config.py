@@ -130,7 +130,7 @@ class EvalCfg:
 
 @dataclass
 class ModelCfg:
-    """The network: the plain U-Net or a torchvision encoder with a U-Net decoder."""
+    """The network: the plain U-Net, or a torchvision or timm encoder with a U-Net decoder."""
     encoder: str = "unet"  # unet (the plain U-Net) | a torchvision encoder: distseg.models.encoder_names()
     # | timm:NAME, a timm CNN's features_only stages (timm:resnet50d, timm:convnext_tiny; needs distseg[timm])
     pretrained: str = "none"  # encoder weights: none | imagenet (torchvision's, or timm's default tag from

@@ -13,7 +13,7 @@ from distseg.models import build_model
 from distseg.models.optim import build_optimizer, lr_at, set_lr
 from distseg.models.param_groups import ONE_GROUP, Grouping, build_param_groups, requested_grouping
 from distseg.runs.checkpoint import RunState
-from distseg.training.resume import check_grouping
+from distseg.training.resume import check_group_sizes, check_grouping
 
 NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 RESNET_STAGES = ("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)
@@ -66,6 +66,38 @@ def test_every_parameter_in_one_group_and_norms_and_biases_undecayed(encoder):
     if "convnext" in encoder:  # layer scales (torchvision's are C x 1 x 1, timm's C): undecayed
         scale = [n for n in named if n.endswith(("layer_scale", ".gamma"))]
         assert scale and all(not where[id(named[n])].decay for n in scale)
+
+
+def test_a_one_logit_head_is_a_weight_and_decays():
+    """BCE on a binary scheme has a 1 x C x 1 x 1 head: one dimension above 1, still a weight matrix."""
+    cfg = tiny("resnet18", "loss.bce=1", "loss.ce=0")
+    model = build_model(cfg, 1)
+    assert model.head.weight.shape[0] == 1
+    where = group_of(build_param_groups(model, requested_grouping(cfg.optim)))
+    assert where[id(model.head.weight)].decay and not where[id(model.head.bias)].decay
+
+
+@pytest.mark.parametrize("encoder,stage_of", [
+    ("torchvision convnext_tiny", {"features.0": 0, "features.1": 0, "features.2": 1, "features.3": 1,
+                                   "features.4": 2, "features.5": 2, "features.6": 3, "features.7": 3}),
+    ("timm:convnext_atto", {"stem_0": 0, "stem_1": 0, "stages_0": 0, "stages_1": 1, "stages_2": 2,
+                            "stages_3": 3}),
+    ("timm:efficientnet_b0", {"conv_stem": 0, "bn1": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2": 2,
+                              "blocks.3": 3, "blocks.4": 3, "blocks.5": 4, "blocks.6": 4})])
+def test_convnext_and_efficientnet_stages(encoder, stage_of):
+    """ConvNeXt: the stem goes with stage 0 and each downsample with the stage it opens; EfficientNet's
+    feature stages are blocks 0, 1, 2, 4 and 6, so blocks 3 and 5 go with the next stage they feed."""
+    cfg = tiny(encoder.split()[-1], "optim.layer_decay=0.5")
+    model = build_model(cfg, 19)
+    where = group_of(build_param_groups(model, requested_grouping(cfg.optim)))
+    seen = set()
+    for name, p in model.named_parameters():
+        if name.startswith("encoder.body."):
+            inner = name.removeprefix("encoder.body.")
+            prefix = next(k for k in stage_of if inner == k or inner.startswith(k + "."))
+            assert where[id(p)].name.startswith(f"encoder stage {stage_of[prefix]}"), name
+            seen.add(prefix)
+    assert seen == set(stage_of)
 
 
 @pytest.mark.parametrize("encoder", ["resnet18", "timm:resnet10t"])
@@ -123,19 +155,42 @@ def test_one_group_is_the_old_optimizer_and_old_states_mean_one_group():
 def test_what_a_resume_keeps_and_refuses():
     ckpt = Path("runs/r/checkpoints/step-00000003")
     old = RunState(step=3, batch_size=2)  # grouping None: made before grouping was recorded
-    assert check_grouping(tiny("unet"), ckpt, old) == ONE_GROUP, "today's defaults keep the one group"
-    with pytest.raises(UserError, match=r'groups "one group", this start asks for "no decay on norms.*'
-                                        r'resume with optim.no_decay=false'):
-        check_grouping(tiny("unet", "optim.no_decay=true"), ckpt, old)
+    notes = []
+    assert check_grouping(tiny("unet"), ckpt, old, notes.append) == ONE_GROUP and not notes, "the defaults"
+    recipe = tiny("resnet18", "optim.no_decay=true", "optim.encoder_lr_mult=0.729", "optim.layer_decay=0.9")
+    assert check_grouping(recipe, ckpt, old, notes.append) == ONE_GROUP, "its config could not have chosen"
+    assert notes == [f"note: {ckpt} was made before parameter groups were recorded: it resumes with its one "
+                     "group; this config's groups (no decay on norms, biases, 1-d tensors; encoder lr "
+                     "x0.729; layer decay 0.9) apply to new runs"]
+
     grouped = Grouping(no_decay=True, encoder_lr_mult=0.1, layer_decay=0.9)
     state = RunState(step=3, batch_size=2, grouping=grouped.record())
     assert check_grouping(tiny("resnet18", "optim.encoder_lr_mult=0.1", "optim.layer_decay=0.9"), ckpt,
-                          state) == grouped
+                          state, notes.append) == grouped
     with pytest.raises(UserError, match=r"encoder lr x0.1; layer decay 0.9.*optim.encoder_lr_mult=0.1 "):
-        check_grouping(tiny("resnet18", "optim.layer_decay=0.9"), ckpt, state)
-    with pytest.raises(UserError, match="one group"):
-        check_grouping(tiny("resnet18", "optim.no_decay=false"), ckpt,
-                       RunState(grouping=Grouping(no_decay=True).record()))
+        check_grouping(tiny("resnet18", "optim.layer_decay=0.9"), ckpt, state, notes.append)
+    recorded_one = RunState(grouping=ONE_GROUP.record())  # a new run made with optim.no_decay=false
+    with pytest.raises(UserError, match=r'groups "one group", this start asks for "no decay on norms.*'
+                                        r'resume with optim.no_decay=false'):
+        check_grouping(tiny("unet", "optim.no_decay=true"), ckpt, recorded_one, notes.append)
+    names = RunState(grouping=Grouping(True, ("b", "a")).record())
+    assert check_grouping(tiny("unet", "optim.no_decay_names=[a,b]"), ckpt, names, notes.append).no_decay
+    with pytest.raises(UserError, match="recorded parameter grouping .* is damaged"):
+        check_grouping(tiny("unet"), ckpt, RunState(grouping={"no_decay": True}), notes.append)
+
+
+def test_groups_that_do_not_fit_the_checkpoint_are_one_line():
+    model = build_model(tiny("resnet18"), 19)
+    grouping = requested_grouping(tiny("resnet18").optim)
+    groups = build_param_groups(model, grouping)
+    ckpt = Path("runs/r/checkpoints/step-00000003")
+    check_group_sizes(ckpt, RunState(grouping=grouping.record(groups)), groups)
+    check_group_sizes(ckpt, RunState(grouping=grouping.record()), groups)  # recorded without sizes
+    sizes = [len(g.params) for g in groups]
+    other = {**grouping.record(groups), "tensors": [sizes[0] + 1, sizes[1] - 1, *sizes[2:]]}
+    now = ", ".join(map(str, sizes))
+    with pytest.raises(UserError, match=rf"builds parameter groups of \[{now}\] tensors"):
+        check_group_sizes(ckpt, RunState(grouping=other), groups)
 
 
 def test_settings_that_do_not_fit_are_one_line():

@@ -76,17 +76,25 @@ def test_an_old_run_folder_inspects_resumes_evaluates_and_reports(old_run, shard
 
 
 def test_a_run_made_before_parameter_groups_resumes_with_its_one_group(tmp_path, shards):
+    """It keeps its one group whatever today's config asks (its config could not have chosen), on every
+    resume; a run that recorded its grouping refuses a setting asking for other groups, writing nothing."""
     run = tmp_path / "runs" / "v2"
     shutil.copytree(OLD / "old_runs" / "v2-5064110", run)
-    settings = base_overrides(shards, run.parent, "v2", **{"data.batch_size": 2, "data.crop": "[32,64]",
-                                                            "model.base": 4, "train.epochs": 1})
-    refused = run_train([*settings, "optim.no_decay=true"], check=False)
+    recorded = tmp_path / "runs" / "recorded"
+    shutil.copytree(run, recorded)
+    state_file = recorded / "checkpoints" / "step-00000003" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "grouping": ONE_GROUP.record()}))
+    tiny = {"data.batch_size": 2, "data.crop": "[32,64]", "model.base": 4, "train.epochs": 1}
+
+    refused = run_train([*base_overrides(shards, recorded.parent, "recorded", **tiny), "optim.no_decay=true"],
+                        check=False)
     assert_user_error(refused, 'parameter groups "one group", this start asks for "no decay on norms')
     assert "resume with optim.no_decay=false" in refused.stderr
-    assert [c.name for c in (run / "checkpoints").iterdir()] == ["step-00000003"], "nothing written"
+    assert [c.name for c in (recorded / "checkpoints").iterdir()] == ["step-00000003"], "nothing written"
 
-    p = run_train(settings)  # today's command: optim.no_decay=auto keeps what the run trained with
+    p = run_train([*base_overrides(shards, run.parent, "v2", **tiny), "optim.no_decay=true"])
     assert "resumed from" in p.stdout and "parameter groups: one group (the run's own)" in p.stdout, p.stdout
+    assert "was made before parameter groups were recorded: it resumes with its one group" in p.stdout
     ckpt = latest_checkpoint(run / "checkpoints")
-    assert read_state(ckpt).step == 7 and read_state(ckpt).grouping == ONE_GROUP.record()
+    assert read_state(ckpt).step == 7 and read_state(ckpt).grouping is None, "still a run made before"
     assert len(torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"]) == 1

@@ -81,8 +81,10 @@ def test_tensorboard_and_run_folder(one_proc_run):
     # a new run's parameter grouping: recorded (config.yaml keeps `auto`, so that an experiment's stage
     # compares equal to today's config), and what the optimizer state holds
     ckpt = latest_checkpoint(one_proc_run / "checkpoints")
+    params = list(weights(one_proc_run, kind="raw").values())  # group norm: no buffers, parameters alone
+    convs = sum(v.dim() == 4 for v in params)  # the U-Net's convolution kernels: decayed; the rest is not
     assert read_state(ckpt).grouping == {"no_decay": True, "no_decay_names": [], "encoder_lr_mult": 1.0,
-                                         "layer_decay": 1.0}
+                                         "layer_decay": 1.0, "tensors": [convs, len(params) - convs]}
     groups = torch.load(ckpt / "optimizer.bin", weights_only=True)["param_groups"]
     assert [g["weight_decay"] for g in groups] == [load_config(None).optim.weight_decay, 0.0]
 

@@ -291,7 +291,7 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
             ecfg.model.encoder, ecfg.model.base = enc, DECODER_WIDTH
         ecfg.model.pretrained = "none"
         if enc == "unet":  # the encoder's lr settings of an encoder config do not apply to the plain U-Net
-            ecfg.optim.encoder_lr_mult = ecfg.optim.layer_decay = 1.0
+            ecfg.optim.encoder_lr_mult, ecfg.optim.layer_decay, ecfg.optim.no_decay_names = 1.0, 1.0, []
         model = build_model(ecfg, nc).to(device)
         fl = flops_per_image(model, (3, h, w), nc, device)
         size = f"{count(sum(p.numel() for p in model.parameters()))}, {count(fl, 'FLOP')}"

@@ -37,13 +37,19 @@ class Grouping:
         """The grouping a run state recorded; None (a run made before grouping was recorded): one group."""
         if record is None:
             return ONE_GROUP
-        r = record
-        return cls(bool(r["no_decay"]), tuple(r["no_decay_names"]), float(r["encoder_lr_mult"]),
-                   float(r["layer_decay"]))
+        try:
+            r = record
+            return cls(bool(r["no_decay"]), tuple(sorted(r["no_decay_names"])), float(r["encoder_lr_mult"]),
+                       float(r["layer_decay"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the recorded parameter grouping {record!r} is damaged ({e!r})") from None
 
-    def record(self) -> dict:
-        """What the run state stores (JSON)."""
-        return {**asdict(self), "no_decay_names": list(self.no_decay_names)}
+    def record(self, groups: list[ParamGroup] | None = None) -> dict:
+        """What the run state stores (JSON), with each group's tensor count once the groups are built: a
+        resume that would build other groups (another timm version cutting other stages) is then refused in
+        one line, where the optimizer state would not load."""
+        out = {**asdict(self), "no_decay_names": list(self.no_decay_names)}
+        return {**out, "tensors": [len(g.params) for g in groups]} if groups is not None else out
 
     def describe(self) -> str:
         """One phrase: `one group`, or what differs from it."""
@@ -75,7 +81,7 @@ def requested_grouping(optim_cfg, recorded: Grouping | None = None) -> Grouping:
     if o.no_decay_names and not no_decay:
         raise UserError(f"optim.no_decay_names={o.no_decay_names} needs optim.no_decay=true (this run's is "
                         "false): the names are kept from weight decay along with the norms and biases")
-    return Grouping(no_decay, tuple(o.no_decay_names), float(o.encoder_lr_mult), float(o.layer_decay))
+    return Grouping(no_decay, tuple(sorted(o.no_decay_names)), float(o.encoder_lr_mult), float(o.layer_decay))
 
 
 @dataclass(frozen=True)
@@ -88,17 +94,25 @@ class ParamGroup:
     decay: bool
 
     def line(self, lr: float, weight_decay: float) -> str:
-        """`encoder stage 3   12 tensors   1,204,224 params  lr 1.0e-04  decay 0.05`."""
+        """`encoder stage 3   12 tensors   1,204,224 params  lr 1.0e-04  decay 0.05`: `lr` the run's base
+        rate, `weight_decay` the one the optimizer applies to this group."""
         count = sum(p.numel() for p in self.params)
         return (f"  {self.name:<28} {len(self.params):>4} tensors {count:>12,} params  "
-                f"lr {lr * self.lr_scale:.2e}  decay {weight_decay if self.decay else 0:g}")
+                f"lr {lr * self.lr_scale:.2e}  decay {weight_decay:g}")
 
 
-def is_no_decay(name: str, p: torch.Tensor, extra: tuple[str, ...]) -> bool:
-    """Biases, and tensors with at most one dimension above 1 (norm weights, layer scales such as
-    torchvision ConvNeXt's C x 1 x 1, 1-d parameters), and any name listed (matched whole or as the dotted
-    name's end: `pos_embed` matches `encoder.body.pos_embed`)."""
-    vector_like = sum(d > 1 for d in p.shape) <= 1
+def layer_weights(model: nn.Module) -> set[int]:
+    """The ids of convolution and linear weights: decayed whatever their shape (a 1-logit head's 1 x C x 1 x 1
+    kernel is a weight matrix, not a scale)."""
+    kinds = (nn.modules.conv._ConvNd, nn.Linear)
+    return {id(m.weight) for m in model.modules() if isinstance(m, kinds) and m.weight is not None}
+
+
+def is_no_decay(name: str, p: torch.Tensor, extra: tuple[str, ...], weights: set[int]) -> bool:
+    """Biases; tensors other than convolution and linear weights with at most one dimension above 1 (norm
+    weights, layer scales such as torchvision ConvNeXt's C x 1 x 1, 1-d parameters); and any name listed
+    (matched whole or as the dotted name's end: `pos_embed` matches `encoder.body.pos_embed`)."""
+    vector_like = id(p) not in weights and sum(d > 1 for d in p.shape) <= 1
     listed = any(name == n or name.endswith("." + n) for n in extra)
     return name.endswith(".bias") or vector_like or listed
 
@@ -143,8 +157,9 @@ def build_param_groups(model: nn.Module, grouping: Grouping) -> list[ParamGroup]
     stages = encoder_stages(encoder) if encoder is not None and grouping.layer_decay != 1 else {}
     deepest = max(stages.values(), default=0)
     keyed: dict[tuple, list[nn.Parameter]] = {}
+    weights = layer_weights(model)
     for name, p in named:
-        decay = not (grouping.no_decay and is_no_decay(name, p, grouping.no_decay_names))
+        decay = not (grouping.no_decay and is_no_decay(name, p, grouping.no_decay_names, weights))
         inner = name.removeprefix("encoder.")
         part = (0, stages.get(inner, 0)) if encoder is not None and name.startswith("encoder.") else (1, 0)
         keyed.setdefault((*part, not decay), []).append(p)

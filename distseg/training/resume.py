@@ -17,7 +17,7 @@ from distseg.data.streams import describe_streams, stream_record
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
-from distseg.models.param_groups import Grouping, requested_grouping
+from distseg.models.param_groups import ONE_GROUP, Grouping, ParamGroup, requested_grouping
 from distseg.runs.checkpoint import RunState, damage, list_checkpoints
 from distseg.runs.run_dir import RunDir
 
@@ -120,12 +120,19 @@ def check_streams(cfg: Config, ckpt: Path, state: RunState, shares: list[int] | 
                         "(train.init_from=its best weights to continue from them)")
 
 
-def check_grouping(cfg: Config, ckpt: Path, state: RunState) -> Grouping:
-    """The parameter grouping a resumed run continues with: the one it recorded (a run made before grouping
-    was recorded: one group), since its optimizer state fits only those groups. A config left at the defaults
-    (optim.no_decay=auto) takes it; a setting that asks for other groups is refused."""
-    then = Grouping.from_record(state.grouping)
+def check_grouping(cfg: Config, ckpt: Path, state: RunState, log) -> Grouping:
+    """The parameter grouping a resumed run continues with: its own, since its optimizer state fits only
+    those groups. A run made before grouping was recorded has one group, whatever this config asks (a note
+    says so: its config could not have chosen); a run that recorded its grouping takes it where the config
+    leaves the choice (optim.no_decay=auto) and refuses a setting that asks for other groups."""
+    if state.grouping is None:
+        o = cfg.optim
+        if o.no_decay != "auto" or o.no_decay_names or o.encoder_lr_mult != 1 or o.layer_decay != 1:
+            log(f"note: {ckpt} was made before parameter groups were recorded: it resumes with its one "
+                f"group; this config's groups ({requested_grouping(o).describe()}) apply to new runs")
+        return ONE_GROUP
     try:
+        then = Grouping.from_record(state.grouping)
         now = requested_grouping(cfg.optim, then)
     except UserError as e:
         raise UserError(f"{ckpt}: {e}") from None
@@ -135,6 +142,18 @@ def check_grouping(cfg: Config, ckpt: Path, state: RunState) -> Grouping:
                         f"with {then.settings()}, or start a new run with name=... (train.init_from=its best "
                         "weights to fine-tune with the new groups)")
     return then
+
+
+def check_group_sizes(ckpt: Path, state: RunState, groups: list[ParamGroup]) -> None:
+    """The groups rebuilt for a resumed run hold as many tensors each as its checkpoint's did (another timm
+    version may cut an encoder's stages elsewhere): else one line, where loading the optimizer state would
+    fail with a traceback."""
+    then = (state.grouping or {}).get("tensors")
+    now = [len(g.params) for g in groups]
+    if then is not None and then != now:
+        raise UserError(f"{ckpt}: this code builds parameter groups of {now} tensors for the run, its "
+                        f"checkpoint holds groups of {then} (another timm or distseg version?): resume with "
+                        "the versions it was trained with, or start a new run (train.init_from=its weights)")
 
 
 def restore(acc, ckpt: Path, state: RunState, train_loader: Loader) -> None:

@@ -25,7 +25,7 @@ from distseg.models.weights import load_weights
 from distseg.runs.checkpoint import RunState, read_state
 from distseg.runs.run_dir import RunDir, provenance
 from distseg.runs.run_lock import Lease, RunLocked, acquire
-from distseg.training.resume import check_grouping, check_layout, choose_resume, restore
+from distseg.training.resume import check_group_sizes, check_grouping, check_layout, choose_resume, restore
 from distseg.training.run import Run
 from distseg.training.timing import RunClock
 
@@ -49,9 +49,8 @@ def take_lease(cfg: Config, acc) -> Lease | None:
 
 
 def read_inputs(cfg: Config, acc, scheme: Scheme):
-    """The loaders, the checkpoint to resume from with its state, and the parameter grouping (a resumed
-    run's own), all validated. Every rank reads the same files with the same settings, so a mistake here is
-    the same on every rank: reported once."""
+    """The loaders and the checkpoint to resume from with its state, all validated. Every rank reads the
+    same files with the same settings, so a mistake here is the same on every rank: reported once."""
     try:
         train_loader = build_loader(cfg, cfg.data.train_split, acc, scheme, train=True)
         val_loader = build_loader(cfg, cfg.data.val_split, acc, scheme, train=False)
@@ -60,29 +59,46 @@ def read_inputs(cfg: Config, acc, scheme: Scheme):
         if resume_from is not None:
             check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares,
                          train_loader.stream_sizes)
-        grouping = check_grouping(cfg, resume_from, state) if resume_from else requested_grouping(cfg.optim)
     except UserError as e:
         e.collective = True
         raise
-    return train_loader, val_loader, resume_from, state, grouping
+    return train_loader, val_loader, resume_from, state
 
 
-def make_groups(model: torch.nn.Module, grouping: Grouping) -> list[ParamGroup]:
-    """The optimizer's parameter groups; a setting that does not fit the model is the same on every rank."""
+def choose_grouping(cfg: Config, acc, resume_from, state: RunState) -> Grouping:
+    """The parameter grouping of this start: a new run's from the config, a resumed run's own
+    (training/resume.check_grouping); a refusal is the same on every rank."""
     try:
-        return build_param_groups(model, grouping)
+        return check_grouping(cfg, resume_from, state, acc.print) if resume_from else \
+            requested_grouping(cfg.optim)
     except UserError as e:
         e.collective = True
         raise
+
+
+def make_groups(model: torch.nn.Module, grouping: Grouping, resume_from, state: RunState) -> list[ParamGroup]:
+    """The optimizer's parameter groups, recorded in the run state with their sizes (a run made before
+    grouping was recorded stays so: one group on every resume); a setting that does not fit the model, or
+    groups that do not fit the checkpoint, are the same on every rank."""
+    try:
+        groups = build_param_groups(model, grouping)
+        if resume_from is not None:
+            check_group_sizes(resume_from, state, groups)
+    except UserError as e:
+        e.collective = True
+        raise
+    if resume_from is None or state.grouping is not None:
+        state.grouping = grouping.record(groups)
+    return groups
 
 
 def print_groups(run: Run, grouping: Grouping, resumed: bool) -> None:
-    """Each group's tensors, parameters, learning rate and weight decay, once at the start."""
+    """Each group's tensors, parameters, base learning rate and the weight decay its optimizer group applies
+    (a resumed optimizer keeps the decay it was saved with), once at the start."""
     kept = " (the run's own)" if resumed else ""
     run.log.print(f"parameter groups: {grouping.describe()}{kept}")
-    lr = run.cfg.optim.lr
-    for g in run.groups:
-        run.log.print(g.line(lr, run.cfg.optim.weight_decay))
+    for g, opt_group in zip(run.groups, run.optimizer.param_groups, strict=True):
+        run.log.print(g.line(run.cfg.optim.lr, opt_group["weight_decay"]))
 
 
 def prepare_run_dir(cfg: Config, acc) -> None:
@@ -189,17 +205,17 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     clock = RunClock(acc.device.type == "cuda", acc.num_processes)
     backends(cfg, acc)
     scheme = get_scheme(cfg.data.scheme)
-    train_loader, val_loader, resume_from, state, grouping = read_inputs(cfg, acc, scheme)
-    state.grouping = grouping.record()
+    train_loader, val_loader, resume_from, state = read_inputs(cfg, acc, scheme)
     max_steps = step_plan(cfg, train_loader)
     if resume_from is not None and state.step >= max_steps:
         raise finished_earlier(cfg, state, scheme)
+    grouping = choose_grouping(cfg, acc, resume_from, state)
     torch.manual_seed(cfg.train.seed)
     # a resume loads every tensor from its checkpoint: no need for the pretrained weights again
     model = build_model(cfg, out_channels(cfg, scheme.num_classes), pretrained=resume_from is None)
     if cfg.train.init_from and resume_from is None:
         init_weights(cfg, model, acc)
-    groups = make_groups(model, grouping)
+    groups = make_groups(model, grouping, resume_from, state)
     prepare_run_dir(cfg, acc)
     model, optimizer = prepare_model(cfg, acc, model, groups)
     ema = make_ema(cfg, acc, model)
