@@ -9,11 +9,13 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import base_overrides, run_train
 from distseg.config import load_config
 from distseg.errors import UserError
 from distseg.flows.evaluate import score_checkpoint
+from distseg.flows.predict import predict
 from distseg.models import build_model, check_encoder, sync_batchnorm
 from distseg.models.weights import save_weights, write_safetensors
 
@@ -191,9 +193,10 @@ def test_sync_batchnorm_keeps_timms_fused_activations():
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())  # the decoder's too
 
 
-def test_a_timm_run_trains_and_evaluates(shards, tmp_path):
-    """Two steps, then what `distseg evaluate` runs (in this process: timm is imported already): it rebuilds
-    the run's timm model from its config and scores exactly what the run's last validation scored."""
+def test_a_timm_run_trains_evaluates_and_predicts(shards, synth_root, tmp_path):
+    """Two steps, then what `distseg evaluate` and `distseg predict` run (in this process: timm is imported
+    already): the run's timm model rebuilt from its config scores exactly what the run's last validation
+    scored, and predicts the test split in the official format."""
     ov = {"model.encoder": "timm:resnet10t", "data.crop": "[64,128]", "train.max_steps": 2,
           "data.batch_size": 2, "train.mixed_precision": "no", "model.norm": "batch"}
     run_train(base_overrides(shards, tmp_path, "timm", **ov))
@@ -202,3 +205,9 @@ def test_a_timm_run_trains_and_evaluates(shards, tmp_path):
     assert summary["steps"] == 2
     scores = score_checkpoint(str(run), "latest", workers=0)
     assert scores["miou"] == pytest.approx(summary["final_miou"], abs=1e-9)
+    images = sorted((synth_root / "leftImg8bit" / "test").glob("*/*.png"))
+    assert predict(str(run), (), str(tmp_path / "results"), root=str(synth_root), split="test", workers=0) \
+        == len(images) == 2
+    for image in images:
+        result = tmp_path / "results" / image.name.replace("_leftImg8bit.png", "_pred_labelIds.png")
+        assert Image.open(result).size == Image.open(image).size
