@@ -86,9 +86,10 @@ def test_exported_files_equal_torch(tmp_path, encoder, fmt):
     run = make_run(tmp_path, encoder)
     loaded = load_run(run)  # the EMA weights
     g = torch.Generator().manual_seed(0)
-    fixed = export_run(loaded, fmt, str(tmp_path / f"fixed.{fmt}"), 64, 96)
-    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=g)
-    np.testing.assert_allclose(run_exported(fixed, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
+    if not encoder.startswith("timm:"):  # fixed vs dynamic is the decoder's padding, the same for any encoder
+        fixed = export_run(loaded, fmt, str(tmp_path / f"fixed.{fmt}"), 64, 96)
+        x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8, generator=g)
+        np.testing.assert_allclose(run_exported(fixed, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
     dyn = export_run(loaded, fmt, str(tmp_path / f"dyn.{fmt}"), 64, 96, dynamic=True)
     for n, h, w in ((1, 64, 96), (3, 37, 53), (2, 70, 101)):
         x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=g)
