@@ -101,7 +101,13 @@ class DataCfg:
     # split, weight}; [] = train on data.shards / data.train_split. Validation reads data.shards /
     # data.val_split either way. In a config file, or data.streams=[{shards: a, weight: 3}, {shards: b}]
     epoch_samples: int = 0  # with data.streams: samples per epoch, shared by weight; 0 = one pass over the
-    # first stream at its share, x data.repeat (which multiplies only this default)
+    # first stream at its share, x data.repeat (which multiplies only this default). With data.sampling=rare
+    # and no streams: draws per epoch; 0 = the split's samples x data.repeat
+    sampling: str = "uniform"  # uniform (each sample once per pass) | rare: each slot draws a class by
+    # exp((1 - its pixel share) / rare_temperature), then a sample holding it (DAFormer); needs shards with
+    # per-sample class counts
+    rare_temperature: float = 0.01  # with sampling=rare: lower draws the rare classes more (DAFormer: 0.01)
+    rare_min_pixels: int = 3000  # with sampling=rare: a sample holds a class above this many of its pixels
     loader: str = "torch"  # torch | dali
     scheme: str = "trainid"  # the classes the shards were made with (distseg shard --scheme)
     batch_size: int = 8  # per process
@@ -222,6 +228,7 @@ class Config:
 CHOICES = {
     "data.loader": ("torch", "dali"), "eval.mode": ("whole", "slide"), "data.shuffle": ("global", "shards"),
     "data.on_corrupt": ("error", "skip"), "data.verify": ("node", "always"),
+    "data.sampling": ("uniform", "rare"),
     "loss.class_weights": ("none", "inv_log", "median_freq"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.norm": ("batch", "sync_batch", "group", "none"), "optim.name": ("adamw", "sgd"),
@@ -451,6 +458,12 @@ def validate(cfg: Config) -> None:
                         "0")
     parse_bytes(d.cache_size, "config: data.cache_size")
     _validate_streams(d)
+    if d.sampling == "rare" and (d.loader == "dali" or d.shuffle == "shards"):
+        raise UserError("config: data.sampling=rare draws every slot into one global order through the torch "
+                        "loader: set data.loader=torch and data.shuffle=global")
+    if not d.rare_temperature > 0 or d.rare_min_pixels < 0:
+        raise UserError(f"config: data.rare_temperature must be > 0 and data.rare_min_pixels >= 0, got "
+                        f"{d.rare_temperature:g} and {d.rare_min_pixels}")
     e = cfg.eval
     for key, v in (("eval.crop", e.crop), ("eval.stride", e.stride)):
         if v and (len(v) != 2 or min(v) < 1):
@@ -500,9 +513,9 @@ def _validate_streams(d: DataCfg) -> None:
         seen[pair] = i
     if d.epoch_samples < 0:
         raise UserError(f"config: data.epoch_samples must be >= 0, got {d.epoch_samples}")
-    if d.epoch_samples and not d.streams:
-        raise UserError("config: data.epoch_samples is the epoch's length with data.streams; without streams "
-                        "an epoch is data.repeat passes over data.train_split")
+    if d.epoch_samples and not d.streams and d.sampling != "rare":
+        raise UserError("config: data.epoch_samples is the epoch's length with data.streams or "
+                        "data.sampling=rare; otherwise an epoch is data.repeat passes over data.train_split")
     if d.epoch_samples and d.repeat != 1:
         raise UserError(f"config: data.epoch_samples={d.epoch_samples} sets the epoch's length itself: leave "
                         "data.repeat=1 (it multiplies the default, data.epoch_samples=0)")

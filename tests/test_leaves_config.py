@@ -138,14 +138,15 @@ def test_a_dump_loads_back_to_the_same_config(tmp_path):
 
 def test_an_old_config_dumps_as_before_plus_the_keys_added_since():
     """tests/data/old_stage's config.yaml was written by an older version: its dump now differs only by the
-    keys added since (streams, epoch_samples, the parameter groups' settings), at their defaults."""
+    keys added since (streams, epoch_samples, sampling, the parameter groups' settings), at their defaults."""
     stored = (ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml").read_text()
     now = dump_config(load_config(ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml"))
     a, b = stored.splitlines(keepends=True), now.splitlines(keepends=True)
     ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
     assert {op for op, *_ in ops} == {"equal", "insert"}
     added = [line for op, _, _, j1, j2 in ops if op == "insert" for line in b[j1:j2]]
-    assert added == ["  streams: []\n", "  epoch_samples: 0\n", "  no_decay: auto\n",
+    assert added == ["  streams: []\n", "  epoch_samples: 0\n", "  sampling: uniform\n",
+                     "  rare_temperature: 0.01\n", "  rare_min_pixels: 3000\n", "  no_decay: auto\n",
                      "  no_decay_names: []\n", "  encoder_lr_mult: 1.0\n", "  layer_decay: 1.0\n",
                      "  async_checkpoint: true\n"]
     assert now[now.index("  val_split:"):].startswith("  val_split: val\n  streams: []\n  epoch_samples: 0\n")

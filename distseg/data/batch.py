@@ -81,6 +81,9 @@ class Loader(Protocol):
     def stream_images(self, epochs: int, batches: int) -> list[int] | None:
         """data.streams: each stream's samples trained on at that position (None without streams)."""
 
+    def class_draws(self, epochs: int, batches: int) -> list[int] | None:
+        """data.sampling=rare: draws per class of the scheme at that position (None otherwise)."""
+
     def class_pixels(self) -> np.ndarray:
         """Labelled pixels per class of what it trains on, for the loss weights (data.streams: weighted
         by the streams' shares of an epoch)."""

@@ -149,6 +149,10 @@ class DaliLoader:
         """data.streams is the torch loader's."""
         return None
 
+    def class_draws(self, epochs: int, batches: int) -> None:
+        """data.sampling=rare is the torch loader's."""
+        return None
+
     def class_pixels(self) -> np.ndarray:
         """Labelled pixels per class of the split, for the loss weights."""
         return self.split.class_pixels()

@@ -27,6 +27,15 @@ pass number) and a large one is sub-sampled, continuing next epoch where it stop
 then interleaved in one permutation of the epoch and cut into global batches as `global` does, which keeps
 its guarantees: equal batches per rank, each stream's pass exactly once, any split over processes.
 
+With data.sampling=rare (`RareClassSampler`, DAFormer's rare-class sampling), each slot of an epoch draws a
+class c with probability proportional to exp((1 - f_c) / T), f_c the class's share of the labelled pixels,
+then a sample holding more than data.rare_min_pixels of c, both with replacement; a class no sample holds
+that way is left out of the draw. Each draw has its own augmentation key (its slot in the epoch, so a sample
+drawn twice gets two crops). The draws are a function of (seed, epoch): the epoch is one global order cut
+into global batches as `global` does, so equal batches per rank, a mid-epoch resume and a resume on another
+process count hold; exactly-once does not apply. With data.streams each stream's share is drawn this way
+within the stream, then the epoch is interleaved as above.
+
 The order of an epoch is a numpy array (8 bytes per sample and pass); batches are made when asked for, so
 no Python object exists per sample of the dataset.
 """
@@ -34,6 +43,7 @@ no Python object exists per sample of the dataset.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -198,6 +208,87 @@ class StreamSampler(EpochBatchSampler):
         if batches:
             taken, _ = self.unpack(self.mixed(epochs)[:batches * self.b * self.world])
             done = done + np.bincount(self.stream_of(taken), minlength=len(self.sizes))
+        return done.tolist()
+
+
+@dataclass(frozen=True)
+class ClassPool:
+    """One stream's rare-class draw: the classes it can draw, their probabilities, and for each the samples
+    (indexes within the stream, int32) holding more than the minimum of its pixels."""
+
+    classes: np.ndarray
+    probs: np.ndarray
+    members: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, counts: np.ndarray, temperature: float, min_pixels: int) -> ClassPool:
+        """From per-sample class pixel counts (samples x classes): f_c over all labelled pixels; a class with
+        no sample above `min_pixels` is left out (it would get the largest weight and nothing to draw)."""
+        totals = np.asarray(counts.sum(axis=0), np.float64)
+        freq = totals / max(totals.sum(), 1.0)
+        members = [np.flatnonzero(counts[:, c] > min_pixels).astype(np.int32) for c in range(counts.shape[1])]
+        drawable = np.array([c for c, m in enumerate(members) if len(m)], np.int64)
+        if not len(drawable):
+            return cls(drawable, np.zeros(0), ())
+        logits = (1.0 - freq[drawable]) / temperature
+        p = np.exp(logits - logits.max())
+        return cls(drawable, p / p.sum(), tuple(members[c] for c in drawable))
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """`n` draws: (sample index within the stream, drawn class), in draw order."""
+        which = rng.choice(len(self.classes), size=n, p=self.probs)
+        picks = np.empty(n, np.int64)
+        for k, members in enumerate(self.members):
+            at = np.flatnonzero(which == k)
+            picks[at] = members[rng.integers(0, len(members), size=len(at))]
+        return picks, self.classes[which]
+
+
+class RareClassSampler(EpochBatchSampler):
+    """data.sampling=rare; see the module docstring. `pools` one `ClassPool` per stream (a single split: one),
+    `sizes` the streams' samples, `shares` their draws per epoch."""
+
+    def __init__(self, pools: list[ClassPool], sizes: list[int], shares: list[int], batch_size: int,
+                 world: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(sum(shares), batch_size, world, rank, shuffle=True, seed=seed)
+        self.pools, self.shares = pools, np.asarray(shares, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's global order: (index in the shared space, augmentation key, drawn class). The key is
+        the draw's slot counted over the run (mod 2^32), so no two draws of an epoch share one."""
+        idx, cls = [], []
+        for s, (pool, q) in enumerate(zip(self.pools, self.shares.tolist())):
+            picks, drawn = pool.draw(np.random.default_rng([self.seed, 0x5241, s, epoch]), q)
+            idx.append(picks + self.offsets[s])
+            cls.append(drawn)
+        n = self.n
+        keys = (np.arange(n, dtype=np.int64) + epoch * n) & 0xFFFFFFFF
+        perm = np.random.default_rng([self.seed, 0x4D49, epoch]).permutation(n)
+        return np.concatenate(idx)[perm], keys, np.concatenate(cls)[perm]
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's global order: (index, augmentation key)."""
+        idx, keys, _ = self.plan(self.epoch)
+        return idx, keys
+
+    def draws(self, epochs: int, batches: int, classes: int) -> list[int]:
+        """Draws per class after `epochs` whole epochs and `batches` batches (of each process) into the next,
+        padding excluded: the epochs' plans replayed (a pure function of the position, as a resume needs)."""
+        out = np.zeros(classes, np.int64)
+        for e in range(epochs + (1 if batches else 0)):
+            drawn = self.plan(e)[2]
+            out += np.bincount(drawn if e < epochs else drawn[:batches * self.b * self.world],
+                               minlength=classes)
+        return out.tolist()
+
+    def seen(self, epochs: int, batches: int) -> list[int]:
+        """Samples drawn from each stream so far (streams: as `StreamSampler.seen`)."""
+        done = self.shares * epochs
+        if batches:
+            taken = self.plan(epochs)[0][:batches * self.b * self.world]
+            stream = np.searchsorted(self.offsets, taken, side="right") - 1
+            done = done + np.bincount(stream, minlength=len(self.shares))
         return done.tolist()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from distseg.config import DataCfg, default_epoch_samples, stream_shares
+from distseg.data.sampler import ClassPool
 from distseg.errors import UserError
 from distseg.labels import Scheme
 from distseg.shards.split import OpenSplit, open_split
@@ -107,11 +108,40 @@ def open_streams(data: DataCfg, scheme: Scheme) -> list[OpenSplit]:
     return splits
 
 
+def rare_pools(splits: list[OpenSplit], data: DataCfg) -> list[ClassPool]:
+    """Each stream's rare-class draw (data.sampling=rare) from its shards' per-sample class counts, in the
+    run's classes; a stream where no class reaches data.rare_min_pixels in any sample is refused."""
+    pools = []
+    for k, sp in enumerate(splits):
+        pool = ClassPool.of(sp.class_counts(data), data.rare_temperature, data.rare_min_pixels)
+        if not len(pool.classes):
+            where = f"data.streams[{k}] ({sp.split})" if data.streams else f"split {sp.split}"
+            raise UserError(f"data.sampling=rare: no sample of {where} holds more than data.rare_min_pixels="
+                            f"{data.rare_min_pixels} pixels of any class: lower data.rare_min_pixels")
+        pools.append(pool)
+    return pools
+
+
 def stream_record(data: DataCfg, shares: list[int], sizes: list[int]) -> list[dict]:
     """What the run state keeps of the streams (a resume must have the same): location, split, weight, its
     samples per epoch and its size (a re-sharded stream would change every pass's permutation)."""
     return [{"shards": redact(st.shards), "split": st.split, "weight": st.weight, "samples": q, "size": n}
             for st, q, n in zip(data.streams, shares, sizes)]
+
+
+def rare_draws(data: DataCfg, samples: int, shares: list[int] | None) -> int:
+    """Draws per epoch with data.sampling=rare: the streams' shares, else data.epoch_samples, else the
+    uniform epoch's size (the split's samples x data.repeat)."""
+    return sum(shares) if shares is not None else data.epoch_samples or samples * data.repeat
+
+
+def sampling_record(data: DataCfg, samples: int, shares: list[int] | None) -> dict:
+    """What the run state keeps of data.sampling (a resume must have the same: each changes every epoch's
+    draws); empty for uniform sampling, as every run before rare sampling had."""
+    if data.sampling != "rare":
+        return {}
+    return {"sampling": "rare", "temperature": data.rare_temperature, "min_pixels": data.rare_min_pixels,
+            "draws": rare_draws(data, samples, shares)}
 
 
 def describe_streams(records: list[dict]) -> str:

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.batch import Batch
-from distseg.data.sampler import EpochBatchSampler, ShardWindowSampler, StreamSampler
-from distseg.data.streams import Sources
+from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindowSampler, StreamSampler
+from distseg.data.streams import Sources, rare_draws, rare_pools
 from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
@@ -194,7 +194,11 @@ class TorchLoader:
             raise UserError("data.decode=gpu needs CUDA and JPEG shards")
         bs = d.batch_size if train else d.val_batch_size
         repeat = d.repeat if train else 1
-        if shares is not None:
+        if train and d.sampling == "rare":
+            draws = shares if shares is not None else [rare_draws(d, len(self.samples), None)]
+            self.sampler = RareClassSampler(rare_pools(splits, d), self.samples.sizes(), draws, bs, world,
+                                            rank, seed)
+        elif shares is not None:
             self.sampler = StreamSampler(self.samples.sizes(), shares, bs, world, rank, seed)
         elif train and d.shuffle == "shards":
             self.sampler = ShardWindowSampler([sh["count"] for sh in self.man["shards"]], bs, world, rank,
@@ -223,6 +227,13 @@ class TorchLoader:
         """With data.streams: each stream's samples trained on after `epochs` epochs and `batches` batches
         of the next (all processes; a pure function of the position)."""
         return self.sampler.seen(epochs, batches) if self.shares is not None else None
+
+    def class_draws(self, epochs: int, batches: int) -> list[int] | None:
+        """With data.sampling=rare: draws per class of the scheme after `epochs` epochs and `batches` batches
+        of the next (all processes; a pure function of the position)."""
+        if not isinstance(self.sampler, RareClassSampler):
+            return None
+        return self.sampler.draws(epochs, batches, self.split.scheme.num_classes)
 
     def class_pixels(self) -> np.ndarray:
         """Labelled pixels per class for the loss weights (with streams, weighted by their shares)."""

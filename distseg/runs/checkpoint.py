@@ -34,6 +34,8 @@ class RunState:
     `samples` training samples seen, padding excluded; `world`, `batch_size`, `grad_accum`, `shuffle` and
     `repeat` (data.repeat: passes per epoch) the layout that wrote it; `streams` one {"shards", "split",
     "weight", "samples", "size"} per stream of data.streams (samples: its share of an epoch), empty without;
+    `sampling` data.sampling=rare's settings {"sampling", "temperature", "min_pixels", "draws"} (draws per
+    epoch), empty for uniform sampling;
     `best_score`, `best_step`, `best_epoch` the best validation score so far (mIoU, or the foreground IoU
     of a binary scheme; -1 before any), `best_scores` that validation's scores (per-class IoU, mIoU, pixel
     accuracy, category IoU);
@@ -61,6 +63,7 @@ class RunState:
     shuffle: str = "global"
     repeat: int = 1
     streams: list = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)
     best_scores: dict = field(default_factory=dict)
     grouping: dict | None = None
     segments: list = field(default_factory=list)

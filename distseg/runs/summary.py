@@ -43,6 +43,7 @@ class RunSummary:
     segments: list = field(default_factory=list)  # one per process that trained (runs/checkpoint.RunState)
     timing: dict = field(default_factory=dict)  # training/timing.RunClock.summary()
     streams: list = field(default_factory=list)  # data.streams: {shards, split, weight, samples, images}
+    sampling: dict = field(default_factory=dict)  # data.sampling=rare: its settings and draws per class
     distseg_version: str | None = None
     git_commit: str | None = None
     config_sha256: str | None = None

@@ -228,6 +228,15 @@ def stream_images(run: Run) -> list[int]:
     return run.train_loader.stream_images(st.epoch, st.batch_in_epoch) if st.streams else []
 
 
+def sampling_summary(run: Run) -> dict:
+    """data.sampling=rare's settings and its draws per class so far (empty for uniform sampling)."""
+    st = run.state
+    if not st.sampling:
+        return {}
+    draws = run.train_loader.class_draws(st.epoch, st.batch_in_epoch)
+    return {**st.sampling, "class_draws": dict(zip(run.scheme.class_names, draws))}
+
+
 def streams_seen(run: Run) -> str:
     """`; images seen per stream: train of shards/fine 2975, train_extra of shards/coarse 992` (empty
     without streams)."""
@@ -305,6 +314,7 @@ def run_summary(run: Run, timing: dict) -> RunSummary:
         interrupted=proc.interrupted, finished=not proc.preempted and st.step >= run.max_steps,
         history=st.history, segments=st.segments, timing=timing,
         streams=[{**rec, "images": n} for rec, n in zip(st.streams, stream_images(run))],
+        sampling=sampling_summary(run),
     ).with_provenance(run.provenance)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from distseg import run_files as files
 from distseg.config import Config, load_config
 from distseg.data.batch import Loader
-from distseg.data.streams import describe_streams, stream_record
+from distseg.data.streams import describe_streams, sampling_record, stream_record
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
@@ -74,7 +74,7 @@ def choose_resume(cfg: Config, log) -> Path | None:
 
 
 def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log,
-                 shares: list[int] | None = None, sizes: list[int] | None = None) -> None:
+                 shares: list[int] | None = None, sizes: list[int] | None = None, samples: int = 0) -> None:
     """Resuming in another layout (processes x data.batch_size x train.grad_accum): allowed when the global
     batch is the same, and then the interrupted epoch continues exactly where it stopped, each sample once
     (the global shuffle is one permutation cut into global batches, whatever their split over processes).
@@ -86,6 +86,7 @@ def check_layout(cfg: Config, world: int, ckpt: Path, state: RunState, log,
                         f"data.repeat={state.repeat}, or start a new run with name=... (train.init_from="
                         "its best weights to continue from them)")
     check_streams(cfg, ckpt, state, shares, sizes)
+    check_sampling(cfg, ckpt, state, samples, shares)
     old = (state.world, state.batch_size, state.grad_accum)
     new = (world, cfg.data.batch_size, cfg.train.grad_accum)
     if old == new or not state.batch_size:
@@ -118,6 +119,22 @@ def check_streams(cfg: Config, ckpt: Path, state: RunState, shares: list[int] | 
                         f"{describe_streams(now)}): an epoch, its samples and the learning-rate schedule "
                         "would change; resume with those, or start a new run with name=... "
                         "(train.init_from=its best weights to continue from them)")
+
+
+def check_sampling(cfg: Config, ckpt: Path, state: RunState, samples: int, shares: list[int] | None) -> None:
+    """A run resumes with the data.sampling it was trained with (a run made before rare sampling: uniform):
+    another would change every epoch's draws, and the interrupted one's."""
+    if not state.batch_size:
+        return
+    now = sampling_record(cfg.data, samples, shares) if cfg.data.sampling == "rare" else {}
+    if now != state.sampling:
+        show = ("data.sampling={sampling} data.rare_temperature={temperature:g} "
+                "data.rare_min_pixels={min_pixels} ({draws} draws per epoch)").format
+        then = show(**state.sampling) if state.sampling else "data.sampling=uniform"
+        raise UserError(f"{ckpt} was trained with {then}, this start has "
+                        f"{show(**now) if now else 'data.sampling=uniform'}: every epoch's draws would "
+                        "change; resume with those, or start a new run with name=... (train.init_from=its "
+                        "best weights to continue from them)")
 
 
 def check_grouping(cfg: Config, ckpt: Path, state: RunState, log) -> Grouping:

@@ -24,7 +24,7 @@ import torch
 
 from distseg.config import Config
 from distseg.data.batch import Loader
-from distseg.data.streams import stream_record
+from distseg.data.streams import sampling_record, stream_record
 from distseg.inference.segmenter import Segmenter
 from distseg.labels import Scheme, get_scheme
 from distseg.models.losses import SegLoss, build_loss
@@ -103,6 +103,8 @@ class Run:
         state.shuffle, state.repeat = cfg.data.shuffle, cfg.data.repeat
         state.streams = stream_record(cfg.data, train_loader.shares, train_loader.stream_sizes) \
             if cfg.data.streams else []
+        state.sampling = sampling_record(cfg.data, train_loader.num_samples, train_loader.shares) \
+            if cfg.data.sampling == "rare" else {}
         epochs = math.ceil(max_steps / math.ceil(len(train_loader) / cfg.train.grad_accum))
         tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resumed else None)
         log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, epochs, cfg.name,

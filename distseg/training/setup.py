@@ -58,7 +58,7 @@ def read_inputs(cfg: Config, acc, scheme: Scheme):
         state = read_state(resume_from) if resume_from else RunState(config=cfg.name)
         if resume_from is not None:
             check_layout(cfg, acc.num_processes, resume_from, state, acc.print, train_loader.shares,
-                         train_loader.stream_sizes)
+                         train_loader.stream_sizes, train_loader.num_samples)
     except UserError as e:
         e.collective = True
         raise
