@@ -74,7 +74,7 @@ def test_no_class_to_draw_is_refused_not_a_hang():
     c = counts()[:, [4, 5]]  # below the minimum, and nowhere
     assert len(ClassPool.of(c, 0.01, MIN).classes) == 0
     data = load_config(None, ["data.sampling=rare", f"data.rare_min_pixels={MIN}"]).data
-    with pytest.raises(UserError, match=f"no sample of split train holds more than data.rare_min_pixels={MIN}"):
+    with pytest.raises(UserError, match=f"no sample of split train holds more than .*={MIN} pixels"):
         rare_pools([Split(c)], data)
     assert len(rare_pools([Split(counts())], data)[0].classes) == 4
 
