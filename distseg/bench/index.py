@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from distseg.bench.common import table
-from distseg.data.sampler import EpochBatchSampler, StreamSampler
+from distseg.data.sampler import ClassPool, EpochBatchSampler, RareClassSampler, StreamSampler
 from distseg.errors import UserError
 from distseg.shards.sample_index import identity, node_folder, read_index_file, sample_index
 
@@ -132,28 +132,45 @@ def _vm_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _plan_in_child(conn, n: int, streams: bool) -> None:
+def fake_class_counts(n: int, classes: int = 19) -> np.ndarray:
+    """Per-sample pixel counts as Cityscapes has them: about half the classes in every image, and the rare
+    ones (the last five) in 1-5% of the images."""
+    rng = np.random.default_rng(0)
+    share = np.r_[np.full(classes - 5, 0.5), np.linspace(0.01, 0.05, 5)]
+    has = rng.random((n, classes), np.float32) < share
+    return np.where(has, rng.integers(1, 200_000, (n, classes), dtype=np.uint32), 0).astype(np.uint32)
+
+
+def _plan_in_child(conn, n: int, kind: str) -> None:
     EpochBatchSampler(1000, 8, 64, 63, shuffle=True).order()  # first use of torch's and numpy's generators
     StreamSampler([750, 250], [750, 250], 8, 64, 63).order()
+    counts = fake_class_counts(n) if kind == "rare" else None  # the shards' memory-mapped file: not counted
     with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) from here: start-up left out
         f.write("5")
     before = _vm_kib("VmRSS")
     t = time.perf_counter()
-    if streams:  # two streams, 3:1: the first one pass per epoch, the second 4x larger, sub-sampled
+    if kind == "streams":  # two streams, 3:1: the first one pass per epoch, the second 4x larger, sub-sampled
         first = max(1, n * 3 // 4)
         StreamSampler([first, 4 * (n - first) + 1], [first, n - first], 8, 64, 63).order()
+    elif kind == "rare":  # the classes' sample lists once per run, then each epoch's draws
+        pool = ClassPool.of(counts, 0.01, 3000)
+        built = time.perf_counter()
+        RareClassSampler([pool], [n], [n], 8, 64, 63).order()
+        conn.send((time.perf_counter() - built, (_vm_kib("VmHWM") - before) / 1024, built - t))
+        return
     else:
         EpochBatchSampler(n, 8, 64, 63, shuffle=True).order()
-    conn.send((time.perf_counter() - t, (_vm_kib("VmHWM") - before) / 1024))
+    conn.send((time.perf_counter() - t, (_vm_kib("VmHWM") - before) / 1024, 0.0))
 
 
-def plan_epoch(n: int, streams: bool) -> tuple[float, float]:
-    """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples, in a fresh
-    child process, so that its peak resident memory (VmHWM) is this planning's alone (a forked child would
-    reuse pages the parent's allocator already holds)."""
+def plan_epoch(n: int, kind: str) -> tuple[float, float, float]:
+    """Seconds and peak memory growth (MiB) of planning an epoch's global order of n samples (`kind`: one
+    split, two streams, rare-class draws; for these also the seconds of building their class pools once), in
+    a fresh child process, so that its peak resident memory (VmHWM) is this planning's alone (a forked child
+    would reuse pages the parent's allocator already holds)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_plan_in_child, args=(child, n, streams))
+    proc = ctx.Process(target=_plan_in_child, args=(child, n, kind))
     proc.start()
     child.close()  # the child's end: a child that dies closes the pipe, and recv raises instead of waiting
     try:
@@ -200,7 +217,7 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
         per_sample = size / samples
         growth, first = workers_epoch(index, workers)
         order_s, order_mib = sampler_epoch(samples)
-        plans = [plan_epoch(samples, streams) for streams in (False, True)]
+        plans = [plan_epoch(samples, kind) for kind in ("one", "streams", "rare")]
         dali_mib = dali_memory(man) if dali else "skipped (--no-dali)"
     rows = [["index file on disk", f"{per_sample:.1f} B/sample ({per_sample - 20:.1f} + a 20-byte key)"],
             ["open + 10^4 random lookups, cold (built from the .idx files)", f"{cold:.3f} s"],
@@ -214,8 +231,10 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
             ["one rank's epoch order among 64 ranks (global shuffle, batch 8)",
              f"{order_s:.3f} s, {order_mib:.2f} MiB of arrays"],
             *[[f"planning an epoch's global order, {what}",
-               f"{t:.3f} s, peak {mib:.1f} MiB ({mib * 2**20 / samples:.1f} B/sample)"]
-              for what, (t, mib) in zip(("one split", "two streams 3:1 (data.streams)"), plans)],
+               f"{t:.3f} s, peak {mib:.1f} MiB ({mib * 2**20 / samples:.1f} B/sample)"
+               + (f"; its class pools once per run: {pools:.3f} s" if pools else "")]
+              for what, (t, mib, pools) in zip(("one split", "two streams 3:1 (data.streams)",
+                                                "rare-class draws (data.sampling=rare, 19 classes)"), plans)],
             ["DALI webdataset reader over the same .idx files: its own memory",
              dali_mib if isinstance(dali_mib, str) else f"{dali_mib:.1f} MiB"]]
     head = (f"sample index: {samples:,} fake samples in {len(man['shards']):,} shards of {PER_SHARD} "
