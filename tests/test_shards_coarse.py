@@ -22,8 +22,9 @@ from distseg.shards.shard_reader import ShardFiles, ShardSamples, decode_mask, d
 from distseg.shards.synth import coarse_margin, render_scene, sample_rng, stem_of, write_synth
 
 # sha256 over (relative path, sha256 of the bytes) of every file `synth --out D --train 3 --val 2 --test 1
-# --size 128x64 --seed 5` writes, recorded on the code before `--extra` existed (commit 8b15294): the demo's
-# expected mIoU, the tests and the benchmarks depend on these bytes.
+# --size 128x64 --seed 5` writes, recorded on the code before `--extra` existed (commit 8b15294), and the
+# same without `--rare` (tests/test_shards_counts.py): the demo's expected mIoU, the tests and the benchmarks
+# depend on these bytes.
 SYNTH_TREE_SHA = "a196dac723fd0610499ec649d1647e8f9b974b75b223b6137f831fa66baba9a8"
 COUNTS = {"train": 3, "val": 2, "test": 1}
 EXTRA = 5

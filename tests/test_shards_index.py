@@ -91,6 +91,8 @@ def test_bench_index_at_ten_to_the_fifth():
     growth = rows["private memory growth per worker over an epoch (2 workers)"]
     assert np.isfinite(float(growth.split()[1]))
     assert "skipped" in rows["DALI webdataset reader over the same .idx files: its own memory"]
+    assert rows["class counts file on disk (labelid: 34 classes of uint32)"].startswith("136.0 B/sample")
+    assert float(rows["class counts: map + images per class; summed into trainid"].split()[0]) > 0
     for what in ("one split", "two streams 3:1 (data.streams)"):  # measured in a child process each
         cell = rows[f"planning an epoch's global order, {what}"].split()  # 0.017 s, peak 22.8 MiB (...)
         assert float(cell[0]) >= 0 and float(cell[3]) >= 0 and cell[4] == "MiB"

@@ -170,6 +170,7 @@ def test_kill_mid_run_leaves_no_partial_tar_and_rerun_resumes(synth_root, tmp_pa
     assert [(s["name"], s["sha256"], s["keys_sha"]) for s in man["shards"]] == \
         [(s["name"], s["sha256"], s["keys_sha"]) for s in ref_man["shards"]]
     assert not list(out.glob("*.tmp")) and not (out / "train.state.json").exists()
+    assert (out / "train.counts.npy").read_bytes() == (ref / "train.counts.npy").read_bytes()
 
 
 def _copy_tree(src, dst):

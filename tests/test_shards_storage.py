@@ -80,6 +80,7 @@ def test_shard_to_s3_uploads_manifest_last_and_resumes(s3, synth_root, shards, t
     fs.invalidate_cache()
     names = {p.rsplit("/", 1)[1] for p in fs.ls("bkt/killed")}
     assert "train-000000.tar" in names and "train.json" not in names, names  # no manifest before its shards
+    assert "train-000000.counts.npy" in names and "train.counts.npy" not in names  # counts beside each shard
     p = run_cli("shard", "--split", "train", "--root", synth_root, "--out", url, "--maxcount", "4", env=env)
     assert "resuming: " in p.stdout
     fs.invalidate_cache()
@@ -91,6 +92,10 @@ def test_shard_to_s3_uploads_manifest_last_and_resumes(s3, synth_root, shards, t
         assert fs.cat(f"bkt/killed/{sh['name']}") == (shards / sh["name"]).read_bytes()
         assert len(sh["index_sha256"]) == 64
     assert not fs.exists("bkt/killed/train.state.json")
+    # the counts of the shards uploaded before the kill came back from the bucket: the same split file
+    assert fs.cat("bkt/killed/train.counts.npy") == (shards / "train.counts.npy").read_bytes()
+    assert remote["class_counts"] == local["class_counts"]
+    assert not [p for p in fs.ls("bkt/killed") if re.fullmatch(r".*/train-\d+\.counts\.npy", p)]  # removed
 
 
 def test_train_from_s3_and_http_equals_local_disk(s3, s3_shards, shards, one_proc_run, tmp_path):

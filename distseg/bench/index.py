@@ -4,7 +4,8 @@ bytes per sample, the time to open it and look up 10^4 random samples (cold: bui
 warm: mapped from the node-local file), each DataLoader worker's private memory growth (USS: private clean +
 dirty pages) after an epoch of lookups, with the shared mapping counted once, and how long the workers take
 to serve their first lookup. DALI's reader keeps its own index of the same files: its memory is a row of its
-own."""
+own. The per-sample class counts file (labelid's 34 classes, random sparse counts) has rows of its own: its
+bytes per sample, the time to map it and count the images per class, and to sum it into trainid's classes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 from distseg.bench.common import table
 from distseg.data.sampler import ClassPool, EpochBatchSampler, RareClassSampler, StreamSampler
 from distseg.errors import UserError
+from distseg.labels import get_scheme
+from distseg.shards.class_counts import images_per_class, in_scheme, open_split_counts, write_split
 from distseg.shards.sample_index import identity, node_folder, read_index_file, sample_index
 
 PER_SHARD = 100
@@ -182,6 +185,25 @@ def plan_epoch(n: int, kind: str) -> tuple[float, float, float]:
     return out
 
 
+def class_counts(folder: Path, samples: int, classes: int = 34) -> tuple[float, float, float]:
+    """Bytes per sample of a split's class counts file (written as `distseg shard` writes it, from shards of
+    PER_SHARD), and the seconds to map it and count the images per class, and to sum it into trainid."""
+    rng = np.random.default_rng(0)
+
+    def parts():  # ~30% of the classes in each sample
+        for a in range(0, samples, PER_SHARD):
+            n = min(PER_SHARD, samples - a)
+            yield (rng.random((n, classes)) < 0.3) * rng.integers(1, 50_000, (n, classes))
+    path = folder / "train.counts.npy"
+    record, _ = write_split(path, parts(), samples, classes)
+    t = time.perf_counter()
+    images_per_class(open_split_counts(path, record, str(path)))
+    mapped = time.perf_counter() - t
+    t = time.perf_counter()
+    in_scheme(open_split_counts(path, record, str(path)), get_scheme("trainid").lut, 19)
+    return path.stat().st_size / samples, mapped, time.perf_counter() - t
+
+
 def dali_memory(man: dict) -> float | str:
     """MiB this process gains when a DALI webdataset reader over the same .idx files is built and yields a
     batch (its own index of every sample), or why it was not measured."""
@@ -219,6 +241,7 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
         order_s, order_mib = sampler_epoch(samples)
         plans = [plan_epoch(samples, kind) for kind in ("one", "streams", "rare")]
         dali_mib = dali_memory(man) if dali else "skipped (--no-dali)"
+        counts_b, counts_open, counts_sum = class_counts(Path(tmp), samples)
     rows = [["index file on disk", f"{per_sample:.1f} B/sample ({per_sample - 20:.1f} + a 20-byte key)"],
             ["open + 10^4 random lookups, cold (built from the .idx files)", f"{cold:.3f} s"],
             ["open + 10^4 random lookups, from the node-local file", f"{warm:.3f} s"],
@@ -236,7 +259,11 @@ def bench_index(samples: int, workers: int = 8, dali: bool = True) -> str:
               for what, (t, mib, pools) in zip(("one split", "two streams 3:1 (data.streams)",
                                                 "rare-class draws (data.sampling=rare, 19 classes)"), plans)],
             ["DALI webdataset reader over the same .idx files: its own memory",
-             dali_mib if isinstance(dali_mib, str) else f"{dali_mib:.1f} MiB"]]
+             dali_mib if isinstance(dali_mib, str) else f"{dali_mib:.1f} MiB"],
+            ["class counts file on disk (labelid: 34 classes of uint32)",
+             f"{counts_b:.1f} B/sample (trainid's 19: 76, binary: 8)"],
+            ["class counts: map + images per class; summed into trainid",
+             f"{counts_open:.3f} s; {counts_sum:.3f} s"]]
     head = (f"sample index: {samples:,} fake samples in {len(man['shards']):,} shards of {PER_SHARD} "
             f"(.idx files made in {made:.1f} s), {os.cpu_count()} CPU cores")
     return head + "\n\n" + table(["measure", "value"], rows)

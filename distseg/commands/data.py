@@ -22,10 +22,13 @@ from distseg.units import parse_bytes, parse_wxh
 @click.option("--extra", "n_extra", default=0, show_default=True,
               help="train_extra images with coarse labels only; also writes gtCoarse for train and val (as "
                    "the real dataset: labels well inside the objects, boundaries, some objects unlabelled)")
+@click.option("--rare", is_flag=True,
+              help="add real Cityscapes rare classes the plain scenes lack: a small bus, rider (on a "
+                   "bicycle) or motorcycle, each in 1 image of 20 (without it, not a byte changes)")
 @click.option("--size", default="512x256", show_default=True, help="WIDTHxHEIGHT of every image")
 @click.option("--seed", default=0, show_default=True, help="scenes are a function of (seed, split, index)")
 @click.option("--workers", default=1, show_default=True, help="rendering processes (the files are the same)")
-def synth(out: str, n_train: int, n_val: int, n_test: int, n_extra: int, size: str, seed: int,
+def synth(out: str, n_train: int, n_val: int, n_test: int, n_extra: int, rare: bool, size: str, seed: int,
           workers: int) -> None:
     """Write synthetic street scenes in the Cityscapes layout (deterministic by seed)."""
     w, h = parse_wxh(size)
@@ -35,10 +38,11 @@ def synth(out: str, n_train: int, n_val: int, n_test: int, n_extra: int, size: s
     counts = {k: v for k, v in asked if v}
     if workers < 1:
         raise UserError("--workers must be at least 1")
-    n = write_synth(Path(out), counts, w, h, seed, progress=sys.stderr.isatty(), workers=workers)
-    coarse = " with gtCoarse for train, val and train_extra" if n_extra else ""
+    n = write_synth(Path(out), counts, w, h, seed, progress=sys.stderr.isatty(), workers=workers, rare=rare)
+    extras = [" with gtCoarse for train, val and train_extra"] if n_extra else []
+    extras += [" with rare classes (bus, rider on a bicycle, motorcycle: 1 image in 20 each)"] if rare else []
     click.echo(f"wrote {n} synthetic images to {out} ({', '.join(f'{k} {v}' for k, v in counts.items())})"
-               f"{coarse}")
+               + ",".join(extras))
 
 
 @click.command()

@@ -27,16 +27,30 @@ def manifest_text(man: dict, verify: bool) -> str:
              f"seed {p['seed']}, {man['tool']}"]
     if man.get("image_sizes"):
         lines.append("image sizes " + ", ".join(f"{wxh} ({n})" for wxh, n in man["image_sizes"].items()))
-    rows = list(man["class_pixels"].items()) + [("(ignore)", man["ignore_pixels"])]
-    total, width = sum(n for _, n in rows), max(16, max(len(name) for name, _ in rows) + 2)
-    lines.append(f"{'class':<{width}}{'pixels':>14}{'share':>9}")
-    lines += [f"{name:<{width}}{n:>14}{100 * n / max(total, 1):>8.2f}%" for name, n in rows]
+    lines += class_rows(man)
     lines.append(f"{'shard':<22}{'samples':>8}{'MB':>9}  sha256")
     lines += [f"{sh['name']:<22}{sh['count']:>8}{sh['bytes'] / 1e6:>9.2f}  {sh['sha256'][:16]}"
               for sh in man["shards"]]
     if verify:
-        lines.append("all shards match their sha256")
+        counts = ", and so do the class counts" if "class_counts" in man else ""
+        lines.append(f"all shards match their sha256{counts}")
     return "\n".join(lines)
+
+
+def class_rows(man: dict) -> list[str]:
+    """Per class: its labelled pixels, their share, and how many samples hold it (recorded with the
+    per-sample class counts; shards made before them say so)."""
+    rows = list(man["class_pixels"].items()) + [("(ignore)", man["ignore_pixels"])]
+    total, width = sum(n for _, n in rows), max(16, max(len(name) for name, _ in rows) + 2)
+    images = man.get("class_images") if "class_counts" in man else None
+    lines = [f"{'class':<{width}}{'pixels':>14}{'share':>9}{'images' if images else '':>9}"]
+    for name, n in rows:
+        held = images.get(name, 0) if images and name in man["class_pixels"] else ""
+        lines.append(f"{name:<{width}}{n:>14}{100 * n / max(total, 1):>8.2f}%{held:>9}")
+    if images is None:
+        lines.append("images per class: not recorded (shards made before per-sample class counts: rerun "
+                     "`distseg shard` with the same settings to add them)")
+    return lines
 
 
 def one_shard_hint(path: str) -> str:

@@ -2,8 +2,12 @@
 load and check it.
 
 Nothing read from storage is trusted: shard and index names must be plain names matching the manifest's
-own pattern (`<split>-NNNNNN.tar`), so a hostile or broken manifest cannot point a reader outside its
-folder or cache.
+own pattern (`<split>-NNNNNN.tar`), and the class counts file is `<split>.counts.npy`, so a hostile or broken
+manifest cannot point a reader outside its folder or cache.
+
+`class_counts` (absent in manifests written before per-sample counts were recorded; no version change, as
+readers of version 2 ignore it) describes the counts file: name, dtype, shape, bytes, sha256;
+`class_images` is how many samples hold each class.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from distseg import __version__, run_files
 from distseg.errors import UserError
 from distseg.files import sha256_file
 from distseg.labels import IGNORE, Scheme
+from distseg.shards.class_counts import split_name
 from distseg.shards.codec import member_names
 from distseg.shards.storage import NotFound, read_bytes, sha256_remote
 from distseg.urls import is_remote, join, local_path, redact
@@ -77,6 +82,11 @@ def check_names(man: dict, where: str) -> None:
             if not isinstance(name, str) or not pattern.fullmatch(name):
                 raise UserError(f"{where}: invalid shard {key} {name!r} (expected {split}-NNNNNN.tar/.idx): "
                                 "the manifest is damaged or not from distseg")
+    counts = man.get("class_counts")
+    if counts is not None and (not isinstance(counts, dict) or counts.get("name") != split_name(split)):
+        name = counts.get("name") if isinstance(counts, dict) else counts
+        raise UserError(f"{where}: invalid class counts {name!r} (expected {split_name(split)}): the "
+                        "manifest is damaged or not from distseg")
 
 
 def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool = False) -> dict:
@@ -113,12 +123,27 @@ def load_manifest(shards: str | os.PathLike, split: str = "train", verify: bool 
                                 f"{sh['bytes']}: "
                                 "it was changed or truncated; re-shard")
     if verify:
-        for i, sh in enumerate(man["shards"]):
-            digest = sha256_remote(shard_url(man,
-                                             i)) if remote else sha256_file(Path(man["_base"]) / sh["name"])
-            if digest != sh["sha256"]:
-                raise UserError(f"shard {redact(shard_url(man, i))} fails its sha256 check: re-shard")
+        verify_files(man)
     return man
+
+
+def verify_files(man: dict) -> None:
+    """Every shard's sha256, and the class counts file's when there is one (remote files are streamed)."""
+    for i, sh in enumerate(man["shards"]):
+        digest = sha256_remote(shard_url(man, i)) if man["_remote"] else sha256_file(Path(man["_base"]) /
+                                                                                   sh["name"])
+        if digest != sh["sha256"]:
+            raise UserError(f"shard {redact(shard_url(man, i))} fails its sha256 check: re-shard")
+    if "class_counts" in man:
+        url = join(man["_base"], split_name(man["split"]))
+        try:
+            digest = sha256_remote(url) if man["_remote"] else sha256_file(local_path(url))
+        except (NotFound, FileNotFoundError):
+            digest = "missing"
+        if digest != man["class_counts"]["sha256"]:
+            what = "are missing: rerun" if digest == "missing" else \
+                "fail their sha256 check: delete them and rerun"
+            raise UserError(f"class counts {redact(url)} {what} `distseg shard` with the same settings")
 
 
 def shard_url(man: dict, i: int, key: str = "name") -> str:
@@ -138,8 +163,16 @@ def check_scheme(man: dict, scheme: Scheme) -> bool:
                     f"{scheme.name} (or shard once with --scheme labelid to remap at load time)")
 
 
-def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[dict]) -> dict:
-    """The <split>.json manifest of finished shards; `params` are the shard options that made them."""
+def counts_fields(record: dict, present: np.ndarray, scheme: Scheme) -> dict:
+    """The manifest's class counts entries: the counts file's record and the samples holding each class."""
+    return {"class_counts": record,
+            "class_images": {name: int(present[i]) for i, name in enumerate(scheme.class_names)}}
+
+
+def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[dict],
+                   counts: tuple[dict, np.ndarray]) -> dict:
+    """The <split>.json manifest of finished shards; `params` are the shard options that made them, `counts`
+    the class counts file's record and the samples holding each class (`class_counts.write_split`)."""
     hist = np.sum([np.array(sh["hist"], np.int64) for sh in done], axis=0)
     sizes: dict[str, int] = {}
     for sh in done:
@@ -156,5 +189,7 @@ def build_manifest(params: dict, scheme: Scheme, source_bytes: int, done: list[d
         "class_pixels": {name: int(hist[i]) for i, name in enumerate(scheme.class_names)},
         "ignore_pixels": int(hist[IGNORE]),
         "image_sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),  # WIDTHxHEIGHT: images, most first
-        "shards": [{k: v for k, v in sh.items() if k not in ("hist", "sizes")} for sh in done],
+        **counts_fields(*counts, scheme),
+        "shards": [{k: v for k, v in sh.items() if k not in ("hist", "sizes", "counts_sha256")}
+                   for sh in done],
     }

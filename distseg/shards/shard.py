@@ -23,9 +23,10 @@ from PIL import Image
 from distseg.errors import UserError, naming
 from distseg.files import atomic_write_text, sha256_file
 from distseg.labels import Scheme, get_scheme
+from distseg.shards import class_counts
 from distseg.shards.cityscapes import Pair, check_labels, find_pairs, resolve_root
 from distseg.shards.codec import CODECS, IMAGE_LEVEL, encode_array, encode_png, member_names
-from distseg.shards.manifest import build_manifest, load_manifest
+from distseg.shards.manifest import build_manifest, counts_fields, load_manifest
 from distseg.shards.shard_outputs import LocalOutput, open_output
 
 IMAGE_EXTS = ("jpg", "png")
@@ -129,16 +130,18 @@ def _encode_worker(pair: Pair) -> Encoded:
 # --- writing --------------------------------------------------------------------------------------
 
 class ShardWriter:
-    """A reproducible tar (mtime 0, uid 0) written under a temp name, with the DALI index built alongside."""
+    """A reproducible tar (mtime 0, uid 0) written under a temp name, with the DALI index and the samples'
+    class counts (`num_classes` of the stored scheme) built alongside."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, num_classes: int):
+        self.path, self.num_classes = path, num_classes
         self.tmp = path.with_name(path.name + ".tmp")
         self.f = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.f, mode="w", format=tarfile.USTAR_FORMAT)
         self.index: list[list] = []
         self.keys: list[str] = []
         self.hist = np.zeros(256, np.int64)
+        self.counts: list[np.ndarray] = []
         self.sizes: dict[str, int] = {}
         self.size = 0
 
@@ -155,11 +158,13 @@ class ShardWriter:
         self.index.append(entry)
         self.keys.append(enc.key)
         self.hist += enc.hist
+        self.counts.append(class_counts.row(enc.hist, self.num_classes))
         self.sizes[enc.size] = self.sizes.get(enc.size, 0) + 1
         self.size = self.tar.offset
 
     def finish(self) -> dict:
-        """Close, fsync, write the index, then rename: the .tar name exists only for a complete shard."""
+        """Close, fsync, write the index and the counts, then rename: the .tar name exists only for a
+        complete shard, and its index and counts exist before it."""
         with naming(self.path):
             self.tar.close()
             self.f.flush()
@@ -169,12 +174,14 @@ class ShardWriter:
         rows = "".join(" ".join(map(str, e)) + "\n" for e in self.index)
         index_text = f"v1.2 {len(self.index)}\n" + rows
         atomic_write_text(idx, index_text)
+        counts_sha = class_counts.save_shard(self.path.with_name(class_counts.shard_name(self.path.name)),
+                                             self.counts, self.num_classes)
         digest = sha256_file(self.tmp)
         self.tmp.replace(self.path)
         return {"name": self.path.name, "index": idx.name, "count": len(self.keys),
                 "bytes": self.path.stat().st_size, "sha256": digest,
                 "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(),
-                "keys_sha": keys_sha(self.keys),
+                "keys_sha": keys_sha(self.keys), "counts_sha256": counts_sha,
                 "hist": self.hist.tolist(), "sizes": self.sizes}
 
     def abort(self) -> None:
@@ -314,7 +321,8 @@ def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: 
                 finish()
                 writer = None
             if writer is None:
-                writer = ShardWriter(output.workdir / f"{opts.split}-{len(done):06d}.tar")
+                writer = ShardWriter(output.workdir / f"{opts.split}-{len(done):06d}.tar",
+                                     scheme.num_classes)
             writer.add(enc)
             bar.update(1)
             if throttle:  # test hook: slow the writer down so a test can kill it mid-run
@@ -335,6 +343,52 @@ def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: 
             pool.join()
 
 
+def shard_counts(output: LocalOutput, sh: dict, num_classes: int, mask_ext: str) -> np.ndarray:
+    """A finished shard's class counts: from its counts file when it is the one the run recorded, else
+    (a shard written before counts were recorded) by decoding the masks of its tar."""
+    path = output.local_copy(class_counts.shard_name(sh["name"]))
+    try:
+        rows = class_counts.load_shard(path, sh.get("counts_sha256"), sh["count"], num_classes)
+    finally:
+        output.release(path)
+    if rows is None:
+        tar = output.local_copy(sh["name"])
+        try:
+            rows = class_counts.from_tar(tar, mask_ext, num_classes)
+        finally:
+            output.release(tar)
+    return rows
+
+
+def split_counts(output: LocalOutput, split: str, shards: list[dict], num_classes: int, mask_ext: str
+                 ) -> tuple[dict, np.ndarray]:
+    """Write (and upload, for a URL) the split's counts file from its finished shards, in their order;
+    returns its manifest record and the number of samples holding each class."""
+    path = output.workdir / class_counts.split_name(split)
+    parts = (shard_counts(output, sh, num_classes, mask_ext) for sh in shards)
+    counts = class_counts.write_split(path, parts, sum(sh["count"] for sh in shards), num_classes)
+    output.put(path.name)
+    return counts
+
+
+def add_counts(output: LocalOutput, man: dict, scheme: Scheme, log) -> dict:
+    """Give an up-to-date split made before per-sample class counts were recorded (or whose counts file is
+    gone) its counts, from the masks in its shards; the shards and the rest of the manifest stay."""
+    log(f"{man['_path']}: adding the per-sample class counts (decoding the masks of "
+        f"{_plural(len(man['shards']), 'shard')})")
+    record, present = split_counts(output, man["split"], man["shards"], scheme.num_classes, man["mask_ext"])
+    name = f"{man['split']}.json"
+    output.write_json(name, {**output.read_json(name), **counts_fields(record, present, scheme)})
+    return load_manifest(man["_base"], man["split"])
+
+
+def counts_intact(output: LocalOutput, man: dict) -> bool:
+    """Whether the manifest records class counts and their file is there with its recorded size."""
+    record = man.get("class_counts")
+    name = class_counts.split_name(man["split"])
+    return isinstance(record, dict) and output.size(name) == record.get("bytes")
+
+
 def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: ShardOptions, workers: int = 1,
               overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Shard one split into a folder or URL; returns the manifest. Resumes an interrupted run with the same
@@ -352,6 +406,8 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
         old = earlier_run(output, opts.split, params, overwrite)
         if old is not None and output.read_json(man_name) is not None:
             man = load_manifest(out, opts.split)
+            if not counts_intact(output, man):
+                man = add_counts(output, man, scheme, log)
             log(f"{man['_path']} is up to date ({_plural(man['total'], 'sample')} in "
                 f"{_plural(len(man['shards']), 'shard')}); nothing to do")
             return man
@@ -373,9 +429,12 @@ def run_shard(root: str | os.PathLike | None, out: str | os.PathLike, opts: Shar
             write_shards(output, order[start:], done, opts, scheme, workers, save_state, bar)
         rate = (len(pairs) - start) / max(time.time() - t0, 1e-9)
         source_bytes = sum(p.image.stat().st_size + p.label.stat().st_size for p in pairs)
-        man = build_manifest(params, scheme, source_bytes, done)
-        output.write_json(man_name, man)  # last: every shard it names is in place
+        counts = split_counts(output, opts.split, done, scheme.num_classes,
+                              member_names(opts.image_format, opts.lossless)[1])
+        man = build_manifest(params, scheme, source_bytes, done, counts)
+        output.write_json(man_name, man)  # last: every shard it names, and the counts, are in place
         output.remove(state_name)
+        output.remove_all([class_counts.shard_name(sh["name"]) for sh in done])  # now in the split's file
     finally:
         output.close()
     log(f"wrote {output.where}/{man_name}: {_plural(man['total'], 'sample')} in "

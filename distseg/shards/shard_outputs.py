@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from distseg.files import atomic_write_json
-from distseg.shards import storage
+from distseg.shards import class_counts, storage
 from distseg.shards.storage import NotFound
 from distseg.urls import is_remote, join, local_path, redact
 
@@ -43,6 +43,17 @@ class LocalOutput:
     def commit(self, shard: dict) -> None:
         """A finished shard is already in place."""
 
+    def local_copy(self, name: str) -> Path | None:
+        """A file of the output as a local path (here: the file itself), None if absent."""
+        p = self.dir / name
+        return p if p.is_file() else None
+
+    def release(self, path: Path | None) -> None:
+        """Done with a `local_copy` (here: nothing to remove)."""
+
+    def put(self, name: str) -> None:
+        """A file written into `workdir` is in place (here: it already is)."""
+
     def write_json(self, name: str, obj) -> None:
         """Write a JSON file atomically."""
         atomic_write_json(self.dir / name, obj)
@@ -51,12 +62,17 @@ class LocalOutput:
         """Delete a file if present."""
         (self.dir / name).unlink(missing_ok=True)
 
+    def remove_all(self, names: list[str]) -> None:
+        """Delete files if present."""
+        for name in names:
+            self.remove(name)
+
     def remove_split(self, split: str) -> None:
-        """Delete every shard, index, temp file, manifest and state of a split."""
-        for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.tar.tmp"):
+        """Delete every shard, index, counts file, temp file, manifest and state of a split."""
+        for pattern in (f"{split}-*.tar", f"{split}-*.idx", f"{split}-*.counts.npy", f"{split}-*.tar.tmp"):
             for p in list(self.dir.glob(pattern)):
                 p.unlink()
-        for name in (f"{split}.json", f"{split}.state.json"):
+        for name in (f"{split}.json", f"{split}.state.json", f"{split}.counts.npy"):
             self.remove(name)
 
     def close(self) -> None:
@@ -64,10 +80,10 @@ class LocalOutput:
 
 
 class RemoteOutput(LocalOutput):
-    """Shards written to a local staging folder, then uploaded one by one (tar, index, then the state that
-    lists it); the manifest is uploaded last, so a reader never sees a manifest naming a missing shard. An
-    object appears only when its upload completes, so a rerun after an interruption keeps exactly the shards
-    the remote state lists and finds intact."""
+    """Shards written to a local staging folder, then uploaded one by one (tar, index, counts, then the state
+    that lists it); the split's counts file and then the manifest are uploaded last, so a reader never sees a
+    manifest naming a missing file. An object appears only when its upload completes, so a rerun after an
+    interruption keeps exactly the shards the remote state lists and finds intact."""
 
     def __init__(self, url: str, tries: int = 5):
         self.url, self.tries = url.rstrip("/"), tries
@@ -89,10 +105,34 @@ class RemoteOutput(LocalOutput):
         return storage.object_size(join(self.url, name), self.tries)
 
     def commit(self, shard: dict) -> None:
-        """Upload a finished shard and its index, then drop the local copies."""
-        for name in (shard["name"], shard["index"]):
+        """Upload a finished shard, its index and its counts, then drop the local copies of the first two
+        (the counts stay staged for the split's counts file)."""
+        counts = class_counts.shard_name(shard["name"])
+        for name in (shard["name"], shard["index"], counts):
             storage.upload(self.workdir / name, join(self.url, name), self.tries)
-            (self.workdir / name).unlink()
+            if name != counts:
+                (self.workdir / name).unlink()
+
+    def local_copy(self, name: str) -> Path | None:
+        """The staged copy of an object, downloaded into the staging folder if it is not there (a shard of
+        an earlier, interrupted run); None if absent."""
+        p = self.workdir / name
+        if not p.is_file():
+            try:
+                storage.download(join(self.url, name), p, tries=self.tries)
+            except NotFound:
+                return None
+        return p
+
+    def release(self, path: Path | None) -> None:
+        """Drop a staged copy."""
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def put(self, name: str) -> None:
+        """Upload a file written into the staging folder, then drop it."""
+        storage.upload(self.workdir / name, join(self.url, name), self.tries)
+        (self.workdir / name).unlink()
 
     def write_json(self, name: str, obj) -> None:
         """Upload a JSON object (written whole, so readers never see half of it)."""
@@ -105,11 +145,21 @@ class RemoteOutput(LocalOutput):
         storage.retrying(lambda: self.fs.rm(f"{self.path}/{name}") if self.fs.exists(f"{self.path}/{name}")
                          else None, join(self.url, name), self.tries)
 
+    def remove_all(self, names: list[str]) -> None:
+        """Delete objects, in as few requests as the store allows (S3 deletes up to 1000 keys in one);
+        absent ones are no error."""
+        paths = [f"{self.path}/{name}" for name in names]
+        try:
+            storage.retrying(lambda: self.fs.rm(paths), self.url, self.tries)
+        except NotFound:  # some were never uploaded: one by one
+            for name in names:
+                self.remove(name)
+
     def remove_split(self, split: str) -> None:
         """Delete every object of a split."""
         for p in storage.retrying(lambda: self.fs.glob(f"{self.path}/{split}-*"), self.url, self.tries):
             storage.retrying(lambda p=p: self.fs.rm(p), self.url, self.tries)
-        for name in (f"{split}.json", f"{split}.state.json"):
+        for name in (f"{split}.json", f"{split}.state.json", f"{split}.counts.npy"):
             self.remove(name)
 
     def close(self) -> None:

@@ -19,12 +19,13 @@ from filelock import FileLock
 from distseg.config import DataCfg
 from distseg.errors import UserError
 from distseg.files import atomic_write_text, sha256_file
+from distseg.shards.class_counts import split_name
 from distseg.shards.codec import decode_array, is_array
 from distseg.shards.manifest import shard_url
 from distseg.shards.sample_index import node_folder, read_index_file, sample_index, scan_tar
 from distseg.shards.storage import ChecksumError, ShardCache
 from distseg.units import parse_bytes
-from distseg.urls import redact
+from distseg.urls import join, redact
 
 
 class Stamps:
@@ -135,6 +136,28 @@ class ShardFiles:
             p = Path(self.man["_base"]) / sh["index"]
             return p if p.is_file() else None
         return self.cache.fetch(shard_url(self.man, i, "index"), sh.get("index_sha256"))
+
+    def counts_file(self) -> Path:
+        """The split's class counts file (`class_counts`) as a verified local file: checked against the
+        manifest's sha256 as a shard is (once per node with data.verify=node), downloaded into the cache
+        with the manifest for remote shards (never derived from the tars)."""
+        record = self.man["class_counts"]
+        name, sha = split_name(self.man["split"]), record["sha256"]
+        if self.cache is None:
+            path = Path(self.man["_base"]) / name
+            if not path.is_file():
+                raise UserError(f"class counts {path}, listed in {self.man['_path']}, are missing: rerun "
+                                "`distseg shard` with the same settings")
+            if not self.stamps.check(path, sha):
+                raise ChecksumError(f"class counts {path} fail their sha256 check (changed since they were "
+                                    "written): delete them and rerun `distseg shard` with the same settings")
+            return path
+        url = join(self.man["_base"], name)
+        path = self.cache.fetch(url, sha, verified=lambda p: self.stamps.record(p, sha))
+        if not self.stamps.check(path, sha):  # a cache copy damaged since its download: once more
+            self.cache.discard(url)
+            path = self.cache.fetch(url, sha, verified=lambda p: self.stamps.record(p, sha))
+        return path
 
     def all_tars(self) -> list[Path]:
         """Every shard, verified and local (DALI reads whole shards by path)."""

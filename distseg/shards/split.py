@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from distseg.config import DataCfg
+from distseg.errors import UserError
 from distseg.labels import IGNORE, Scheme
+from distseg.shards.class_counts import images_per_class, in_scheme, open_split_counts
 from distseg.shards.manifest import check_scheme, load_manifest
 from distseg.shards.shard_reader import ShardFiles, ShardSamples
 
@@ -40,6 +42,30 @@ class OpenSplit:
             if c < self.scheme.num_classes:
                 counts[c] += n
         return counts
+
+    def class_counts(self, data: DataCfg) -> np.ndarray:
+        """Each sample's pixels of each class of the scheme: shape (samples, scheme.num_classes), rows in the
+        sample index's order (`ShardSamples` indices), so a sampler knows which classes an image holds
+        without decoding it. Shards stored in the scheme itself: the memory-mapped file, read-only and
+        shared by every process of the node (no copy); labelid shards: their columns summed through the
+        table into the scheme's classes (uint32, in this process's memory). The file comes through the
+        shard files the `data` settings give (remote: the node cache, verified by its sha256)."""
+        record = self.manifest.get("class_counts")
+        if record is None:
+            raise UserError(f"{self.manifest['_path']} has no per-sample class counts (shards made before "
+                            "they were recorded): re-shard (`distseg shard` with the same settings adds "
+                            "them), or use data.sampling=uniform")
+        stored = open_split_counts(ShardFiles.of(self.manifest, data).counts_file(), record,
+                                   self.manifest["_path"])
+        if stored.shape != (self.manifest["total"], self.manifest["scheme"]["num_classes"]):
+            raise UserError(f"{self.manifest['_path']}: its class counts are {list(stored.shape)}, not "
+                            f"{self.manifest['total']} samples x {self.manifest['scheme']['num_classes']} "
+                            "classes: re-shard")
+        return stored if self.lut is None else in_scheme(stored, self.lut, self.scheme.num_classes)
+
+    def images_per_class(self, data: DataCfg) -> np.ndarray:
+        """How many samples hold each class of the scheme (int64), from `class_counts`."""
+        return images_per_class(self.class_counts(data))
 
     def samples(self, data: DataCfg, log=print) -> ShardSamples:
         """The split's samples by index, through the shard files the `data` settings give (cache, retries,

@@ -11,11 +11,17 @@ gtCoarse/train_extra, and gtCoarse/train and gtCoarse/val beside every fine imag
 map with every region (a value of the instanceIds map: an object, or a class's stuff) eroded by a margin, so
 boundaries stay 'unlabeled' (0), and some regions left out entirely, chosen by (seed, split, index). Without
 train_extra not a byte changes.
+
+The plain scenes hold 10 of the 19 train classes, car in every image. With `rare` (`distseg synth --rare`) a
+few images also hold a small object of a real rare class: a bus, a rider (on a bicycle) or a motorcycle,
+each in 1 image of 20 (`rare_kinds`), drawn over the scene with a generator of its own, so every other image,
+and every pixel of these images outside the objects, keeps its bytes. Without `rare` not a byte changes.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +37,10 @@ COARSE_SPLITS = ("train", "val", "train_extra")  # the real gtCoarse has these (
 COARSE_DROP = {"stuff": 0.1, "object": 0.3}  # the chance that a region has no coarse label at all
 L = {name: NAME2LABEL[name].id for name in
      ("unlabeled", "ego vehicle", "road", "sidewalk", "building", "pole", "traffic sign", "vegetation",
-      "sky", "person", "car")}
+      "sky", "person", "car", "rider", "bus", "motorcycle", "bicycle")}
+RARE = ("bus", "rider", "motorcycle")  # real Cityscapes classes (labelIds 28, 25, 32) the plain scenes lack;
+# a rider rides a bicycle (33), which so appears in as many images
+RARE_PERIOD, RARE_SPAN = 20, 12  # each in one image of every 20, among the period's first 12 (val has 12)
 
 
 def _jitter(rng: np.random.Generator, base: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
@@ -162,9 +171,67 @@ def draw_person(c: Canvas, rng: np.random.Generator, road: Road, depth: float, i
            _jitter(rng, (225, 180, 150), 20), iid)
 
 
-def draw_objects(c: Canvas, rng: np.random.Generator, road: Road) -> None:
-    """Cars and people, drawn far to near so that nearer ones cover farther ones; instance ids as
-    Cityscapes numbers them (label x 1000 + index)."""
+def _place(c: Canvas, rng: np.random.Generator, road: Road, depth: float, width: float, edge: bool
+           ) -> tuple[float, float, float]:
+    """(x, y, scale) of a rare object `width` wide at `depth`: on the road (`edge`: near one of its edges),
+    kept inside the image so that all of it is seen."""
+    y, scale = road.horizon + (c.H - road.horizon) * depth, 0.15 + 0.85 * depth
+    span = road.half_top + (road.half_bot - road.half_top) * depth
+    off = rng.choice([-1.0, 1.0]) * rng.uniform(0.55, 0.9) if edge else rng.uniform(-0.5, 0.5)
+    x = road.vx + (c.W / 2 - road.vx) * depth + off * span
+    return float(np.clip(x, width / 2 + 1, c.W - width / 2 - 1)), y, scale
+
+
+def draw_bus(c: Canvas, rng: np.random.Generator, road: Road, iid: int) -> None:
+    """A bus far down the road: a long, tall yellow body, a band of windows, two wheels."""
+    depth = float(rng.uniform(0.05, 0.35))
+    bw = max(8.0, c.W * 0.3 * (0.15 + 0.85 * depth))
+    x, y, scale = _place(c, rng, road, depth, bw, edge=False)
+    bh = max(5.0, c.H * 0.2 * scale)
+    c.draw("rectangle", [x - bw / 2, y - bh, x + bw / 2, y - bh * 0.12], L["bus"],
+           _jitter(rng, (225, 190, 40), 25), iid)
+    c.draw("rectangle", [x - bw * 0.45, y - bh * 0.9, x + bw * 0.45, y - bh * 0.55], L["bus"], (35, 45, 60),
+           iid)
+    r = max(1.0, bh * 0.15)
+    for wx in (x - bw * 0.32, x + bw * 0.32):
+        c.draw("ellipse", [wx - r, y - 2 * r, wx + r, y], L["bus"], (15, 15, 15), iid)
+
+
+def draw_two_wheeler(c: Canvas, rng: np.random.Generator, road: Road, kind: str, iid: int
+                     ) -> tuple[float, float, float]:
+    """A motorcycle (two wheels, a red body) or a bicycle (two wheels, a thin blue frame) near the road's
+    edge; returns its (x, top, width) for a rider."""
+    depth = float(rng.uniform(0.2, 0.6))
+    mw = max(5.0, c.W * 0.06 * (0.15 + 0.85 * depth))
+    x, y, scale = _place(c, rng, road, depth, mw, edge=True)
+    mh, r = max(4.0, c.H * 0.07 * scale), max(1.0, mw * 0.2)
+    for wx in (x - mw / 2 + r, x + mw / 2 - r):
+        c.draw("ellipse", [wx - r, y - 2 * r, wx + r, y], L[kind], (20, 20, 20), iid)
+    if kind == "motorcycle":
+        c.draw("rectangle", [x - mw * 0.3, y - mh, x + mw * 0.3, y - r], L[kind],
+               _jitter(rng, (190, 30, 30), 30), iid)
+    else:
+        frame = [(x - mw / 2 + r, y - r), (x, y - mh), (x + mw / 2 - r, y - r)]
+        c.draw("line", frame, L[kind], _jitter(rng, (40, 90, 200), 30), iid, width=max(1, int(mw / 8)))
+    return x, y - mh, mw
+
+
+def draw_rider(c: Canvas, rng: np.random.Generator, road: Road, iids: tuple[int, int]) -> None:
+    """A rider on a bicycle: the bicycle (its own instance), then a torso in an orange jacket and a white
+    helmet above it."""
+    x, top, mw = draw_two_wheeler(c, rng, road, "bicycle", iids[1])
+    th, tw = max(3.0, mw * 0.9), max(1.0, mw * 0.18)
+    c.draw("rectangle", [x - tw, top - th, x + tw, top + th * 0.2], L["rider"],
+           _jitter(rng, (240, 120, 20), 20), iids[0])
+    c.draw("ellipse", [x - tw * 1.2, top - th * 1.5, x + tw * 1.2, top - th * 0.95], L["rider"],
+           _jitter(rng, (235, 235, 235), 10), iids[0])
+
+
+def draw_objects(c: Canvas, rng: np.random.Generator, road: Road, rare: Sequence[str] = (),
+                 rare_gen: np.random.Generator | None = None) -> None:
+    """Cars and people, drawn far to near so that nearer ones cover farther ones, then the `rare` objects
+    (drawn with `rare_gen`, so the scene's own generator and every other pixel are untouched) over them, so
+    that each one is seen; instance ids as Cityscapes numbers them (label x 1000 + index)."""
     objects = [("car", float(rng.uniform(0.15, 0.95))) for _ in range(int(rng.integers(1, 5)))]
     objects += [("person", float(rng.uniform(0.05, 0.9))) for _ in range(int(rng.integers(0, 4)))]
     count = {"car": 0, "person": 0}
@@ -172,18 +239,26 @@ def draw_objects(c: Canvas, rng: np.random.Generator, road: Road) -> None:
         iid = L[kind] * 1000 + count[kind]
         count[kind] += 1
         (draw_car if kind == "car" else draw_person)(c, rng, road, depth, iid)
+    for kind in rare:  # one object of each kind at most (`rare_kinds`): instance index 0
+        if kind == "bus":
+            draw_bus(c, rare_gen, road, L[kind] * 1000)
+        elif kind == "motorcycle":
+            draw_two_wheeler(c, rare_gen, road, kind, L[kind] * 1000)
+        else:
+            draw_rider(c, rare_gen, road, (L[kind] * 1000, L["bicycle"] * 1000))
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW), back to front."""
+def render_scene(rng: np.random.Generator, width: int, height: int, rare: Sequence[str] = (),
+                 rare_gen: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: (RGB uint8 HxWx3, labelIds uint8 HxW, instanceIds int32 HxW), back to front; `rare`
+    objects drawn with `rare_gen` (`rare_kinds`, `rare_rng`)."""
     c = Canvas(width, height)
     horizon = int(height * rng.uniform(0.38, 0.52))
     draw_sky_and_buildings(c, rng, horizon)
     draw_trees(c, rng, horizon)
     road = draw_ground(c, rng, horizon)
     draw_poles(c, rng, horizon)
-    draw_objects(c, rng, road)
+    draw_objects(c, rng, road, rare, rare_gen)
     # the ego vehicle's hood at the bottom (void in Cityscapes, ignored by training)
     hood = int(height * rng.uniform(0.03, 0.08))
     c.draw("ellipse", [-width * 0.1, height - hood, width * 1.1, height + hood], L["ego vehicle"],
@@ -207,6 +282,22 @@ def color_image(label_ids: np.ndarray) -> np.ndarray:
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one synthetic image: a function of (seed, split, index) only."""
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def rare_kinds(seed: int, split: str, index: int) -> list[str]:
+    """The rare classes image `index` of a split shows with `synth --rare`: each class of RARE in one image
+    of every RARE_PERIOD (5%), at a place among the period's first RARE_SPAN drawn by (seed, split, period),
+    the classes at different places. So any split of 12 images or more holds each of them, and an image's
+    content stays a function of (seed, split, index) alone, whatever the number of images asked."""
+    period, place = divmod(index, RARE_PERIOD)
+    gen = np.random.default_rng([seed, zlib.crc32(split.encode()), period, zlib.crc32(b"rare")])
+    places = gen.permutation(RARE_SPAN)[:len(RARE)]
+    return [kind for kind, at in zip(RARE, places) if at == place]
+
+
+def rare_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of an image's rare objects: apart from the scene's own (whose other pixels stay)."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, zlib.crc32(b"rare objects")])
 
 
 def coarse_margin(width: int, height: int) -> int:
@@ -267,12 +358,14 @@ def _write_gt(out: Path, kind: str, split: str, city: str, stem: str, lab: np.nd
     atomic_save_png(Image.fromarray(inst.astype(np.uint16)), gt_dir / f"{stem}_{kind}_instanceIds.png")
 
 
-def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int, coarse: bool = False
-              ) -> None:
+def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int, coarse: bool = False,
+              rare: bool = False) -> None:
     """Render and write image i of a split: its camera image, the three gtFine files (not for train_extra)
-    and, with `coarse` (always for train_extra), the three gtCoarse files of a split that has them."""
+    and, with `coarse` (always for train_extra), the three gtCoarse files of a split that has them; with
+    `rare`, its rare objects (`rare_kinds`)."""
     city, stem = stem_of(split, i)
-    rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height)
+    kinds = rare_kinds(seed, split, i) if rare else []
+    rgb, lab, inst = render_scene(sample_rng(seed, split, i), width, height, kinds, rare_rng(seed, split, i))
     img_dir = out / "leftImg8bit" / split / city
     img_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_png(Image.fromarray(rgb), img_dir / f"{stem}_leftImg8bit.png")
@@ -284,10 +377,11 @@ def write_one(out: Path, split: str, i: int, width: int, height: int, seed: int,
 
 
 def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int = 256, seed: int = 0,
-                progress: bool = True, workers: int = 1) -> int:
+                progress: bool = True, workers: int = 1, rare: bool = False) -> int:
     """Write a Cityscapes-format tree under `out` in `workers` processes (each image depends on (seed,
     split, index) alone, so any number of workers writes the same files); returns the number written.
-    A `train_extra` count adds coarse labels: gtCoarse for train_extra and beside each train and val image."""
+    A `train_extra` count adds coarse labels: gtCoarse for train_extra and beside each train and val image.
+    `rare` adds the rare classes' objects (bus, rider on a bicycle, motorcycle) to 1 image in 20 each."""
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
@@ -295,7 +389,7 @@ def write_synth(out: Path, counts: dict[str, int], width: int = 512, height: int
 
     todo = [(split, i) for split, n in counts.items() for i in range(n)]
     coarse = bool(counts.get("train_extra"))
-    one = partial(write_one, out, width=width, height=height, seed=seed, coarse=coarse)
+    one = partial(write_one, out, width=width, height=height, seed=seed, coarse=coarse, rare=rare)
     with tqdm(total=len(todo), desc="synth", unit="img", disable=not progress) as bar:
         if workers <= 1:
             for split, i in todo:
