@@ -144,6 +144,12 @@ def sampling_record(data: DataCfg, samples: int, shares: list[int] | None) -> di
             "draws": rare_draws(data, samples, shares)}
 
 
+def describe_sampling(record: dict) -> str:
+    """`rare (temperature 0.01, a class counts above 3000 pixels, 2975 draws per epoch)`."""
+    return (f"rare (temperature {record['temperature']:g}, a class counts above {record['min_pixels']} "
+            f"pixels, {record['draws']} draws per epoch)")
+
+
 def describe_streams(records: list[dict]) -> str:
     """`shards/fine train weight 3 (2975 of 2975 per epoch); ...`, or `none (data.shards)`."""
     return "; ".join(f"{r['shards']} {r['split']} weight {r['weight']:g} ({r['samples']} of "

@@ -13,7 +13,7 @@ from accelerate.utils import broadcast_object_list
 
 from distseg.config import Config, dump_config
 from distseg.data.loader import build_loader
-from distseg.data.streams import describe_streams
+from distseg.data.streams import describe_sampling, describe_streams
 from distseg.errors import UserError
 from distseg.files import atomic_write_text
 from distseg.inference.metrics import headline_name, percent
@@ -229,6 +229,7 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     run.log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
                   f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
                   f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}"
-                  f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}")
+                  f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}"
+                  f"{f'; sampling: {describe_sampling(state.sampling)}' if state.sampling else ''}")
     print_groups(run, grouping, resume_from is not None)
     return run
