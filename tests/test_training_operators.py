@@ -188,6 +188,29 @@ def test_resume_mid_epoch_on_another_number_of_processes(shards, one_proc_run, t
     assert_user_error(p, "was trained with a global batch of 4")
 
 
+@pytest.mark.slow
+def test_rare_sampling_resumes_mid_epoch_on_another_number_of_processes(shards, tmp_path):
+    """data.sampling=rare: 2 processes x 2 stopped after step 2, finished by 1 process x 4, equal the
+    uninterrupted 1 x 4 run, draws per class included; the other sampling is refused on a resume."""
+    rare = {"data.sampling": "rare", "data.rare_min_pixels": 100, "data.rare_temperature": 0.05}
+
+    def args(name, batch):
+        return base_overrides(shards, tmp_path, name, **SGD, **rare, **{"data.batch_size": batch})
+    run_train(args("ref", 4))
+    stop = tmp_path / "stop"
+    stop.touch()
+    p = run_train(args("rare", 2), procs=2, check=False, env={"DISTSEG_STOP_FILE": str(stop)})
+    assert p.returncode == 75 and newest_step(tmp_path / "rare") == 2, p.stderr[-3000:]
+    stop.unlink()
+    p = run_train([*args("rare", 4), "data.sampling=uniform"], check=False)
+    assert_user_error(p, "with data.sampling=rare data.rare_temperature=0.05 data.rare_min_pixels=100")
+    p = run_train(args("rare", 4))
+    assert "resuming 2 process(es) x data.batch_size 2" in p.stdout and "sampling: rare (" in p.stdout
+    close(weights(tmp_path / "ref"), weights(tmp_path / "rare"))
+    ref, resumed = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ref", "rare"))
+    assert resumed["sampling"] == ref["sampling"] and sum(ref["sampling"]["class_draws"].values()) == 2 * 14
+
+
 # --- full disks ----------------------------------------------------------------------------------------
 
 @pytest.fixture
