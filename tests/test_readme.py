@@ -161,6 +161,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
     mixed = json.loads((tmp_path / "runs" / "coarse_mix" / "summary.json").read_text())
     assert [st["images"] for st in mixed["streams"]] == [48, 16]  # one epoch: 48 fine at 3:1, 16 coarse
     assert json.loads((tmp_path / "coarse-scores.json").read_text())["miou"] is not None
+    draws = json.loads((tmp_path / "runs" / "rare" / "summary.json").read_text())["sampling"]["class_draws"]
+    assert min(draws["bus"], draws["rider"], draws["motorcycle"]) > 0  # synth --rare's classes are drawn
     assert (ROOT / "tools" / "demo.sh").is_file() and (tmp_path / "demo" / "report.html").is_file()
     # the path from the demo's outputs: its run evaluated, predicted and exported where it is
     assert len(list((tmp_path / "demo" / "results").glob("*_pred_labelIds.png"))) == 16
