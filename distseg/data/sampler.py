@@ -253,6 +253,7 @@ class RareClassSampler(EpochBatchSampler):
         super().__init__(sum(shares), batch_size, world, rank, shuffle=True, seed=seed)
         self.pools, self.shares = pools, np.asarray(shares, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.tallies: dict[int, np.ndarray] = {}  # epoch -> its draws per class, kept as epochs are planned
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch's global order: (index in the shared space, augmentation key, drawn class). The key is
@@ -265,7 +266,9 @@ class RareClassSampler(EpochBatchSampler):
         n = self.n
         keys = (np.arange(n, dtype=np.int64) + epoch * n) & 0xFFFFFFFF
         perm = np.random.default_rng([self.seed, 0x4D49, epoch]).permutation(n)
-        return np.concatenate(idx)[perm], keys, np.concatenate(cls)[perm]
+        drawn = np.concatenate(cls)[perm]
+        self.tallies[epoch] = np.bincount(drawn)
+        return np.concatenate(idx)[perm], keys, drawn
 
     def order(self) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's global order: (index, augmentation key)."""
@@ -274,12 +277,14 @@ class RareClassSampler(EpochBatchSampler):
 
     def draws(self, epochs: int, batches: int, classes: int) -> list[int]:
         """Draws per class after `epochs` whole epochs and `batches` batches (of each process) into the next,
-        padding excluded: the epochs' plans replayed (a pure function of the position, as a resume needs)."""
+        padding excluded: a pure function of the position, as a resume needs (the epochs this process did
+        not plan, before its resume, are planned again)."""
         out = np.zeros(classes, np.int64)
-        for e in range(epochs + (1 if batches else 0)):
-            drawn = self.plan(e)[2]
-            out += np.bincount(drawn if e < epochs else drawn[:batches * self.b * self.world],
-                               minlength=classes)
+        for e in range(epochs):
+            tally = self.tallies[e] if e in self.tallies else np.bincount(self.plan(e)[2])
+            out[:len(tally)] += tally
+        if batches:
+            out += np.bincount(self.plan(epochs)[2][:batches * self.b * self.world], minlength=classes)
         return out.tolist()
 
     def seen(self, epochs: int, batches: int) -> list[int]:
