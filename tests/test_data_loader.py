@@ -2,14 +2,14 @@
 decode the next epoch's first batches while the loop finishes the current one), with exactly the batches a
 fresh start at that epoch gives; another position starts afresh; a repeated split draws each pass's
 augmentation from its own key; zstd shards give what PNG shards give; class-aware crops resume with the same
-crops and are the same on the nvJPEG path."""
+crops and are the same on the nvJPEG path; DALI refuses them in one line."""
 
 import pytest
 import torch
 
 from conftest import split_keys
-from distseg.config import load_config
-from distseg.data.dali_loader import DaliLoader, dali_available
+from distseg.config import DataCfg, load_config
+from distseg.data.dali_loader import DaliLoader, dali_available, unsupported
 from distseg.data.torch_loader import ShardDataset, TorchLoader, collate
 from distseg.data.transforms import draw_params
 from distseg.errors import UserError
@@ -121,6 +121,17 @@ def test_the_nvjpeg_path_takes_the_cpu_paths_class_aware_crops(shards):
     for k, it in enumerate(items):
         assert torch.equal(b["mask"][k], L.dl.dataset[it]["mask"].long()), k
     assert moved
+
+
+def test_dali_refuses_class_aware_crops_in_one_line(shards):
+    why = unsupported(DataCfg(cat_max_ratio=0.75), train=True)
+    assert "data.cat_max_ratio" in why and "data.loader=torch" in why and "\n" not in why
+    assert unsupported(DataCfg(cat_max_ratio=0.75), train=False) is None  # validation crops nothing
+    assert unsupported(DataCfg(), train=True) is None
+    if dali_available():  # the loader asks before it builds anything
+        cfg = load_config(None, [f"data.shards={shards}", "data.loader=dali", "data.cat_max_ratio=0.75"])
+        with pytest.raises(UserError, match="data.cat_max_ratio=0.75"):
+            DaliLoader(cfg.data, 0, open_split(shards, "train", TRAINID), True, "cpu", 1, 0)
 
 
 @pytest.mark.gpu
