@@ -24,8 +24,10 @@ from distseg.data.transforms import (
     draft_factor,
     draw_params,
     mean_fill,
+    nearest_window,
     to_device,
     window,
+    window_counts,
 )
 from distseg.errors import UserError
 from distseg.labels import IGNORE
@@ -273,6 +275,19 @@ def test_the_kept_crop_is_the_first_try_that_passes_else_the_last():
         assert passes(m.numpy(), 0.75) == any(ok), i  # the crop trained on passes whenever one try can
         seen.add("first" if ok[0] else "later" if any(ok) else "none")
     assert seen == {"first", "later", "none"}  # every branch of the rule was taken
+
+
+def test_window_counts_are_the_final_masks_counts():
+    """Counted on the source pixels with how often nearest reads each: what counting the resized window
+    gives, at down- and upscales, odd sizes, windows smaller and larger than the image."""
+    rng = np.random.default_rng(1)
+    for k in range(60):
+        mask = rng.integers(0, 4, (int(rng.integers(3, 90)), int(rng.integers(3, 130)))).astype(np.uint8)
+        mask[rng.random(mask.shape) < 0.1] = IGNORE
+        p = draw_params(1, 0, k, (0.3, 3.1), True, 0.0)
+        win = window(*mask.shape, p, (int(rng.integers(1, 120)), int(rng.integers(1, 160))))
+        want = np.bincount(nearest_window(mask, win).ravel(), minlength=256)
+        assert np.array_equal(window_counts(mask, win).numpy(), want), (k, p.scale)
 
 
 def test_the_tries_come_from_the_samples_key_and_leave_its_other_draws_alone():
