@@ -118,6 +118,8 @@ class DataCfg:
     scale: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random rescale range
     flip: bool = True
     color: float = 0.2  # brightness/contrast/saturation jitter strength (0 = off)
+    cat_max_ratio: float = 0.0  # class-aware crops: up to 10 crop offsets tried, the first kept whose labels
+    # show 2+ classes, none holding this share or more (else the last); 0 = off; 0.75 as mmsegmentation
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -453,6 +455,9 @@ def validate(cfg: Config) -> None:
         raise UserError("config: data.mean and data.std need 3 values, std > 0")
     if not 0 <= d.color < 1:
         raise UserError("config: data.color must be in [0, 1)")
+    if not 0 <= d.cat_max_ratio < 1 or (d.cat_max_ratio and not d.crop):
+        raise UserError(f"config: data.cat_max_ratio must be 0 (off) or in (0, 1) with a data.crop, got "
+                        f"{d.cat_max_ratio} (crop {d.crop})")
     if d.shuffle_window < 1 or d.prefetch_shards < 0 or d.retries < 1:
         raise UserError("config: data.shuffle_window and data.retries must be >= 1, data.prefetch_shards >= "
                         "0")

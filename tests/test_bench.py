@@ -57,6 +57,25 @@ def test_bench_data_compares_pipelines(synth_root, shards, tmp_path):
     assert set(j["pipelines"]) == {"decode", "tv-jpg"} and j["pipelines"]["decode"]["vs_decode_only"] == 1.0
 
 
+def test_bench_data_times_a_variant_beside_its_pipeline(shards):
+    from distseg.bench.data import compare_pipelines, parse_mode, time_pipeline
+    from distseg.errors import UserError
+    from distseg.labels import get_scheme
+    from distseg.shards.split import open_split
+
+    cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=2", "data.num_workers=0",
+                             "data.crop=[32,64]"])
+    opened = open_split(shards, "train", get_scheme("trainid"))
+    rows, out = compare_pipelines({m: time_pipeline(m, cfg, None, opened, 2) for m in ("transform",
+                                                                                       "transform+cat")})
+    assert rows[1][0].endswith(", class-aware crops, data.cat_max_ratio=0.75") and rows[1][-1].endswith("x")
+    assert out["transform+cat"]["vs_without_variant"] > 0 and out["transform"]["vs_without_variant"] is None
+    assert cfg.data.cat_max_ratio == 0  # a variant's settings are its row's own
+    for bad in ("decode+cat", "torch-cpu+nope"):
+        with pytest.raises(UserError, match="unknown mode"):
+            parse_mode(bad)
+
+
 def bench_train_rows(*args):
     """`distseg bench train` at the suite's tiny sizes: (its output, the table's rows as cells). bf16 rows
     stay at 64x32 with the U-Net at base 8: a CPU without native bf16 emulates it at ~0.3 GFLOP/s."""

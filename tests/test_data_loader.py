@@ -1,15 +1,17 @@
 """The torch loader across epochs: one DataLoader iterator runs on from an epoch into the next (its workers
 decode the next epoch's first batches while the loop finishes the current one), with exactly the batches a
 fresh start at that epoch gives; another position starts afresh; a repeated split draws each pass's
-augmentation from its own key; zstd shards give what PNG shards give."""
+augmentation from its own key; zstd shards give what PNG shards give; class-aware crops resume with the same
+crops and are the same on the nvJPEG path; DALI refuses them in one line."""
 
 import pytest
 import torch
 
 from conftest import split_keys
-from distseg.config import load_config
-from distseg.data.dali_loader import DaliLoader, dali_available
-from distseg.data.torch_loader import TorchLoader
+from distseg.config import DataCfg, load_config
+from distseg.data.dali_loader import DaliLoader, dali_available, unsupported
+from distseg.data.torch_loader import ShardDataset, TorchLoader, collate
+from distseg.data.transforms import draw_params
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.shards.split import open_split
@@ -89,6 +91,58 @@ def test_zstd_val_shards_give_the_png_shards_batches(synth_root, shards, tmp_pat
     if dali_available():
         with pytest.raises(UserError, match="data.loader=dali decodes JPEG and PNG members"):
             DaliLoader(cfg.data, 0, open_split(tmp_path, "val", TRAINID), False, "cpu", 1, 0)
+
+
+CAT = {"data.crop": "[32,64]", "data.cat_max_ratio": 0.6, "data.num_workers": 0}
+
+
+def masks(L, e=0, skip=0):
+    L.set_epoch(e, skip)
+    return [(b["key"], b["mask"]) for b in L]
+
+
+def test_class_aware_crops_resume_with_the_same_crops(shards):
+    e0 = masks(loader(shards, **CAT))
+    same(masks(loader(shards, **CAT), 0, 2), e0[2:])  # a resume after two batches, in a new process
+    plain = masks(loader(shards, **{**CAT, "data.cat_max_ratio": 0}))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(e0, plain))  # some crops moved
+
+
+def test_the_nvjpeg_path_takes_the_cpu_paths_class_aware_crops(shards):
+    """The nvJPEG path's own code on the CPU (its worker items, collate, `_decode_on_gpu` with torchvision
+    decoding on the CPU): each sample's mask is the CPU path's, and the crops moved."""
+    L = loader(shards, **CAT)
+    items = [(i, 1, True) for i in range(6)]
+    gpu = [ShardDataset(L.samples, L.data, 0, True, gpu_decode=True)[it] for it in items]
+    moved = sum(g["params"] != draw_params(0, 1, g["index"], tuple(L.data.scale), L.data.flip, L.data.color)
+                for g in gpu)
+    b = collate(gpu)
+    L._decode_on_gpu(b)
+    for k, it in enumerate(items):
+        assert torch.equal(b["mask"][k], L.dl.dataset[it]["mask"].long()), k
+    assert moved
+
+
+def test_dali_refuses_class_aware_crops_in_one_line(shards):
+    why = unsupported(DataCfg(cat_max_ratio=0.75), train=True)
+    assert "data.cat_max_ratio" in why and "data.loader=torch" in why and "\n" not in why
+    assert unsupported(DataCfg(cat_max_ratio=0.75), train=False) is None  # validation crops nothing
+    assert unsupported(DataCfg(), train=True) is None
+    if dali_available():  # the loader asks before it builds anything
+        cfg = load_config(None, [f"data.shards={shards}", "data.loader=dali", "data.cat_max_ratio=0.75"])
+        with pytest.raises(UserError, match="data.cat_max_ratio=0.75"):
+            DaliLoader(cfg.data, 0, open_split(shards, "train", TRAINID), True, "cpu", 1, 0)
+
+
+@pytest.mark.gpu
+def test_class_aware_crops_are_the_cpu_decodes_on_the_gpu(shards):
+    cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=4", "data.num_workers=1",
+                             "data.crop=[32,64]", "data.cat_max_ratio=0.6"])
+    opened = open_split(shards, "train", TRAINID)
+    cpu, gpu = (TorchLoader(cfg.data, 0, opened, True, device, 1, 0) for device in ("cpu", "cuda"))
+    assert gpu.gpu_decode
+    for (keys, a), (gpu_keys, b) in zip(masks(cpu), masks(gpu)):
+        assert keys == gpu_keys and torch.equal(a, b.cpu())
 
 
 @pytest.mark.gpu

@@ -1,25 +1,36 @@
 """The CPU augmentation path: crop-before-resize equals resize-then-crop (masks exactly, images to a fraction
 of a grey level), DCT-scaled JPEG decode where the window is downscaled 2x or more, uint8 out of the workers
-and the unchanged batch contract on the device."""
+and the unchanged batch contract on the device. Class-aware crops (data.cat_max_ratio): the kept try is the
+first that passes on the final mask, else the last; off, every byte is what it was before them."""
 
+import hashlib
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from distseg.config import DataCfg, load_config
+from distseg.data.torch_loader import sample_params, transform_sample
 from distseg.data.transforms import (
     AugParams,
     augment_pil,
     augment_tensor,
+    choose_crop,
+    crop_tries,
     decode_pil,
     draft_factor,
     draw_params,
     mean_fill,
+    nearest_window,
     to_device,
     window,
+    window_counts,
 )
+from distseg.errors import UserError
+from distseg.labels import IGNORE
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -178,3 +189,137 @@ def test_joint_augmentation_keeps_image_and_mask_aligned(path):
     # same (seed, epoch, index) -> same parameters; another epoch -> others
     assert draw_params(0, 0, 3, (0.5, 2), True, 0.2) == draw_params(0, 0, 3, (0.5, 2), True, 0.2)
     assert draw_params(0, 0, 3, (0.5, 2), True, 0.2) != draw_params(0, 1, 3, (0.5, 2), True, 0.2)
+
+
+def pinned_sample():
+    """A 96 x 160 PNG of noisy colour blocks, its pixels and its mask (some pixels unlabelled): the input
+    whose augmented bytes were pinned before class-aware crops existed."""
+    rng = np.random.default_rng(2024)
+    mask = np.zeros((96, 160), np.uint8)
+    for k in range(1, 6):
+        y, x = rng.integers(0, 70), rng.integers(0, 130)
+        mask[y:y + 26, x:x + 30] = k
+    mask[rng.random(mask.shape) < 0.02] = IGNORE
+    pal = rng.integers(0, 256, (256, 3))
+    img = np.clip(pal[mask] + rng.integers(-20, 21, (96, 160, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue(), img, mask
+
+
+# sha256 (first 16 hex digits) of samples 0-3 at seed 5, epoch 1, computed at commit c90fff4: the CPU path's
+# image + mask bytes, the tensor path's mask bytes
+PINNED = [("654457a62c33d224", "0d1a202bf9b0c779"), ("05264083f897f2a3", "5b58d9884e10397b"),
+          ("83290afbd534abc8", "a0da968b893be440"), ("e0edf44f0122fac6", "09f7ca707d2fc522")]
+
+
+def sha(*arrays) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()[:16]
+
+
+def test_cat_max_ratio_0_augments_every_byte_as_before():
+    raw, img, mask = pinned_sample()
+    d = DataCfg(crop=[64, 96], scale=[0.5, 2.0], color=0.3, flip=True)
+    assert d.cat_max_ratio == 0  # the default
+    for i, (cpu, tensor) in enumerate(PINNED):
+        a, m = transform_sample(raw, torch.from_numpy(mask), d, 5, True, 1, i)
+        assert sha(a.numpy(), m.numpy()) == cpu, i
+        p = sample_params(d, 5, 1, i, mask)
+        assert p == draw_params(5, 1, i, tuple(d.scale), d.flip, d.color)
+        _, mt = augment_tensor(torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(mask), p, d.crop,
+                               d.mean, d.std)
+        assert sha(mt.numpy()) == tensor, i
+
+
+def dominated(h: int = 128, w: int = 512):
+    """A scene most of whose crops one class dominates: class 0 everywhere but the right eighth (class 1
+    above, 2 below) and the left quarter, unlabelled (a try must not count it as a class). Each label its
+    own colour: PNG bytes, pixels, mask."""
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, :w // 4] = IGNORE
+    mask[:h // 2, w * 7 // 8:] = 1
+    mask[h // 2:, w * 7 // 8:] = 2
+    pal = np.zeros((256, 3), np.uint8)
+    pal[:3] = [(128, 64, 128), (220, 20, 60), (0, 0, 142)]
+    buf = io.BytesIO()
+    Image.fromarray(pal[mask]).save(buf, "PNG")
+    return buf.getvalue(), pal[mask], mask
+
+
+def final_mask(mask: np.ndarray, p: AugParams, crop) -> np.ndarray:
+    """The crop's mask as resize-then-crop gives it (torch's nearest-exact over the whole mask)."""
+    h, w = mask.shape
+    nh, nw = max(1, round(h * p.scale)), max(1, round(w * p.scale))
+    m = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(), size=(nh, nw),
+                                        mode="nearest-exact")[0, 0].byte().numpy()
+    y0, x0 = int(p.cy * max(0, nh - crop[0])), int(p.cx * max(0, nw - crop[1]))
+    return m[y0:y0 + crop[0], x0:x0 + crop[1]]
+
+
+def passes(m: np.ndarray, ratio: float) -> bool:
+    """The rule, written apart from the code's: 2+ classes among the labelled pixels, none at `ratio`."""
+    labels, counts = np.unique(m[m != IGNORE], return_counts=True)
+    return len(labels) > 1 and counts.max() / counts.sum() < ratio
+
+
+def test_the_kept_crop_is_the_first_try_that_passes_else_the_last():
+    data, _, mask = dominated()
+    crop, fill, seen = (64, 128), mean_fill(MEAN), set()
+    for i in range(40):
+        p = draw_params(3, 2, i, (0.75, 1.5), True, 0.0)
+        tries = [replace(p, cy=float(cy), cx=float(cx)) for cy, cx in [(p.cy, p.cx), *crop_tries(3, 2, i)]]
+        ok = [passes(final_mask(mask, q, crop), 0.75) for q in tries]
+        kept = choose_crop(mask, p, crop, 0.75, (3, 2, i))
+        assert len(tries) == 10 and kept == (tries[ok.index(True)] if any(ok) else tries[-1]), (i, ok)
+        _, m = augment_pil(data, mask, kept, crop, fill)
+        assert passes(m.numpy(), 0.75) == any(ok), i  # the crop trained on passes whenever one try can
+        seen.add("first" if ok[0] else "later" if any(ok) else "none")
+    assert seen == {"first", "later", "none"}  # every branch of the rule was taken
+
+
+def test_window_counts_are_the_final_masks_counts():
+    """Counted on the source pixels with how often nearest reads each: what counting the resized window
+    gives, at down- and upscales, odd sizes, windows smaller and larger than the image."""
+    rng = np.random.default_rng(1)
+    for k in range(60):
+        mask = rng.integers(0, 4, (int(rng.integers(3, 90)), int(rng.integers(3, 130)))).astype(np.uint8)
+        mask[rng.random(mask.shape) < 0.1] = IGNORE
+        p = draw_params(1, 0, k, (0.3, 3.1), True, 0.0)
+        win = window(*mask.shape, p, (int(rng.integers(1, 120)), int(rng.integers(1, 160))))
+        want = np.bincount(nearest_window(mask, win).ravel(), minlength=256)
+        assert np.array_equal(window_counts(mask, win).numpy(), want), (k, p.scale)
+
+
+def test_the_tries_come_from_the_samples_key_and_leave_its_other_draws_alone():
+    _, _, mask = dominated()
+    tries = crop_tries(0, 1, 2)
+    assert tries.shape == (9, 2) and np.array_equal(tries, crop_tries(0, 1, 2))  # a resume draws them again
+    assert not np.array_equal(tries, crop_tries(0, 2, 2)) and not np.array_equal(tries, crop_tries(0, 1, 3))
+    d = DataCfg(crop=[64, 128], scale=[0.75, 1.5], cat_max_ratio=0.75)
+    moved = 0
+    for i in range(12):
+        p, kept = draw_params(0, 1, i, (0.75, 1.5), True, 0.2), sample_params(d, 0, 1, i, mask)
+        assert kept == sample_params(d, 0, 1, i, mask)
+        assert replace(kept, cy=p.cy, cx=p.cx) == p  # only the crop offsets may change
+        moved += kept != p
+    assert moved
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_cpu_and_tensor_paths_take_the_same_class_aware_crop(index):
+    data, rgb, mask = dominated()
+    d = DataCfg(crop=[64, 128], scale=[0.75, 1.5], color=0.2, cat_max_ratio=0.75, mean=MEAN, std=STD)
+    p = sample_params(d, 7, 0, index, mask)
+    _, m = augment_pil(data, mask, p, d.crop, mean_fill(MEAN))
+    img = torch.from_numpy(rgb).permute(2, 0, 1)
+    _, mt = augment_tensor(img, torch.from_numpy(mask), p, d.crop, MEAN, STD)
+    assert torch.equal(mt, m.long())
+
+
+def test_cat_max_ratio_settings_outside_0_and_0_to_1_with_a_crop_are_refused_in_one_line():
+    assert load_config(None, ["data.cat_max_ratio=0.75"]).data.cat_max_ratio == 0.75
+    for bad in (["data.cat_max_ratio=1"], ["data.cat_max_ratio=-0.1"],
+                ["data.cat_max_ratio=0.5", "data.crop=[]"]):
+        with pytest.raises(UserError) as e:
+            load_config(None, bad)
+        assert "data.cat_max_ratio" in str(e.value) and "\n" not in str(e.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -138,6 +139,39 @@ MODES = {"decode": "decode only: full image + mask, the loader's decoders (1 pro
          "tv-jpg": "torchvision reference, same JPEG shards"}
 
 
+class Variant(NamedTuple):
+    """A row's change to the data settings: `--modes torch-cpu+cat` times the torch loader with it, beside
+    `torch-cpu` as configured, on the same shards."""
+
+    label: str  # what the row's name adds
+    data: dict  # data.* settings of the row
+    modes: tuple[str, ...]  # the pipelines it applies to (those whose rows read these settings)
+
+
+# One entry per variant; a sampler's is one more (e.g. "rare": data.sampling=rare on the loader rows).
+DATA_VARIANTS = {
+    "cat": Variant("class-aware crops, data.cat_max_ratio=0.75", {"cat_max_ratio": 0.75},
+                   ("transform", "torch-cpu", "torch-gpu")),
+}
+
+
+def parse_mode(mode: str) -> tuple[str, Variant | None]:
+    """A row's pipeline and variant: `PIPELINE` runs as configured, `PIPELINE+VARIANT` with the variant's
+    data settings."""
+    base, _, name = mode.partition("+")
+    variant = DATA_VARIANTS.get(name)
+    if base not in MODES or (name and (variant is None or base not in variant.modes)):
+        extra = "; ".join(f"+{k} after {', '.join(v.modes)}" for k, v in DATA_VARIANTS.items())
+        raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)} ({extra})")
+    return base, variant
+
+
+def row_name(mode: str) -> str:
+    """What a row is called in the table."""
+    base, variant = parse_mode(mode)
+    return f"{MODES[base]}, {variant.label}" if variant else MODES[base]
+
+
 def reduced_decode_share(cfg, opened: OpenSplit, epochs: int = 4) -> float:
     """Share of training samples whose crop window is downscaled 2x or more (decoded at reduced size), over a
     few epochs of this split's sample sizes and the configured scale range."""
@@ -156,11 +190,12 @@ def reduced_decode_share(cfg, opened: OpenSplit, epochs: int = 4) -> float:
 
 
 def time_pipeline(mode: str, cfg, root, opened: OpenSplit, n_batches: int) -> dict | str:
-    """One pipeline's figures ({"img_s", "cores"}) over `n_batches` batches, or why it was skipped."""
+    """One row's figures ({"img_s", "cores"}) over `n_batches` batches, or why it was skipped; `mode` is a
+    pipeline, or a pipeline+variant (`parse_mode`)."""
+    mode, variant = parse_mode(mode)
+    cfg = with_data(cfg, **variant.data) if variant else cfg
     split, scheme, lut = opened.split, opened.scheme, opened.lut
     bs, nw, cuda = cfg.data.batch_size, cfg.data.num_workers, torch.cuda.is_available()
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
     if mode in ("torch-gpu", "dali-gpu") and not cuda:
         return "skipped: no CUDA"
     if mode.startswith("dali") and not dali_available():
@@ -189,30 +224,36 @@ def time_pipeline(mode: str, cfg, root, opened: OpenSplit, n_batches: int) -> di
 
 def compare_pipelines(results: dict) -> tuple[list, dict]:
     """Table rows and JSON of the pipelines' figures, each per busy core against decode-only's and
-    transform-only's."""
+    transform-only's, and a variant's img/s against its pipeline's as configured (when both ran)."""
     def rate(name):
         r = results.get(name)
         return r["img_s"] / max(r["cores"], 1e-9) if isinstance(r, dict) else None
+
+    def vs_plain(mode, r):
+        plain = results.get(parse_mode(mode)[0])
+        return r["img_s"] / plain["img_s"] if "+" in mode and isinstance(plain, dict) else None
     base_rate, transform_rate = rate("decode"), rate("transform")
     rows, out = [], {}
     for mode, r in results.items():
         if isinstance(r, str):
-            rows.append([MODES[mode], r, "", "", "", ""])
+            rows.append([row_name(mode), r, "", "", "", "", ""])
             out[mode] = {"skipped": r}
             continue
-        per_core = rate(mode)
+        per_core, plain = rate(mode), vs_plain(mode, r)
         ratio = per_core / base_rate if base_rate else None
         vs_transform = per_core / transform_rate if transform_rate else None
-        rows.append([MODES[mode], r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-",
-                     f"{vs_transform:.2f}x" if vs_transform else "-"])
+        rows.append([row_name(mode), r["img_s"], r["cores"], per_core, f"{ratio:.2f}x" if ratio else "-",
+                     f"{vs_transform:.2f}x" if vs_transform else "-", f"{plain:.2f}x" if plain else "-"])
         out[mode] = {"img_s": r["img_s"], "cores_busy": r["cores"], "img_s_per_busy_core": per_core,
-                     "vs_decode_only": ratio, "vs_transform_only": vs_transform}
+                     "vs_decode_only": ratio, "vs_transform_only": vs_transform, "vs_without_variant": plain}
     return rows, out
 
 
 def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
     """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
-    per-core rate as a share of decode-only's."""
+    per-core rate as a share of decode-only's; a variant's row also as a share of its pipeline's img/s."""
+    for mode in modes:  # an unknown one before any is timed
+        parse_mode(mode)
     opened = open_split(cfg.data.shards, split, get_scheme(cfg.data.scheme))
     man = opened.manifest
     rows, out = compare_pipelines({mode: time_pipeline(mode, cfg, root, opened, n_batches)
@@ -228,7 +269,8 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
     if as_json:
         return json.dumps({"setup": head, "reduced_decode_share": reduced, "pipelines": out}, indent=1)
     return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core",
-                                   "per core vs decode only", "per core vs transform only"], rows)
+                                   "per core vs decode only", "per core vs transform only",
+                                   "img/s vs without the variant"], rows)
 
 
 def _epoch_timing(cfg, split: str, scheme, n_batches: int, device) -> dict:

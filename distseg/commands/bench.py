@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from distseg.bench.data import bench_data, bench_storage, shuffle_report
+from distseg.bench.data import DATA_VARIANTS, bench_data, bench_storage, shuffle_report
 from distseg.bench.e2e import bench_e2e
 from distseg.bench.eval import MODES, bench_eval
 from distseg.bench.gpu_check import PHASES, QUICK, gpu_check
@@ -66,7 +66,9 @@ def one_split_config(config: str | None, overrides: list[str]):
 @click.option("--batches", default=20, show_default=True, help="batches timed per pipeline")
 @click.option("--modes", default="decode,transform,torch-cpu,torch-gpu,dali,dali-gpu,tv-png,tv-jpg",
               show_default=True,
-              help="pipelines, comma-separated ('' for none)")
+              help="pipelines, comma-separated ('' for none); PIPELINE+VARIANT times it with other data "
+                   "settings, beside PIPELINE: " + "; ".join(f"+{k}: {v.label} ({', '.join(v.modes)})"
+                                                            for k, v in DATA_VARIANTS.items()))
 @click.option("--json", "as_json", is_flag=True, help="print the pipeline figures as JSON (for machines)")
 @click.option("--shards", "url", default=None,
               help="also read the same shards from this URL: local vs cold vs warm cache (median of "

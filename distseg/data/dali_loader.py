@@ -47,6 +47,16 @@ def collect_before_fork() -> None:
     os.register_at_fork(before=gc.collect)
 
 
+def unsupported(d: DataCfg, train: bool) -> str | None:
+    """The one line refusing what the DALI graph does not implement of these settings, or None. Class-aware
+    crops count each tried window's labels and choose on the counts: a data-dependent loop that DALI's random
+    nodes do not express (a python_function node could, holding the GIL in every pipeline thread)."""
+    if train and d.cat_max_ratio > 0:
+        return (f"data.cat_max_ratio={d.cat_max_ratio} (class-aware crops) is implemented by the torch "
+                "loader only: set data.loader=torch, or data.cat_max_ratio=0 to train with DALI")
+    return None
+
+
 def dali_available() -> bool:
     """Whether nvidia.dali imports here."""
     return dali_missing() is None
@@ -60,6 +70,9 @@ class DaliLoader:
 
     def __init__(self, d: DataCfg, seed: int, split: OpenSplit, train: bool, device, world: int, rank: int):
         man = split.manifest
+        refused = unsupported(d, train)
+        if refused:
+            raise UserError(refused)
         missing = dali_missing()
         if missing:
             raise UserError(f"data.loader=dali {missing}")

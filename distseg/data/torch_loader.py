@@ -21,7 +21,16 @@ from distseg.config import DataCfg
 from distseg.data.batch import Batch
 from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindowSampler, StreamSampler
 from distseg.data.streams import Sources, rare_draws, rare_pools
-from distseg.data.transforms import augment_pil, augment_tensor, draw_params, mean_fill, normalize, to_device
+from distseg.data.transforms import (
+    AugParams,
+    augment_pil,
+    augment_tensor,
+    choose_crop,
+    draw_params,
+    mean_fill,
+    normalize,
+    to_device,
+)
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
 from distseg.processes import usable_workers, worker_init
@@ -31,7 +40,8 @@ from distseg.shards.split import OpenSplit
 
 class ShardDataset(Dataset):
     """Item (index, epoch, valid) -> uint8 image and mask of the (augmented) sample, or, for GPU decode, the
-    JPEG bytes and the mask."""
+    JPEG bytes, the mask and the sample's augmentation (`sample_params`: the crop is chosen here, on the
+    mask, so the main process, which feeds the GPU, does no more for data.cat_max_ratio)."""
 
     def __init__(self, samples: Sources, data: DataCfg, seed: int, train: bool, gpu_decode: bool):
         self.s, self.data, self.seed, self.train, self.gpu_decode = samples, data, seed, train, gpu_decode
@@ -55,7 +65,8 @@ class ShardDataset(Dataset):
         try:
             mask = decode_mask(mask_bytes, self.s.lut(i))
             if self.gpu_decode:
-                out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask)
+                p = sample_params(self.data, self.seed, epoch, i, mask.numpy()) if self.train else None
+                out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask, params=p)
                 return out
             img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
@@ -74,7 +85,7 @@ class ShardDataset(Dataset):
         mask = torch.full((h, w), IGNORE, dtype=torch.uint8)
         out.update(valid=False, corrupt=True)
         if self.gpu_decode:  # keep the batch's form; _decode_on_gpu pads it
-            out.update(jpeg=None, mask_u8=mask)
+            out.update(jpeg=None, mask_u8=mask, params=None)
         else:
             fill = torch.tensor(mean_fill(self.data.mean), dtype=torch.uint8).view(1, 1, 3)
             out.update(image=fill.expand(h, w, 3), mask=mask, size=(h, w))
@@ -113,13 +124,20 @@ def unpack(pixels: torch.Tensor, size: tuple[int, int], nhwc: bool) -> tuple[tor
     return image, pixels[:, 3 * h * w:].view(n, h, w)
 
 
+def sample_params(d: DataCfg, seed: int, epoch: int, index: int, mask: np.ndarray) -> AugParams:
+    """A training sample's augmentation, the same for both paths: drawn from (seed, epoch, index), with the
+    crop data.cat_max_ratio keeps on the sample's uint8 mask."""
+    p = draw_params(seed, epoch, index, tuple(d.scale), d.flip, d.color)
+    return choose_crop(mask, p, d.crop, d.cat_max_ratio, (seed, epoch, index))
+
+
 def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
                      index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded image + uint8 mask -> uint8 H x W x 3 image and uint8 mask: the training augmentation
-    (parameters from seed, epoch, index), or for validation the image as it is."""
+    (`sample_params`), or for validation the image as it is."""
     if train:
-        p = draw_params(seed, epoch, index, tuple(d.scale), d.flip, d.color)
-        return augment_pil(raw, mask.numpy(), p, d.crop, mean_fill(d.mean))
+        m = mask.numpy()
+        return augment_pil(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
     return decode_rgb(raw).permute(1, 2, 0), mask  # H x W x 3, as the training path
 
 
@@ -133,7 +151,7 @@ def collate(items: list[dict], nhwc: bool = False) -> dict:
     out = {"key": [it["key"] for it in items], "index": [it["index"] for it in items],
            "valid": [it["valid"] for it in items], "corrupt": [it["corrupt"] for it in items]}
     if "mask_u8" in items[0]:
-        for k in ("jpeg", "mask_u8", "epoch"):
+        for k in ("jpeg", "mask_u8", "params"):
             out[k] = [it[k] for it in items]
         return out
     shapes = {it["size"] for it in items}
@@ -317,7 +335,7 @@ class TorchLoader:
         """nvJPEG decode of the batch (one call), then the same transforms as the CPU path, on the GPU."""
         from torchvision.io import decode_jpeg
 
-        jpegs, masks, epochs = b.pop("jpeg"), b.pop("mask_u8"), b.pop("epoch")
+        jpegs, masks, params = b.pop("jpeg"), b.pop("mask_u8"), b.pop("params")
         good = [k for k, bad in enumerate(b["corrupt"]) if not bad]
         try:
             decoded = dict(zip(good, decode_jpeg([jpegs[k] for k in good], device=self.device)))
@@ -341,15 +359,16 @@ class TorchLoader:
                 pairs.append((torch.zeros(3, h, w, device=self.device),
                               torch.full((h, w), IGNORE, device=self.device, dtype=torch.long)))
                 continue
-            pairs.append(self._gpu_transform(decoded[k], m, epochs[k], int(b["index"][k])))
+            pairs.append(self._gpu_transform(decoded[k], m, params[k]))
         b["image"] = torch.stack([p[0] for p in pairs])
         b["mask"] = torch.stack([p[1] for p in pairs])
         if self.channels_last:
             b["image"] = b["image"].contiguous(memory_format=torch.channels_last)
 
-    def _gpu_transform(self, img: torch.Tensor, mask: torch.Tensor, epoch: int, index: int):
+    def _gpu_transform(self, img: torch.Tensor, mask: torch.Tensor, p: AugParams | None):
+        """One decoded sample on the device: augmented by the parameters its worker chose
+        (`sample_params`), or for validation (None) normalised as it is."""
         d = self.data
-        if self.train:
-            p = draw_params(self.seed, epoch, index, tuple(d.scale), d.flip, d.color)
+        if p is not None:
             return augment_tensor(img, mask, p, d.crop, d.mean, d.std)
         return normalize(img, d.mean, d.std), mask.long()
