@@ -148,10 +148,13 @@ class Variant(NamedTuple):
     modes: tuple[str, ...]  # the pipelines it applies to (those whose rows read these settings)
 
 
-# One entry per variant; a sampler's is one more (e.g. "rare": data.sampling=rare on the loader rows).
+# One entry per variant. Rare-class sampling changes which samples the loader reads (the shards need their
+# per-sample class counts); a low pixel minimum lets the synthetic data's small rare objects count.
 DATA_VARIANTS = {
     "cat": Variant("class-aware crops, data.cat_max_ratio=0.75", {"cat_max_ratio": 0.75},
                    ("transform", "torch-cpu", "torch-gpu")),
+    "rare": Variant("rare-class sampling, data.sampling=rare", {"sampling": "rare", "rare_min_pixels": 50},
+                    ("torch-cpu", "torch-gpu")),
 }
 
 
