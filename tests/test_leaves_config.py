@@ -146,7 +146,8 @@ def test_an_old_config_dumps_as_before_plus_the_keys_added_since():
     assert {op for op, *_ in ops} == {"equal", "insert"}
     added = [line for op, _, _, j1, j2 in ops if op == "insert" for line in b[j1:j2]]
     assert added == ["  streams: []\n", "  epoch_samples: 0\n", "  sampling: uniform\n",
-                     "  rare_temperature: 0.01\n", "  rare_min_pixels: 3000\n", "  no_decay: auto\n",
+                     "  rare_temperature: 0.01\n", "  rare_min_pixels: 3000\n", "  cat_max_ratio: 0.0\n",
+                     "  no_decay: auto\n",
                      "  no_decay_names: []\n", "  encoder_lr_mult: 1.0\n", "  layer_decay: 1.0\n",
                      "  async_checkpoint: true\n"]
     assert now[now.index("  val_split:"):].startswith("  val_split: val\n  streams: []\n  epoch_samples: 0\n")
