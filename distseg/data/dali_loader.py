@@ -54,6 +54,9 @@ def unsupported(d: DataCfg, train: bool) -> str | None:
     if train and d.cat_max_ratio > 0:
         return (f"data.cat_max_ratio={d.cat_max_ratio} (class-aware crops) is implemented by the torch "
                 "loader only: set data.loader=torch, or data.cat_max_ratio=0 to train with DALI")
+    if train and d.sampling == "rare":  # DALI's reader owns its order: no draw with replacement
+        return ("data.sampling=rare draws every slot into one global order through the torch loader: set "
+                "data.loader=torch, or data.sampling=uniform to train with DALI")
     return None
 
 

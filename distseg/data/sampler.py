@@ -30,11 +30,11 @@ its guarantees: equal batches per rank, each stream's pass exactly once, any spl
 With data.sampling=rare (`RareClassSampler`, DAFormer's rare-class sampling), each slot of an epoch draws a
 class c with probability proportional to exp((1 - f_c) / T), f_c the class's share of the labelled pixels,
 then a sample holding more than data.rare_min_pixels of c, both with replacement; a class no sample holds
-that way is left out of the draw. Each draw has its own augmentation key (its slot in the epoch, so a sample
-drawn twice gets two crops). The draws are a function of (seed, epoch): the epoch is one global order cut
-into global batches as `global` does, so equal batches per rank, a mid-epoch resume and a resume on another
-process count hold; exactly-once does not apply. With data.streams each stream's share is drawn this way
-within the stream, then the epoch is interleaved as above.
+that way is left out of the draw. Each draw has its own augmentation key (its slot counted over the run,
+epoch x draws + slot, mod 2^32), so a sample drawn twice gets two crops. The draws are a function of
+(seed, epoch): the epoch is one global order cut into global batches as `global` does, so equal batches per
+rank, a mid-epoch resume and a resume on another process count hold; exactly-once does not apply. With
+data.streams each stream's share is drawn this way within the stream, then the epoch is interleaved as above.
 
 The order of an epoch is a numpy array (8 bytes per sample and pass); batches are made when asked for, so
 no Python object exists per sample of the dataset.

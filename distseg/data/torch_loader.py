@@ -246,6 +246,13 @@ class TorchLoader:
         of the next (all processes; a pure function of the position)."""
         return self.sampler.seen(epochs, batches) if self.shares is not None else None
 
+    def drawable_classes(self) -> list[int]:
+        """With data.sampling=rare: the classes some stream can draw (a sample holds them above
+        data.rare_min_pixels), in the scheme's order; empty otherwise."""
+        if not isinstance(self.sampler, RareClassSampler):
+            return []
+        return sorted({int(c) for pool in self.sampler.pools for c in pool.classes})
+
     def class_draws(self, epochs: int, batches: int) -> list[int] | None:
         """With data.sampling=rare: draws per class of the scheme after `epochs` epochs and `batches` batches
         of the next (all processes; a pure function of the position)."""

@@ -231,7 +231,7 @@ def stream_images(run: Run) -> list[int]:
 def sampling_summary(run: Run) -> dict:
     """data.sampling=rare's settings and its draws per class so far (empty for uniform sampling)."""
     st = run.state
-    if not st.sampling:
+    if not st.sampling or not run.acc.is_main_process:  # rank 0 writes it; the others need not replay
         return {}
     draws = run.train_loader.class_draws(st.epoch, st.batch_in_epoch)
     return {**st.sampling, "class_draws": dict(zip(run.scheme.class_names, draws))}

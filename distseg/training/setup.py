@@ -92,6 +92,17 @@ def make_groups(model: torch.nn.Module, grouping: Grouping, resume_from, state: 
     return groups
 
 
+def print_rare_classes(run: Run) -> None:
+    """Which classes rare sampling draws, and which it leaves out although the split has their pixels (no
+    sample holds more than data.rare_min_pixels of them): a too high minimum would otherwise go unseen."""
+    names, drawn = run.scheme.class_names, run.train_loader.drawable_classes()
+    pixels = run.train_loader.class_pixels()
+    left = [names[k] for k in range(len(names)) if k not in drawn and pixels[k] > 0]
+    run.log.print(f"rare sampling draws {', '.join(names[k] for k in drawn)}"
+                  + (f"; left out (no sample above data.rare_min_pixels={run.cfg.data.rare_min_pixels} "
+                     f"pixels): {', '.join(left)}" if left else ""))
+
+
 def print_groups(run: Run, grouping: Grouping, resumed: bool) -> None:
     """Each group's tensors, parameters, base learning rate and the weight decay its optimizer group applies
     (a resumed optimizer keeps the decay it was saved with), once at the start."""
@@ -232,4 +243,6 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
                   f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}"
                   f"{f'; sampling: {describe_sampling(state.sampling)}' if state.sampling else ''}")
     print_groups(run, grouping, resume_from is not None)
+    if state.sampling:
+        print_rare_classes(run)
     return run
