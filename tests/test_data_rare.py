@@ -3,15 +3,19 @@ a drawn sample holds the drawn class, a class no sample holds is never drawn, ev
 augmentation key, and the epoch is one global order, the same at any process count."""
 
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from distseg.config import load_config
 from distseg.data.sampler import ClassPool, EpochBatchSampler, RareClassSampler, StreamSampler
-from distseg.data.streams import rare_pools
+from distseg.data.streams import rare_pools, sampling_record
 from distseg.data.transforms import draw_params
 from distseg.errors import UserError
+from distseg.runs.checkpoint import RunState
+from distseg.training.resume import check_sampling
 
 MIN = 10
 
@@ -152,3 +156,17 @@ def test_uniform_sampling_orders_every_epoch_as_before():
             for a in s.rows():
                 h.update(np.ascontiguousarray(a).astype(np.int64).tobytes())
     assert h.hexdigest()[:16] == "79d67ff27b3ced5b"
+
+
+def test_a_resume_with_other_sampling_is_one_line():
+    ckpt = Path("runs/r/checkpoints/step-00000002")
+    rare = load_config(None, ["data.sampling=rare", "data.rare_min_pixels=100"])
+    state = RunState(step=2, batch_size=4, sampling=sampling_record(rare.data, 14, None))
+    check_sampling(rare, ckpt, state, 14, None)
+    for other, needle in ((load_config(None), "this start has data.sampling=uniform"),
+                          (load_config(None, ["data.sampling=rare"]), "data.rare_min_pixels=3000"),
+                          (rare, "(15 draws per epoch)")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            check_sampling(other, ckpt, state, 15 if other is rare else 14, None)
+    with pytest.raises(UserError, match="trained with data.sampling=uniform"):
+        check_sampling(rare, ckpt, RunState(step=2, batch_size=4), 14, None)  # a run made before: uniform

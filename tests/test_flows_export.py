@@ -11,9 +11,10 @@ import torch
 
 from conftest import assert_user_error, run_cli
 from distseg.config import dump_config, load_config
+from distseg.errors import UserError
 from distseg.models import build_model
 from distseg.models.weights import load_weights, save_weights
-from distseg.runs.run_dir import load_run
+from distseg.runs.run_dir import find_run, load_run
 
 
 def tiny_cfg(encoder: str, *extra: str):
@@ -133,12 +134,12 @@ def test_export_cli_argmax_float_input_and_metadata(tmp_path):
         assert json.loads(z.read(name))["shape"] == "fixed 32x48 (H x W)"
     x = torch.randint(0, 256, (1, 3, 32, 48), dtype=torch.uint8)
     np.testing.assert_allclose(run_exported(pt2, x), reference(loaded, x).numpy(), atol=1e-4, rtol=0)
-    p = run_cli("export", "--run", run, "--format", "onnx", "--out", tmp_path / "y.onnx", "--height", 4,
-                check=False)
-    assert_user_error(p, "at least 8")
-    p = run_cli("export", "--checkpoint", tmp_path, "--format", "pt2", "--out", tmp_path / "z.pt2",
-                check=False)
-    assert_user_error(p, "not inside a training run")
+    from distseg.flows.export import export_run
+
+    with pytest.raises(UserError, match="at least 8"):  # the messages of bad input, in this process
+        export_run(loaded, "onnx", str(tmp_path / "y.onnx"), 4, 96)
+    with pytest.raises(UserError, match="not inside a training run"):
+        find_run(str(tmp_path))
 
 
 def test_export_takes_the_runs_image_size(one_proc_run, tmp_path):
