@@ -197,18 +197,21 @@ class StreamSampler(EpochBatchSampler):
         """The epoch's global order: (index, augmentation key)."""
         return self.unpack(self.mixed(self.epoch))
 
-    def stream_of(self, index: np.ndarray) -> np.ndarray:
-        """The stream each index of the shared space belongs to."""
-        return np.searchsorted(self.offsets, index, side="right") - 1
-
     def seen(self, epochs: int, batches: int) -> list[int]:
         """Samples of each stream trained on after `epochs` whole epochs and `batches` batches (of each
         process) into the next one, padding excluded."""
-        done = self.shares * epochs
-        if batches:
-            taken, _ = self.unpack(self.mixed(epochs)[:batches * self.b * self.world])
-            done = done + np.bincount(self.stream_of(taken), minlength=len(self.sizes))
-        return done.tolist()
+        taken = self.unpack(self.mixed(epochs)[:batches * self.b * self.world])[0] if batches else None
+        return per_stream(self.shares, self.offsets, epochs, taken)
+
+
+def per_stream(shares: np.ndarray, offsets: np.ndarray, epochs: int, taken: np.ndarray | None) -> list[int]:
+    """Samples of each stream after `epochs` whole epochs (its share each) and the indexes `taken` so far of
+    the next (None: none), found by the stream each shared index falls in."""
+    done = shares * epochs
+    if taken is not None:
+        stream = np.searchsorted(offsets, taken, side="right") - 1
+        done = done + np.bincount(stream, minlength=len(shares))
+    return done.tolist()
 
 
 @dataclass(frozen=True)
@@ -289,12 +292,8 @@ class RareClassSampler(EpochBatchSampler):
 
     def seen(self, epochs: int, batches: int) -> list[int]:
         """Samples drawn from each stream so far (streams: as `StreamSampler.seen`)."""
-        done = self.shares * epochs
-        if batches:
-            taken = self.plan(epochs)[0][:batches * self.b * self.world]
-            stream = np.searchsorted(self.offsets, taken, side="right") - 1
-            done = done + np.bincount(stream, minlength=len(self.shares))
-        return done.tolist()
+        taken = self.plan(epochs)[0][:batches * self.b * self.world] if batches else None
+        return per_stream(self.shares, self.offsets, epochs, taken)
 
 
 class ShardWindowSampler(_EpochSampler):

@@ -108,12 +108,18 @@ def layer_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, kinds) and m.weight is not None}
 
 
+def name_matches(name: str, listed: str) -> bool:
+    """A name of optim.no_decay_names names a parameter whole or as its dotted name's end (`pos_embed` is
+    `encoder.body.pos_embed`)."""
+    return name == listed or name.endswith("." + listed)
+
+
 def is_no_decay(name: str, p: torch.Tensor, extra: tuple[str, ...], weights: set[int]) -> bool:
     """Biases; tensors other than convolution and linear weights with at most one dimension above 1 (norm
     weights, layer scales such as torchvision ConvNeXt's C x 1 x 1, 1-d parameters); and any name listed
-    (matched whole or as the dotted name's end: `pos_embed` matches `encoder.body.pos_embed`)."""
+    (`name_matches`)."""
     vector_like = id(p) not in weights and sum(d > 1 for d in p.shape) <= 1
-    listed = any(name == n or name.endswith("." + n) for n in extra)
+    listed = any(name_matches(name, n) for n in extra)
     return name.endswith(".bias") or vector_like or listed
 
 
@@ -178,7 +184,7 @@ def build_param_groups(model: nn.Module, grouping: Grouping) -> list[ParamGroup]
 def check_names(named: list[tuple[str, nn.Parameter]], listed: tuple[str, ...]) -> None:
     """A name in optim.no_decay_names that matches no parameter is a typo that would silently decay it."""
     for n in listed:
-        if not any(name == n or name.endswith("." + n) for name, _ in named):
+        if not any(name_matches(name, n) for name, _ in named):
             example = named[0][0] if named else "none"
             raise UserError(f"optim.no_decay_names: {n!r} matches no parameter of this model (names are "
                             f"dotted paths or their ends, e.g. {example})")
