@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,18 @@ from typing import Any
 from distseg.errors import naming
 
 
+def temp_sibling(path: Path) -> Path:
+    """A hidden temp name next to `path`, unique to this process and thread: two writers of one file (a
+    prefetch thread and the main thread stamping the same shard) each rename their own whole file, and the
+    last rename wins, instead of one renaming the other's half-written temp away."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+
+
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
     """Write `chunks` one after another via a temp name in the same folder, fsync, then rename over `path`
     (chunks: a large file is not joined into one bytes object first)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         with naming(path), open(tmp, "wb") as f:
             for chunk in chunks:
@@ -59,7 +67,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_save_png(image, path: Path) -> None:
     """Save a PIL image as PNG via a temp name and rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         with naming(path):
             image.save(tmp, format="PNG")

@@ -346,3 +346,32 @@ def test_stamps_spare_a_second_hash_unless_verify_is_always(shards, tmp_path, mo
     for _ in range(2):
         ShardFiles(man, str(tmp_path / "node"), verify="always").tar(0)
     assert len(hashed) == 3
+
+
+def test_two_threads_stamping_one_shard_both_succeed(shards, tmp_path):
+    """The prefetch thread and the main thread may stamp the same downloaded shard at once: each writes
+    its own temp file, so neither renames the other's away (the race CI hit as a missing `.json.tmpPID`)."""
+    import threading
+
+    from distseg.shards.shard_reader import Stamps
+
+    stamps, shard = Stamps(tmp_path / "node"), shards / "train-000000.tar"
+    sha = load_manifest(shards, "train")["shards"][0]["sha256"]
+    errors, start = [], threading.Barrier(4)
+
+    def stamp():
+        start.wait()
+        try:
+            for _ in range(200):
+                stamps.record(shard, sha)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=stamp) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert stamps.check(shard, sha)
+    assert [p.name for p in (tmp_path / "node" / "stamps").iterdir() if ".tmp" in p.name] == []
