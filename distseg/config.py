@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -210,6 +211,11 @@ class TrainCfg:
     reset_head: bool = True  # with init_from: start the 1x1 head afresh (new classes)
     ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999); 0 = off
     tb_images: int = 4  # validation images shown in TensorBoard
+    trackers: list[str] = field(default_factory=list)  # experiment trackers beside TensorBoard: wandb,
+    # mlflow (the distseg[trackers] extra); rank 0 logs to them, a resumed run continues their runs
+    tracker_project: str = "distseg"  # the W&B project and the MLflow experiment runs are logged under
+    mlflow_uri: str = ""  # MLflow tracking URI (a server, sqlite:///...); empty = a file store in the run
+    # folder (<run>/mlruns)
     progress: bool = True  # tqdm bar on rank 0
 
 
@@ -495,6 +501,19 @@ def validate(cfg: Config) -> None:
         raise UserError("config: loss weights must be >= 0 and not all 0")
     if not cfg.name or "/" in cfg.name:
         raise UserError(f"config: name must be a plain folder name, got {cfg.name!r}")
+    _validate_trackers(t)
+
+
+TRACKERS = ("wandb", "mlflow")
+
+
+def _validate_trackers(t: TrainCfg) -> None:
+    unknown = [x for x in t.trackers if x not in TRACKERS]
+    if unknown or len(set(t.trackers)) != len(t.trackers):
+        raise UserError(f"config: train.trackers lists each of {', '.join(TRACKERS)} at most once, got "
+                        f"{t.trackers}")
+    if not t.tracker_project.strip():
+        raise UserError("config: train.tracker_project must name a W&B project / MLflow experiment")
 
 
 def _validate_streams(d: DataCfg) -> None:
@@ -531,13 +550,43 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# a setting whose value is a credential by its name (a word of it: api_key, wandb_token, db_password; not
+# monkey): written as *** in config.yaml and tracker parameters
+SECRET_NAME = re.compile(r"(^|[_.-])(api_?key|key|token|secret|password|passwd|pwd|credentials?)([_.-]|$)",
+                         re.IGNORECASE)
+
+
+def redacted(d: Any, name: str = "") -> Any:
+    """Nested settings safe to save or send to a tracker: URLs without passwords or signatures
+    (urls.redact) and the values of credential-named keys (SECRET_NAME) as `***`."""
+    if isinstance(d, dict):
+        return {k: redacted(v, k) for k, v in d.items()}
+    if isinstance(d, list):
+        return [redacted(v, name) for v in d]
+    if SECRET_NAME.search(name) and d not in ("", None):
+        return "***"
+    return redact(d) if isinstance(d, str) else d
+
+
 def dump_config(cfg: Config) -> str:
-    """The config as YAML (what runs/<name>/config.yaml holds), with passwords and URL signatures removed."""
-    d = to_dict(cfg)
-    d["data"]["shards"] = redact(d["data"]["shards"])
-    for stream in d["data"]["streams"]:
-        stream["shards"] = redact(stream["shards"])
-    return yaml.safe_dump(d, sort_keys=False)
+    """The config as YAML (what runs/<name>/config.yaml holds), with credentials removed (`redacted`)."""
+    return yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False)
+
+
+def flat_settings(cfg: Config) -> dict[str, Any]:
+    """The redacted settings as `section.key: value` (lists as their YAML flow text): a tracker's
+    parameters."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) or v is None else \
+                    yaml.safe_dump(v, default_flow_style=True).strip()
+    walk(redacted(to_dict(cfg)), "")
+    return out
 
 
 def _comments(cls) -> dict[str, str]:

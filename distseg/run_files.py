@@ -13,6 +13,8 @@ shards) import them from here, a leaf.
       best/                         the best validation's weights (model, ema .safetensors) and meta.json
       summary.json                  runs/summary.RunSummary
       tb/                           TensorBoard event files
+      trackers.json                 the experiment trackers' run ids and last logged steps (train.trackers)
+      mlruns/, wandb/               their local stores: MLflow's default file store, W&B's run files
     <output_dir>/.<name>.lease      the lease of the process that owns the run (beside it, not in it)
 """
 
@@ -26,6 +28,8 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 SUMMARY = "summary.json"
 TENSORBOARD = "tb"
+TRACKERS = "trackers.json"
+MLFLOW_STORE = "mlruns"
 TRAINER_STATE = "trainer_state.json"
 CHECKSUMS = "checksums.sha256"  # every other file of a checkpoint, `sha256sum` format
 WEIGHTS = "model.safetensors"

@@ -138,7 +138,8 @@ def test_a_dump_loads_back_to_the_same_config(tmp_path):
 
 def test_an_old_config_dumps_as_before_plus_the_keys_added_since():
     """tests/data/old_stage's config.yaml was written by an older version: its dump now differs only by the
-    keys added since (streams, epoch_samples, sampling, the parameter groups' settings), at their defaults."""
+    keys added since (streams, epoch_samples, sampling, the parameter groups' settings, the trackers), at
+    their defaults."""
     stored = (ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml").read_text()
     now = dump_config(load_config(ROOT / "tests" / "data" / "old_stage" / "person" / "config.yaml"))
     a, b = stored.splitlines(keepends=True), now.splitlines(keepends=True)
@@ -149,7 +150,8 @@ def test_an_old_config_dumps_as_before_plus_the_keys_added_since():
                      "  rare_temperature: 0.01\n", "  rare_min_pixels: 3000\n", "  cat_max_ratio: 0.0\n",
                      "  no_decay: auto\n",
                      "  no_decay_names: []\n", "  encoder_lr_mult: 1.0\n", "  layer_decay: 1.0\n",
-                     "  async_checkpoint: true\n"]
+                     "  async_checkpoint: true\n", "  trackers: []\n", "  tracker_project: distseg\n",
+                     "  mlflow_uri: ''\n"]
     assert now[now.index("  val_split:"):].startswith("  val_split: val\n  streams: []\n  epoch_samples: 0\n")
 
 

@@ -3,6 +3,7 @@ another number of processes. Real processes, real signals, a real filesystem tha
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tracker_files import mlflow_history, mlflow_params, wandb_history
 
 from conftest import (
     SGD,
@@ -90,9 +92,12 @@ def test_one_ctrl_c_asks_for_a_checkpoint_a_second_exits_at_once():
     assert p.returncode == -signal.SIGINT and "KeyboardInterrupt" in p.stderr.read()
 
 
-def test_ctrl_c_checkpoints_and_the_rerun_resumes(shards, tmp_path):
-    args = base_overrides(shards, tmp_path, "cc", **{"train.epochs": 60, "train.ckpt_every": 2})
-    p = subprocess.Popen([sys.executable, "-m", "distseg", "train", *args], env=ENV, stdout=subprocess.PIPE,
+def test_ctrl_c_checkpoints_and_the_rerun_resumes(shards, tmp_path, monkeypatch):
+    """... and the run's tracker runs (W&B offline, MLflow's file store) go on: see `check_trackers`."""
+    args = base_overrides(shards, tmp_path, "cc", **{"train.epochs": 60, "train.ckpt_every": 2,
+                                                     "train.trackers": "[wandb,mlflow]"})
+    env = dict(ENV, WANDB_MODE="offline")
+    p = subprocess.Popen([sys.executable, "-m", "distseg", "train", *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: newest_step(tmp_path / "cc") >= 2 or p.poll() is not None, what="a checkpoint")
     os.killpg(p.pid, signal.SIGINT)
@@ -102,11 +107,39 @@ def test_ctrl_c_checkpoints_and_the_rerun_resumes(shards, tmp_path):
     stopped = newest_step(tmp_path / "cc")
     assert f"checkpointing at step {stopped}" in out and damage(latest_checkpoint(tmp_path / "cc" /
                                                                                   "checkpoints")) is None
-    again = run_train(args + [f"train.max_steps={stopped + 1}"])
+    ids = json.loads((tmp_path / "cc" / "trackers.json").read_text())["runs"]
+    again = run_train(args + [f"train.max_steps={stopped + 1}"], env={"WANDB_MODE": "offline"})
     assert f"resumed from {tmp_path / 'cc' / 'checkpoints' / f'step-{stopped:08d}'}" in again.stdout
-    segments = json.loads((tmp_path / "cc" / "summary.json").read_text())["segments"]
+    summary = json.loads((tmp_path / "cc" / "summary.json").read_text())
+    segments = summary["segments"]
     assert [(g["first_step"], g["last_step"]) for g in segments] == [(0, stopped), (stopped, stopped + 1)]
     assert segments[0]["images"] == stopped * 4 and segments[1]["images"] == 4
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_trackers(tmp_path / "cc", ids, out + again.stdout, summary)
+
+
+def check_trackers(run: Path, ids: dict, printed: str, summary: dict) -> None:
+    """One W&B and one MLflow run over both processes (the ids the first one recorded), each step logged
+    once with the loss and lr its step line printed; the last validation and the best score as
+    summary.json has them; the settings as MLflow parameters."""
+    assert summary["trackers"] == {name: {"run": ids[name], "failures": 0, "logged": {
+        "train": summary["steps"], "val": summary["steps"], "best": summary["steps"]}} for name in ids}
+    lines = re.findall(r"^step (\d+)/\d+ epoch \S+ loss (\S+) lr (\S+) ", printed, re.M)
+    printed_steps = [(int(s), float(loss), float(lr)) for s, loss, lr in lines]
+    assert [s for s, *_ in printed_steps] == list(range(1, summary["steps"] + 1))
+    wandb_runs = wandb_history(run)
+    assert list(wandb_runs) == [ids["wandb"]]
+    rows = wandb_runs[ids["wandb"]]
+    assert [step for step, _ in rows] == [s for s, *_ in printed_steps]  # each step once, in order
+    assert [(step, round(v["train/loss"], 4), float(f"{v['train/lr']:.2e}")) for step, v in rows] == \
+        printed_steps
+    last, best = rows[-1][1], summary["best_score"]
+    assert last["val/score"] == summary["history"][-1]["score"] and last["best/score"] == best
+    assert last["val/mIoU"] == summary["final_miou"] and last["best/epoch"] == summary["best_epoch"]
+    assert mlflow_history(run, ids["mlflow"], "train/loss") == [(s, v["train/loss"]) for s, v in rows]
+    assert mlflow_history(run, ids["mlflow"], "best/score")[-1] == (summary["steps"], best)
+    params = mlflow_params(run, ids["mlflow"])
+    assert params["train.trackers"] == "[wandb, mlflow]" and params["train.ckpt_every"] == "2"
 
 
 @pytest.mark.slow

@@ -71,6 +71,16 @@ class RunDir:
         return self.path / files.TENSORBOARD
 
     @property
+    def trackers(self) -> Path:
+        """The experiment trackers' record: their run ids and the last step each kind was logged at."""
+        return self.path / files.TRACKERS
+
+    @property
+    def mlflow_store(self) -> Path:
+        """MLflow's default file store (train.mlflow_uri empty)."""
+        return self.path / files.MLFLOW_STORE
+
+    @property
     def lease(self) -> Path:
         """The lease file, beside the folder."""
         return self.path.parent / files.lease_name(self.name)

@@ -44,6 +44,8 @@ class RunSummary:
     timing: dict = field(default_factory=dict)  # training/timing.RunClock.summary()
     streams: list = field(default_factory=list)  # data.streams: {shards, split, weight, samples, images}
     sampling: dict = field(default_factory=dict)  # data.sampling=rare: its settings and draws per class
+    trackers: dict = field(default_factory=dict)  # train.trackers: per tracker its run id, failures and
+    # last logged step of each kind (training/trackers.py)
     distseg_version: str | None = None
     git_commit: str | None = None
     config_sha256: str | None = None

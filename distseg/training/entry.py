@@ -17,6 +17,7 @@ from distseg.errors import UserError, describe_os_error
 from distseg.runs.run_dir import RunDir
 from distseg.training.loop import Diverged, train
 from distseg.training.stopping import die_with_launcher
+from distseg.training.trackers import accelerator_kwargs, finish_all
 
 EXIT_PREEMPTED = 75  # checkpoint written on SIGUSR1/SIGTERM: requeue me
 EXIT_DIVERGED = 3
@@ -47,7 +48,8 @@ def main(config: str | None, overrides: list[str] | tuple[str, ...]) -> int:
         cfg = load_config(config, overrides)
         if cfg.train.deterministic:  # cuBLAS reads it when CUDA starts: before the Accelerator
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
+        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                          **accelerator_kwargs(cfg))
         set_seed(cfg.train.seed)
         summary = train(cfg, acc)
         code = 0 if summary is None else 130 if summary.interrupted else EXIT_PREEMPTED if summary.preempted \
@@ -61,6 +63,7 @@ def main(config: str | None, overrides: list[str] | tuple[str, ...]) -> int:
         code = 130
     multi = acc is not None and acc.num_processes > 1
     if acc is not None:
+        finish_all(acc)
         acc.end_training()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -109,7 +109,9 @@ def settle(run: Run, flags: torch.Tensor | None = None) -> None:
     run.state.samples += int(f.images)
     proc.corrupt += int(f.corrupt)
     lr = lr_at(step - 1, run.cfg, run.max_steps)
-    run.log.step(step, epoch, f.loss_sum / max(f.norm, 1), lr, int(f.images))
+    logged = run.log.step(step, epoch, f.loss_sum / max(f.norm, 1), lr, int(f.images))
+    if logged:
+        run.trackers.log("train", logged, step)
     if f.stop > 0:
         proc.stop_asked, proc.interrupted = True, f.ctrl_c > 0
 
@@ -204,6 +206,7 @@ def validate(run: Run) -> None:
     for c, v in scores["iou"].items():
         if not math.isnan(v):
             run.tb.add_scalar(f"val_iou/{scheme.class_names[c]}", v, st.step)
+    run.trackers.log("val", validation_values(run, cm, name, score, scores), st.step)
     pal = scheme.palette()
     for i, (img, gt, pred) in enumerate(examples):
         rgb = denormalize(img, run.cfg.data.mean, run.cfg.data.std)
@@ -220,6 +223,16 @@ def validate(run: Run) -> None:
                           "pixels": scores["pixels"], "category_iou": category_iou(cm, scheme)}
         save_best(run, name, score, scores)
     run.acc.wait_for_everyone()
+
+
+def validation_values(run: Run, cm, name: str, score: float, scores: dict) -> dict:
+    """A validation as tracker metrics: its ranking score, mIoU, pixel accuracy, each class's IoU and each
+    category's (classes absent from the split are left out, as in TensorBoard)."""
+    names = run.scheme.class_names
+    values = {"val/score": score, "val/mIoU": scores["miou"], "val/pixel_acc": scores["pixel_acc"],
+              **{f"val_iou/{names[c]}": v for c, v in scores["iou"].items()},
+              **{f"val_category_iou/{k}": v for k, v in (category_iou(cm, run.scheme) or {}).items()}}
+    return {k: v for k, v in values.items() if not math.isnan(v)}
 
 
 def stream_images(run: Run) -> list[int]:
@@ -297,7 +310,7 @@ def record_segment(run: Run) -> None:
                seconds=round(time.time() - run.clock.process_start, 3))
 
 
-def run_summary(run: Run, timing: dict) -> RunSummary:
+def run_summary(run: Run, timing: dict, trackers: dict) -> RunSummary:
     """The run's record as far as this process took it: every segment, whole-run totals, the best and the
     last validation's scores, the timing and the provenance."""
     st, scheme, proc = run.state, run.scheme, run.process
@@ -314,7 +327,7 @@ def run_summary(run: Run, timing: dict) -> RunSummary:
         interrupted=proc.interrupted, finished=not proc.preempted and st.step >= run.max_steps,
         history=st.history, segments=st.segments, timing=timing,
         streams=[{**rec, "images": n} for rec, n in zip(st.streams, stream_images(run))],
-        sampling=sampling_summary(run),
+        sampling=sampling_summary(run), trackers=trackers,
     ).with_provenance(run.provenance)
 
 
@@ -328,7 +341,10 @@ def finish(run: Run) -> RunSummary:
     for k, v in timing.items():
         if isinstance(v, float):
             run.tb.add_scalar(f"timing/{k}", v, st.step)
-    summary = run_summary(run, timing)
+    if st.best_score >= 0:
+        run.trackers.log("best", {"best/score": st.best_score, "best/epoch": st.best_epoch,
+                                  "best/step": st.best_step}, st.step)
+    summary = run_summary(run, timing, run.trackers.finish())
     if run.acc.is_main_process:
         summary.write(run.dir.summary)
         b = st.best_scores

@@ -38,6 +38,7 @@ from distseg.training.step_log import StepLogger
 from distseg.training.stopping import StopFlag
 from distseg.training.tensorboard import make_writer
 from distseg.training.timing import RunClock
+from distseg.training.trackers import Trackers
 
 
 def open_segment(state: RunState, clock: RunClock, processes: int) -> None:
@@ -77,6 +78,7 @@ class Run:
     max_steps: int
     log: StepLogger
     tb: object  # training/tensorboard.EventWriter on rank 0
+    trackers: Trackers  # train.trackers (W&B, MLflow) on rank 0
     stop: StopFlag
     writer: CheckpointWriter  # checkpoints written off the critical path
     clock: RunClock  # where the time goes (summary.json "timing")
@@ -93,8 +95,9 @@ class Run:
                  stop: StopFlag | None = None) -> Run:
         """A run from its prepared parts (model and optimizer through `acc.prepare`): the loss, validation's
         Segmenter, TensorBoard (a resumed run's later points replace those a killed process logged past its
-        checkpoint), the step logger, the checkpoint writer and the stop flag (signal handlers) are made
-        here; `state` gets this process's segment and layout (so: once per process)."""
+        checkpoint), the step logger, the trackers (their runs started or continued), the checkpoint writer
+        and the stop flag (signal handlers) are made here; `state` gets this process's segment and layout
+        (so: once per process)."""
         scheme, run_dir = get_scheme(cfg.data.scheme), RunDir.of(cfg)
         clock = clock or RunClock(acc.device.type == "cuda", acc.num_processes)
         open_segment(state, clock, acc.num_processes)
@@ -109,10 +112,11 @@ class Run:
         tb = make_writer(run_dir.tb, acc.is_main_process, purge_step=state.step + 1 if resumed else None)
         log = StepLogger(tb, cfg.train.log_every, max_steps, state.step, epochs, cfg.name,
                          acc.is_main_process, cfg.train.progress, clock.gpu)
+        trackers = Trackers.start(cfg, acc, run_dir, resumed, log.print)
         segmenter = Segmenter.from_config(ema.module if ema is not None else model, cfg, acc.device)
         return cls(cfg=cfg, acc=acc, dir=run_dir, scheme=scheme, model=model, optimizer=optimizer,
                    groups=tuple(groups), loss_fn=build_loss(cfg, train_loader.class_pixels(), acc.device),
                    train_loader=train_loader, val_loader=val_loader, segmenter=segmenter, max_steps=max_steps,
-                   log=log, tb=tb, stop=stop or StopFlag(),
+                   log=log, tb=tb, trackers=trackers, stop=stop or StopFlag(),
                    writer=CheckpointWriter(acc, run_dir.checkpoints, cfg.train.keep_last), clock=clock,
                    state=state, ema=ema, lease=lease, provenance=provenance or {})

@@ -243,6 +243,8 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
                   f"{f'; streams: {describe_streams(state.streams)}' if state.streams else ''}"
                   f"{f'; sampling: {describe_sampling(state.sampling)}' if state.sampling else ''}")
     print_groups(run, grouping, resume_from is not None)
+    if run.trackers.describe():
+        run.log.print(run.trackers.describe())
     if state.sampling:
         print_rare_classes(run)
     return run

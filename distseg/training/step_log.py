@@ -39,13 +39,14 @@ class StepLogger:
         """Time the loop spent waiting for the loader (counted as data-wait)."""
         self.wait += seconds
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, images: int) -> None:
-        """After an optimizer step: `epoch` is 1-based, `images` the samples of this step on all ranks."""
+    def step(self, step: int, epoch: int, loss: float, lr: float, images: int) -> dict | None:
+        """After an optimizer step: `epoch` is 1-based, `images` the samples of this step on all ranks.
+        Returns the values logged at this step (None between log steps), for the trackers."""
         self.images += images
         self.images_run += images
         self.bar.update(1)
         if step % self.every and step != self.max_steps:
-            return
+            return None
         dt = max(time.time() - self.t0, 1e-9)
         ips, wait = self.images / dt, self.wait / dt
         eta = (self.max_steps - step) * dt / max(step - self.last_step, 1)
@@ -68,6 +69,7 @@ class StepLogger:
                                  ips=f"{ips:.1f}", eta=duration(eta))
         self.last_step = step
         self._reset()
+        return dict(scalars)
 
     def throughput(self) -> float:
         """Images per second over this process's run (resumed steps excluded)."""
