@@ -3,10 +3,11 @@ replayed steps are not logged again, a failing tracker is counted and left, a se
 warning; the settings they get are redacted. The end-to-end run with W&B offline and MLflow (Ctrl-C and
 resume, values read back) is tests/test_training_operators.py's Ctrl-C test."""
 
+import json
 import shutil
 
 import pytest
-from tracker_files import mlflow_history
+from tracker_files import mlflow_history, wandb_history
 
 from conftest import free_port
 from distseg.config import dump_config, flat_settings, load_config, redacted
@@ -55,6 +56,27 @@ def test_a_resumed_run_continues_the_tracker_run_without_logging_a_replayed_step
     # a fresh start (no checkpoint to resume from) is a new tracker run
     fresh = Trackers.start(cfg, acc, run_dir, resumed=False, say=said.append)
     assert fresh.finish()["mlflow"]["run"] != run_id
+
+
+def test_w_and_b_steps_count_as_logged_once_its_run_finished(tmp_path, acc, monkeypatch):
+    """W&B's offline files are written when its run finishes: a step logged by a process killed before that
+    is not in them, so it is recorded at the finish only and logged again by the resumed run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=wb", "train.trackers=[wandb]"])
+    run_dir = RunDir.of(cfg)
+    run_dir.path.mkdir(parents=True)
+    first = Trackers.start(cfg, acc, run_dir, resumed=False, say=print)
+    for s in (1, 2, 3):
+        first.log("train", {"train/loss": float(s)}, s)
+    assert json.loads(run_dir.trackers.read_text())["logged"] == {}  # not yet in W&B's files
+    run_id = first.finish()["wandb"]["run"]
+    assert json.loads(run_dir.trackers.read_text())["logged"] == {"wandb": {"train": 3}}
+    again = Trackers.start(cfg, acc, run_dir, resumed=True, say=print)
+    for s in (2, 3, 4, 5):
+        again.log("train", {"train/loss": 10.0 + s}, s)
+    assert again.finish()["wandb"] == {"run": run_id, "failures": 0, "logged": {"train": 5}}
+    assert [(step, v["train/loss"]) for step, v in wandb_history(run_dir.path)[run_id]] == \
+        [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
 
 
 def test_a_tracker_that_cannot_log_is_one_warning_counted_then_left(tmp_path, acc):

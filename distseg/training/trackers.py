@@ -10,9 +10,13 @@ so a resumed run keeps the ones its tracker run started with.
 A resumed run continues the same tracker runs: their ids are in the run folder's trackers.json. A process
 killed after its newest checkpoint logged steps that the resumed run trains again; those are not logged
 again: a tracker logs a kind of values (train, val, best) only at a step past the last it logged of that
-kind, which trackers.json records after every log. So W&B's step only grows and MLflow keeps one point per
-step; a resume is bit-identical, so the values kept are those the tracker would have got (TensorBoard shows
-the replayed ones instead: purge_step).
+kind. So W&B's step only grows and MLflow keeps one point per step; a resume is bit-identical, so the
+values kept are those the tracker would have got (TensorBoard shows the replayed ones instead: purge_step).
+trackers.json records a step once the tracker holds it: MLflow stores every log at once, so after every
+log; W&B's service process writes its files every 15 s and at the finish, so at the finish, and a resumed
+offline W&B run reads the steps a killed process's files hold (training/wandb_files.py). An online W&B
+run that was killed is continued from its last finish: W&B drops a step that does not grow, with a
+warning of its own.
 
 A tracker that cannot start or log (no W&B login, its server gone, a full disk) is one warning; training
 goes on, and its failures are counted in trackers.json and summary.json. After DROP_AFTER failures in a row
@@ -34,10 +38,12 @@ from distseg.config import Config, flat_settings
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
 from distseg.runs.run_dir import RunDir
+from distseg.training import wandb_files
 from distseg.urls import is_url, redact
 
 EXTRA = "pip install 'distseg[trackers]'"
 DROP_AFTER = 3
+DURABLE_AT_LOG = ("mlflow",)  # trackers whose log() returns once the value is stored (see the module)
 # MLflow's HTTP client retries 7 times with a doubling backoff (minutes per call) by default; a run with
 # a gone server should lose seconds per log, not minutes. The user's own settings win.
 MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -128,6 +134,7 @@ class Trackers:
         self.in_a_row: dict[str, int] = {}
         self.warned: set[str] = set()
         self.places: list[str] = []  # where each started tracker run is, for the start line
+        self.sent: dict[str, dict] = {}  # per tracker the last step logged of each kind by this process
 
     @classmethod
     def start(cls, cfg: Config, acc, run_dir: RunDir, resumed: bool, say) -> Trackers:
@@ -144,6 +151,7 @@ class Trackers:
                 if known is None:
                     tracker.store_init_configuration(flat_settings(cfg))
                 record["runs"][name] = tracker_run_id(tracker)
+                self.sent[name] = self.held(name, tracker, run_dir)
                 self.places.append(where(tracker, cfg, run_dir))
             except Exception as e:  # any library's failure: the run goes on without this tracker
                 self.failed(name, f"could not start ({short(e)})")
@@ -153,6 +161,14 @@ class Trackers:
         self.save()
         return self
 
+    def held(self, name: str, tracker, run_dir: RunDir) -> dict[str, int]:
+        """The last step of each kind the tracker run holds: the record's, or for an offline W&B run what
+        its files hold (a process killed before its finish wrote part of its steps)."""
+        held = dict(self.record["logged"].get(name, {}))
+        if name == "wandb" and tracker.run.offline:
+            held |= wandb_files.held_steps(run_dir.path, tracker.run.id)
+        return held
+
     def describe(self) -> str:
         """`trackers: wandb offline run ID in FOLDER (...); mlflow run ID at URI`, or "" without any."""
         return f"trackers: {'; '.join(self.places)}" if self.places else ""
@@ -160,15 +176,17 @@ class Trackers:
     def log(self, kind: str, values: dict, step: int) -> None:
         """`values` at `step` to every tracker that has not logged this kind at this step or later."""
         for name, tracker in list(self.active.items()):
-            logged = self.record["logged"].setdefault(name, {})
-            if step <= logged.get(kind, 0):
+            sent = self.sent[name]
+            if step <= sent.get(kind, 0):
                 continue
             try:
                 tracker.log(values, step=step)
             except Exception as e:  # the same: counted, and training goes on
                 self.failed(name, f"could not log step {step} ({short(e)})")
                 continue
-            logged[kind], self.in_a_row[name] = step, 0
+            sent[kind], self.in_a_row[name] = step, 0
+            if name in DURABLE_AT_LOG:
+                self.record["logged"][name] = dict(sent)
         self.save()
 
     def failed(self, name: str, what: str) -> None:
@@ -206,6 +224,7 @@ class Trackers:
         for name, tracker in list(self.active.items()):
             try:
                 tracker.finish()
+                self.record["logged"][name] = dict(self.sent.get(name, self.record["logged"].get(name, {})))
             except Exception as e:  # the same rule as a log
                 self.failed(name, f"could not finish ({short(e)})")
             if name in self.active:
