@@ -125,6 +125,25 @@ def test_a_custom_scheme_scores_from_the_record_alone(tmp_path):
         read_info({"distseg": json.dumps(newer)}, "m.onnx")
 
 
+def test_each_difference_from_the_run_is_named():
+    from types import SimpleNamespace
+
+    from distseg.flows.exported import differences
+    from distseg.inference.segmenter import InferenceSpec
+
+    cfg = load_config(None, ["train.mixed_precision=bf16"])
+    rec = record(cfg, get_scheme("trainid"), "w", True, True, None)
+    graph = SimpleNamespace(info=read_info({"distseg": json.dumps(rec)}, "m.onnx"))
+    notes = differences(graph, InferenceSpec("slide", (64, 128), (64, 128), scales=(0.5, 1.0)))
+    assert notes == [
+        "the export computes in precision no; its run trained in bf16, which `distseg evaluate --run` uses "
+        "by default (pass it --precision no to compare like with like)",
+        "inference slide 128x64/128x64 @ 0.5,1, where the run's own settings say whole",
+        "the graph outputs classes, not logits: scales vote per pixel where `distseg evaluate --run` "
+        "averages logits",  # windows that do not overlap do not vote
+        "the uint8 graph sees rescaled images rounded to whole pixel values"]
+
+
 def test_bad_inputs_are_one_line(exports, shards, synth_root, tmp_path, monkeypatch):
     cases = {tmp_path / "gone.onnx": "file not found", tmp_path / "notes.txt": "not an exported model",
              tmp_path / "junk.onnx": "onnxruntime cannot load it",
@@ -166,6 +185,8 @@ def test_the_pt2_record_and_the_command_line(exports, one_proc_run, synth_root, 
     assert meta["distseg"]["run"]["settings"]["data.crop"] == [96, 192]
     with pytest.raises(UserError, match="pass one of --run RUN"):
         evaluate.main(["--run", str(one_proc_run), "--model", str(exports["onnx"])], standalone_mode=False)
+    with pytest.raises(UserError, match="--model scores the file's"):
+        evaluate.main(["--model", str(exports["onnx"]), "--weights", "raw"], standalone_mode=False)
     p = run_cli("evaluate", "--model", exports["onnx"], "--root", synth_root, "--split", "val", "--json",
                 tmp_path / "s.json")
     assert "dynamic.onnx (onnxruntime; dynamic, uint8 in, logits out" in p.stdout

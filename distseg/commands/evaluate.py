@@ -16,7 +16,7 @@ from distseg.runs.run_dir import CHECKPOINT_HELP
 @click.option("--checkpoint", default="best", show_default=True, help=CHECKPOINT_HELP)
 @click.option("--model", default=None,
               help="score this file of `distseg export` (FILE.onnx: onnxruntime, FILE.pt2: torch.export) "
-                   "instead of a run")
+                   "instead of a run, in the precision it was exported in")
 @click.option("--results", default=None, help="score this folder of result PNGs instead of a run")
 @click.option("--root", default=None,
               help="Cityscapes root [default: the run's source data (not for --model), $CITYSCAPES_DATASET]")
@@ -46,6 +46,8 @@ def evaluate(run, checkpoint, model, results, root, split, scheme, shards, json_
         raise UserError("pass one of --run RUN (score its weights), --model FILE (an exported model) or "
                         "--results DIR (score result PNGs)")
     if model is not None:
+        if checkpoint != "best" or weights != "auto":
+            raise UserError("--checkpoint and --weights choose a run's weights; --model scores the file's")
         score_export(model, split or "val", root, shards, tuple(overrides), json_out, precision, workers)
     elif results is not None:
         if overrides or shards:

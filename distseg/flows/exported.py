@@ -109,7 +109,8 @@ def differences(model: ExportedModel, spec: InferenceSpec) -> list[str]:
         run = InferenceSpec.from_config(load_config(None, info.run_overrides())).describe()
         if run != spec.describe():
             out.append(f"inference {spec.describe()}, where the run's own settings say {run}")
-    voting = [what for what, on in (("overlapping slide windows", spec.mode == "slide"), ("flips", spec.flip),
+    overlap = spec.mode == "slide" and any(s < c for s, c in zip(spec.stride, spec.crop))
+    voting = [what for what, on in (("overlapping slide windows", overlap), ("flips", spec.flip),
                                     ("scales", spec.scales != (1.0,))) if on]
     if info.classes and voting:
         out.append(f"the graph outputs classes, not logits: {', '.join(voting)} vote per pixel where "
