@@ -49,7 +49,7 @@ def bench_eval(cfg: Config, modes: list[str], size: tuple[int, int], images: int
     graph = load_exported(exported, device) if exported else None
     for mode in modes if graph else ():
         try:
-            spec, _ = graph.fit(spec_for(mode, cfg, crop, stride), {(h, w)})
+            spec, _ = graph.fit(spec_for(mode, cfg, crop, stride), lambda: {(h, w)})
         except UserError as e:
             rows.append([f"{mode}, export", f"refused: {e}", "-", "-", "-"])
             continue

@@ -83,7 +83,7 @@ def score_export(model: str, split: str = "val", root: str | None = None, shards
     if shards:
         _check_shards_scheme(shards, split, exported)
     inputs = _inputs(cfg, scheme, split, shards, workers, acc, lambda: _given_root(root))
-    spec, notes = exported.fit(InferenceSpec.from_config(cfg), inputs.sizes())
+    spec, notes = exported.fit(InferenceSpec.from_config(cfg), inputs.sizes)
     notes += differences(exported, spec)
     seg = exported.segmenter(spec, acc.device)
     scorer = _score(seg, inputs, scheme, cfg.data.val_batch_size, workers, acc)
@@ -103,10 +103,11 @@ def _given_root(root: str | None) -> tuple[Path, str]:
 
 
 def _check_shards_scheme(shards: str, split: str, exported: ExportedModel) -> None:
+    man = load_manifest(shards, split)
     try:
-        check_scheme(load_manifest(shards, split), exported.info.scheme)
+        check_scheme(man, exported.info.scheme)
     except UserError:
-        have = load_manifest(shards, split)["scheme"]["name"]
+        have = man["scheme"]["name"]
         raise UserError(f"{shards} holds {split} shards of scheme {have!r} but {exported.path} predicts "
                         f"scheme {exported.info.scheme.name!r}: score it on shards of its scheme (or labelid "
                         "shards), or on the source images with --root") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,10 +73,14 @@ class ExportedModel(nn.Module):
         """The Segmenter that runs this graph with `spec` (from `fit`)."""
         return Segmenter(self, spec, *IDENTITY, device, self.info.precision)
 
-    def fit(self, spec: InferenceSpec, sizes: set[tuple[int, int]]) -> tuple[InferenceSpec, list[str]]:
-        """`spec` as this graph can run it on images of `sizes` ((height, width)), with a note for each
-        change; a fixed graph larger than an image (at any of the scales) is refused."""
-        if self.info.size is None or not sizes:  # unknown sizes: a mismatch is refused as the images run
+    def fit(self, spec: InferenceSpec, sizes: Callable[[], set[tuple[int, int]]]
+            ) -> tuple[InferenceSpec, list[str]]:
+        """`spec` as this graph can run it on images of `sizes()` ((height, width), asked for a fixed graph
+        only), with a note for each change; a fixed graph larger than an image (at any scale) is refused."""
+        if self.info.size is None:
+            return spec, []
+        sizes = sizes()
+        if not sizes:  # unknown (shards from before the record): a mismatch is refused as the images run
             return spec, []
         (gh, gw), notes = self.info.size, []
         views = {(max(1, round(h * s)), max(1, round(w * s))) for h, w in sizes for s in spec.scales}
