@@ -153,6 +153,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
     assert (tmp_path / "runs" / "timm_resnet18d" / "summary.json").is_file()
     assert (tmp_path / "resnet18.onnx").stat().st_size > 0 and (tmp_path / "resnet18.pt2").stat().st_size > 0
+    assert json.loads((tmp_path / "resnet18-onnx.json").read_text())["model"] == "resnet18.onnx"
     with zipfile.ZipFile(tmp_path / "submission.zip") as z:
         assert len(z.namelist()) == 4
     for run in ("cityscapes_unet", "two", "automobile", "person", "seed/person_finetuned"):

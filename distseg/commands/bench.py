@@ -141,17 +141,20 @@ def bench_shard_cmd(root, split, limit, out) -> None:
 @click.option("--crop", default="1024x512", show_default=True, help="slide window WIDTHxHEIGHT")
 @click.option("--stride", default="683x341", show_default=True, help="slide stride WIDTHxHEIGHT")
 @precision_option("the config's")
+@click.option("--model", default=None,
+              help="also time this file of `distseg export` (.onnx, .pt2) in every mode, as exported")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)
-def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, out, set_values,
+def bench_eval_cmd(config, modes, size, images, batch, crop, stride, precision, model, out, set_values,
                    overrides) -> None:
-    """Inference img/s and peak memory: whole vs slide vs flip vs multi-scale. OVERRIDES: config settings."""
+    """Inference img/s and peak memory: whole vs slide vs flip vs multi-scale, and an exported model's beside
+    the config's (-c runs/NAME/config.yaml: the run's model). OVERRIDES: config settings."""
     cfg = load_config(config, settings(overrides, set_values))
     cw, ch = parse_wxh(crop)
     sw, sh = parse_wxh(stride)
-    _emit(bench_eval(cfg, modes.split(","), parse_wxh(size), images, batch, precision, (ch, cw), (sh, sw)),
-          out)
+    _emit(bench_eval(cfg, modes.split(","), parse_wxh(size), images, batch, precision, (ch, cw), (sh, sw),
+                     exported=model), out)
 
 
 @bench.command("index")

@@ -5,39 +5,45 @@ shards) through the same inference path as validation and `distseg predict`
 (distseg/inference/segmenter.py), each rank taking every world-th image and the sums reduced over ranks.
 Runs whose scheme is `trainid` or `labelid` get the official Cityscapes scores (class and category IoU
 and iIoU, distseg/inference/cityscapes_metric.py); other schemes get that scheme's IoU (foreground IoU for
-binary schemes).
+binary schemes). An exported file (`--model`) is scored the same way, its graph in the Segmenter's place
+(distseg/flows/exported.py) and its scheme from its metadata.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from distseg.config import inference_precision
+from distseg.data.batch import Loader
 from distseg.data.loader import build_loader
 from distseg.errors import UserError
 from distseg.files import atomic_write_json
+from distseg.flows.exported import ExportedModel, differences, load_exported
 from distseg.flows.images import segment_files, source_root
 from distseg.inference.scoring import Scorer, score_loader
-from distseg.inference.segmenter import Segmenter
-from distseg.labels import get_scheme
+from distseg.inference.segmenter import InferenceSpec, Segmenter
+from distseg.labels import Scheme, get_scheme
 from distseg.runs.run_dir import load_run
 from distseg.shards.cityscapes import resolve_root
-from distseg.shards.image_files import ImageItem, labelled_items, read_array
+from distseg.shards.image_files import ImageItem, image_sizes, labelled_items, read_array
+from distseg.shards.manifest import check_scheme, load_manifest
 
 
 def _report(scorer: Scorer, header: str, json_out: str | None, extra: dict) -> dict:
+    """Print the scores; returns them with `extra` (what was scored, how), as the JSON file holds them."""
     scores = scorer.scores()
     print(header)
     print(scorer.table(scores))
     if json_out:
         atomic_write_json(Path(json_out), dict(extra, **scores))
         print(f"scores written to {json_out}")
-    return scores
+    return dict(extra, **scores)
 
 
 def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = None, root: str | None = None,
@@ -52,28 +58,102 @@ def score_checkpoint(run: str, checkpoint: str = "best", split: str | None = Non
     precision = inference_precision(precision, cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     seg = Segmenter.from_config(loaded.model.to(acc.device), cfg, acc.device, precision)
+    inputs = _inputs(cfg, scheme, split, shards, workers, acc, lambda: source_root(root, cfg, split))
+    scorer = _score(seg, inputs, scheme, cfg.data.val_batch_size, workers, acc)
+    if not acc.is_main_process:
+        return {}
+    header = (f"{loaded.weights} on {split} ({inputs.what}, inference: {seg.spec.describe()}, precision "
+              f"{precision})")
+    return _report(scorer, header, json_out, {"checkpoint": str(loaded.weights), "split": split,
+                                              "inference": seg.spec.describe()})
+
+
+def score_export(model: str, split: str = "val", root: str | None = None, shards: str | None = None,
+                 overrides: tuple[str, ...] = (), json_out: str | None = None, precision: str | None = None,
+                 workers: int = 2) -> dict:
+    """Score an exported file as `score_checkpoint` scores a run: the same inputs, Segmenter and metric,
+    with the run's recorded inference settings (then `overrides`), the scheme from the file's metadata, and
+    a `note:` line for each way this differs from the run's own evaluate (distseg/flows/exported.py)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    exported = load_exported(model, acc.device)
+    exported.check_precision(precision)
+    cfg, scheme = exported.config(overrides), exported.info.scheme
+    if shards:
+        _check_shards_scheme(shards, split, exported)
+    inputs = _inputs(cfg, scheme, split, shards, workers, acc, lambda: _given_root(root))
+    spec, notes = exported.fit(InferenceSpec.from_config(cfg), inputs.sizes)
+    notes += differences(exported, spec)
+    seg = exported.segmenter(spec, acc.device)
+    scorer = _score(seg, inputs, scheme, cfg.data.val_batch_size, workers, acc)
+    if not acc.is_main_process:
+        return {}
+    for note in notes:
+        print(f"note: {note}")
+    header = (f"{exported.describe()} on {split} ({inputs.what}, inference: {spec.describe()}, precision "
+              f"{exported.info.precision})")
+    return _report(scorer, header, json_out, {"model": str(model), "split": split,
+                                              "inference": spec.describe(), "notes": notes})
+
+
+def _given_root(root: str | None) -> tuple[Path, str]:
+    """An exported file does not know its run's source data: --root, else $CITYSCAPES_DATASET."""
+    return resolve_root(root), "--root" if root else "$CITYSCAPES_DATASET"
+
+
+def _check_shards_scheme(shards: str, split: str, exported: ExportedModel) -> None:
+    man = load_manifest(shards, split)
+    try:
+        check_scheme(man, exported.info.scheme)
+    except UserError:
+        have = man["scheme"]["name"]
+        raise UserError(f"{shards} holds {split} shards of scheme {have!r} but {exported.path} predicts "
+                        f"scheme {exported.info.scheme.name!r}: score it on shards of its scheme (or labelid "
+                        "shards), or on the source images with --root") from None
+
+
+@dataclass
+class _Inputs:
+    """What a split is scored on: its source images (`items`) or a shard loader, and how to say so."""
+
+    what: str
+    items: list[ImageItem] | None = None
+    loader: Loader | None = None
+    with_instances: bool = False
+
+    def sizes(self) -> set[tuple[int, int]]:
+        """The images' (height, width): the shards' manifest record (empty when it predates it), or the
+        source files' headers."""
+        if self.loader is None:
+            return image_sizes(self.items)
+        sizes = self.loader.split.manifest.get("image_sizes", {})
+        return {(h, w) for w, h in (map(int, wxh.split("x")) for wxh in sizes)}
+
+
+def _inputs(cfg, scheme: Scheme, split: str, shards: str | None, workers: int, acc, source) -> _Inputs:
+    """The split's shards when `shards` is given, else its source images, under the folder `source()`
+    names (with how it was chosen)."""
     if shards:
         cfg.data.shards, cfg.data.num_workers = shards, workers
         loader = build_loader(cfg, split, acc, scheme, train=False)
-        cm, _ = score_loader(seg, loader, scheme, acc)
-        scorer = Scorer(scheme, with_instances=False, confusion=cm)  # shard masks hold scheme classes
-        what = f"{loader.num_samples} images from the shards in {shards}"
-    else:
-        where, how = source_root(root, cfg, split)
-        items = labelled_items(where, split)
-        with_inst = scheme.official and all(it.instances for it in items)
-        scorer = Scorer(scheme, with_inst)
-        _score_items(seg, scorer, items[acc.process_index::acc.num_processes], cfg.data.val_batch_size,
-                     workers,
-                     acc.is_main_process)
-        scorer.reduce(acc)
-        what = f"{len(items)} source images in {where} ({how})" + ("" if with_inst or not scorer.official else
-                                                 " (no instanceIds files: iIoU not computed)")
-    if not acc.is_main_process:
-        return {}
-    header = f"{loaded.weights} on {split} ({what}, inference: {seg.spec.describe()}, precision {precision})"
-    return _report(scorer, header, json_out, {"checkpoint": str(loaded.weights), "split": split,
-                                              "inference": seg.spec.describe()})
+        return _Inputs(f"{loader.num_samples} images from the shards in {shards}", loader=loader)
+    where, how = source()
+    items = labelled_items(where, split)
+    with_inst = scheme.official and all(it.instances for it in items)
+    note = "" if with_inst or not scheme.official else " (no instanceIds files: iIoU not computed)"
+    return _Inputs(f"{len(items)} source images in {where} ({how}){note}", items, with_instances=with_inst)
+
+
+def _score(seg: Segmenter, inputs: _Inputs, scheme: Scheme, batch_size: int, workers: int, acc) -> Scorer:
+    if inputs.loader is not None:
+        cm, _ = score_loader(seg, inputs.loader, scheme, acc)
+        return Scorer(scheme, with_instances=False, confusion=cm)  # shard masks hold scheme classes
+    scorer = Scorer(scheme, inputs.with_instances)
+    _score_items(seg, scorer, inputs.items[acc.process_index::acc.num_processes], batch_size, workers,
+                 acc.is_main_process)
+    scorer.reduce(acc)
+    return scorer
 
 
 def _score_items(seg: Segmenter, scorer: Scorer, items: list[ImageItem], batch_size: int, workers: int,

@@ -5,7 +5,8 @@ The exported graph takes RGB images N x 3 x H x W — uint8 pixels (default) or 
 training normalisation folded in, and returns float32 logits N x C x H x W or, with `argmax`, the int64
 class map N x H x W. Fixed sizes, or with `dynamic` any batch and size: the models pad to their stride
 inside the graph and crop back. The file's metadata (ONNX metadata_props; a `distseg.json` extra file in
-the .pt2) says so, with the class names and the scheme.
+the .pt2) says so in prose and, for `distseg evaluate --model`, as the versioned record of
+distseg/flows/export_info.py (scheme tables included).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from distseg.errors import UserError
 from distseg.files import atomic_write_bytes
+from distseg.flows.export_info import record
 from distseg.inference.segmenter import classes_from_logits
 from distseg.runs.run_dir import LoadedRun
 from distseg.shards.manifest import load_manifest
@@ -55,15 +57,17 @@ def run_image_size(loaded: LoadedRun) -> tuple[int, int] | None:
 
 
 def metadata(loaded: LoadedRun, uint8: bool, argmax: bool, dynamic: bool, size: tuple[int, int]) -> dict:
-    """What a consumer must know to use the file."""
+    """What a consumer must know to use the file: prose keys for people (and readers older than the record),
+    the record under `distseg` for programs."""
     cfg = loaded.cfg
+    rec = record(cfg, loaded.scheme, str(loaded.weights), uint8, argmax, None if dynamic else size)
     return {"producer": "distseg", "weights": str(loaded.weights), "scheme": loaded.scheme.name,
             "classes": json.dumps(loaded.scheme.class_names),
             "input": ("uint8 RGB N x 3 x H x W, 0-255" if uint8 else "float32 RGB N x 3 x H x W, 0-1")
             + f"; normalisation folded in (mean {cfg.data.mean}, std {cfg.data.std})",
             "output": "int64 class map N x H x W" if argmax else "float32 logits N x C x H x W",
             "shape": "dynamic batch, height and width" if dynamic else f"fixed {size[0]}x{size[1]} (H x W)",
-            "model": f"{cfg.model.encoder} base {cfg.model.base}"}
+            "model": f"{cfg.model.encoder} base {cfg.model.base}", "distseg": rec}
 
 
 def export_run(loaded: LoadedRun, fmt: str, out: str, height: int, width: int, dynamic: bool = False,
@@ -91,7 +95,7 @@ def export_run(loaded: LoadedRun, fmt: str, out: str, height: int, width: int, d
             onnx_program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dims,
                                              verbose=False, input_names=["images"], output_names=[output])
             onnx_program.save(str(tmp))
-            _finish_onnx(tmp, meta, dynamic)
+            _finish_onnx(tmp, dict(meta, distseg=json.dumps(meta["distseg"])), dynamic)
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dims)
             torch.export.save(program, str(tmp), extra_files={"distseg.json": json.dumps(meta)})

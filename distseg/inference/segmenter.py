@@ -44,7 +44,7 @@ class InferenceSpec:
         crop = tuple(e.crop or cfg.data.crop) or None
         if e.mode == "slide" and not crop:
             raise UserError("eval.mode=slide needs eval.crop (or data.crop): the window size [height, width]")
-        stride = tuple(e.stride) or (tuple(max(1, round(c * 2 / 3)) for c in crop) if crop else None)
+        stride = tuple(e.stride) or (default_stride(crop) if crop else None)
         return cls(e.mode, crop, stride, e.flip, tuple(e.scales), e.batch)
 
     def describe(self) -> str:
@@ -58,6 +58,12 @@ class InferenceSpec:
         if self.scales != (1.0,):
             s += " @ " + ",".join(f"{v:g}" for v in self.scales)
         return s
+
+
+def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
+    """Slide windows every 2/3 of their size unless eval.stride says otherwise (mmsegmentation's Cityscapes
+    geometry: 1024x512 windows every 683x341)."""
+    return tuple(max(1, round(c * 2 / 3)) for c in crop)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

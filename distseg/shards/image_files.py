@@ -98,6 +98,19 @@ def labelled_items(root: Path, split: str) -> list[ImageItem]:
     return items
 
 
+def image_sizes(items: list[ImageItem]) -> set[tuple[int, int]]:
+    """The distinct (height, width) of the items' images, from their headers (no decoding): what a
+    fixed-size exported graph must fit before the first image runs."""
+    sizes = set()
+    for it in items:
+        try:
+            with Image.open(it.image) as im:
+                sizes.add((im.height, im.width))
+        except Exception as e:
+            raise UserError(f"cannot read image {it.image}: {e}") from None
+    return sizes
+
+
 def read_rgb(path: Path) -> torch.Tensor:
     """uint8 3 x H x W."""
     from torchvision.io import ImageReadMode, decode_image, read_file
