@@ -184,3 +184,37 @@ def test_experiment_plan_as_dependent_jobs(cluster, synth_root, tmp_path):
                                                                        "person_scratch"))
     summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
     assert all(summary["stages"][n]["finished"] for n in ("automobile", "person_finetuned", "person_scratch"))
+
+
+def test_experiment_seeds_as_dependent_jobs(cluster, synth_root, tmp_path):
+    """--seeds --submit: one job per stage and seed, each after its parent's job of the same seed (held, read
+    back from slurmctld, then cancelled: the dependencies are the point, the training is tested above)."""
+    import re
+
+    from test_reporting_experiment import write_plan
+
+    plan = write_plan(tmp_path, synth_root)
+    p = subprocess.run([sys.executable, "-m", "distseg", "experiment", plan, "--seeds", "0,1", "--submit",
+                        "--sbatch=--hold"], env=cluster, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    jobs = dict(re.findall(r"submitted (\S+): job (\d+)", p.stdout))
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert list(jobs) == ["shard", "automobile-seed0", "automobile-seed1", "person_finetuned-seed0",
+                              "person_finetuned-seed1", "person_scratch-seed0", "person_scratch-seed1",
+                              "compare"]
+
+        def after(name: str) -> set[str]:
+            out = subprocess.run(["scontrol", "show", "job", "-o", jobs[name]], env=cluster,
+                                 capture_output=True, text=True).stdout
+            return set(re.findall(r"afterok:(\d+)", out.split("Dependency=", 1)[1].split()[0]))
+        for s in (0, 1):
+            assert after(f"automobile-seed{s}") == {jobs["shard"]}
+            assert after(f"person_finetuned-seed{s}") == {jobs["shard"], jobs[f"automobile-seed{s}"]}
+            assert after(f"person_scratch-seed{s}") == {jobs["shard"]}
+        assert after("compare") == {j for n, j in jobs.items() if n not in ("shard", "compare")}
+        script = subprocess.run(["scontrol", "write", "batch_script", jobs["compare"], "-"], env=cluster,
+                                capture_output=True, text=True).stdout
+        assert "--seeds 0,1 --compare-only" in script, script
+    finally:
+        subprocess.run(["scancel", *jobs.values()], env=cluster, capture_output=True)

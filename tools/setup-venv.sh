@@ -12,7 +12,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check -c "$ROOT/tools/constraints.txt" \
     setuptools -e "$ROOT[dali,storage,report,export,timm,trackers,test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$VENV/bin/python" -c "import torch, torchvision, accelerate, webdataset, nvidia.dali, click, cityscapesscripts, s3fs, moto, onnx, onnxruntime, matplotlib, selenium, timm, wandb, mlflow, distseg" \
+  "$VENV/bin/python" -c "import torch, torchvision, accelerate, webdataset, nvidia.dali, click, cityscapesscripts, s3fs, moto, onnx, onnxruntime, matplotlib, selenium, scipy, timm, wandb, mlflow, distseg" \
     || { echo "error: the virtual environment in $VENV is incomplete; remove it and run again" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi

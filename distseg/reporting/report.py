@@ -290,14 +290,16 @@ def built_from(path: Path) -> str | None:
 
 
 def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: int = 5,
-                 precision: str = RUN_PRECISION, weights: str = "auto", log=print) -> tuple[Path, bool]:
+                 precision: str = RUN_PRECISION, weights: str = "auto", log=print,
+                 preface: str = "") -> tuple[Path, bool]:
     """Build the page for `run_dirs` and write it atomically to `out`, saying how far it got; returns its
-    path and whether it was built (False: the page there was built from the same runs and options)."""
+    path and whether it was built (False: the page there was built from the same runs and options).
+    `preface` is HTML shown above the curves (an experiment's table over seeds)."""
     dirs = [RunDir(Path(r)).require() for r in run_dirs]
     if images < 1 or not 1 <= checkpoints <= 20:
         raise UserError("--images must be >= 1 and --checkpoints between 1 and 20")
     path = Path(out)
-    fingerprint = inputs_fingerprint(dirs, images, checkpoints, precision, weights)
+    fingerprint = inputs_fingerprint(dirs, images, checkpoints, precision, weights, preface)
     if built_from(path) == fingerprint:
         return path, False
     curves = {d.name: scalars(d) for d in dirs}
@@ -308,14 +310,15 @@ def write_report(run_dirs: list[str], out: str, images: int = 8, checkpoints: in
             f"on {images} images")
         reports.append(report_run(d, images, checkpoints, precision, weights))
         log(f"report {k}/{len(dirs)}: {d.name} done in {time.time() - t:.0f} s")
-    page = render_page(dirs, curves, reports, fingerprint)
+    page = render_page(dirs, curves, reports, fingerprint, preface)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path, True
 
 
-def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fingerprint: str) -> str:
-    """The HTML page: the runs' summaries, the overlaid curves, then one section per run."""
+def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fingerprint: str,
+                preface: str = "") -> str:
+    """The HTML page: the runs' summaries (and the preface), the overlaid curves, then one section per run."""
     val_tag = {r.name: score_tag(r.class_names) for r in reports}
 
     def series(tag_of) -> dict:
@@ -331,7 +334,7 @@ def render_page(dirs: list[RunDir], curves: dict, reports: list[RunReport], fing
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="distseg-inputs" content="{fingerprint}"><title>distseg report</title>'
             f'<link rel="icon" href="{FAVICON}"><style>{CSS}</style></head><body>'
-            f'<h1>distseg report: {html.escape(", ".join(d.name for d in dirs))}</h1><ul>{head}</ul>'
+            f'<h1>distseg report: {html.escape(", ".join(d.name for d in dirs))}</h1><ul>{head}</ul>{preface}'
             f'<h2>Curves</h2>{"".join(f"<figure class=chart>{c}</figure>" for c in charts)}'
             f'{"".join(run_section(k, r) for k, r in enumerate(reports))}<script>{SCRIPT}</script>'
             '</body></html>')
