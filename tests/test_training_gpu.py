@@ -71,12 +71,12 @@ def test_kill_and_resume_on_cuda(shards, tmp_path, deterministic):
 
 
 def test_gpu_idle_time_is_what_a_sleeping_loader_makes_it():
-    from distseg.bench.train import make_step, synthetic_batches, time_row
+    from distseg.bench.step import plain_step, synthetic_batches, time_row
     from distseg.config import load_config
 
     cfg = load_config(None, ["model.base=8", "model.depth=2", "data.batch_size=2", "data.crop=[64,128]"])
     device = torch.device("cuda")
-    step, _ = make_step(cfg, 19, "bf16+cl", device)
+    step, _ = plain_step(cfg, 19, "plain", device)
     fast = synthetic_batches(cfg, 19, device, True)
 
     def sleepy(delay):

@@ -4,12 +4,17 @@ compile variant and per feed, every row timed by one harness so that rows compar
 - each row warms up, then runs at least `min_steps` steps or `min_seconds` seconds (whichever comes first),
   timed from a synchronised start to a synchronised end; the loader rows run on one DataLoader iterator
   across epoch boundaries (the torch loader's stream, DALI's own), so no boundary restarts a pipeline;
+- the distseg rows run the training loop's own `train_step` on a `Run` built as training builds it
+  (distseg/bench/step.py), the rows of each precision in their own process (Accelerate fixes mixed
+  precision once per process);
 - `plain`: the same U-Net in plain PyTorch (fused AdamW on CUDA, input already in the model's layout, mean
   cross-entropy, no distseg code in the step), the reference the other rows are held against;
 - feeds: synthetic tensors, the torch loader with CPU or nvJPEG decode, DALI; "÷ synthetic" sets each fed
   row against the same variant on synthetic input. On CUDA the GPU's idle time between steps (CUDA events,
   distseg/training/timing.py) is reported beside the data wait the CPU measures;
-- `--profile` adds the top operators by their own device time (torch.profiler) for each variant.
+- `--profile` adds the top operators by their own device time (torch.profiler) for each variant;
+- `--launch-bound STEPS` adds the real step against the plain loop on a tiny U-Net and crop, ms and aten
+  operators per step: the CPU measure of the step's host overhead (`step.launch_bound`).
 """
 
 from __future__ import annotations
@@ -21,30 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from distseg.bench.common import device_name, endless, table, with_data
-from distseg.data.dali_loader import dali_available
-from distseg.data.loader import make_loader
+from distseg.bench.common import device_name, table
+from distseg.bench.step import FEEDS, LAUNCH_BOUND, VARIANTS, in_own_process
 from distseg.errors import UserError
-from distseg.labels import IGNORE, get_scheme
+from distseg.labels import get_scheme
 from distseg.models import build_model, out_channels
-from distseg.models.losses import build_loss
-from distseg.models.optim import build_optimizer
-from distseg.models.param_groups import build_param_groups, requested_grouping
-from distseg.training.timing import GpuIdle
 
-VARIANTS = {  # name: (precision, tf32, channels_last, torch.compile mode or None)
-    "fp32": ("no", False, False, None),
-    "tf32": ("no", True, False, None),
-    "bf16": ("bf16", True, False, None),
-    "bf16+cl": ("bf16", True, True, None),
-    "bf16+cl+compile": ("bf16", True, True, "default"),
-    "bf16+cl+compile-max": ("bf16", True, True, "max-autotune-no-cudagraphs"),
-    "bf16+cl+cudagraphs": ("bf16", True, True, "reduce-overhead"),
-    "plain": ("bf16", True, True, None),  # bf16 + channels_last, in plain PyTorch
-    "plain+compile": ("bf16", True, True, "default"),
-}
-FEEDS = {"synthetic": "synthetic tensors", "torch-cpu": "torch loader, CPU decode",
-         "torch-gpu": "torch loader, nvJPEG", "dali": "DALI"}
 DECODER_WIDTH = 32  # the decoder width of the encoder configs in configs/ (resnet, convnext, efficientnet)
 
 
@@ -147,128 +134,21 @@ class Peaks:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
-def sync(device) -> None:
-    """Wait for the device's queued work (the harness's start and end marks)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def make_step(cfg, nc: int, variant: str, device):
-    """The model and one training step of a variant: distseg's loss normalisation, optimizer and
-    autocast, or for `plain*` the textbook loop. Returns (step(batch), model)."""
-    prec, tf32, cl, mode = VARIANTS[variant]
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.manual_seed(0)
-    model = build_model(cfg, nc).to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
-    fwd = torch.compile(model, mode=None if mode == "default" else mode) if mode else model
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16")
-    if variant.startswith("plain"):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-
-        def plain(batch):
-            with bf16:
-                out = fwd(batch["image"])
-            F.cross_entropy(out.float(), batch["mask"], ignore_index=IGNORE).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return plain, model
-    groups = build_param_groups(model, requested_grouping(cfg.optim))  # as a new run of this config has them
-    opt = build_optimizer(cfg, groups, device.type == "cuda")
-    loss_fn = build_loss(cfg, None, device)  # uniform class weights: the speed does not depend on them
-
-    def step(batch):
-        x = batch["image"]
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)  # a no-op for a channels_last batch
-        with bf16:
-            out = fwd(x)
-        pix, count = loss_fn.pixel_sum(out, batch["mask"])
-        (pix / count.clamp(min=1) + loss_fn.mean_terms(out, batch["mask"])).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step, model
-
-
-def synthetic_batches(cfg, nc: int, device, channels_last: bool):
-    """The same batch forever: random normalised images (in the model's layout) and masks."""
-    h, w = cfg.data.crop if cfg.data.crop else (512, 1024)
-    x = torch.randn(cfg.data.batch_size, 3, h, w, device=device)
-    batch = {"image": x.contiguous(memory_format=torch.channels_last) if channels_last else x,
-             "mask": torch.randint(0, nc, (cfg.data.batch_size, h, w), device=device)}
-    while True:
-        yield batch
-
-
-def time_row(step, batches, device, warmup: int, min_steps: int, min_seconds: float) -> dict:
-    """img/s of `step` over `batches`: after `warmup` steps, until `min_steps` steps or `min_seconds` seconds
-    (whichever first), from a synchronised start to a synchronised end; the data wait (CPU) and the GPU's
-    idle time between steps (CUDA) in that window."""
-    for _ in range(warmup):
-        step(next(batches))
-    idle = GpuIdle(device.type == "cuda")
-    sync(device)
-    t0 = time.perf_counter()
-    wait, n, images = 0.0, 0, 0
-    while n < min_steps and time.perf_counter() - t0 < min_seconds:
-        t = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - t
-        idle.step_begins()
-        step(batch)
-        idle.step_ends()
-        n, images = n + 1, images + batch["image"].shape[0]
-    sync(device)
-    wall = time.perf_counter() - t0
-    idle.collect()
-    return {"img_s": images / wall, "steps": n, "wait": wait / wall,
-            "idle": idle.idle / wall if idle.enabled else None}
-
-
-def time_variant(cfg, nc: int, variant: str, device, loader, steps: int, warmup: int,
+def time_variant(cfg, nc: int, variant: str, device, feed: str | None, steps: int, warmup: int,
                  min_seconds: float = 0.0) -> tuple[float, float]:
-    """(img/s, data wait share) of one variant on synthetic input (`loader` None) or a loader's batches."""
-    step, _ = make_step(cfg, nc, variant, device)
-    batches = loader if loader is not None else synthetic_batches(cfg, nc, device, VARIANTS[variant][2])
-    r = time_row(step, batches, device, warmup, steps, min_seconds or float("inf"))
-    return r["img_s"], r["wait"]
-
-
-def profile_top(step, batches, device, steps: int = 5, top: int = 12) -> list[list]:
-    """The operators with the most self time (device time on CUDA) over `steps` steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            step(next(batches))
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
-    total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
-    return [[e.key[:70], getattr(e, key, 0) / 1000 / steps, f"{100 * getattr(e, key, 0) / total:.1f}%"]
-            for e in events]
-
-
-def feed_batches(cfg, feed: str, nc: int, device, channels_last: bool):
-    """The batches of a feed, endless; or why the feed cannot run here."""
-    if feed == "synthetic":
-        return synthetic_batches(cfg, nc, device, channels_last)
-    if feed == "torch-gpu" and device.type != "cuda":
-        return "skipped: no CUDA"
-    if feed == "dali" and not dali_available():
-        return 'skipped: DALI not installed (pip install "distseg[dali]")'
-    c = with_data(cfg, loader="dali" if feed == "dali" else "torch",
-                  decode="gpu" if feed == "torch-gpu" else "cpu")
-    c.model.channels_last = channels_last
-    return endless(make_loader(c, c.data.train_split, get_scheme(c.data.scheme), True, device))
+    """(img/s, data wait share) of one variant on synthetic input (`feed` None) or a feed of FEEDS, measured
+    in its own process as `bench train` measures its rows (`device` is the one that process picks)."""
+    feed = feed or "synthetic"
+    got = in_own_process("measure_rows", f"the {variant} step", cfg, nc, [(variant, feed)], warmup, steps,
+                         min_seconds or float("inf"), False)[variant, feed]
+    if isinstance(got, str):
+        raise UserError(f"{variant} on {FEEDS[feed]}: {got}")
+    return got["img_s"], got["wait"]
 
 
 def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_seconds: float,
                 feeds: list[str] | None = None, encoders: list[str] | None = None,
-                profile: bool = False) -> str:
+                profile: bool = False, launch_steps: int = 0) -> str:
     """One row per encoder, variant and feed: img/s, ÷ synthetic, TFLOP/s, MFU against the measured matmul
     peak, data wait or GPU idle, speed over fp32 and over `plain`. Encoders other than the config's get the
     configs' decoder width (32) and no pretrained weights (speed does not depend on them)."""
@@ -301,7 +181,7 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
             f"warm-up steps, then {min_steps} steps or {min_seconds:g} s; unet: base {cfg.model.base} depth "
             f"{cfg.model.depth}, encoders: decoder width "
             f"{cfg.model.base if encoders is None else DECODER_WIDTH}; FLOPs fwd+bwd per image; "
-            f"{peaks.describe()}")
+            f"{peaks.describe()}; distseg rows: the training loop's train_step, one process per precision")
     wait = "GPU idle %" if device.type == "cuda" else "data wait %"
     cols = ["model", "params, FLOP/img", "variant", "feed", "img/s", "÷ synthetic", "TFLOP/s", "MFU %", wait,
             "vs fp32", "vs plain"]
@@ -309,7 +189,27 @@ def bench_train(cfg, variants: list[str], warmup: int, min_steps: int, min_secon
     for name, top in profiles:
         out += f"\n\nprofile of {name}: operators by self {'device' if device.type == 'cuda' else 'CPU'} " \
                f"time per step\n\n" + table(["operator", "ms per step", "share"], top)
+    if launch_steps:
+        out += "\n\n" + launch_bound_table(cfg, nc, launch_steps)
     return out
+
+
+def launch_bound_table(cfg, nc: int, steps: int) -> str:
+    """The launch-bound rows (`step.launch_bound`, in their own process): the real step against the plain
+    loop, ms and aten operators per step and their ratios (targets: at most 1.05x and 1.10x)."""
+    r = in_own_process("launch_bound", "the launch-bound rows", cfg, nc, steps)
+    plain, real = r["plain"], r["real"]
+    rows = [["plain PyTorch loop", plain["ms"], plain["ops"], "1.00x", "1.00x"],
+            ["distseg: the training loop's train_step", real["ms"], real["ops"],
+             f"{real['ms'] / plain['ms']:.2f}x", f"{real['ops'] / plain['ops']:.2f}x"]]
+    h, w = LAUNCH_BOUND["data.crop"]
+    head = (f"launch-bound step: unet base {LAUNCH_BOUND['model.base']} depth {LAUNCH_BOUND['model.depth']}, "
+            f"{w}x{h}, batch {LAUNCH_BOUND['data.batch_size']}, fp32, {device_name()}; {real['steps']} steps "
+            "each, the two alternating in 5 rounds (ms per step: the median round's); aten operators per "
+            "step counted below autograd (a dispatch mode); the host's cost per step: the real step should "
+            "stay within 1.05x the plain loop's time and 1.10x its operators")
+    return head + "\n\n" + table(["step", "ms per step", "aten ops per step", "time vs plain",
+                                   "ops vs plain"], rows)
 
 
 def count(v: float, unit: str = "") -> str:
@@ -323,23 +223,26 @@ def count(v: float, unit: str = "") -> str:
 
 def rows_of(cfg, enc: str, size: str, fl: float, peaks: Peaks, nc: int, device, variants, feeds, warmup,
             min_steps, min_seconds, profiles) -> list[list]:
-    """The rows of one encoder: every variant on every feed, then set against synthetic input, fp32 and the
-    plain-PyTorch row (of the same compile setting)."""
+    """The rows of one encoder: every variant on every feed, measured in one process per precision, then set
+    against synthetic input, fp32 and the plain-PyTorch row (of the same compile setting)."""
+    skipped = {v for v in variants if device.type != "cuda" and VARIANTS[v][3]}
+    by_precision: dict[str, list[tuple[str, str]]] = {}
+    for v in variants:
+        if v not in skipped:
+            peaks.tflops(v)  # measured before any row's process or loader workers compete for the cores
+            by_precision.setdefault(VARIANTS[v][0], []).extend((v, f) for f in feeds)
+    got = {}
+    for prec, jobs in by_precision.items():
+        got.update(in_own_process("measure_rows", f"the {prec} rows of {enc}", cfg, nc, jobs, warmup,
+                                  min_steps, min_seconds, profiles is not None))
     measured = []
     for v in variants:
-        if device.type != "cuda" and VARIANTS[v][3]:
+        if v in skipped:
             measured.append((v, "-", "skipped: compile runs on CUDA here"))
             continue
-        peaks.tflops(v)  # measured before the variant's loader workers start competing for the cores
-        for feed in feeds:
-            batches = feed_batches(cfg, feed, nc, device, VARIANTS[v][2])
-            if isinstance(batches, str):
-                measured.append((v, FEEDS[feed], batches))
-                continue
-            step, _ = make_step(cfg, nc, v, device)
-            measured.append((v, FEEDS[feed], time_row(step, batches, device, warmup, min_steps, min_seconds)))
-            if profiles is not None and feed == "synthetic":
-                profiles.append((f"{enc} {v}", profile_top(step, batches, device)))
+        measured += [(v, FEEDS[f], got[v, f]) for f in feeds]
+        if (v, "profile") in got:
+            profiles.append((f"{enc} {v}", got[v, "profile"]))
     synthetic = {v: r["img_s"] for v, f, r in measured if f == FEEDS["synthetic"] and isinstance(r, dict)}
     rows = []
     for v, feed, r in measured:

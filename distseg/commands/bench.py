@@ -107,11 +107,14 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, o
               help="comma-separated model.encoder values to compare (e.g. unet,resnet18,resnet50,"
                    "convnext_tiny,efficientnet_b0,timm:resnet50d) [default: the config's]")
 @click.option("--profile", is_flag=True, help="also the top operators by device time (torch.profiler)")
+@click.option("--launch-bound", "launch_steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="also the training loop's step against the plain loop on a tiny U-Net and crop, this many "
+                   "steps each: ms and aten ops per step, the host's overhead (0: off)")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)
-def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, encoders, profile, out,
-                    set_values, overrides) -> None:
+def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, encoders, profile, launch_steps,
+                    out, set_values, overrides) -> None:
     """Training-step img/s, ÷ synthetic, TFLOP/s, MFU and data wait / GPU idle per encoder, variant and feed,
     every row timed alike, against a plain-PyTorch row. OVERRIDES: config settings."""
     cfg = one_split_config(config, settings(overrides, set_values))
@@ -119,7 +122,7 @@ def bench_train_cmd(config, variants, feeds, min_steps, min_seconds, warmup, enc
     for name in names or []:
         check_encoder(name)
     _emit(bench_train(cfg, variants.split(","), warmup, min_steps, min_seconds, feeds.split(","), names,
-                      profile), out)
+                      profile, launch_steps), out)
 
 
 @bench.command("shard")

@@ -220,23 +220,7 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     max_steps = step_plan(cfg, train_loader)
     if resume_from is not None and state.step >= max_steps:
         raise finished_earlier(cfg, state, scheme)
-    grouping = choose_grouping(cfg, acc, resume_from, state)
-    torch.manual_seed(cfg.train.seed)
-    # a resume loads every tensor from its checkpoint: no need for the pretrained weights again
-    model = build_model(cfg, out_channels(cfg, scheme.num_classes), pretrained=resume_from is None)
-    if cfg.train.init_from and resume_from is None:
-        init_weights(cfg, model, acc)
-    groups = make_groups(model, grouping, resume_from, state)
-    prepare_run_dir(cfg, acc)
-    model, optimizer = prepare_model(cfg, acc, model, groups)
-    ema = make_ema(cfg, acc, model)
-    if resume_from is not None:
-        restore(acc, resume_from, state, train_loader)
-
-    warn_about_settings(cfg, acc, max_steps)
-    run = Run.assemble(cfg, acc, model, optimizer, groups, train_loader, val_loader, state, max_steps,
-                       clock=clock, ema=ema, lease=lease, resumed=resume_from is not None,
-                       provenance=provenance(cfg) if acc.is_main_process else {})
+    run, grouping = build_run(cfg, acc, train_loader, val_loader, state, max_steps, clock, lease, resume_from)
     run.log.print(f"training {cfg.name}: {train_loader.num_samples} train / {val_loader.num_samples} val "
                   f"samples, {acc.num_processes} process(es) on {acc.device.type}, {len(train_loader)} "
                   f"batches/epoch/process, {max_steps} steps, mixed precision {acc.mixed_precision}"
@@ -248,3 +232,29 @@ def setup(cfg: Config, acc, lease: Lease | None) -> Run:
     if state.sampling:
         print_rare_classes(run)
     return run
+
+
+def build_run(cfg: Config, acc, train_loader, val_loader, state: RunState, max_steps: int, clock: RunClock,
+              lease: Lease | None = None, resume_from=None) -> tuple[Run, Grouping]:
+    """The run of validated inputs: model (seeded by train.seed), parameter groups, optimizer, prepared as
+    training prepares them, the EMA, the resumed state, and the `Run` around them; rank 0 writes the run
+    folder here. `setup` calls it, and `distseg bench train` builds the step it times with it (synthetic
+    loaders, a throwaway run folder), so the bench's step is the one a run takes."""
+    grouping = choose_grouping(cfg, acc, resume_from, state)
+    torch.manual_seed(cfg.train.seed)
+    # a resume loads every tensor from its checkpoint: no need for the pretrained weights again
+    model = build_model(cfg, out_channels(cfg, get_scheme(cfg.data.scheme).num_classes),
+                        pretrained=resume_from is None)
+    if cfg.train.init_from and resume_from is None:
+        init_weights(cfg, model, acc)
+    groups = make_groups(model, grouping, resume_from, state)
+    prepare_run_dir(cfg, acc)
+    model, optimizer = prepare_model(cfg, acc, model, groups)
+    ema = make_ema(cfg, acc, model)
+    if resume_from is not None:
+        restore(acc, resume_from, state, train_loader)
+    warn_about_settings(cfg, acc, max_steps)
+    run = Run.assemble(cfg, acc, model, optimizer, groups, train_loader, val_loader, state, max_steps,
+                       clock=clock, ema=ema, lease=lease, resumed=resume_from is not None,
+                       provenance=provenance(cfg) if acc.is_main_process else {})
+    return run, grouping
