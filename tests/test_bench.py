@@ -13,7 +13,7 @@ from distseg.models import build_model
 def mfu_cells(text):
     """The MFU column of every timed row of a `bench train` table, and the peaks its heading names."""
     head = next(line for line in text.splitlines() if line.startswith("training step, "))
-    cells = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(text)]
+    cells = [[c.strip() for c in x.split("|")[1:-1]] for x in rows(text.split("\nlaunch-bound step:")[0])]
     return [c[7] for c in cells if c[7]], head.split("MFU against ")[1]
 
 
@@ -82,7 +82,8 @@ def bench_train_rows(*args):
     p = run_cli("bench", "train", "--min-steps", "2", "--min-seconds", "30", "--warmup", "1", *args,
                 "data.batch_size=2", "data.num_workers=0", "data.crop=[32,64]", "model.base=8",
                 "model.depth=2")
-    return p, [[c.strip() for c in x.split("|")[1:-1]] for x in rows(p.stdout)]
+    main = p.stdout.split("\nlaunch-bound step:")[0]  # the launch-bound table (--launch-bound) follows
+    return p, [[c.strip() for c in x.split("|")[1:-1]] for x in rows(main)]
 
 
 def test_bench_train_times_every_variant_and_feed_alike_against_plain_pytorch(shards):
@@ -112,9 +113,15 @@ def test_bench_train_times_every_variant_and_feed_alike_against_plain_pytorch(sh
 
 
 def test_bench_train_rows_per_encoder_and_a_peak_only_in_the_rows_dtype():
-    p, r = bench_train_rows("--variants", "fp32", "--encoders", "unet,resnet18")
+    p, r = bench_train_rows("--variants", "fp32", "--encoders", "unet,resnet18", "--launch-bound", "4")
     assert [(x[0], x[2], x[3]) for x in r] == [("unet", "fp32", "synthetic tensors"),
                                                 ("resnet18", "fp32", "synthetic tensors")]
+    launch = [[c.strip() for c in x.split("|")[1:-1]]
+              for x in p.stdout.split("\nlaunch-bound step:")[1].splitlines() if x.startswith("| ")][1:]
+    assert [x[0] for x in launch] == ["plain PyTorch loop", "distseg: the training loop's train_step"]
+    (plain_ms, plain_ops), (ms, ops) = ((float(x[1]), float(x[2])) for x in launch)
+    assert min(plain_ms, plain_ops, ms, ops) > 0  # measured, each
+    assert launch[1][3:] == [f"{ms / plain_ms:.2f}x", f"{ops / plain_ops:.2f}x"]
     cells, peaks = mfu_cells(p.stdout)
     assert len(cells) == 2 and "fp32 " in peaks and "bf16" not in peaks  # no bf16 row, no bf16 peak
     assert_mfu_is_a_share(cells)
