@@ -80,5 +80,5 @@ def test_the_launch_bound_rows_hold_measured_times_and_operator_counts(in_proces
     got = launch_bound(load_config(None, []), 19, steps=6, rounds=2)
     assert set(got) == {"plain", "real"}
     for row in got.values():
-        assert row["ms"] > 0 and row["steps"] == 6
+        assert row["ms"] > 0 and row["cpu_ms"] > 0 and row["steps"] == 6
         assert row["ops"] > 100 and row["ops"] == int(row["ops"])  # every step runs the same operators

@@ -288,11 +288,13 @@ LAUNCH_BOUND = {"model.encoder": "unet", "model.base": 4, "model.depth": 2, "dat
                 "data.crop": [32, 32]}  # a step of well under a millisecond of arithmetic per operator
 
 
-def launch_bound(cfg, nc: int, steps: int, rounds: int = 5) -> dict:
+LAUNCH_ROUNDS = 10
+
+
+def launch_bound(cfg, nc: int, steps: int, rounds: int = LAUNCH_ROUNDS) -> dict:
     """ms and aten operators per step of the real step (the config's loss, optimizer, EMA, clipping, at fp32)
     and of the plain loop (at fp32) on a tiny U-Net and crop, where the host's work per operator dominates:
-    the CPU measure of the step's overhead. The two alternate in `rounds` rounds of steps // rounds steps
-    each, so a neighbour's load on a shared machine falls on both; ms per step is the median round's."""
+    the CPU measure of the step's overhead (`alternating`)."""
     c = copy.deepcopy(cfg)
     for key, value in LAUNCH_BOUND.items():
         section, name = key.split(".")
@@ -302,24 +304,36 @@ def launch_bound(cfg, nc: int, steps: int, rounds: int = 5) -> dict:
     acc = accelerator("no")
     batch = loader_batch(c, nc, acc.device, False)
     with tempfile.TemporaryDirectory(prefix="distseg-bench-launch-") as tmp:
-        real = real_step(bench_run(c, acc, Path(tmp), nc, "fp32"))
-        plain = plain_step(variant_config(c, "fp32"), nc, "fp32", acc.device)[0]
-        both = {"plain": plain, "real": real}
-        per_round = max(1, steps // rounds)
-        ms: dict[str, list[float]] = {k: [] for k in both}
-        for name, step in both.items():  # warm-up
-            for _ in range(3):
+        both = {"plain": plain_step(variant_config(c, "fp32"), nc, "fp32", acc.device)[0],
+                "real": real_step(bench_run(c, acc, Path(tmp), nc, "fp32"))}
+        out = alternating(both, batch, acc.device, max(1, steps // rounds), rounds)
+        for name, step in both.items():
+            out[name]["ops"] = ops_per_step(step, batch)
+    return out
+
+
+def alternating(steps: dict, batch, device, per_round: int, rounds: int) -> dict:
+    """{name: {"ms", "cpu_ms", "steps"}} of each step function, the functions taking turns for `rounds`
+    rounds of `per_round` steps, so that a neighbour's load on a shared machine falls on all of them alike:
+    the median round's wall time per step, and its CPU time (this process's: on a busy machine the wall
+    time also counts the moments the process waited for a core; on the CPU the step runs in this
+    process)."""
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for step in steps.values():  # warm-up
+        for _ in range(3):
+            step(batch)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync(device)
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(per_round):
                 step(batch)
-        for _ in range(rounds):
-            for name, step in both.items():
-                sync(acc.device)
-                t = time.perf_counter()
-                for _ in range(per_round):
-                    step(batch)
-                sync(acc.device)
-                ms[name].append(1000 * (time.perf_counter() - t) / per_round)
-        return {name: {"ms": statistics.median(ms[name]), "ops": ops_per_step(step, batch),
-                       "steps": per_round * rounds} for name, step in both.items()}
+            sync(device)
+            wall[name].append(1000 * (time.perf_counter() - t) / per_round)
+            cpu[name].append(1000 * (time.process_time() - c) / per_round)
+    return {k: {"ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k]),
+                "steps": per_round * rounds} for k in steps}
 
 
 JOBS = {"measure_rows": measure_rows, "launch_bound": launch_bound}
