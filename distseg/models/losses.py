@@ -104,18 +104,21 @@ class SegLoss:
         w = self.weight.to(target.device)
         return w[target.clamp(max=len(w) - 1)][valid].sum()
 
-    def pixel_sum(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the per-pixel terms, its normaliser) for one micro-batch."""
-        total = logits.new_zeros((), dtype=torch.float32)
+    def pixel_sum(self, logits: torch.Tensor, target: torch.Tensor, count: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the per-pixel terms, its normaliser) for one micro-batch; `count`: the target's
+        `norm_count` where the caller has it already (without OHEM, whose count follows the forward)."""
         if self.ohem is not None:
             keep = ohem_mask(logits, target, *self.ohem)
             target = torch.where(keep, target, torch.full_like(target, IGNORE))
         w = self.weight.to(logits.device) if self.weight is not None else None
+        terms = []  # a term of weight 1 as it is: the same sum, without an operator per step for nothing
         if self.ce:
-            total = total + self.ce * ce_sum(logits, target, w)
+            terms.append(ce_sum(logits, target, w) if self.ce == 1 else self.ce * ce_sum(logits, target, w))
         if self.bce:
-            total = total + self.bce * bce_sum(logits, target)
-        return total, self.norm_count(target)
+            terms.append(bce_sum(logits, target) if self.bce == 1 else self.bce * bce_sum(logits, target))
+        total = sum(terms[1:], terms[0]) if terms else logits.new_zeros((), dtype=torch.float32)
+        return total, self.norm_count(target) if count is None or self.ohem is not None else count
 
     def mean_terms(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Terms that are already means over the batch (Dice)."""

@@ -13,6 +13,7 @@ field order, wherever it stands; its origin from its `kind`) and, for a host fla
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -42,36 +43,48 @@ class StepFlags:
     ckpt_failed: float = _slot(HOST, "ranks whose checkpoint write failed")
 
     @classmethod
-    def names(cls, kind: str) -> list[str]:
-        """The slots of one kind, in vector order."""
-        return [f.name for f in fields(cls) if f.metadata["kind"] == kind]
+    @functools.cache
+    def names(cls, kind: str | None = None) -> tuple[str, ...]:
+        """The slots of one kind (None: all), in vector order; found once per class, as every step asks."""
+        return tuple(f.name for f in fields(cls) if kind is None or f.metadata["kind"] == kind)
 
     @classmethod
-    def summed(cls) -> list[str]:
+    @functools.cache
+    def summed(cls) -> tuple[str, ...]:
         """The device slots a micro-batch adds to (all but `nonfinite`, which `pack` derives)."""
-        return [n for n in cls.names(DEVICE) if n != "nonfinite"]
+        return tuple(n for n in cls.names(DEVICE) if n != "nonfinite")
 
     @classmethod
     def sums(cls, device, **values: torch.Tensor) -> torch.Tensor:
         """The device sums of one micro-batch, in `summed()` order, to add up over the step."""
         if set(values) != set(cls.summed()):
             raise TypeError(f"StepFlags.sums needs exactly {cls.summed()}, got {sorted(values)}")
-        return torch.stack([values[n].detach().float().to(device).reshape(()) for n in cls.summed()])
+        v = [values[n].detach() for n in cls.summed()]
+        return torch.stack([x if x.dim() == 0 else x.reshape(()) for x in v]).to(device, torch.float32)
+
+    @classmethod
+    @functools.cache
+    def _order(cls) -> torch.Tensor | None:
+        """Where each field stands in `pack`'s concatenation (the summed slots, `nonfinite`, the host
+        slots), or None where that already is the field order."""
+        made = (*cls.summed(), "nonfinite", *cls.names(HOST))
+        return None if made == cls.names() else torch.tensor([made.index(n) for n in cls.names()])
 
     @classmethod
     def pack(cls, sums: torch.Tensor, **host: float) -> torch.Tensor:
         """The whole vector of this rank in field order: the step's summed `sums`, whether its loss is
         finite, and the host flags, copied to the device without waiting for it (from pinned memory on
-        CUDA: a pageable copy would wait for the queued steps)."""
+        CUDA: a pageable copy would wait for the queued steps). One concatenation of three parts: the
+        vector is built at every step."""
         if set(host) != set(cls.names(HOST)):
             raise TypeError(f"StepFlags.pack needs exactly {cls.names(HOST)}, got {sorted(host)}")
-        slots = dict(zip(cls.summed(), sums.split(1)))
-        slots["nonfinite"] = (~torch.isfinite(slots["loss_sum"])).float()
+        loss = sums[cls.summed().index("loss_sum"), None]
         flags = torch.tensor([float(host[n]) for n in cls.names(HOST)])
         if sums.device.type == "cuda":
             flags = flags.pin_memory().to(sums.device, non_blocking=True)
-        slots.update(zip(cls.names(HOST), flags.to(sums.device).split(1)))
-        return torch.cat([slots[f.name] for f in fields(cls)])
+        vector = torch.cat([sums, torch.isfinite(loss).logical_not_().float(), flags.to(sums.device)])
+        order = cls._order()
+        return vector if order is None else vector[order.to(vector.device)]
 
     @staticmethod
     def reduce(vector: torch.Tensor, acc) -> torch.Tensor:
