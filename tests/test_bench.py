@@ -259,3 +259,25 @@ def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
     assert "DALI, mixed (GPU) decode + GPU augmentation | skipped: no CUDA" in report
     assert "| whole run img/s (images / wall time from process start) |" in report
     assert "| evaluate |" in report and "| export |" in report and "| all |" in report
+
+
+def test_bench_data_profile_gives_every_part_of_the_loaders_work_a_measured_time(shards):
+    from distseg.bench.data import PART_NAMES, bench_data
+
+    cfg = load_config(None, [f"data.shards={shards}", "data.batch_size=2", "data.num_workers=1",
+                             "data.crop=[32,64]"])
+    text = bench_data(cfg, None, "train", 3, ["transform"], profile=True)
+    table = text.split("CPU time per image by part")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "ms per image" not in line]
+    cells = {(c[0], c[1]): float(c[2]) for c in ([x.strip() for x in ln.split("|")[1:-1]] for ln in lines)}
+    worker = {k: cells["worker", PART_NAMES[k]] for k in ("reads", "decode", "transform", "collate",
+                                                          "hand-off", "total")}
+    main = {k: cells["main", PART_NAMES[k]] for k in ("wait", "receive", "finish")}
+    assert min(v for k, v in worker.items() if k != "hand-off") > 0 and worker["hand-off"] >= 0
+    assert min(main.values()) > 0  # each part measured, in the worker and in the main process
+    parts = sum(v for k, v in worker.items() if k != "total")
+    assert parts == pytest.approx(worker["total"], abs=0.02) or parts < worker["total"]
+    beyond = cells["worker", "beyond decode and transform (reads, collate, hand-off)"]
+    assert beyond == pytest.approx(worker["total"] - worker["decode"] - worker["transform"], abs=0.02)
+    assert ("reference", "transform-only row: decode + transform in one process") in cells
+    assert "6 images in the workers' window, 6 in the main process's" in text  # 3 batches of 2, warm-up apart

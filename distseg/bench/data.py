@@ -1,4 +1,6 @@
-"""`distseg bench data`: the data pipelines side by side (img/s, CPU cores busy, img/s per busy core)."""
+"""`distseg bench data`: the data pipelines side by side (img/s, CPU cores busy, img/s per busy core); with
+`--profile`, where the torch loader's CPU time goes per image, in its workers and in the main process
+(data/parts.py)."""
 
 from __future__ import annotations
 
@@ -252,15 +254,20 @@ def compare_pipelines(results: dict) -> tuple[list, dict]:
     return rows, out
 
 
-def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False) -> str:
+def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json: bool = False,
+               profile: bool = False) -> str:
     """One row per pipeline over the same images: img/s, CPU cores busy, img/s per busy core, and that
-    per-core rate as a share of decode-only's; a variant's row also as a share of its pipeline's img/s."""
+    per-core rate as a share of decode-only's; a variant's row also as a share of its pipeline's img/s.
+    `profile`: the torch loader's CPU time per image by part after them (`loader_parts`)."""
     for mode in modes:  # an unknown one before any is timed
         parse_mode(mode)
     opened = open_split(cfg.data.shards, split, get_scheme(cfg.data.scheme))
     man = opened.manifest
-    rows, out = compare_pipelines({mode: time_pipeline(mode, cfg, root, opened, n_batches)
-                                   for mode in modes})
+    results = {mode: time_pipeline(mode, cfg, root, opened, n_batches) for mode in modes}
+    rows, out = compare_pipelines(results)
+    parts = loader_parts(cfg, split, opened.scheme, n_batches) if profile else None
+    transform = results.get("transform")
+    transform_ms = 1000 / transform["img_s"] if isinstance(transform, dict) else None
     cuda = torch.cuda.is_available()
     crop = "x".join(map(str, cfg.data.crop[::-1])) if cfg.data.crop else "full"
     reduced = reduced_decode_share(cfg, opened)
@@ -270,10 +277,56 @@ def bench_data(cfg, root, split: str, n_batches: int, modes: list[str], as_json:
             f"{'GPU ' + torch.cuda.get_device_name() if cuda else 'no GPU'}, {os.cpu_count()} CPU cores; "
             f"reduced (DCT) JPEG decode for {100 * reduced:.1f}% of samples at data.scale={cfg.data.scale}")
     if as_json:
-        return json.dumps({"setup": head, "reduced_decode_share": reduced, "pipelines": out}, indent=1)
-    return head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core",
+        return json.dumps({"setup": head, "reduced_decode_share": reduced, "pipelines": out,
+                           **({"profile": parts} if parts else {})}, indent=1)
+    text = head + "\n\n" + table(["pipeline", "img/s", "CPU cores busy", "img/s per busy core",
                                    "per core vs decode only", "per core vs transform only",
                                    "img/s vs without the variant"], rows)
+    return text + ("\n\n" + parts_table(cfg, parts, transform_ms) if parts else "")
+
+
+PART_NAMES = {"reads": "member reads (index lookup, seek, read)", "decode": "decode: image and mask",
+              "transform": "transform: crop, resize, jitter, flip",
+              "collate": "collate: pack into one buffer",
+              "hand-off": "hand-off to the main process (the worker's CPU time outside its parts)",
+              "total": "total (the worker's CPU time)", "wait": "wait for the next batch (wall time)",
+              "receive": "receive a batch (CPU time in the wait)",
+              "finish": "finish: unpack, normalise, masks to int64"}
+
+
+def loader_parts(cfg, split: str, scheme, n_batches: int, warmup: int = 2) -> dict:
+    """The torch loader (CPU decode) with its parts timed (`TorchLoader.profile_parts`) over `n_batches`
+    batches after `warmup`: ms of CPU time per image in the workers and in the main process, img/s."""
+    c = with_data(cfg, loader="torch", decode="cpu")
+    loader = make_loader(c, split, scheme, True, "cuda:0" if torch.cuda.is_available() else "cpu")
+    parts = loader.profile_parts()
+    batches = endless(loader)
+    for _ in range(warmup):
+        next(batches)
+    parts.restart()
+    with measure() as m:
+        for _ in range(n_batches):
+            next(batches)
+    batches.close()
+    return {**parts.breakdown(), "img_s": n_batches * c.data.batch_size / m["wall"], "cores": m["cores"]}
+
+
+def parts_table(cfg, r: dict, transform_ms: float | None) -> str:
+    """`loader_parts`' figures as a table, with the workers' cost beyond decode and transform (the issue's
+    goal: at most 0.5 ms per image) and, when it ran, the transform-only row's time per image beside."""
+    w, main = r["worker"], r["main"]
+    beyond = w["total"] - w["decode"] - w["transform"]
+    rows = [["worker", PART_NAMES[k], w[k]] for k in ("reads", "decode", "transform", "collate", "hand-off",
+                                                         "total")]
+    rows.append(["worker", "beyond decode and transform (reads, collate, hand-off)", beyond])
+    if transform_ms:
+        rows.append(["reference", "transform-only row: decode + transform in one process", transform_ms])
+    rows += [["main", PART_NAMES[k], main[k]] for k in ("wait", "receive", "finish")]
+    head = (f"torch loader, CPU time per image by part (--profile): {cfg.data.num_workers} workers, "
+            f"{w['images']} images in the workers' window, {main['images']} in the main process's, "
+            f"{r['img_s']:.1f} img/s on {r['cores']:.2f} busy cores; CPU time of the thread doing each part "
+            "(the hand-off: the rest of the worker process's CPU time)")
+    return head + "\n\n" + table(["process", "part", "ms per image"], rows)
 
 
 def _epoch_timing(cfg, split: str, scheme, n_batches: int, device) -> dict:

@@ -74,20 +74,23 @@ def one_split_config(config: str | None, overrides: list[str]):
               help="also read the same shards from this URL: local vs cold vs warm cache (median of "
                    "--repeats)")
 @click.option("--repeats", default=3, show_default=True, help="runs per storage row")
+@click.option("--profile", is_flag=True,
+              help="also the torch loader's CPU time per image by part: member reads, decode, transform, "
+                   "collate, hand-off in its workers; wait, receive, finish in the main process")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)
-def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, out, set_values,
+def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, profile, out, set_values,
                    overrides) -> None:
     """Decode-only vs torch loader (CPU / GPU decode) vs DALI vs torchvision's reference pipeline (PNG folder,
     JPEG shards): img/s, CPU use, per busy core; shuffle quality and bytes per rank; with --shards URL,
     remote shards through the cache. OVERRIDES: config settings."""
     cfg = one_split_config(config, settings(overrides, set_values))
     if as_json:
-        click.echo(bench_data(cfg, root, split, batches, modes.split(","), as_json=True))
+        click.echo(bench_data(cfg, root, split, batches, modes.split(","), as_json=True, profile=profile))
         return
-    if modes:
-        _emit(bench_data(cfg, root, split, batches, modes.split(",")), out)
+    if modes or profile:
+        _emit(bench_data(cfg, root, split, batches, [m for m in modes.split(",") if m], profile=profile), out)
     man = load_manifest(cfg.data.shards, split)
     _emit(shuffle_report(man, cfg.data.batch_size, seed=cfg.train.seed, window=cfg.data.shuffle_window), out)
     if url:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.batch import Batch
+from distseg.data.parts import PARTS, LoaderParts
 from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindowSampler, StreamSampler
 from distseg.data.streams import Sources, rare_draws, rare_pools
 from distseg.data.transforms import (
@@ -45,6 +47,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, samples: Sources, data: DataCfg, seed: int, train: bool, gpu_decode: bool):
         self.s, self.data, self.seed, self.train, self.gpu_decode = samples, data, seed, train, gpu_decode
+        self.profile = False  # time the parts of the work (data/parts.py), in whichever process runs it
 
     def __len__(self) -> int:
         return len(self.s)
@@ -54,9 +57,12 @@ class ShardDataset(Dataset):
         read) comes back as data, {"error": the exception}, raised in the main process as itself: a worker's
         own exception would reach the user wrapped in torch's worker traceback."""
         i, epoch, valid = item
+        PARTS.on = PARTS.on or self.profile
+        t = PARTS.mark()
         try:
             out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
             mask_bytes, raw = self.s.read(i, "mask"), self.s.read(i, "image")
+            t = PARTS.add("reads", t)
         except UserError as e:
             return {"error": e}
         except OSError as e:  # the shard vanished or its disk failed after the checks
@@ -68,9 +74,12 @@ class ShardDataset(Dataset):
                 p = sample_params(self.data, self.seed, epoch, i, mask.numpy()) if self.train else None
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask, params=p)
                 return out
+            t, decoded = PARTS.add("decode", t), PARTS.get("decode")
             img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
+            PARTS.add("transform", t, inner=PARTS.get("decode") - decoded)  # the image's decode apart
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
+        PARTS.images += 1
         out.update(image=img, mask=m, size=tuple(m.shape))
         return out
 
@@ -138,7 +147,10 @@ def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, trai
     if train:
         m = mask.numpy()
         return augment_pil(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
-    return decode_rgb(raw).permute(1, 2, 0), mask  # H x W x 3, as the training path
+    t = PARTS.mark()
+    image = decode_rgb(raw).permute(1, 2, 0)  # H x W x 3, as the training path
+    PARTS.add("decode", t)
+    return image, mask
 
 
 def collate(items: list[dict], nhwc: bool = False) -> dict:
@@ -147,13 +159,14 @@ def collate(items: list[dict], nhwc: bool = False) -> dict:
     errors = [it["error"] for it in items if "error" in it]
     if errors:
         return {"error": errors[0]}
+    t = PARTS.mark()
     # small values as lists: every tensor a worker sends costs a file descriptor passed over a socket
     out = {"key": [it["key"] for it in items], "index": [it["index"] for it in items],
            "valid": [it["valid"] for it in items], "corrupt": [it["corrupt"] for it in items]}
     if "mask_u8" in items[0]:
         for k in ("jpeg", "mask_u8", "params"):
             out[k] = [it[k] for it in items]
-        return out
+        return with_parts(out, t)
     shapes = {it["size"] for it in items}
     if len(shapes) > 1:
         return {"error": UserError(f"images of different sizes in one batch ({sorted(shapes)}): set "
@@ -162,7 +175,16 @@ def collate(items: list[dict], nhwc: bool = False) -> dict:
     out["pixels"] = batch_buffer(len(items), out["size"])
     for row, it in zip(out["pixels"], items):
         pack(row, it["image"], it["mask"], nhwc)
-    return out
+    return with_parts(out, t)
+
+
+def with_parts(batch: dict, since: float) -> dict:
+    """The collated batch; while the parts are timed (data/parts.py), with the collate's time added and this
+    process's sums so far (`PARTS.snapshot`) in it, under "parts"."""
+    if PARTS.on:
+        PARTS.add("collate", since)
+        batch["parts"] = PARTS.snapshot()
+    return batch
 
 
 class BatchStream:
@@ -235,6 +257,16 @@ class TorchLoader:
         self._it = None  # the running DataLoader iterator
         self._next: tuple[int, int] | None = None  # (epoch, batch) it delivers next
         self.starts = 0  # how often the stream was (re)started: once per run when nothing moves it
+        self.parts: LoaderParts | None = None  # `profile_parts`
+
+    def profile_parts(self) -> LoaderParts:
+        """Time the parts of the work (data/parts.py), in the workers and here, from the first iteration on
+        (the workers get the dataset, and its setting, when the stream starts)."""
+        if self._it is not None:
+            raise RuntimeError("profile_parts before the loader is first iterated")
+        self.dl.dataset.profile = True
+        self.parts = LoaderParts()
+        return self.parts
 
     @property
     def num_samples(self) -> int:
@@ -306,7 +338,7 @@ class TorchLoader:
         try:
             for j in range(skip, len(self.sampler)):
                 try:
-                    b = next(it)
+                    b = self._next_batch(it)
                 except BaseException:
                     self._it = None  # a worker failed or was stopped: start afresh next time
                     raise
@@ -321,9 +353,27 @@ class TorchLoader:
             if prefetch is not None:
                 prefetch.stop()
 
+    def _next_batch(self, it) -> dict:
+        """The DataLoader's next batch; while the parts are timed, the wait for it and its worker's
+        snapshot recorded."""
+        if self.parts is None:
+            return next(it)
+        t, c = time.perf_counter(), time.thread_time()
+        b = next(it)
+        self.parts.received(b.pop("parts", None), time.perf_counter() - t, time.thread_time() - c)
+        return b
+
     def _finish(self, b: dict) -> Batch:
         """A `Batch` from a collated one: uint8 from the workers -> normalised float (channels_last on CUDA
         when the model uses it) and int64 masks on the device, converted after the copy."""
+        c = time.thread_time() if self.parts is not None else 0.0
+        out = self._convert(b)
+        if self.parts is not None:
+            self.parts.finished(time.thread_time() - c, len(out["key"]))
+        return out
+
+    def _convert(self, b: dict) -> Batch:
+        """`_finish`'s conversion."""
         nb = self.device.type == "cuda"
         if "jpeg" in b:
             self._decode_on_gpu(b)

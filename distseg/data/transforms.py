@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from distseg.data.parts import PARTS
 from distseg.labels import IGNORE
 from distseg.shards.codec import decode_array, is_array
 
@@ -234,7 +235,9 @@ def augment_pil(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[i
     window resize, colour jitter, flip, padding (image `fill`, mask ignore). Height x width x channels is
     the decoder's own layout; the device turns it into channels_last NCHW without a copy."""
     win = window(*mask.shape, p, crop)
+    t = PARTS.mark()
     im, f = decode_pil(data, win)
+    PARTS.add("decode", t)
     box = tuple(v * f for v in win.box)
     im = jitter_pil(im.resize(win.valid[::-1], Image.Resampling.BILINEAR, box=box), p)
     m = nearest_window(mask, win)
