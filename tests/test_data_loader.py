@@ -157,3 +157,22 @@ def test_torch_loader_nvjpeg_matches_cpu_decode_on_the_train_jpeg_shards(shards)
     torch.testing.assert_close(gpu["mask"].cpu(), cpu["mask"])
     grey = (gpu["image"].cpu() - cpu["image"]) * torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
     assert grey.abs().mean() < 2 and grey.abs().max() < 40  # a few grey levels, more at sharp edges
+
+
+def test_pooled_worker_buffers_give_the_batches_of_a_loader_without_workers(shards):
+    """On the CPU a worker reuses its shared batch buffers once the main process has copied a batch out:
+    more batches than the pool holds, the images and masks of a loader without workers, each epoch."""
+    from distseg.data.torch_loader import BufferPool
+
+    pooled, plain = loader(shards, **{"data.batch_size": 2}), loader(shards, **{"data.batch_size": 2,
+                                                                             "data.num_workers": 0})
+    seen = 0
+    for e in range(3):
+        pooled.set_epoch(e)
+        plain.set_epoch(e)
+        for a, b in zip(pooled, plain, strict=True):
+            assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+            assert torch.equal(a["mask"], b["mask"])
+            seen += 1
+    assert seen > BufferPool.LIMIT and 0 < len(pooled.buffers) <= BufferPool.LIMIT  # buffers came back
+    assert not plain.buffers  # in the main process: ordinary memory, nothing pooled
