@@ -279,5 +279,5 @@ def test_bench_data_profile_gives_every_part_of_the_loaders_work_a_measured_time
     assert parts == pytest.approx(worker["total"], abs=0.02) or parts < worker["total"]
     beyond = cells["worker", "beyond decode and transform (reads, collate, hand-off)"]
     assert beyond == pytest.approx(worker["total"] - worker["decode"] - worker["transform"], abs=0.02)
-    assert ("reference", "transform-only row: decode + transform in one process") in cells
+    assert ("reference", "transform-only row, wall time: decode + transform in one process") in cells
     assert "6 images in the workers' window, 6 in the main process's" in text  # 3 batches of 2, warm-up apart

@@ -320,7 +320,8 @@ def parts_table(cfg, r: dict, transform_ms: float | None) -> str:
                                                          "total")]
     rows.append(["worker", "beyond decode and transform (reads, collate, hand-off)", beyond])
     if transform_ms:
-        rows.append(["reference", "transform-only row: decode + transform in one process", transform_ms])
+        rows.append(["reference", "transform-only row, wall time: decode + transform in one process",
+                     transform_ms])
     rows += [["main", PART_NAMES[k], main[k]] for k in ("wait", "receive", "finish")]
     head = (f"torch loader, CPU time per image by part (--profile): {cfg.data.num_workers} workers, "
             f"{w['images']} images in the workers' window, {main['images']} in the main process's, "
