@@ -326,7 +326,9 @@ def parts_table(cfg, r: dict, transform_ms: float | None) -> str:
     head = (f"torch loader, CPU time per image by part (--profile): {cfg.data.num_workers} workers, "
             f"{w['images']} images in the workers' window, {main['images']} in the main process's, "
             f"{r['img_s']:.1f} img/s on {r['cores']:.2f} busy cores; CPU time of the thread doing each part "
-            "(the hand-off: the rest of the worker process's CPU time)")
+            "(the hand-off: the rest of the worker process's CPU time)"
+            + ("; with 0 workers the parts run in the main process, and its rest is counted as the hand-off"
+               if not cfg.data.num_workers else ""))
     return head + "\n\n" + table(["process", "part", "ms per image"], rows)
 
 
