@@ -305,3 +305,28 @@ def test_accelerate_privates_the_writer_reads_are_where_it_expects(make_run):
     assert len(state["models"]) == 1 and set(state["models"][0]) == set(run.model.state_dict())
     assert len(state["optimizers"]) == 1 and "param_groups" in state["optimizers"][0]
     assert len(state["custom"]) == 1 and isinstance(state["step"], int) and state["scaler"] is None
+
+
+def test_the_optimizer_stepped_past_accelerates_wrapper_makes_the_wrappers_update(fresh_accelerate):
+    """Without a GradScaler, step_optimizer steps the optimizer Accelerate wraps directly: the update, and
+    the gradients dropped after it, are the wrapper's own."""
+    from accelerate import Accelerator
+
+    from distseg.training.loop import step_optimizer
+
+    acc = Accelerator(cpu=True)
+    cfg = load_config(None, ["model.base=4", "model.depth=2"])
+    stepped = []
+    for step in (lambda opt: (opt.step(), opt.zero_grad(set_to_none=True)), step_optimizer):
+        torch.manual_seed(0)
+        model = build_model(cfg, CLASSES)
+        model, opt = acc.prepare(model, build_optimizer(cfg, build_param_groups(model, requested_grouping(
+            cfg.optim)), on_cuda=False))
+        for seed in (1, 2):  # two steps: AdamW's second uses the state the first left
+            b = batch(seed)
+            torch.nn.functional.cross_entropy(model(b["image"]), b["mask"], ignore_index=IGNORE).backward()
+            step(opt)
+        assert all(p.grad is None for p in model.parameters())
+        stepped.append(model.state_dict())
+    for k, v in stepped[0].items():
+        assert torch.equal(v, stepped[1][k]), k
