@@ -164,6 +164,7 @@ class Budget:
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
         self.total, self.clock = seconds, clock
         self.start = clock()
+        self.fixed_window: float | None = None
 
     def elapsed(self) -> float:
         """Seconds since the search began."""
@@ -183,13 +184,20 @@ class Budget:
         return statistics.median(seen) if seen else OVERHEAD_GUESS_S
 
     def window(self, results: list[Result], trials_left: int) -> float:
-        """The timed window of the next trial, so that the trials still planned fit what is left."""
+        """The timed window of the next trial, so that the trials still planned fit what is left: set once
+        the first trial measured the start-up, then the same for every later trial (alike windows compare
+        alike)."""
+        if self.fixed_window is not None:
+            return self.fixed_window
         n = max(1, trials_left)
-        return min(MAX_WINDOW_S, max(MIN_WINDOW_S, self.left() / n - self.overhead(results)))
+        window = min(MAX_WINDOW_S, max(MIN_WINDOW_S, self.left() / n - self.overhead(results)))
+        if results:
+            self.fixed_window = window
+        return window
 
     def fits(self, results: list[Result], window: float) -> bool:
         """Whether a trial of this window is expected to end within the budget (the first always runs)."""
-        return not results or self.elapsed() + self.overhead(results) + window <= self.total
+        return not results or self.elapsed() + self.overhead(results) + window <= self.total + 1e-6
 
 
 def run_search(search: Search, budget: Budget,
