@@ -214,7 +214,8 @@ def phase_tune(c: Check) -> str:
     budget = ["--budget", "20s", "--search", "workers", "--steps", "3"] if sizes.dry else \
         ["--budget", "3m", "--decode"]
     out = distseg("tune", *budget, "--out", tuned, *run)
-    table = [line for line in out.splitlines() if line.startswith(("|", "noise", "budget", "choice"))]
+    kept = ("|", "noise", "budget", "not tried", "choice")
+    table = [line for line in out.splitlines() if line.startswith(kept)]
     side = c.bench("e2e", "--tuned", tuned, *run)
     return "`distseg tune " + " ".join(budget) + "`\n\n" + "\n".join(table) + "\n\n" + side
 
