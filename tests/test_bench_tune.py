@@ -11,6 +11,7 @@ from conftest import ROOT, assert_user_error, run_cli
 from distseg.bench.tune import (
     MARGIN,
     MIN_WINDOW_S,
+    STOP_MARGIN,
     Asked,
     Budget,
     Result,
@@ -112,11 +113,28 @@ def test_the_budget_is_kept_by_the_tools_own_accounting():
     overhead = 5.0
     for k, (at, window, timeout) in enumerate(started):
         assert window >= MIN_WINDOW_S
-        assert at - 1000.0 + timeout <= 120 * (1 + MARGIN) + 1e-9  # a trial is stopped past the margin
+        assert at - 1000.0 + timeout <= 120 * (1 + STOP_MARGIN) + 1e-9  # a trial is stopped past it
         if k:  # the first runs whatever it costs; the others start only when they fit
             assert at - 1000.0 + overhead + window <= 120
     assert budget.elapsed() <= 120 * (1 + MARGIN)
     assert not budget.fits(search.results, budget.window(search.results, search.planned_left()))
+
+
+def test_a_trial_that_outruns_the_budget_is_stopped_and_none_starts_after_it():
+    clock = FakeClock()
+    budget = Budget(100, clock)
+    quick = fake_trials(clock, lambda t: 10.0)
+
+    def measure(trial, window, timeout):
+        if "model.compile" not in trial.changes:
+            return quick(trial, window, timeout)
+        clock.now += timeout  # it would compile for ever: stopped at its timeout
+        return Result(trial, "timed out", timeout, reason="stopped")
+    search = Search(workers=None, rungs=[], options=[{"model.compile": "true"}, {"data.decode": "cpu"}])
+    left_out = run_search(search, budget, measure)
+    assert [r.status for r in search.results] == ["ok", "ok", "timed out"]
+    assert left_out[0].changes == {"data.decode": "cpu"}
+    assert budget.elapsed() == pytest.approx(100 * (1 + STOP_MARGIN)) and STOP_MARGIN < MARGIN
 
 
 def test_batch_split_is_refused_with_batchnorm_or_dice_in_one_line():
