@@ -126,7 +126,7 @@ class Search:
         """The share a change must gain to be kept: the noise between repeats, at least `min_gain`."""
         return max(self.noise or 0.0, self.min_gain)
 
-    def helps(self, r: Result) -> bool:
+    def keep_if_faster(self, r: Result) -> bool:
         """Whether `r` beats the best so far by more than the threshold (and then it is the best)."""
         if not r.ok or r.img_per_s <= self.best_rate * (1 + self.threshold()):
             return False
@@ -144,13 +144,13 @@ class Search:
             self.noise = abs(rates[0] - rates[1]) / self.best_rate
         improved = False
         for w in ups:
-            if not self.helps((yield self._on_best({"data.num_workers": str(w)}))):
+            if not self.keep_if_faster((yield self._on_best({"data.num_workers": str(w)}))):
                 break
             improved = True
         if not improved and downs:
-            self.helps((yield self._on_best({"data.num_workers": str(downs[-1])})))
+            self.keep_if_faster((yield self._on_best({"data.num_workers": str(downs[-1])})))
         for option in self.options:
-            self.helps((yield self._on_best(option)))
+            self.keep_if_faster((yield self._on_best(option)))
 
     def _on_best(self, change: dict[str, str]) -> Trial:
         label = " ".join(f"{k}={v}" for k, v in change.items())
