@@ -120,6 +120,23 @@ def test_the_budget_is_kept_by_the_tools_own_accounting():
     assert not budget.fits(search.results, budget.window(search.results, search.planned_left()))
 
 
+def test_a_plan_sized_to_the_budget_runs_whole_while_time_passes_between_reads():
+    """The window is sized from what is left; a clock read a moment later must not find it too long."""
+    class Ticking(FakeClock):
+        def __call__(self):
+            self.now += 1e-3
+            return self.now
+    clock = Ticking()
+    measure = fake_trials(clock, lambda t: 10.0)
+
+    def short(trial, window, timeout):  # the steps cap ends the window early, as --steps does
+        r = measure(trial, 0.1, timeout)
+        return dataclasses.replace(r, window_s=0.1)
+    search = Search(workers=None, rungs=[], options=[])
+    assert run_search(search, Budget(30, clock), short) == []
+    assert len(search.results) == 2 and search.noise == 0
+
+
 def test_a_trial_that_outruns_the_budget_is_stopped_and_none_starts_after_it():
     clock = FakeClock()
     budget = Budget(100, clock)

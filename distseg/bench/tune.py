@@ -192,8 +192,8 @@ class Budget:
         alike)."""
         if self.fixed_window is not None:
             return self.fixed_window
-        n = max(1, trials_left)
-        window = min(MAX_WINDOW_S, max(MIN_WINDOW_S, self.left() / n - self.overhead(results)))
+        n = max(1, trials_left)  # 5% of what is left spare: the plan is not made to end on the budget's edge
+        window = min(MAX_WINDOW_S, max(MIN_WINDOW_S, 0.95 * self.left() / n - self.overhead(results)))
         if results:
             self.fixed_window = window
         return window
@@ -317,6 +317,11 @@ def rate(r: Result | None) -> str:
     return "-" if r is None or r.img_per_s is None else f"{r.img_per_s:.2f} img/s"
 
 
+def noise(search: Search) -> str:
+    """The noise between the repeats as printed."""
+    return "not measured (no repeat ran)" if search.noise is None else f"{100 * search.noise:.1f}%"
+
+
 def trial_rows(results: list[Result]) -> str:
     """Every trial: settings, img/s, data wait, peak memory, the trial's seconds, status."""
     rows = []
@@ -342,7 +347,7 @@ def tuned_text(config: str | None, overrides: list[str], search: Search, procs: 
               f"{' ' + ' '.join(overrides) if overrides else ''}, plus the settings measured fastest here",
               f"machine: {machine(procs)}",
               f"the config as given: {rate(first)}; the choice: {rate(search.best)}{gain}; noise between "
-              f"repeats {100 * (search.noise or 0):.1f}%",
+              f"repeats {noise(search)}",
               f"settings changed: {chosen}"]
     return "".join(f"# {line}\n" for line in header) + dump_config(cfg)
 
@@ -351,8 +356,8 @@ def summary_lines(search: Search, budget: Budget, left_out: list[Trial]) -> list
     """The noise, the budget's use and the choice, as printed after the table."""
     choice = search.choice()
     chosen = " ".join(f"{k}={v}" for k, v in choice.items())
-    lines = [f"noise between repeats of the config as given: {100 * (search.noise or 0):.1f}% (a change is "
-             f"kept when it gains more than {100 * search.threshold():.1f}%)",
+    lines = [f"noise between repeats of the config as given: {noise(search)} (a change is kept when it gains "
+             f"more than {100 * search.threshold():.1f}%)",
              f"budget {budget.total:.0f} s: used {budget.elapsed():.0f} s in {len(search.results)} trials"]
     if left_out:
         more = search.planned_left() - 1
