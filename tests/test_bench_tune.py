@@ -201,6 +201,11 @@ def test_tune_refusals_are_one_line(tmp_path):
     refused("the config itself", out=SYNTH)
     refused("--search: unknown 'everything'", searches=["everything"])
     refused("loss.dice=1", batch_split=True)
+    printed = []
+    with pytest.raises(UserError, match="the config as given did not run .failed: no manifest"):
+        tune(SYNTH, [], 60, tmp_path / "t.yaml", log=printed.append, measure=lambda trial, *_: Result(
+            trial, "failed", 1.0, reason="no manifest shards/synth/train.json"))
+    assert "| 1 | as given |" in printed[-1] and not (tmp_path / "t.yaml").exists()
 
 
 @pytest.mark.gpu

@@ -491,11 +491,11 @@ def tune(config: str | None, overrides: list[str], budget_s: float, out: Path, p
         runner = measure or TrialProcess(config, overrides, procs, asked.warmup, asked.steps, bar, budget)
         left_out = run_search(search, budget, runner)
     log(trial_rows(search.results))
-    for line in summary_lines(search, budget, left_out):
-        log(line)
     first = search.results[0]
     if not first.ok:
         raise UserError(f"the config as given did not run ({first.status}: {first.reason}): nothing to tune")
+    for line in summary_lines(search, budget, left_out):
+        log(line)
     atomic_write_text(Path(out), tuned_text(config, overrides, search, procs))
     log(f"wrote {out}: distseg train -c {out}")
     return search
