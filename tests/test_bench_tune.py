@@ -224,3 +224,23 @@ def test_tune_on_cuda_searches_the_step_options(shards, tmp_path):
         assert r[7] == "ok" and float(r[3]) > 0 and float(r[5].split()[0]) > 0, r
     assert "no GPU" not in out.read_text().splitlines()[1]
     load_config(out)
+
+
+@pytest.mark.slow
+def test_tune_on_two_processes_then_both_whole_runs_side_by_side(shards, tmp_path):
+    """--procs 2 through the launcher; then bench e2e --tuned trains the config and tuned.yaml through the
+    training entry `distseg train` runs."""
+    out = tmp_path / "tuned.yaml"
+    p = run_cli("tune", "-c", SYNTH, "--procs", "2", "--search", "", "--try", "data.num_workers=0",
+                "--budget", "2m", "--warmup", "1", "--steps", "3", "--out", out, *TINY,
+                f"data.shards={shards}", cwd=tmp_path)
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert len(rows) == 3 and all("| ok |" in r for r in rows), p.stdout
+    assert "2 process(es)" in out.read_text().splitlines()[1]
+    e2e = run_cli("bench", "e2e", "-c", SYNTH, "--procs", "2", "--tuned", out, *TINY, f"data.shards={shards}",
+                  "train.epochs=1", cwd=tmp_path)
+    cells = [[x.strip() for x in line.split("|")[1:-1]] for line in e2e.stdout.splitlines()
+             if line.startswith("| ")]
+    table = {c[0]: c[1:] for c in cells}
+    whole = table["whole run img/s (images / wall time from process start)"]
+    assert float(whole[0]) > 0 and float(whole[1]) > 0 and whole[2].endswith("x")
