@@ -16,7 +16,6 @@ command ends within 10% of it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -368,10 +367,6 @@ def summary_lines(search: Search, budget: Budget, left_out: list[Trial]) -> list
                  f"choice: the config as given ({rate(first)}): nothing beat it by more than the noise")
     return lines
 
-
-def as_dict(r: Result) -> dict:
-    """A result for --json."""
-    return {**dataclasses.asdict(r), "trial": dataclasses.asdict(r.trial)}
 
 
 def free_port() -> int:
