@@ -26,6 +26,7 @@ COMMANDS = {
     "export": ("distseg.commands.export:export", "Export a run's weights as ONNX or torch.export."),
     "report": ("distseg.commands.report:report", "One self-contained HTML page comparing runs."),
     "experiment": ("distseg.commands.experiment:experiment", "Run or submit a staged plan of runs."),
+    "tune": ("distseg.commands.tune:tune_cmd", "Measure settings on this machine; write the fastest."),
     "bench": ("distseg.commands.bench:bench", "Throughput benchmarks as Markdown tables."),
 }
 

@@ -1,6 +1,9 @@
-"""Sizes as people type them: bytes with a unit (`50G`) and images as WIDTHxHEIGHT (`1024x512`)."""
+"""Sizes as people type them: bytes with a unit (`50G`), images as WIDTHxHEIGHT (`1024x512`) and durations
+(`10m`, `90s`, `1h30m`)."""
 
 from __future__ import annotations
+
+import re
 
 from distseg.errors import UserError
 
@@ -26,3 +29,19 @@ def parse_wxh(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         pass
     raise UserError(f"bad size {text!r}: use WIDTHxHEIGHT, e.g. 1024x512")
+
+
+DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms]?)")
+
+
+def parse_duration(text: str | float, what: str = "duration") -> float:
+    """'10m', '90s', '1h', '1h30m', '45' (seconds) -> seconds, > 0."""
+    t = str(text).strip().lower().replace(" ", "")
+    parts = DURATION_PART.findall(t)
+    if t and "".join(n + u for n, u in parts) == t and all(u or i == len(parts) - 1 for i, (_, u) in
+                                                            enumerate(parts)):
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+        if seconds > 0:
+            return seconds
+    raise UserError(f"{what}: bad duration {text!r}: use seconds or a number with s, m or h, e.g. 90s, 10m, "
+                    "1h30m")

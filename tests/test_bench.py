@@ -233,21 +233,20 @@ def test_bench_e2e_times_a_whole_run_through_the_real_entry(shards, tmp_path):
 
 
 def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
-    """tools/gpu-check.sh on the CPU with tiny sizes: every phase runs and reports, GPU rows say why not; so
-    the command a GPU holder runs cannot rot unnoticed."""
+    """tools/gpu-check.sh --dry-run on the CPU with tiny sizes: without --phases every phase runs and reports
+    (as its help says), GPU rows say why not; so the command a GPU holder runs cannot rot unnoticed."""
     import subprocess
 
     from conftest import ROOT
 
     out = tmp_path / "report.md"
-    args = ["--dry-run", "--phases", "tests,step,loader,data,eval,train", "--out", str(out), "--data",
-            str(tmp_path / "gc")]
+    args = ["--dry-run", "--out", str(out), "--data", str(tmp_path / "gc")]
     p = subprocess.run(["bash", str(ROOT / "tools" / "gpu-check.sh"), *args], capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = out.read_text()
     assert "FAILED" not in report and "- GPU: none (no CUDA)" in report
-    for phase in ("tests", "step", "loader", "data", "eval", "train"):
+    for phase in ("tests", "step", "loader", "data", "eval", "train", "tune"):
         assert f"## {phase} (" in report and f"phase {phase}: " in p.stdout
     assert "tests/test_training_gpu.py::test_kill_and_resume_on_cuda" in report  # collected, not run
     assert "| unet | " in report.split("## step")[1] and "| plain | synthetic tensors |" in report
@@ -259,6 +258,8 @@ def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
     assert "DALI, mixed (GPU) decode + GPU augmentation | skipped: no CUDA" in report
     assert "| whole run img/s (images / wall time from process start) |" in report
     assert "| evaluate |" in report and "| export |" in report and "| all |" in report
+    tune = report.split("## tune")[1]
+    assert "| 1 | as given |" in tune and "choice: " in tune and "| tuned / config |" in tune
 
 
 def test_bench_data_profile_gives_every_part_of_the_loaders_work_a_measured_time(shards):

@@ -56,7 +56,8 @@ def tinier(cmd: str) -> list[str]:
     words = shlex.split(re.sub(r"\s+#.*$", "", cmd))
     if words[:2] == ["distseg", "bench"]:
         return words + BENCH[words[2]] + ([] if words[2] in ("shard", "index") else TINY)
-    if "distseg/train.py" in words or words[:2] == ["distseg", "train"] or words[0] == "tools/demo.sh":
+    if "distseg/train.py" in words or words[:2] in (["distseg", "train"], ["distseg", "tune"]) or \
+            words[0] == "tools/demo.sh":
         return words + TINY
     if words[:2] == ["distseg", "experiment"]:  # two seeds, the report left to the `distseg report` after it
         if "--seeds" in words:

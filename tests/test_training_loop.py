@@ -24,6 +24,7 @@ from distseg.runs.checkpoint import NotWritten, RunState, list_checkpoints, read
 from distseg.runs.checkpoint_writer import CheckpointWriter, accelerate_state
 from distseg.runs.run_dir import RunDir
 from distseg.runs.run_lock import Holder, RunLocked, acquire
+from distseg.training import loop, step_log
 from distseg.training.loop import Diverged, checkpoint, settle, train_one_epoch, train_step
 from distseg.training.run import Run
 from distseg.training.step_flags import DEVICE, HOST, OneStepLate, StepFlags
@@ -93,7 +94,7 @@ def fresh_accelerate():
 def make_run(tmp_path, signals, fresh_accelerate):
     from accelerate import Accelerator
 
-    def make(batches, **settings):
+    def make(batches, max_steps=100, **settings):
         o = {"output_dir": tmp_path, "name": "r", "model.base": 4, "model.depth": 2, "model.norm": "group",
              "optim.name": "sgd", "optim.lr": 0.5, "optim.momentum": 0.0, "optim.weight_decay": 0.0,
              "sched.warmup_steps": 0, "train.progress": "false", "train.log_every": 100,
@@ -108,7 +109,7 @@ def make_run(tmp_path, signals, fresh_accelerate):
         loader = ListLoader(batches)
         RunDir.of(cfg).path.mkdir(parents=True)
         return Run.assemble(cfg, acc, model, optimizer, groups, loader, ListLoader(batches[:1]),
-                            RunState(config="r"), max_steps=100, stop=StopFlag())
+                            RunState(config="r"), max_steps=max_steps, stop=StopFlag())
     return make
 
 
@@ -330,3 +331,39 @@ def test_the_optimizer_stepped_past_accelerates_wrapper_makes_the_wrappers_updat
         stepped.append(model.state_dict())
     for k, v in stepped[0].items():
         assert torch.equal(v, stepped[1][k]), k
+
+class FakeClock:
+    """time.time() for the loop and the step logger: it moves only when the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+def test_each_step_line_shows_that_steps_own_time_across_short_epochs(make_run, monkeypatch, capsys):
+    """Three epochs of three 1-second steps of 2 images, 50 s of validation between epochs, a line per step:
+    every line says 2.0 img/s and the time left at 1 s per step, at the epoch ends as well."""
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(step_log, "time", clock)
+    real_step = loop.train_step
+
+    def one_second_step(run, group):
+        clock.now += 1.0
+        return real_step(run, group)
+
+    monkeypatch.setattr(loop, "train_step", one_second_step)
+    run = make_run([batch(i) for i in range(3)], max_steps=9, **{"train.log_every": 1, "train.epochs": 3})
+    for _ in range(3):  # what train() does around each epoch
+        train_one_epoch(run)
+        settle(run)
+        run.state.epoch += 1
+        run.state.batch_in_epoch = 0
+        clock.now += 50.0  # validation and the checkpoint: no step's time
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(1, 10)), lines
+    for k, line in enumerate(lines, start=1):
+        assert " 2.0 img/s " in line, line
+        assert line.endswith(f"eta {9 - k}s"), line

@@ -2,11 +2,13 @@
 # One command for whoever holds a GPU (no network needed): prints the machine, makes its own Cityscapes-size
 # synthetic data, runs the GPU tests and the benchmarks, and writes one Markdown report (gpu-report.md).
 #
-#   tools/gpu-check.sh                       # --quick: GPU tests, step variants vs plain PyTorch, loader feeds
-#   tools/gpu-check.sh --phases data,eval,train   # the rest, as further calls on the same machine
-#   tools/gpu-check.sh --phases tests,step,loader,data,eval,train --out report.md
+#   tools/gpu-check.sh                       # the default on a GPU, --quick: GPU tests, step variants vs plain
+#                                            # PyTorch, loader feeds
+#   tools/gpu-check.sh --phases data,eval,train,tune   # the rest, as further calls on the same machine
+#   tools/gpu-check.sh --phases tests,step,loader,data,eval,train,tune --out report.md
 #   tools/gpu-check.sh --wheels DIR ...      # install wheels from DIR first (pip --no-index), e.g. DALI
-#   tools/gpu-check.sh --dry-run             # every phase on the CPU, tiny sizes (what the test suite runs)
+#   tools/gpu-check.sh --dry-run             # every phase (unless --phases picks) on the CPU, tiny sizes:
+#                                            # what the test suite runs
 #
 # Python: the repository's .venv if there is one, else python3 with this checkout on PYTHONPATH (a GPU
 # image with torch but no distseg install); DALI may come from a folder on PYTHONPATH or from --wheels.

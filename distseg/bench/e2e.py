@@ -127,3 +127,44 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
             f"data.repeat {d.repeat}, {s.steps} steps in {s.epochs} epochs, "
             f"{t['images']} images, {t['wall_s']:.1f} s")
     return head + "\n\n" + table(["measure", "value"], rows)
+
+
+def changed_line(tuned: str) -> str:
+    """The `settings changed:` line of a tuned.yaml's header (distseg tune), or '' for another file."""
+    with open(tuned) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            if line.startswith("# settings changed: "):
+                return line[len("# settings changed: "):].strip()
+    return ""
+
+
+def bench_e2e_tuned(config: str | None, tuned: str, overrides: list[str], procs: int = 1) -> str:
+    """Whole runs of the config and of its tuned.yaml (distseg tune), one after the other with the same
+    settings given here: their img/s and where the time went, side by side."""
+    if not Path(tuned).is_file():
+        raise UserError(f"--tuned: no such file {tuned}")
+    load_config(tuned, overrides)
+    runs = []
+    for path in (config, tuned):
+        with tempfile.TemporaryDirectory(prefix="distseg-bench-e2e-") as tmp:
+            runs.append(run_training(path, overrides, procs, Path(tmp)).timing)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+    measures = [("whole run img/s (images / wall time from process start)", "whole_run_img_per_s", fmt),
+                ("steady img/s inside epochs", "steady_img_per_s", fmt),
+                ("start-up: process start -> end of the first step", "start_up_s", lambda v: fmt(v, " s")),
+                ("data wait inside epochs (share of the steps' time)", "data_wait_share", pct),
+                ("validation share of the run", "validation_share", pct),
+                ("wall time", "wall_s", lambda v: fmt(v, " s", 1))]
+    rows = []
+    for name, key, show in measures:
+        a, b = runs[0].get(key), runs[1].get(key)
+        ratio = f"{b / a:.2f}x" if a and b is not None and key.endswith("img_per_s") else ""
+        rows.append([name, show(a), show(b), ratio])
+    head = (f"whole runs, {procs} process(es), {device_name()}: {config or 'the defaults'} against {tuned} "
+            f"(it changes: {changed_line(tuned) or 'see the file'}), both with "
+            f"{' '.join(overrides) or 'no further settings'}")
+    return head + "\n\n" + table(["measure", config or "the defaults", tuned, "tuned / config"], rows)

@@ -9,10 +9,13 @@ phases asked for, each timed, into one Markdown report:
 - data: `bench data`, every pipeline (DALI's CPU mode and its GPU row);
 - eval: `bench eval`, every inference mode at 2048x1024;
 - train: `bench e2e` (a whole run: 96 images x data.repeat, 2 epochs, one validation), then evaluate,
-  predict and export of that run, each timed.
+  predict and export of that run, each timed;
+- tune: `distseg tune` on the synthetic shards with the check's settings (3 minutes on a GPU, also the
+  decode), then `bench e2e --tuned`: the config's and the tuned.yaml's whole runs side by side.
 
---quick (the default) is tests, step, loader. --dry-run runs every phase on the CPU with tiny sizes (GPU
-rows say "skipped: no CUDA"), so that a test keeps this command from rotting.
+Without --phases: on a GPU the quick set (tests, step, loader: the others are further calls on the same
+machine); with --dry-run every phase, on the CPU with tiny sizes (GPU rows say "skipped: no CUDA"), so that a
+test keeps this command from rotting.
 """
 
 from __future__ import annotations
@@ -33,8 +36,13 @@ import torch
 
 from distseg.data.dali_loader import dali_missing
 
-PHASES = ("tests", "step", "loader", "data", "eval", "train")
+PHASES = ("tests", "step", "loader", "data", "eval", "train", "tune")
 QUICK = ("tests", "step", "loader")
+
+
+def default_phases(dry: bool) -> tuple[str, ...]:
+    """The phases run without --phases: every one on a dry run, the quick set on a GPU."""
+    return PHASES if dry else QUICK
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -196,18 +204,34 @@ def phase_train(c: Check) -> str:
     return out + "\n\n| the run's flows, whole process | seconds |\n|---|---|\n" + "\n".join(timed)
 
 
+def phase_tune(c: Check) -> str:
+    """distseg tune on the synthetic shards (the check's settings), then the config against its tuned.yaml
+    as whole runs (bench e2e --tuned)."""
+    sizes, data, folder = c.sizes, c.data, c.folder
+    tuned = folder / "tuned.yaml"
+    run = [*sizes.settings, f"data.shards={data.ready()}", f"data.repeat={sizes.repeat}",
+           f"train.epochs={sizes.epochs}", f"train.val_every={sizes.epochs}"]
+    budget = ["--budget", "20s", "--search", "workers", "--steps", "3"] if sizes.dry else \
+        ["--budget", "3m", "--decode"]
+    out = distseg("tune", *budget, "--out", tuned, *run)
+    kept = ("|", "noise", "budget", "not tried", "choice")
+    table = [line for line in out.splitlines() if line.startswith(kept)]
+    side = c.bench("e2e", "--tuned", tuned, *run)
+    return "`distseg tune " + " ".join(budget) + "`\n\n" + "\n".join(table) + "\n\n" + side
+
+
 def gpu_check(phases: list[str], out: Path, dry: bool, folder: Path, bench: Callable[..., str],
               log=print) -> Path:
     """Run the phases; write and return the report. `bench` runs one `distseg bench` command (Check)."""
     sizes = Sizes(dry)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = Data(folder, sizes) if set(phases) & {"loader", "data", "train"} else None
+    data = Data(folder, sizes) if set(phases) & {"loader", "data", "train", "tune"} else None
     parts, times = [f"# GPU check {time.strftime('%Y-%m-%d %H:%M')}{' (dry run, CPU)' if dry else ''}",
                     environment()], []
     log(parts[1])
     runners = {"tests": phase_tests, "step": phase_step, "loader": phase_loader, "data": phase_data,
-               "eval": phase_eval, "train": phase_train}
+               "eval": phase_eval, "train": phase_train, "tune": phase_tune}
     check = Check(sizes, data, folder, bench)
     for name in phases:
         t = time.time()

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from distseg.bench.data import DATA_VARIANTS, bench_data, bench_storage, shuffle_report
-from distseg.bench.e2e import bench_e2e
+from distseg.bench.e2e import bench_e2e, bench_e2e_tuned
 from distseg.bench.eval import MODES, bench_eval
-from distseg.bench.gpu_check import PHASES, QUICK, gpu_check
+from distseg.bench.gpu_check import PHASES, QUICK, default_phases, gpu_check
 from distseg.bench.index import bench_index
 from distseg.bench.shard import bench_shard
 from distseg.bench.train import FEEDS, VARIANTS, bench_train
@@ -181,27 +181,40 @@ def bench_index_cmd(samples, workers, dali, out) -> None:
 @click.option("--procs", default=1, show_default=True, help="training processes (python -m distseg.launch)")
 @click.option("--steps", default=20, show_default=True, help="timed steps of the synthetic-input row")
 @click.option("--keep", default=None, help="keep the run folder here instead of a temporary one")
+@click.option("--tuned", default=None,
+              help="a tuned.yaml of `distseg tune`: whole runs of the config and of it, side by side")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)
-def bench_e2e_cmd(config, procs, steps, keep, out, set_values, overrides) -> None:
+def bench_e2e_cmd(config, procs, steps, keep, tuned, out, set_values, overrides) -> None:
     """A whole training run through the real entry: start-up, steady img/s, epoch boundaries, validation,
-    checkpoints and whole-run img/s against the step alone. OVERRIDES: config settings."""
+    checkpoints and whole-run img/s against the step alone; with --tuned, whole runs of the config and of
+    its tuned.yaml side by side. OVERRIDES: config settings (given to both)."""
+    if tuned:
+        if keep:
+            raise UserError("--keep is for one run: without --tuned")
+        _emit(bench_e2e_tuned(config, tuned, list(settings(overrides, set_values)), procs), out)
+        return
     _emit(bench_e2e(config, list(settings(overrides, set_values)), procs, steps, keep=keep), out)
 
 
 @bench.command("gpu-check")
-@click.option("--phases", default=",".join(QUICK), show_default=True,
-              help=f"comma-separated, of {', '.join(PHASES)} (the default is --quick)")
-@click.option("--quick", is_flag=True, help=f"the phases {', '.join(QUICK)} (the default)")
-@click.option("--dry-run", is_flag=True, help="every phase on the CPU with tiny sizes, tests only collected")
+@click.option("--phases", default=None,
+              help=f"comma-separated, of {', '.join(PHASES)} [default: every phase with --dry-run, else "
+                   f"--quick]")
+@click.option("--quick", is_flag=True, help=f"the phases {', '.join(QUICK)} (the default on a GPU)")
+@click.option("--dry-run", is_flag=True,
+              help="on the CPU with tiny sizes, tests only collected: every phase unless --phases or --quick "
+                   "picks")
 @click.option("--out", default="gpu-report.md", show_default=True, help="the Markdown report to write")
 @click.option("--data", default=".gpu-check", show_default=True,
               help="folder for the synthetic data, shards and run (reused while there)")
 def bench_gpu_check_cmd(phases, quick, dry_run, out, data) -> None:
     """Everything a GPU machine should show, in one report: the GPU tests, the step against plain PyTorch, the
-    loader feeds, the data pipelines, inference and a whole run (tools/gpu-check.sh runs this)."""
-    names = list(QUICK) if quick else [p for p in phases.split(",") if p]
+    loader feeds, the data pipelines, inference, a whole run and `distseg tune` (tools/gpu-check.sh runs
+    this)."""
+    names = list(QUICK) if quick else list(default_phases(dry_run)) if phases is None else \
+        [p for p in phases.split(",") if p]
     unknown = [p for p in names if p not in PHASES]
     if unknown:
         raise UserError(f"unknown phase {unknown[0]!r}: use {', '.join(PHASES)}")

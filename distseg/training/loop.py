@@ -112,9 +112,12 @@ def settle(run: Run, flags: torch.Tensor | None = None) -> None:
     TensorBoard write or a non-finite loss raises on every rank; a stop request sets
     `run.process.stop_asked`."""
     late, proc = run.process.late, run.process
+    t0 = time.time()
     settled = late.take() if flags is None else late.swap(flags, run.state.step, run.state.epoch + 1)
     if settled is None:
         return
+    if flags is None:  # read at once: the wait for the device to finish that step is part of its time
+        run.log.spent(settled.step, time.time() - t0)
     f, step, epoch = settled.flags, settled.step, settled.epoch
     if f.lease_lost > 0:
         holder = run.lease.lost_to.describe() if run.lease and run.lease.lost_to else "another process"
@@ -149,8 +152,8 @@ def train_one_epoch(run: Run) -> None:
         t0 = time.time()
         n = min(cfg.train.grad_accum, per_epoch - st.batch_in_epoch)
         group = [b for b in (next(it, None) for _ in range(n)) if b is not None]
-        run.log.waited(time.time() - t0)
-        run.clock.waited(time.time() - t0)
+        waited = time.time() - t0
+        run.clock.waited(waited)
         if not group:
             break
         flags = train_step(run, group)
@@ -158,6 +161,7 @@ def train_one_epoch(run: Run) -> None:
         st.batch_in_epoch += len(group)
         settle(run, flags)
         run.clock.step_done(sum(len(b["key"]) for b in group))
+        run.log.spent(st.step, time.time() - t0, waited)
         if st.step >= run.max_steps:  # the run's last step: its flags now (a stop it asked for is moot)
             settle(run)
             return

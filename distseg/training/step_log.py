@@ -1,6 +1,13 @@
 """Per-step bookkeeping kept out of the training loop (as torchvision's MetricLogger.log_every): the
 throughput window, where the time went in it (on CUDA the GPU's idle time between steps, on the CPU the
-data wait), the time left, TensorBoard scalars, the progress bar and a console line every N steps."""
+data wait), the time left, TensorBoard scalars, the progress bar and a console line every N steps.
+
+A step's flags are read one step late (training/step_flags.py), so a step is logged while the next one is
+already under way, and the last step of an epoch is logged at once, before validation and the checkpoint.
+The window's time is therefore not "now minus the last log" but the sum of the steps' own times, which the
+loop hands over per step (`spent`): from fetching the step's batch to the end of its iteration, plus the
+wait for the device when its flags are read at once. Validation, checkpoints and the loader's restart
+between epochs belong to no step, so they neither inflate the next step's time nor empty the ETA."""
 
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ class StepLogger:
         self.tb, self.every, self.max_steps, self.epochs = tb, every, max_steps, epochs
         self.gpu = gpu if gpu is not None and gpu.enabled else None  # timing.GpuIdle on CUDA
         self.last_step, self.idle_mark = start_step, 0.0
+        self.pending: dict[int, list[float]] = {}  # step -> [seconds, data-wait seconds], until logged
         # a bar only on rank 0 and only on a terminal: in a log file it prints garbled repeats
         show = main and progress and sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, desc=name, unit="step", mininterval=2,
@@ -28,16 +36,24 @@ class StepLogger:
         self._reset()
 
     def _reset(self) -> None:
-        self.t0, self.wait, self.images = time.time(), 0.0, 0
+        self.images = 0
 
     def print(self, text: str) -> None:
         """A line on rank 0 that does not break the progress bar."""
         if self.main:
             (self.bar.write if not self.bar.disable else print)(text, flush=True)
 
-    def waited(self, seconds: float) -> None:
-        """Time the loop spent waiting for the loader (counted as data-wait)."""
-        self.wait += seconds
+    def spent(self, step: int, seconds: float, waited: float = 0.0) -> None:
+        """Optimizer step `step` took `seconds` of the loop's time, `waited` of them for the loader (called
+        again for the same step, the times add up)."""
+        times = self.pending.setdefault(step, [0.0, 0.0])
+        times[0] += seconds
+        times[1] += waited
+
+    def _window(self, step: int) -> tuple[float, float]:
+        """The seconds and data-wait seconds of the steps up to `step` not logged yet (then forgotten)."""
+        done = [self.pending.pop(s) for s in sorted(self.pending) if s <= step]
+        return sum(t for t, _ in done), sum(w for _, w in done)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, images: int) -> dict | None:
         """After an optimizer step: `epoch` is 1-based, `images` the samples of this step on all ranks.
@@ -47,8 +63,9 @@ class StepLogger:
         self.bar.update(1)
         if step % self.every and step != self.max_steps:
             return None
-        dt = max(time.time() - self.t0, 1e-9)
-        ips, wait = self.images / dt, self.wait / dt
+        seconds, waited = self._window(step)
+        dt = max(seconds, 1e-9)
+        ips, wait = self.images / dt, waited / dt
         eta = (self.max_steps - step) * dt / max(step - self.last_step, 1)
         scalars = [("train/loss", loss), ("train/lr", lr), ("train/epoch", epoch), ("perf/img_per_s", ips),
                    ("perf/data_wait_frac", wait)]
