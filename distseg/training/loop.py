@@ -62,14 +62,14 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
         if run.segmenter.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with (nullcontext() if k == len(group) - 1 or world == 1 else acc.no_sync(model)):
-            with acc.autocast():
+            with run.autocast:
                 logits = model(x)
             pix, count = loss_fn.pixel_sum(logits, mask, counts[k])
             scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
             loss = pix * scale
             if loss_fn.dice:  # terms already means over the micro-batch, averaged over the group
                 loss = loss + loss_fn.mean_terms(logits, mask) / len(group)
-            acc.backward(loss)
+            backward(acc, loss)
         micro = StepFlags.sums(acc.device, loss_sum=pix, norm=count, images=b["valid"].sum(),
                                corrupt=b["corrupt"].sum())
         sums = micro if sums is None else sums + micro
@@ -87,6 +87,18 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
         run.ema.update_parameters(acc.unwrap_model(model))
     run.clock.gpu.step_ends()
     return flags
+
+
+def backward(acc, loss: torch.Tensor) -> None:
+    """`acc.backward(loss)`. Accelerate divides the loss by its own gradient_accumulation_steps (an operator
+    per micro-batch; distseg accumulates on its own, so always by 1) and scales it for fp16's GradScaler, or
+    hands it to DeepSpeed / Megatron; in every other case it calls `loss.backward()`, which is called here
+    directly: the same gradients, one operator and its Python fewer."""
+    if acc.scaler is not None or acc.gradient_accumulation_steps != 1 or \
+            acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        acc.backward(loss)
+    else:
+        loss.backward()
 
 
 def step_optimizer(optimizer) -> None:
