@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:
-        sub = e.ctx.info_name if e.ctx and e.ctx.parent else ""
-        where = f" (see distseg {sub} --help)".replace("  ", " ")
+        names, ctx = [], e.ctx
+        while ctx is not None and ctx.parent is not None:  # the subcommand's path: "bench train"
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        where = f" (see distseg {' '.join(names)} --help)".replace("  ", " ")
         click.echo(f"error: {e.format_message()}{where}", err=True)
         sys.exit(2)
     except click.ClickException as e:

@@ -332,6 +332,23 @@ def test_the_optimizer_stepped_past_accelerates_wrapper_makes_the_wrappers_updat
     for k, v in stepped[0].items():
         assert torch.equal(v, stepped[1][k]), k
 
+
+def test_step_optimizer_steps_the_wrapped_optimizer_itself(fresh_accelerate, monkeypatch):
+    """The direct path is taken (a renamed Accelerate attribute would fall back to the wrapper silently)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from distseg.training.loop import step_optimizer
+
+    acc = Accelerator(cpu=True)
+    model, opt = acc.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), 0.1))
+    calls = []
+    monkeypatch.setattr(AcceleratedOptimizer, "step", lambda self, *a, **k: calls.append("wrapper"))
+    monkeypatch.setattr(opt.optimizer, "step", lambda *a, **k: calls.append("inner"))
+    step_optimizer(opt)
+    assert calls == ["inner"]
+
+
 class FakeClock:
     """time.time() for the loop and the step logger: it moves only when the test says."""
 

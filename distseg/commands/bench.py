@@ -111,8 +111,9 @@ def bench_data_cmd(config, root, split, batches, modes, as_json, url, repeats, p
                    "convnext_tiny,efficientnet_b0,timm:resnet50d) [default: the config's]")
 @click.option("--profile", is_flag=True, help="also the top operators by device time (torch.profiler)")
 @click.option("--launch-bound", "launch_steps", default=0, show_default=True, type=click.IntRange(min=0),
-              help="also the training loop's step against the plain loop on a tiny U-Net and crop, this many "
-                   "steps each: ms and aten ops per step, the host's overhead (0: off)")
+              help="also the training loop's step against the plain loop on a tiny U-Net and crop, about "
+                   "this many steps each (taken in 10 alternating rounds, so a multiple of 10; the table "
+                   "says how many): ms and aten ops per step, the host's overhead (0: off)")
 @click.option("--out", default=None, help="append the table to this file")
 @set_option
 @click.argument("overrides", nargs=-1)

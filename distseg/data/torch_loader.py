@@ -58,7 +58,7 @@ class ShardDataset(Dataset):
         read) comes back as data, {"error": the exception}, raised in the main process as itself: a worker's
         own exception would reach the user wrapped in torch's worker traceback."""
         i, epoch, valid = item
-        PARTS.on = PARTS.on or self.profile
+        PARTS.on = self.profile  # per item: a later loader of this process (0 workers) times nothing
         t = PARTS.mark()
         try:
             out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
@@ -311,7 +311,7 @@ class TorchLoader:
         self.stream = BatchStream(self.sampler)
         self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw,
                              collate_fn=functools.partial(collate, nhwc=self.channels_last,
-                                                          pooled=self.device.type != "cuda"),
+                                                          pooled=self.device.type == "cpu"),
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
                              prefetch_factor=4 if nw > 0 else None, worker_init_fn=worker_init)
         self._it = None  # the running DataLoader iterator

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
 from distseg import run_files as files
@@ -53,6 +54,7 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
     masks = [masked_targets(b) for b in group]
     after = loss_fn.count_after_forward  # OHEM: the kept pixels are known only after each forward
     counts = [loss_fn.norm_count(m) for m in masks]
+    # one micro-batch: the count itself (acc.reduce below returns a new tensor, counts[0] stays this rank's)
     n_global = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
     if world > 1 and not after:
         n_global = acc.reduce(n_global, reduction="sum")
@@ -107,15 +109,18 @@ def step_optimizer(optimizer) -> None:
     package on disk at every step (accelerate's is_lomo_available: importlib's find_spec) and an
     inspect.signature per zero_grad: ~0.5 ms of host time per step, a tenth of a launch-bound step on the
     CPU (`distseg bench train --launch-bound`). Without a scaler or XLA, and with gradients synchronised
-    (distseg accumulates on its own), the wrapped optimizer is stepped directly: the same update."""
-    inner = getattr(optimizer, "optimizer", None)
-    if inner is None or optimizer.scaler is not None or not optimizer.gradient_state.sync_gradients or \
+    (distseg accumulates on its own), the wrapped optimizer is stepped directly: the same update. Only the
+    plain wrapper qualifies: DeepSpeed's and Megatron's subclasses step inside backward, and their `step`
+    must stay a no-op. The attributes read (`optimizer`, `scaler`, `gradient_state`, `accelerator_state`)
+    were checked against accelerate 1.15.0, the pinned version."""
+    if type(optimizer) is not AcceleratedOptimizer or optimizer.scaler is not None or \
+            not optimizer.gradient_state.sync_gradients or \
             optimizer.accelerator_state.distributed_type == DistributedType.XLA:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return
-    inner.step()
-    inner.zero_grad(set_to_none=True)
+    optimizer.optimizer.step()
+    optimizer.optimizer.zero_grad(set_to_none=True)
 
 
 def settle(run: Run, flags: torch.Tensor | None = None) -> None:
