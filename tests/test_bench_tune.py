@@ -59,7 +59,7 @@ def fake_trials(clock, rates, overhead=5.0, started=None):
 def test_parse_duration():
     assert [parse_duration(t) for t in ("10m", "90s", "1h", "1h30m", "45", "0.5m")] == \
         [600, 90, 3600, 5400, 45, 30]
-    for bad in ("", "ten", "10x", "0", "-5s", "1hh"):
+    for bad in ("", "ten", "10x", "0", "-5s", "1hh", "1h30", "10m30"):
         with pytest.raises(UserError, match="bad duration"):
             parse_duration(bad, "--budget")
 
