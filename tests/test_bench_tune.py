@@ -190,22 +190,32 @@ def test_tune_end_to_end_with_a_trial_made_to_fail(shards, tmp_path):
     assert yaml.safe_load(out.read_text())["data"]["shards"] == str(shards)
 
 
-def test_tune_refusals_are_one_line(tmp_path):
+def test_tune_refusals_are_one_line(shards, tmp_path):
     assert_user_error(run_cli("tune", "-c", SYNTH, "--batch-split", check=False), "--batch-split-anyway")
+    given = [f"data.shards={shards}"]
 
-    def refused(match, out=tmp_path / "t.yaml", **asked):
+    def refused(match, out=tmp_path / "t.yaml", settings=given, **asked):
         with pytest.raises(UserError, match=match):
-            tune(SYNTH, [], 60, out, asked=Asked(**asked), log=lambda *a: None,
+            tune(SYNTH, settings, 60, out, asked=Asked(**asked), log=lambda *a: None,
                  measure=lambda *a: pytest.fail("no trial runs after a refusal"))
     refused("data.nosuch", tries=["data.nosuch=1"])
     refused("the config itself", out=SYNTH)
     refused("--search: unknown 'everything'", searches=["everything"])
     refused("loss.dice=1", batch_split=True)
+    refused(f"no manifest {tmp_path / 'nosuch'}", settings=[f"data.shards={tmp_path / 'nosuch'}"])
+    refused("no manifest .*val_none.json", settings=[*given, "data.val_split=val_none"])
+    refused(f"--out .*: no such folder {tmp_path / 'missing'}$", out=tmp_path / "missing" / "t.yaml")
+    refused("is a folder", out=tmp_path)
     printed = []
-    with pytest.raises(UserError, match="the config as given did not run .failed: no manifest"):
-        tune(SYNTH, [], 60, tmp_path / "t.yaml", log=printed.append, measure=lambda trial, *_: Result(
-            trial, "failed", 1.0, reason="no manifest shards/synth/train.json"))
+    with pytest.raises(UserError, match="the config as given did not run .failed: RuntimeError"):
+        tune(SYNTH, given, 60, tmp_path / "t.yaml", log=printed.append, measure=lambda trial, *_: Result(
+            trial, "failed", 1.0, reason="RuntimeError: made to fail"))
     assert "| 1 | as given |" in printed[-1] and not (tmp_path / "t.yaml").exists()
+    p = run_cli("tune", "-c", SYNTH, "--budget", "1h30", "--out", tmp_path / "missing" / "t.yaml", *given,
+                check=False)
+    assert_user_error(p, "bad duration '1h30'")
+    p = run_cli("tune", "-c", SYNTH, "--out", tmp_path / "missing" / "t.yaml", *given, check=False)
+    assert_user_error(p, "no such folder")
 
 
 @pytest.mark.gpu

@@ -133,6 +133,12 @@ class Search:
         return True
 
     def _trials(self, ups: list[int], downs: list[int]):
+        """The plan as a generator fed each result. Why this shape: the config as given runs twice because
+        no change can be judged without the noise between two runs of the same settings; the workers go
+        first and greedily up the rungs (each rung costs a whole trial, and img/s stops rising once the step
+        rather than the loader is the limit), one rung down only when going up did not help; then each
+        option once on top of the best so far, not every combination, so the trials grow with the options
+        and fit a budget of minutes."""
         first = yield Trial("as given")
         if not first.ok:
             return
@@ -455,6 +461,31 @@ class Asked:
     steps: int = 100
 
 
+def check_shards(cfg: Config) -> None:
+    """Refuse at once, in one line, a config whose manifests are missing: otherwise the first trial's process
+    would start (imports, a few seconds) only to fail on them."""
+    from distseg.shards.manifest import load_manifest
+
+    d = cfg.data
+    train = [(s.shards, s.split) for s in d.streams] or [(d.shards, d.train_split)]
+    for shards, split in [*train, (d.shards, d.val_split)]:
+        load_manifest(shards, split)
+
+
+def check_out(out: Path, config: str | None) -> None:
+    """Refuse an --out that could not be written before any trial runs, not after the whole budget."""
+    out = Path(out)
+    if config and out.resolve() == Path(config).resolve():
+        raise UserError(f"--out {out} is the config itself: write the tuned config to another file")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {folder} is not writable")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write, e.g. {out / 'tuned.yaml'}")
+
+
 def plan(config: str | None, overrides: list[str], procs: int, asked: Asked, log) -> Search:
     """The search for this config on this machine; a refused request is one UserError."""
     cfg = load_config(config, overrides)
@@ -465,6 +496,7 @@ def plan(config: str | None, overrides: list[str], procs: int, asked: Asked, log
         raise UserError(refusal)
     options = candidates(cfg, config, overrides, torch.cuda.is_available(), asked.searches, asked.decode,
                          asked.dali, asked.batch_split, asked.tries, log)
+    check_shards(cfg)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = cfg.data.num_workers if "workers" in asked.searches else None
     return Search(workers, worker_rungs(max(1, cores // procs)), options)
@@ -475,8 +507,7 @@ def tune(config: str | None, overrides: list[str], budget_s: float, out: Path, p
     """Search, print every trial and the choice, write `out` (tuned.yaml); `measure` stands in for the
     trial processes (tests)."""
     asked = asked or Asked()
-    if config and Path(out).resolve() == Path(config).resolve():
-        raise UserError(f"--out {out} is the config itself: write the tuned config to another file")
+    check_out(out, config)
     if procs < 1:
         raise UserError("--procs must be at least 1")
     search = plan(config, overrides, procs, asked, log)
