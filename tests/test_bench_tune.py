@@ -405,3 +405,30 @@ def test_a_failure_becomes_its_status_and_one_line():
     assert outcome(trial, None, 44.0, None, "").status == "timed out"
     got = outcome(trial, 1, 3.0, {"status": "out of memory", "reason": "CUDA out of memory"}, "")
     assert (got.status, got.reason) == ("out of memory", "CUDA out of memory")
+
+
+def test_bench_e2e_tuned_runs_the_choice_and_refuses_a_setting_that_would_undo_it(shards, tmp_path):
+    from distseg.bench.e2e import tuned_runs
+    from distseg.config import dump_config
+
+    given = [*TINY, f"data.shards={shards}"]
+    base = tmp_path / "base.yaml"
+    base.write_text(dump_config(load_config(SYNTH, given)))
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text("# distseg tune ...\n# settings changed: data.num_workers=0 model.compile=true\n" +
+                     dump_config(load_config(base, ["data.num_workers=0", "model.compile=true"])))
+    (a, sa), (b, sb) = tuned_runs(str(base), str(tuned), ["train.epochs=1"])
+    ran = load_config(a, sa), load_config(b, sb)
+    got = [(c.data.num_workers, c.model.compile, c.train.epochs) for c in ran]
+    assert got == [(1, False, 1), (0, True, 1)]  # the tuned run carries the choice; both get the rest
+    for setting in ("data.num_workers=1", "model.compile=false"):
+        with pytest.raises(UserError, match=f"^{setting}: .* chose {setting.split('=')[0]}, .*leave it out"):
+            tuned_runs(str(base), str(tuned), ["train.epochs=1", setting])
+    p = run_cli("bench", "e2e", "-c", base, "--tuned", tuned, "data.num_workers=1", check=False)
+    assert_user_error(p, "data.num_workers=1: ")
+    plain = tmp_path / "plain.yaml"  # no header: the settings where it differs from the config were chosen
+    plain.write_text(dump_config(load_config(base, ["data.num_workers=0"])))
+    with pytest.raises(UserError, match="chose data.num_workers"):
+        tuned_runs(str(base), str(plain), ["data.num_workers=1"])
+    runs = tuned_runs(str(base), str(plain), ["model.compile=true"])
+    assert runs[1] == (str(plain), ["model.compile=true"])
