@@ -558,7 +558,7 @@ def tune(config: str | None, overrides: list[str], budget_s: float, out: Path, p
     trial processes (tests); `spent`: seconds the command ran before this call (its start-up), counted
     against the budget."""
     asked = asked or Asked()
-    budget = Budget(budget_s, clock, spent, asked.min_steps)  # first: the checks and the plan count too
+    budget = Budget(budget_s, clock, spent, min(asked.min_steps, asked.steps))  # first: the plan counts too
     check_out(out, config)
     if procs < 1:
         raise UserError("--procs must be at least 1")
