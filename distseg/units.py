@@ -38,8 +38,8 @@ def parse_duration(text: str | float, what: str = "duration") -> float:
     """'10m', '90s', '1h', '1h30m', '45' (seconds) -> seconds, > 0."""
     t = str(text).strip().lower().replace(" ", "")
     parts = DURATION_PART.findall(t)
-    if t and "".join(n + u for n, u in parts) == t and all(u or i == len(parts) - 1 for i, (_, u) in
-                                                            enumerate(parts)):
+    # a bare number only as the whole string: "1h30" is refused, not read as 1 h 30 s
+    if t and "".join(n + u for n, u in parts) == t and (len(parts) == 1 or all(u for _, u in parts)):
         seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
         if seconds > 0:
             return seconds

@@ -17,7 +17,7 @@ import torch
 
 from distseg.bench.common import device_name, measure, table
 from distseg.bench.train import time_variant
-from distseg.config import load_config
+from distseg.config import flat_settings, load_config
 from distseg.errors import UserError
 from distseg.labels import get_scheme
 from distseg.models import out_channels
@@ -140,16 +140,42 @@ def changed_line(tuned: str) -> str:
     return ""
 
 
-def bench_e2e_tuned(config: str | None, tuned: str, overrides: list[str], procs: int = 1) -> str:
-    """Whole runs of the config and of its tuned.yaml (distseg tune), one after the other with the same
-    settings given here: their img/s and where the time went, side by side."""
+def chosen_keys(config: str | None, tuned: str) -> set[str]:
+    """The settings a tuned.yaml chose: the keys of its header's `settings changed:` line, or, in a file
+    without that header, every setting where it differs from the config."""
+    line = changed_line(tuned)
+    if line:
+        return {part.split("=", 1)[0] for part in line.split() if "=" in part}
+    given, other = flat_settings(load_config(config)), flat_settings(load_config(tuned))
+    return {k for k, v in other.items() if given.get(k) != v}
+
+
+def tuned_runs(config: str | None, tuned: str, overrides: list[str]) -> list[tuple[str | None, list[str]]]:
+    """The two whole runs' (config, settings): the settings given here go to both, so one that sets a
+    setting tuned.yaml chose is refused in one line: in the tuned run it would replace the choice, and the
+    two runs would compare the same settings."""
     if not Path(tuned).is_file():
         raise UserError(f"--tuned: no such file {tuned}")
+    chosen = chosen_keys(config, tuned)
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        if key in chosen:
+            raise UserError(f"{o}: {tuned} chose {key}, and a setting given here goes to both runs, so the "
+                            f"tuned run would not run its choice: leave it out (or put it in the config and "
+                            f"tune again)")
+    load_config(config, overrides)
     load_config(tuned, overrides)
+    return [(config, overrides), (tuned, overrides)]
+
+
+def bench_e2e_tuned(config: str | None, tuned: str, overrides: list[str], procs: int = 1) -> str:
+    """Whole runs of the config and of its tuned.yaml (distseg tune), one after the other with the same
+    further settings given here (none that tuned.yaml chose: `tuned_runs`): their img/s and where the time
+    went, side by side."""
     runs = []
-    for path in (config, tuned):
+    for path, settings in tuned_runs(config, tuned, overrides):
         with tempfile.TemporaryDirectory(prefix="distseg-bench-e2e-") as tmp:
-            runs.append(run_training(path, overrides, procs, Path(tmp)).timing)
+            runs.append(run_training(path, settings, procs, Path(tmp)).timing)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"

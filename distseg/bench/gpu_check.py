@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from distseg.config import dump_config, load_config
 from distseg.data.dali_loader import dali_missing
+from distseg.files import atomic_write_text
 
 PHASES = ("tests", "step", "loader", "data", "eval", "train", "tune")
 QUICK = ("tests", "step", "loader")
@@ -205,18 +207,21 @@ def phase_train(c: Check) -> str:
 
 
 def phase_tune(c: Check) -> str:
-    """distseg tune on the synthetic shards (the check's settings), then the config against its tuned.yaml
-    as whole runs (bench e2e --tuned)."""
+    """distseg tune on the synthetic shards (the check's settings, written as base.yaml), then base.yaml
+    against its tuned.yaml as whole runs (bench e2e --tuned), no setting given to both."""
     sizes, data, folder = c.sizes, c.data, c.folder
-    tuned = folder / "tuned.yaml"
+    base, tuned = folder / "base.yaml", folder / "tuned.yaml"
     run = [*sizes.settings, f"data.shards={data.ready()}", f"data.repeat={sizes.repeat}",
            f"train.epochs={sizes.epochs}", f"train.val_every={sizes.epochs}"]
+    # the check's settings written as a config: both whole runs get no setting on the command line, so none
+    # can replace the tuned run's choice (bench e2e --tuned refuses those)
+    atomic_write_text(base, dump_config(load_config(None, run)))
     budget = ["--budget", "20s", "--search", "workers", "--steps", "3"] if sizes.dry else \
         ["--budget", "3m", "--decode"]
-    out = distseg("tune", *budget, "--out", tuned, *run)
+    out = distseg("tune", *budget, "-c", base, "--out", tuned)
     kept = ("|", "noise", "budget", "not tried", "choice")
     table = [line for line in out.splitlines() if line.startswith(kept)]
-    side = c.bench("e2e", "--tuned", tuned, *run)
+    side = c.bench("e2e", "-c", base, "--tuned", tuned)
     return "`distseg tune " + " ".join(budget) + "`\n\n" + "\n".join(table) + "\n\n" + side
 
 

@@ -8,10 +8,13 @@ rising or the cores run out (one rung down when going up did not help), then eac
 the best so far, kept only when it beats it by more than the noise (and at least MIN_GAIN). By default only
 settings that leave the training math unchanged are searched; the others only when asked for (`options`).
 
-`Budget` is the tool's own accounting: a trial starts only when its expected cost (the measured start-up of
-the trials so far plus the timed window) fits what is left, the window is sized so that the trials still
-planned fit, and a trial still running 5% past the budget's end is stopped (`timed out`), so that the whole
-command ends within 10% of it.
+`Budget` is the tool's own accounting, counted from the command's process start (its own start-up is part
+of the budget): every trial gets the same timed window, sized before the first so that the trials planned
+fit, with a floor of steps (MIN_STEPS); a trial starts only when its expected cost (the median start-up of
+the trials so far plus the window, or the floor at the slowest step measured) ends before the budget's end
+less a reserve (the command's own end, or the measured spread of the trials' start-up when wider), and a
+trial still running at 10% past the budget less the command's own end is stopped (`timed out`), so that the
+whole command ends within 10% of it.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ MIN_GAIN = 0.02  # a change is kept when it beats the best so far by more than t
 SEARCHES = ("workers", "channels_last", "compile")  # the default search: the training math stays the same
 OVERHEAD_GUESS_S = 15.0  # a trial's cost beyond its window (start-up, warm-up) before one was measured
 MIN_WINDOW_S, MAX_WINDOW_S = 2.0, 120.0
-MARGIN = 0.10  # the budget may be overrun by at most this share
-STOP_MARGIN = 0.05  # a trial still running this far past the budget is stopped: the command's own
-# start-up and its end (the table, tuned.yaml) fit in the rest of MARGIN
+MARGIN = 0.10  # the budget may be overrun by at most this share (from the command's start to its end)
+END_S = 1.5  # the command's own end after the last trial: stopping it, the table, tuned.yaml, the exit
+# (about 1 s measured on 2 CPU cores after a trial stopped at its timeout)
+MIN_STEPS = 5  # a trial's timed window runs at least this many steps (unless --steps is fewer)
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,12 @@ class Search:
         return True
 
     def _trials(self, ups: list[int], downs: list[int]):
+        """The plan as a generator fed each result. Why this shape: the config as given runs twice because
+        no change can be judged without the noise between two runs of the same settings; the workers go
+        first and greedily up the rungs (each rung costs a whole trial, and img/s stops rising once the step
+        rather than the loader is the limit), one rung down only when going up did not help; then each
+        option once on top of the best so far, not every combination, so the trials grow with the options
+        and fit a budget of minutes."""
         first = yield Trial("as given")
         if not first.ok:
             return
@@ -160,46 +170,78 @@ class Search:
         return dict(self.best.trial.changes) if self.best is not None else {}
 
 
-class Budget:
-    """The tool's own accounting of its time; see the module docstring."""
+def process_age() -> float:
+    """Seconds since this process started, from the kernel's start time (/proc, against the boot clock the
+    kernel counts it on), else psutil, else 0: the command's own start-up (Python, torch, the config) is
+    part of the budget the user gave, and it is spent before any of its code runs."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
 
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.total, self.clock = seconds, clock
-        self.start = clock()
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # no psutil, or it cannot read this process: the start-up is not counted
+        return 0.0
+
+
+class Budget:
+    """The tool's own accounting of its time; see the module docstring. `spent`: seconds the command had
+    already run when the search began (its start-up), counted against the budget."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, spent: float = 0.0,
+                 min_steps: int = 1):
+        self.total, self.clock, self.min_steps = seconds, clock, max(1, min_steps)
+        self.start = clock() - spent
         self.fixed_window: float | None = None
 
     def elapsed(self) -> float:
-        """Seconds since the search began."""
+        """Seconds since the command started."""
         return self.clock() - self.start
 
-    def left(self) -> float:
-        """Seconds left of the budget (negative once past it)."""
-        return self.total - self.elapsed()
-
     def hard_left(self) -> float:
-        """Seconds until a running trial is stopped: the budget's end plus STOP_MARGIN."""
-        return self.total * (1 + STOP_MARGIN) - self.elapsed()
+        """Seconds until a running trial is stopped: past the budget by MARGIN less the command's own end."""
+        return self.total * (1 + MARGIN) - END_S - self.elapsed()
 
     def overhead(self, results: list[Result]) -> float:
         """A trial's expected cost beyond its window: the median of those measured, else a guess."""
         seen = [r.wall_s - r.window_s for r in results if r.ok]
         return statistics.median(seen) if seen else OVERHEAD_GUESS_S
 
+    def reserve(self, results: list[Result]) -> float:
+        """Seconds the plan keeps spare before the budget's end: the command's own end, or more when the
+        trials' measured cost beyond their window spread wider than that around the median `fits` plans
+        with (a slower trial then still ends within the budget)."""
+        seen = [r.wall_s - r.window_s for r in results if r.ok]
+        spread = max(seen) - statistics.median(seen) if seen else 0.0
+        return max(END_S, spread)
+
+    def expected_window(self, results: list[Result], window: float) -> float:
+        """A window's expected seconds: `window`, or the step floor at the slowest step measured when that
+        is longer."""
+        steps = [r.window_s / r.steps for r in results if r.ok and r.steps]
+        return max(window, self.min_steps * max(steps)) if steps else window
+
     def window(self, results: list[Result], trials_left: int) -> float:
-        """The timed window of the next trial, so that the trials still planned fit what is left: set once
-        the first trial measured the start-up, then the same for every later trial (alike windows compare
-        alike)."""
-        if self.fixed_window is not None:
-            return self.fixed_window
-        n = max(1, trials_left)  # 5% of what is left spare: the plan is not made to end on the budget's edge
-        window = min(MAX_WINDOW_S, max(MIN_WINDOW_S, 0.95 * self.left() / n - self.overhead(results)))
-        if results:
-            self.fixed_window = window
-        return window
+        """The timed window of every trial, set before the first from the trials planned and what is left
+        (a trial's start-up guessed until measured), then the same for all: alike windows compare alike, the
+        two runs of the config as given included."""
+        if self.fixed_window is None:
+            left = self.total - self.elapsed() - self.reserve(results)
+            per_trial = left / max(1, trials_left) - self.overhead(results)
+            self.fixed_window = min(MAX_WINDOW_S, max(MIN_WINDOW_S, per_trial))
+        return self.fixed_window
 
     def fits(self, results: list[Result], window: float) -> bool:
-        """Whether a trial of this window is expected to end within the budget (the first always runs)."""
-        return not results or self.elapsed() + self.overhead(results) + window <= self.total + 1e-6
+        """Whether a trial of this window is expected to end before the budget's end less the reserve (the
+        first always runs)."""
+        if not results:
+            return True
+        cost = self.overhead(results) + self.expected_window(results, window)
+        return self.elapsed() + cost <= self.total - self.reserve(results) + 1e-6
 
 
 def run_search(search: Search, budget: Budget,
@@ -357,7 +399,8 @@ def summary_lines(search: Search, budget: Budget, left_out: list[Trial]) -> list
     chosen = " ".join(f"{k}={v}" for k, v in choice.items())
     lines = [f"noise between repeats of the config as given: {noise(search)} (a change is kept when it gains "
              f"more than {100 * search.threshold():.1f}%)",
-             f"budget {budget.total:.0f} s: used {budget.elapsed():.0f} s in {len(search.results)} trials"]
+             f"budget {budget.total:.0f} s: used {budget.elapsed():.0f} s from the command's start, in "
+             f"{len(search.results)} trials"]
     if left_out:
         more = search.planned_left() - 1
         lines.append(f"not tried within the budget: {left_out[0].label}"
@@ -384,13 +427,15 @@ class TrialProcess:
                  bar: tqdm, budget: Budget):
         self.config, self.overrides, self.procs = config, overrides, procs
         self.warmup, self.steps, self.bar, self.budget = warmup, steps, bar, budget
+        self.min_steps = min(budget.min_steps, steps)
         self.count = 0
 
     def command(self, result: Path, folder: Path, trial: Trial, window: float) -> list[str]:
         """The trial's command line: its settings after the user's, the throwaway run folder last."""
         config = ["--config", self.config] if self.config else []
         args = ["-m", "distseg.bench.tune_trial", str(result), *config,
-                "--warmup", str(self.warmup), "--steps", str(self.steps), "--seconds", f"{window:.2f}",
+                "--warmup", str(self.warmup), "--steps", str(self.steps), "--min-steps",
+                str(self.min_steps), "--seconds", f"{window:.2f}",
                 *self.overrides, *(f"{k}={v}" for k, v in trial.changes.items()), f"output_dir={folder}"]
         if self.procs == 1:
             return [sys.executable, *args]
@@ -413,32 +458,41 @@ class TrialProcess:
                 log.seek(0)
                 last = ([line.strip() for line in log if line.strip()] or ["(no output)"])[-1][:300]
             wall = time.monotonic() - t0
-            if code is None:
-                return Result(trial, "timed out", wall, reason=f"stopped after {wall:.0f} s, past the budget")
-            if result.is_file():
-                got = json.loads(result.read_text())
-                return Result(trial, got["status"], wall, got.get("img_per_s"), got.get("data_wait"),
-                              got.get("peak_mb"), got.get("seconds", 0.0), got.get("steps", 0),
-                              got.get("reason", ""))
-        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        return Result(trial, "failed", wall, reason=f"{why}: {last}")
+            got = json.loads(result.read_text()) if code is not None and result.is_file() else None
+        return outcome(trial, code, wall, got, last)
 
     def wait(self, p: subprocess.Popen, t0: float, timeout: float) -> int | None:
         """The trial's exit status, or None once it ran `timeout` seconds (then it and its children are
         stopped)."""
         try:
             while True:
-                try:
-                    return p.wait(timeout=0.5)
+                left = timeout - (time.monotonic() - t0)
+                if left <= 0:
+                    return p.poll()
+                try:  # never past the timeout by more than a wake-up: the budget's end is near
+                    return p.wait(timeout=min(0.5, left))
                 except subprocess.TimeoutExpired:
                     self.bar.n = min(self.bar.total, round(self.budget.elapsed()))
                     self.bar.refresh()
-                    if time.monotonic() - t0 > timeout:
-                        return None
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def outcome(trial: Trial, code: int | None, wall: float, got: dict | None, last: str) -> Result:
+    """A trial process's result from its exit status (None: stopped at its timeout), its result file's
+    contents (None: it wrote none) and its last line of output."""
+    if code is None:
+        return Result(trial, "timed out", wall, reason=f"stopped after {wall:.0f} s, past the budget")
+    if got is not None:
+        return Result(trial, got["status"], wall, got.get("img_per_s"), got.get("data_wait"),
+                      got.get("peak_mb"), got.get("seconds", 0.0), got.get("steps", 0), got.get("reason", ""))
+    try:
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    except ValueError:
+        why = f"killed by signal {-code}"
+    return Result(trial, "failed", wall, reason=f"{why}: {last}")
 
 
 @dataclass
@@ -453,6 +507,32 @@ class Asked:
     tries: list[str] = field(default_factory=list)
     warmup: int = 3
     steps: int = 100
+    min_steps: int = MIN_STEPS
+
+
+def check_shards(cfg: Config) -> None:
+    """Refuse at once, in one line, a config whose manifests are missing: otherwise the first trial's process
+    would start (imports, a few seconds) only to fail on them."""
+    from distseg.shards.manifest import load_manifest
+
+    d = cfg.data
+    train = [(s.shards, s.split) for s in d.streams] or [(d.shards, d.train_split)]
+    for shards, split in [*train, (d.shards, d.val_split)]:
+        load_manifest(shards, split)
+
+
+def check_out(out: Path, config: str | None) -> None:
+    """Refuse an --out that could not be written before any trial runs, not after the whole budget."""
+    out = Path(out)
+    if config and out.resolve() == Path(config).resolve():
+        raise UserError(f"--out {out} is the config itself: write the tuned config to another file")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UserError(f"--out {out}: no such folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {folder} is not writable")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write, e.g. {out / 'tuned.yaml'}")
 
 
 def plan(config: str | None, overrides: list[str], procs: int, asked: Asked, log) -> Search:
@@ -465,22 +545,24 @@ def plan(config: str | None, overrides: list[str], procs: int, asked: Asked, log
         raise UserError(refusal)
     options = candidates(cfg, config, overrides, torch.cuda.is_available(), asked.searches, asked.decode,
                          asked.dali, asked.batch_split, asked.tries, log)
+    check_shards(cfg)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = cfg.data.num_workers if "workers" in asked.searches else None
     return Search(workers, worker_rungs(max(1, cores // procs)), options)
 
 
 def tune(config: str | None, overrides: list[str], budget_s: float, out: Path, procs: int = 1,
-         asked: Asked | None = None, log=print, measure=None, clock=time.monotonic) -> Search:
+         asked: Asked | None = None, log=print, measure=None, clock=time.monotonic,
+         spent: float = 0.0) -> Search:
     """Search, print every trial and the choice, write `out` (tuned.yaml); `measure` stands in for the
-    trial processes (tests)."""
+    trial processes (tests); `spent`: seconds the command ran before this call (its start-up), counted
+    against the budget."""
     asked = asked or Asked()
-    if config and Path(out).resolve() == Path(config).resolve():
-        raise UserError(f"--out {out} is the config itself: write the tuned config to another file")
+    budget = Budget(budget_s, clock, spent, min(asked.min_steps, asked.steps))  # first: the plan counts too
+    check_out(out, config)
     if procs < 1:
         raise UserError("--procs must be at least 1")
     search = plan(config, overrides, procs, asked, log)
-    budget = Budget(budget_s, clock)
     log(f"tuning for {budget_s:.0f} s on {machine(procs)}")
     with tqdm(total=round(budget_s), unit="s", disable=None, leave=False) as bar:
         runner = measure or TrialProcess(config, overrides, procs, asked.warmup, asked.steps, bar, budget)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from distseg.bench.tune import SEARCHES, Asked, tune
+from distseg.bench.tune import MIN_STEPS, SEARCHES, Asked, process_age, tune
 from distseg.commands.options import SETTINGS_HELP, set_option, settings
 from distseg.units import parse_duration
 
@@ -35,17 +35,20 @@ from distseg.units import parse_duration
 @click.option("--warmup", default=3, show_default=True, help="untimed steps first in every trial")
 @click.option("--steps", default=100, show_default=True,
               help="a trial's timed window ends after this many steps, or once its share of the budget is "
-                   "spent")
+                   "spent (the same for every trial)")
+@click.option("--min-steps", default=MIN_STEPS, show_default=True,
+              help="but not before this many steps (at most --steps), whatever its share of the budget")
 @set_option
 @click.argument("overrides", nargs=-1)
 def tune_cmd(config, budget, out, procs, searches, decode, dali, batch_split, batch_split_anyway, tries,
-             warmup, steps, set_values, overrides) -> None:
+             warmup, steps, min_steps, set_values, overrides) -> None:
     """Measure the real loader and training step under several settings, each trial in its own process and
     throwaway run folder; print every trial and the choice, and write the config plus the fastest settings
     (by default only those that leave the training math unchanged: data.num_workers, model.channels_last,
     model.compile). OVERRIDES: config settings, kept in the output."""
     asked = Asked(searches=[s for s in searches.split(",") if s], decode=decode, dali=dali,
                   batch_split=batch_split or batch_split_anyway, batch_split_anyway=batch_split_anyway,
-                  tries=list(tries), warmup=max(0, warmup), steps=max(1, steps))
+                  tries=list(tries), warmup=max(0, warmup), steps=max(1, steps),
+                  min_steps=max(1, min(min_steps, steps)))
     tune(config, list(settings(overrides, set_values)), parse_duration(budget, "--budget"), out, procs, asked,
-         log=click.echo)
+         log=click.echo, spent=process_age())
