@@ -45,8 +45,7 @@ def batch_problems(b: dict) -> list[str]:
 
 def masked_targets(batch: Batch) -> torch.Tensor:
     """The batch's masks with padded (invalid) samples set to ignore: they count in no loss or metric."""
-    m = batch["mask"]
-    return torch.where(batch["valid"].view(-1, 1, 1), m, torch.full_like(m, IGNORE))
+    return batch["mask"].masked_fill(~batch["valid"].view(-1, 1, 1), IGNORE)  # no full-size fill tensor
 
 
 class Loader(Protocol):

@@ -100,7 +100,7 @@ class SegLoss:
         """The normaliser known before the forward pass: labelled pixels, or their summed class weights."""
         valid = target != IGNORE
         if self.weight is None or not self.ce:
-            return valid.sum().float()
+            return valid.sum(dtype=torch.float32)
         w = self.weight.to(target.device)
         return w[target.clamp(max=len(w) - 1)][valid].sum()
 

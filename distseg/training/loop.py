@@ -67,8 +67,11 @@ def train_step(run: Run, group: list[Batch]) -> torch.Tensor:
             with run.autocast:
                 logits = model(x)
             pix, count = loss_fn.pixel_sum(logits, mask, counts[k])
-            scale = world if after else world / n_global.clamp(min=1e-12)  # DDP averages: x world
-            loss = pix * scale
+            if after:  # DDP averages the gradients: x world
+                loss = pix * world if world > 1 else pix
+            else:
+                n = n_global.clamp(min=1e-12)
+                loss = pix / n if world == 1 else pix * (world / n)
             if loss_fn.dice:  # terms already means over the micro-batch, averaged over the group
                 loss = loss + loss_fn.mean_terms(logits, mask) / len(group)
             backward(acc, loss)

@@ -25,6 +25,13 @@ def _slot(kind: str, doc: str):
     return field(default=0.0, metadata={"kind": kind, "doc": doc})
 
 
+@functools.cache
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    """The host slots of a step where no flag is up, kept on the device (torch.cat copies it, nobody writes
+    into it)."""
+    return torch.zeros(n, device=device)
+
+
 @dataclass(frozen=True)
 class StepFlags:
     """One step's all-reduced numbers (sums over ranks). Device slots are computed from the step's batches,
@@ -79,9 +86,13 @@ class StepFlags:
         if set(host) != set(cls.names(HOST)):
             raise TypeError(f"StepFlags.pack needs exactly {cls.names(HOST)}, got {sorted(host)}")
         loss = sums[cls.summed().index("loss_sum"), None]
-        flags = torch.tensor([float(host[n]) for n in cls.names(HOST)])
-        if sums.device.type == "cuda":
-            flags = flags.pin_memory().to(sums.device, non_blocking=True)
+        values = [float(host[n]) for n in cls.names(HOST)]
+        if not any(values):  # nearly every step: no new tensor, no copy to the device
+            flags = _zeros(len(values), sums.device)
+        else:
+            flags = torch.tensor(values)
+            if sums.device.type == "cuda":
+                flags = flags.pin_memory().to(sums.device, non_blocking=True)
         vector = torch.cat([sums, torch.isfinite(loss).logical_not_().float(), flags.to(sums.device)])
         order = cls._order()
         return vector if order is None else vector[order.to(vector.device)]
