@@ -333,6 +333,9 @@ def write_shards(output: LocalOutput, todo: list[Pair], done: list[dict], opts: 
     except BaseException:
         if writer is not None:
             writer.abort()
+        # a signal inside ShardWriter() after it opened its file leaves `writer` unset: no temp file stays
+        for stale in output.workdir.glob(f"{opts.split}-*.tar.tmp"):
+            stale.unlink(missing_ok=True)
         if pool is not None:
             pool.terminate()
         save_state()
