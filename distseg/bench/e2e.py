@@ -17,6 +17,7 @@ import torch
 
 from distseg.bench.common import device_name, measure, table
 from distseg.bench.train import time_variant
+from distseg.bench.tune import changed_line
 from distseg.config import flat_settings, load_config
 from distseg.errors import UserError
 from distseg.labels import get_scheme
@@ -127,17 +128,6 @@ def bench_e2e(config: str | None, overrides: list[str], procs: int = 1, steps: i
             f"data.repeat {d.repeat}, {s.steps} steps in {s.epochs} epochs, "
             f"{t['images']} images, {t['wall_s']:.1f} s")
     return head + "\n\n" + table(["measure", "value"], rows)
-
-
-def changed_line(tuned: str) -> str:
-    """The `settings changed:` line of a tuned.yaml's header (distseg tune), or '' for another file."""
-    with open(tuned) as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            if line.startswith("# settings changed: "):
-                return line[len("# settings changed: "):].strip()
-    return ""
 
 
 def chosen_keys(config: str | None, tuned: str) -> set[str]:

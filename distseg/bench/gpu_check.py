@@ -40,12 +40,12 @@ from distseg.files import atomic_write_text
 
 PHASES = ("tests", "step", "loader", "data", "eval", "train", "tune")
 QUICK = ("tests", "step", "loader")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def default_phases(dry: bool) -> tuple[str, ...]:
     """The phases run without --phases: every one on a dry run, the quick set on a GPU."""
     return PHASES if dry else QUICK
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Sizes:

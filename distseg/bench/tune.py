@@ -376,6 +376,20 @@ def trial_rows(results: list[Result]) -> str:
                   "trial s", "status"], rows)
 
 
+CHANGED = "settings changed: "  # the header line of tuned.yaml that names the choice (`changed_line`)
+
+
+def changed_line(tuned: str) -> str:
+    """What a tuned.yaml's header says was changed (its `CHANGED` line), or '' for a file without one."""
+    with open(tuned) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            if line.startswith("# " + CHANGED):
+                return line[len("# " + CHANGED):].strip()
+    return ""
+
+
 def tuned_text(config: str | None, overrides: list[str], search: Search, procs: int) -> str:
     """tuned.yaml: the config plus the chosen settings, under a header saying where and when it was
     measured and what the first trial and the choice ran at."""
@@ -389,7 +403,7 @@ def tuned_text(config: str | None, overrides: list[str], search: Search, procs: 
               f"machine: {machine(procs)}",
               f"the config as given: {rate(first)}; the choice: {rate(search.best)}{gain}; noise between "
               f"repeats {noise(search)}",
-              f"settings changed: {chosen}"]
+              f"{CHANGED}{chosen}"]
     return "".join(f"# {line}\n" for line in header) + dump_config(cfg)
 
 

@@ -108,7 +108,14 @@ def batch_buffer(n: int, size: tuple[int, int]) -> torch.Tensor:
     numel = n * 4 * size[0] * size[1]
     if get_worker_info() is None:
         return torch.empty(n, numel // n, dtype=torch.uint8)
-    return shared_bytes(numel).view(n, numel // n)
+    return batch_rows(shared_bytes(numel), n, size)
+
+
+def batch_rows(buf: torch.Tensor, n: int, size: tuple[int, int]) -> torch.Tensor:
+    """The N x 4HW rows of a batch at the start of a flat uint8 buffer (a pooled one holds a marker byte
+    after them, and may be larger)."""
+    h, w = size
+    return buf[:n * 4 * h * w].view(n, 4 * h * w)
 
 
 FREE, BUSY = 1, 0  # the last byte of a pooled buffer: the main process is done with it, or not
@@ -229,7 +236,7 @@ def collate(items: list[dict], nhwc: bool = False, pooled: bool = False) -> dict
         out["buffer"] = (os.getpid(), k)
         if not known:
             out["pixels"] = buf
-        rows = buf[:n * 4 * h * w].view(n, 4 * h * w)
+        rows = batch_rows(buf, n, out["size"])
     else:
         rows = out["pixels"] = batch_buffer(n, out["size"])
     for row, it in zip(rows, items):
@@ -463,8 +470,7 @@ class TorchLoader:
             buf = self.buffers[ref]
         elif ref[1] >= 0:
             self.buffers[ref] = buf
-        (h, w), n = b["size"], len(b["key"])
-        return buf[:n * 4 * h * w].view(n, 4 * h * w), buf
+        return batch_rows(buf, len(b["key"]), b["size"]), buf
 
     def _decode_on_gpu(self, b: dict) -> None:
         """nvJPEG decode of the batch (one call), then the same transforms as the CPU path, on the GPU."""
