@@ -121,7 +121,10 @@ def test_bench_train_rows_per_encoder_and_a_peak_only_in_the_rows_dtype():
     assert [x[0] for x in launch] == ["plain PyTorch loop", "distseg: the training loop's train_step"]
     plain, real = ([float(v) for v in x[1:4]] for x in launch)
     assert min(plain + real) > 0  # wall ms, CPU ms and aten ops per step: measured, each
-    assert launch[1][4:] == [f"{r / p:.2f}x" for r, p in zip(real, plain)]
+    # the table shows the ratios of the unrounded figures: those of the printed ones (bench.common.table's
+    # 2 decimals, or 1 from 10 on) agree within that rounding and the ratio's own last digit
+    for shown, a, b in zip(launch[1][4:], real, plain):
+        assert shown.endswith("x") and abs(float(shown[:-1]) - a / b) <= 0.005 + 0.01 * a / b, (shown, a, b)
     cells, peaks = mfu_cells(p.stdout)
     assert len(cells) == 2 and "fp32 " in peaks and "bf16" not in peaks  # no bf16 row, no bf16 peak
     assert_mfu_is_a_share(cells)
