@@ -48,11 +48,13 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
                     start=run_lock._start_time(sleeper.pid))
         with pytest.raises(run_lock.RunLocked, match=f"in use by pid {sleeper.pid} on "):
             run_lock.acquire(RunDir(run), log=lambda m: None)
+        sleeper.kill()  # killed, not yet reaped: a zombie, as a rank killed with its launcher stays until
+        os.waitid(os.P_PID, sleeper.pid, os.WEXITED | os.WNOWAIT)  # init reaps it; it holds nothing
+        said = []
+        lease = run_lock.acquire(RunDir(run), log=said.append)
     finally:
         sleeper.kill()
         sleeper.wait()
-    said = []
-    lease = run_lock.acquire(RunDir(run), log=said.append)
     assert said and f"its process {sleeper.pid} is gone" in said[0]
     assert json.loads(RunDir(run).lease.read_text())["pid"] == os.getpid()
     lease.release()

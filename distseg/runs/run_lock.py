@@ -42,13 +42,14 @@ class RunLocked(UserError):
 
 
 def _start_time(pid: int) -> str:
-    """The kernel's start time of `pid` (clock ticks since boot), '' when there is no such process: a pid
-    alone may have been reused by an unrelated process."""
+    """The kernel's start time of `pid` (clock ticks since boot), '' when there is no such process or it has
+    ended: a pid alone may have been reused by an unrelated process, and a holder killed with its launcher
+    stays a zombie (state Z, or X while it is reaped) until whoever inherited it reaps it."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 @dataclass
