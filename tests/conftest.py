@@ -8,15 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from zygote import Zygote
+
 ROOT = Path(__file__).resolve().parents[1]
+ZYGOTE = Zygote()  # this test process's preloaded interpreter for distseg commands (tests/zygote.py)
 
 
 def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
     """Run `distseg ARGS` in a subprocess, as a user would; returns CompletedProcess."""
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "distseg", *map(str, args)], capture_output=True, text=True,
-                       env=e, timeout=timeout, cwd=cwd)
+    cmd = [sys.executable, "-m", "distseg", *map(str, args)]
+    p = ZYGOTE.run_argv(cmd, e, cwd, timeout) or \
+        subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"distseg {' '.join(map(str, args))} failed "
                              f"({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -103,8 +107,10 @@ def train_cmd(overrides, procs=1):
 
 
 def run_train(overrides, procs=1, check=True, timeout=600, env=None):
-    p = subprocess.run(train_cmd(overrides, procs), capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), timeout=timeout)
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = train_cmd(overrides, procs)
+    p = ZYGOTE.run_argv(cmd, e, None, timeout) or \
+        subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -137,7 +143,11 @@ def one_proc_run(shards, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Skip the GPU tests without CUDA; order the tests longest first (early, then slow, then the rest, each
+    in file order): xdist's workers take them in this order, so the last to finish is a short one."""
     import torch
+
+    items.sort(key=lambda item: 0 if "early" in item.keywords else 1 if "slow" in item.keywords else 2)
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")

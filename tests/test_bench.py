@@ -235,6 +235,7 @@ def test_bench_e2e_times_a_whole_run_through_the_real_entry(shards, tmp_path):
     assert "data.repeat 2, 28 steps in 2 epochs" in p.stdout
 
 
+@pytest.mark.early
 def test_the_gpu_check_dry_run_runs_every_phase(tmp_path):
     """tools/gpu-check.sh --dry-run on the CPU with tiny sizes: without --phases every phase runs and reports
     (as its help says), GPU rows say why not; so the command a GPU holder runs cannot rot unnoticed."""

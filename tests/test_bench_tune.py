@@ -251,6 +251,7 @@ def test_tune_on_cuda_searches_the_step_options(shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.early
 def test_tune_on_two_processes_then_both_whole_runs_side_by_side(shards, tmp_path):
     """--procs 2 through the launcher; then bench e2e --tuned trains the config and tuned.yaml through the
     training entry `distseg train` runs."""

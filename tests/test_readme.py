@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tokenize
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, ZYGOTE
 
 README = ROOT / "README.md"
 TINY = ["model.base=8", "model.depth=2", "model.norm=group", "data.crop=[64,128]", "data.batch_size=2",
@@ -41,14 +42,35 @@ FILE_TYPES = "yaml|json|html|md|tar|png|txt|sh"  # runs/x.json is a file of a ru
 ROOM_MODULE = re.compile(rf"(?<![\w./-])((?:{ROOMS})/\w+)(?:\.py\b|\.(?!(?:{FILE_TYPES})\b)[A-Za-z_])")
 
 
-def readme_commands() -> list[str]:
-    cmds = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                cmds.append(line)
+def readme_commands() -> list[tuple[str, str]]:
+    """Every command of the README's ```bash blocks, in order, with the heading of the section it is in."""
+    cmds, section, block = [], "", None
+    for line in README.read_text().replace("\\\n", " ").splitlines():
+        if block is None and line.startswith("#"):
+            section = line.lstrip("#").strip()
+        elif line.startswith("```"):
+            block = [] if line == "```bash" and block is None else None
+        elif block is not None and line.strip() and not line.strip().startswith("#"):
+            cmds.append((section, line.strip()))
     return cmds
+
+
+# The README's commands as independent chains, so the suite's workers run them side by side: each chain runs
+# its sections' commands in order in its own folder, after those of the chains it needs (run once, shared
+# read-only through links). The coarse chain writes its own data/ (its synth line adds train_extra).
+CHAINS = {"demo": (["Set up and run"], []), "data": (["Data"], []),  # longest first, after what others need
+          "seed": (["Resuming on a different number of GPUs", "Experiments and reports"], ["data"]),
+          "training": (["Training", "Experiment trackers", "Rare classes", "Evaluation and prediction"],
+                       ["data"]),
+          "models": (["Models, losses and export", "Scoring an exported model"], ["data"]),
+          "tuning": (["Tuning for this machine"], ["demo"]),
+          "benchmarks": (["Benchmarks"], ["data", "demo"]),
+          "coarse": (["Coarse data and mixing datasets"], ["data"])}
+SKIPPED_ONLY = ["Data on object storage", "Slurm"]  # every line there is marked: it needs what CI has not
+
+
+def skipped(cmd: str) -> bool:
+    return any(m in cmd for m in MARKERS) or cmd.startswith("tools/test.sh")
 
 
 def tinier(cmd: str) -> list[str]:
@@ -126,53 +148,165 @@ def test_every_named_path_exists():
     assert not stale, "paths named that are not in the repository:\n" + "\n".join(stale)
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs_as_written(tmp_path):
-    for name in ("configs", "distseg", "slurm"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = dict(os.environ, OMP_NUM_THREADS="1", DEMO_DIR=str(tmp_path / "demo"),
-               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    env.pop("CITYSCAPES_DATASET", None)
-    ran, skipped = [], []
-    for cmd in readme_commands():
-        if any(m in cmd for m in MARKERS) or cmd.startswith("tools/test.sh"):
-            skipped.append(cmd)
-            continue
-        if cmd.startswith("export "):
-            key, value = cmd.split()[1].split("=", 1)
-            env[key] = value
-            continue
-        cwd = ROOT if cmd.startswith("tools/") else tmp_path  # the README runs tools/ from the repo root
-        p = subprocess.run(tinier(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, \
-            f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
-        ran.append(cmd)
+def chain_commands(chain: str) -> list[str]:
+    return [cmd for section, cmd in readme_commands() if section in CHAINS[chain][0]]
+
+
+def test_the_chains_hold_every_readme_command_once():
+    owned = [section for sections, _ in CHAINS.values() for section in sections] + SKIPPED_ONLY
+    assert len(owned) == len(set(owned)), owned
+    assert {section for section, _ in readme_commands()} <= set(owned)
+    assert all(skipped(cmd) for section, cmd in readme_commands() if section in SKIPPED_ONLY)
     # test.sh, 8-GPU training, the 8 -> 4 GPU resume (tests/test_training_operators.py runs it on CPU
     # processes), two sbatch lines, four S3 lines (tests/test_shards_storage.py runs those against a real S3
     # server), two ImageNet downloads, the GPU check (its --dry-run is tests/test_bench.py's): nothing else
-    assert len(skipped) == 13, skipped
-    assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 20, ran
-    # what the commands were for is there
-    assert json.loads((tmp_path / "scores.json").read_text())["miou"] is not None
-    assert len(list((tmp_path / "results").glob("*_pred_labelIds.png"))) == 12
-    assert len(list((tmp_path / "overlays").glob("*_overlay.png"))) == 12
-    assert (tmp_path / "runs" / "timm_resnet18d" / "summary.json").is_file()
-    assert (tmp_path / "resnet18.onnx").stat().st_size > 0 and (tmp_path / "resnet18.pt2").stat().st_size > 0
-    assert json.loads((tmp_path / "resnet18-onnx.json").read_text())["model"] == "resnet18.onnx"
-    with zipfile.ZipFile(tmp_path / "submission.zip") as z:
-        assert len(z.namelist()) == 4
-    for run in ("cityscapes_unet", "two", "automobile", "person", "seed/person_finetuned-seed1"):
-        assert (tmp_path / "runs" / run / "summary.json").is_file(), run
-    assert (tmp_path / "runs" / "seed" / "compare.html").stat().st_size > 0
-    assert set(json.loads((tmp_path / "runs" / "seed" / "summary.json").read_text())["spread"]) == {
-        "person_finetuned", "person_scratch"}
-    mixed = json.loads((tmp_path / "runs" / "coarse_mix" / "summary.json").read_text())
-    assert [st["images"] for st in mixed["streams"]] == [48, 16]  # one epoch: 48 fine at 3:1, 16 coarse
-    assert json.loads((tmp_path / "coarse-scores.json").read_text())["miou"] is not None
-    draws = json.loads((tmp_path / "runs" / "rare" / "summary.json").read_text())["sampling"]["class_draws"]
-    assert min(draws["bus"], draws["rider"], draws["motorcycle"]) > 0  # synth --rare's classes are drawn
-    assert (ROOT / "tools" / "demo.sh").is_file() and (tmp_path / "demo" / "report.html").is_file()
+    assert len([cmd for _, cmd in readme_commands() if skipped(cmd)]) == 13
+    ran = [cmd for chain in CHAINS for cmd in chain_commands(chain) if not skipped(cmd)]
+    assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 40, ran
+
+
+def run_readme_command(cmd: str, cwd: Path, env: dict):
+    """One command as written (plus `tinier`'s settings); a distseg command through the suite's preloaded
+    interpreter (tests/zygote.py), which runs the console script's own entry."""
+    words = tinier(cmd)
+    where = ROOT if cmd.startswith("tools/") else cwd  # the README runs tools/ from the repo root
+    p = None
+    if words[0] == "distseg":
+        p = ZYGOTE.run("entry", shutil.which("distseg", path=env["PATH"]), words[1:], env, where, 900)
+    elif words[:2] == ["python", "-m"]:
+        p = ZYGOTE.run("module", words[2], words[3:], env, where, 900)
+    if p is None:
+        p = subprocess.run(words, cwd=where, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, \
+        f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+
+
+def chain_env(base: Path, chain: str) -> dict:
+    """The environment a chain's commands run in: the README's `export` lines of the chains it needs, then
+    its own as they come."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEMO_DIR=str(base / chain / "demo"),
+               PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env.pop("CITYSCAPES_DATASET", None)
+    for need in CHAINS[chain][1]:
+        for cmd in chain_commands(need):
+            if cmd.startswith("export "):
+                export(env, cmd)
+    return env
+
+
+def export(env: dict, cmd: str) -> None:
+    key, value = cmd.split()[1].split("=", 1)
+    env[key] = value
+
+
+def chain_folder(base: Path, chain: str) -> Path:
+    """The chain's folder: links to the repository's configs, package and slurm scripts, and to what the
+    chains it needs made (demo/, data/, shards/cityscapes/), read there, never written."""
+    folder = base / chain
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("configs", "distseg", "slurm"):
+        (folder / name).symlink_to(ROOT / name)
+    needs = CHAINS[chain][1]
+    if "demo" in needs:
+        (folder / "demo").symlink_to(base / "demo" / "demo")
+    if "data" in needs:
+        if chain != "coarse":  # its synth line writes data/ again, with train_extra
+            (folder / "data").symlink_to(base / "data" / "data")
+        (folder / "shards").mkdir()
+        (folder / "shards" / "cityscapes").symlink_to(base / "data" / "shards" / "cityscapes")
+    return folder
+
+
+def ensure_chain(base: Path, chain: str) -> Path:
+    """The chain run once per suite: by the first worker that needs it, the others waiting for it."""
+    from filelock import FileLock
+
+    folder = base / chain
+    with FileLock(str(base / f"{chain}.lock")):
+        if not (folder / ".done").is_file():
+            if folder.exists():
+                shutil.rmtree(folder)  # a run that failed: its error is the first worker's
+            folder = chain_folder(base, chain)
+            env = chain_env(base, chain)
+            for cmd in chain_commands(chain):
+                if cmd.startswith("export "):
+                    export(env, cmd)
+                elif not skipped(cmd):
+                    run_readme_command(cmd, folder, env)
+            (folder / ".done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def readme_base(tmp_path_factory, worker_id) -> Path:
+    """Where the chains run: shared by the suite's workers (the folder above each worker's own)."""
+    base = tmp_path_factory.getbasetemp()
+    base = (base if worker_id == "master" else base.parent) / "readme"
+    base.mkdir(exist_ok=True)
+    return base
+
+
+@pytest.mark.slow
+@pytest.mark.early
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_every_readme_command_runs_as_written(readme_base, chain):
+    for need in CHAINS[chain][1]:
+        ensure_chain(readme_base, need)
+    CHECKS[chain](ensure_chain(readme_base, chain))
+
+
+def check_demo(d: Path):
+    assert (ROOT / "tools" / "demo.sh").is_file() and (d / "demo" / "report.html").is_file()
     # the path from the demo's outputs: its run evaluated, predicted and exported where it is
-    assert len(list((tmp_path / "demo" / "results").glob("*_pred_labelIds.png"))) == 16
-    assert json.loads((tmp_path / "demo" / "flip.json").read_text())["inference"] == "whole + flip"
-    assert (tmp_path / "demo" / "synth.pt2").stat().st_size > 0
+    assert len(list((d / "demo" / "results").glob("*_pred_labelIds.png"))) == 16
+    assert json.loads((d / "demo" / "flip.json").read_text())["inference"] == "whole + flip"
+    assert (d / "demo" / "synth.pt2").stat().st_size > 0
+
+
+def check_data(d: Path):
+    assert json.loads((d / "shards" / "cityscapes" / "train.json").read_text())["total"] == 48
+
+
+def check_tuning(d: Path):
+    assert "settings changed:" in (d / "tuned.yaml").read_text()
+    assert (d / "runs" / "synth_tuned" / "summary.json").is_file()
+
+
+def check_training(d: Path):
+    for run in ("cityscapes_unet", "two", "tracked"):
+        assert (d / "runs" / run / "summary.json").is_file(), run
+    draws = json.loads((d / "runs" / "rare" / "summary.json").read_text())["sampling"]["class_draws"]
+    assert min(draws["bus"], draws["rider"], draws["motorcycle"]) > 0  # synth --rare's classes are drawn
+    assert json.loads((d / "scores.json").read_text())["miou"] is not None
+    assert len(list((d / "results").glob("*_pred_labelIds.png"))) == 12
+    assert len(list((d / "overlays").glob("*_overlay.png"))) == 12
+    with zipfile.ZipFile(d / "submission.zip") as z:
+        assert len(z.namelist()) == 4
+
+
+def check_seed(d: Path):
+    for run in ("automobile", "person", "seed/person_finetuned-seed1"):
+        assert (d / "runs" / run / "summary.json").is_file(), run
+    assert (d / "runs" / "seed" / "compare.html").stat().st_size > 0
+    assert set(json.loads((d / "runs" / "seed" / "summary.json").read_text())["spread"]) == {
+        "person_finetuned", "person_scratch"}
+
+
+def check_coarse(d: Path):
+    mixed = json.loads((d / "runs" / "coarse_mix" / "summary.json").read_text())
+    assert [st["images"] for st in mixed["streams"]] == [48, 16]  # one epoch: 48 fine at 3:1, 16 coarse
+    assert json.loads((d / "coarse-scores.json").read_text())["miou"] is not None
+
+
+def check_models(d: Path):
+    assert (d / "runs" / "timm_resnet18d" / "summary.json").is_file()
+    assert (d / "resnet18.onnx").stat().st_size > 0 and (d / "resnet18.pt2").stat().st_size > 0
+    assert json.loads((d / "resnet18-onnx.json").read_text())["model"] == "resnet18.onnx"
+
+
+def check_benchmarks(d: Path):
+    assert len(chain_commands("benchmarks")) >= 9  # each ran (exit 0) in ensure_chain
+
+
+CHECKS = {"demo": check_demo, "data": check_data, "tuning": check_tuning, "training": check_training,
+          "seed": check_seed, "coarse": check_coarse, "models": check_models, "benchmarks": check_benchmarks}

@@ -1,0 +1,63 @@
+"""The suite's preloaded interpreter (tests/zygote.py) runs a command as a fresh `python` would: its argv,
+working directory, environment, streams and exit status; atexit handlers run; a time-out kills it."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ZYGOTE
+
+SCRIPT = """
+import atexit, os, sys
+atexit.register(lambda: print("atexit ran", flush=True))
+print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("ZYGOTE_PROBE"), "main", __name__)
+print("preloaded", "accelerate" in sys.modules, file=sys.stderr)
+how = sys.argv[1]
+if how == "exit":
+    sys.exit(int(sys.argv[2]))
+if how == "raise":
+    raise ValueError("boom")
+if how == "interrupt":
+    raise KeyboardInterrupt
+if how == "sleep":
+    import time; time.sleep(60)
+"""
+
+
+@pytest.fixture
+def zygote():
+    return ZYGOTE  # the one run_cli uses
+
+
+@pytest.mark.parametrize("args, rc", [(["ok"], 0), (["exit", "3"], 3), (["raise"], 1),
+                                      (["interrupt"], -signal.SIGINT)])
+def test_a_command_runs_as_a_fresh_interpreter_would(zygote, tmp_path, args, rc):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, ZYGOTE_PROBE="seen")
+    p = zygote.run_argv([sys.executable, script, *args], env, tmp_path, 60)
+    fresh = subprocess.run([sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert p.returncode == fresh.returncode == rc
+    assert p.stdout == fresh.stdout and f"cwd {tmp_path} env seen main __main__" in p.stdout
+    assert p.stdout.rstrip().endswith("atexit ran")
+    assert "preloaded True" in p.stderr  # it skipped the imports
+    assert ("Traceback" in p.stderr) == ("Traceback" in fresh.stderr) == (rc in (1, -signal.SIGINT))
+    assert p.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1] or rc in (0, 3)  # the same error
+
+
+def test_a_command_over_its_time_is_killed_and_the_next_runs(zygote, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        zygote.run_argv([sys.executable, script, "sleep"], dict(os.environ), tmp_path, 1)
+    assert zygote.run_argv([sys.executable, script, "ok"], dict(os.environ), tmp_path, 60).returncode == 0
+
+
+def test_an_environment_read_at_import_time_runs_as_a_subprocess(zygote, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="7")
+    assert zygote.run_argv([sys.executable, tmp_path / "probe.py"], env, tmp_path, 60) is None
+    assert zygote.run_argv(["bash", "-c", "true"], dict(os.environ), tmp_path, 60) is None
