@@ -32,6 +32,13 @@ def _zeros(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, device=device)
 
 
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where `x` is NaN or infinite, else 0.0 (float32, as `isfinite(x).logical_not().float()`): x - x
+    is +0 for a finite x and NaN for NaN or ±inf, and NaN becomes 1. Two operators where isfinite, its
+    negation and the conversion are six (eq, abs, ne, mul, logical_not, to float), at every step."""
+    return (x - x).nan_to_num_(nan=1.0)
+
+
 @dataclass(frozen=True)
 class StepFlags:
     """One step's all-reduced numbers (sums over ranks). Device slots are computed from the step's batches,
@@ -63,11 +70,14 @@ class StepFlags:
 
     @classmethod
     def sums(cls, device, **values: torch.Tensor) -> torch.Tensor:
-        """The device sums of one micro-batch, in `summed()` order, to add up over the step."""
+        """The device sums of one micro-batch, in `summed()` order, to add up over the step. Stacked with
+        autograd off rather than each value detached: the loss is the only one with a graph, and a detach
+        per value is an operator per slot at every step."""
         if set(values) != set(cls.summed()):
             raise TypeError(f"StepFlags.sums needs exactly {cls.summed()}, got {sorted(values)}")
-        v = [values[n].detach() for n in cls.summed()]
-        return torch.stack([x if x.dim() == 0 else x.reshape(()) for x in v]).to(device, torch.float32)
+        v = [values[n] for n in cls.summed()]
+        with torch.no_grad():
+            return torch.stack([x if x.dim() == 0 else x.reshape(()) for x in v]).to(device, torch.float32)
 
     @classmethod
     @functools.cache
@@ -85,7 +95,8 @@ class StepFlags:
         vector is built at every step."""
         if set(host) != set(cls.names(HOST)):
             raise TypeError(f"StepFlags.pack needs exactly {cls.names(HOST)}, got {sorted(host)}")
-        loss = sums[cls.summed().index("loss_sum"), None]
+        at = cls.summed().index("loss_sum")
+        loss = sums.narrow(0, at, 1)
         values = [float(host[n]) for n in cls.names(HOST)]
         if not any(values):  # nearly every step: no new tensor, no copy to the device
             flags = _zeros(len(values), sums.device)
@@ -93,7 +104,7 @@ class StepFlags:
             flags = torch.tensor(values)
             if sums.device.type == "cuda":
                 flags = flags.pin_memory().to(sums.device, non_blocking=True)
-        vector = torch.cat([sums, torch.isfinite(loss).logical_not_().float(), flags.to(sums.device)])
+        vector = torch.cat([sums, nonfinite(loss), flags.to(sums.device)])
         order = cls._order()
         return vector if order is None else vector[order.to(vector.device)]
 
