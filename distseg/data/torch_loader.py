@@ -26,7 +26,8 @@ from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindo
 from distseg.data.streams import Sources, rare_draws, rare_pools
 from distseg.data.transforms import (
     AugParams,
-    augment_pil,
+    Crop,
+    augment_crop,
     augment_tensor,
     choose_crop,
     draw_params,
@@ -76,7 +77,7 @@ class ShardDataset(Dataset):
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask, params=p)
                 return out
             t, decoded = PARTS.add("decode", t), PARTS.get("decode")
-            img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
+            img, m = crop_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
             PARTS.add("transform", t, inner=PARTS.get("decode") - decoded)  # the image's decode apart
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
@@ -168,16 +169,21 @@ class BufferPool:
 POOL = BufferPool()  # this worker's
 
 
-def pack(out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, nhwc: bool) -> None:
-    """Write a sample's uint8 H x W x 3 image and H x W mask into its row of a batch buffer: the image's
-    pixels (3 x H x W, or H x W x 3 with `nhwc`: the transpose happens here, in the worker), then the mask's.
-    A batch is one tensor, so one file descriptor crosses from the worker to the main process instead of two
-    (each crossing is a socket connection and a handshake); `unpack` takes it apart as views."""
+def pack(out: torch.Tensor, image: torch.Tensor | Crop, mask: torch.Tensor, nhwc: bool) -> None:
+    """Write a sample's image (a `Crop`, or a uint8 H x W x 3 tensor) and H x W mask into its row of a batch
+    buffer: the image's pixels (3 x H x W, or H x W x 3 with `nhwc`: the transpose happens here, in the
+    worker), then the mask's. A batch is one tensor, so one file descriptor crosses from the worker to the
+    main process instead of two (each crossing is a socket connection and a handshake); `unpack` takes it
+    apart as views."""
     h, w = mask.shape
-    if nhwc:
-        out[:3 * h * w].view(h, w, 3).copy_(image)
+    pixels = out[:3 * h * w].numpy()
+    pixels = pixels.reshape(h, w, 3) if nhwc else pixels.reshape(3, h, w)
+    if isinstance(image, Crop):
+        image.write(pixels, nhwc)
+    elif nhwc:
+        np.copyto(pixels, image.numpy())
     else:  # numpy's transposing copy: half the time of torch's for uint8
-        np.copyto(out[:3 * h * w].numpy().reshape(3, h, w), image.numpy().transpose(2, 0, 1))
+        np.copyto(pixels, image.numpy().transpose(2, 0, 1))
     out[3 * h * w:].view(h, w).copy_(mask)
 
 
@@ -196,17 +202,26 @@ def sample_params(d: DataCfg, seed: int, epoch: int, index: int, mask: np.ndarra
     return choose_crop(mask, p, d.crop, d.cat_max_ratio, (seed, epoch, index))
 
 
-def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
-                     index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded image + uint8 mask -> uint8 H x W x 3 image and uint8 mask: the training augmentation
-    (`sample_params`), or for validation the image as it is."""
+def crop_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int, index: int
+                ) -> tuple[Crop | torch.Tensor, torch.Tensor]:
+    """Encoded image + uint8 mask -> the image as the worker keeps it until the collate packs it, and the
+    uint8 mask: the training augmentation's `Crop` (`sample_params`), or for validation the image as it is,
+    uint8 H x W x 3."""
     if train:
         m = mask.numpy()
-        return augment_pil(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
+        img, out = augment_crop(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
+        return img, torch.from_numpy(out)
     t = PARTS.mark()
     image = decode_rgb(raw).permute(1, 2, 0)  # H x W x 3, as the training path
     PARTS.add("decode", t)
     return image, mask
+
+
+def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
+                     index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`crop_sample` as tensors: uint8 H x W x 3 image and uint8 mask."""
+    img, m = crop_sample(raw, mask, d, seed, train, epoch, index)
+    return (torch.from_numpy(img.hwc()) if isinstance(img, Crop) else img), m
 
 
 def collate(items: list[dict], nhwc: bool = False, pooled: bool = False) -> dict:
