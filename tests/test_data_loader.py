@@ -201,3 +201,24 @@ def test_a_batchs_pixels_are_the_transforms_crops_padded_flipped_and_laid_out(sh
             p = draw_params(0, 0, i, tuple(L.data.scale), L.data.flip, L.data.color)
             kinds.add((window(*source.shape, p, L.data.crop).valid != tuple(L.data.crop), p.flip))
     assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_streams_broken_off_mid_epoch_leave_the_pool_its_buffers(shards):
+    """Each restart of the stream drops the batches in flight (4 with one worker), never converted, so their
+    buffers were never marked free: after a few restarts, a worker's pool held nothing but them. The first
+    batch of a new stream frees them; a full epoch then comes in pooled buffers only, with the batches of
+    a loader without workers."""
+    L = loader(shards, **{"data.batch_size": 2})
+    for e in range(3):  # the loop stops after a batch, then asks for another epoch: a new stream
+        L.set_epoch(e)
+        next(iter(L))
+    assert L.starts == 3
+    refs, pixels = [], L._pixels
+    L._pixels = lambda b: (refs.append(b["buffer"]), pixels(b))[1]
+    plain = loader(shards, **{"data.batch_size": 2, "data.num_workers": 0})
+    L.set_epoch(3)
+    plain.set_epoch(3)
+    for a, b in zip(L, plain, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["mask"], b["mask"])
+    assert len(refs) == len(L) and all(k >= 0 for _, k in refs)  # none a buffer of its own
