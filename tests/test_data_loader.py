@@ -176,3 +176,49 @@ def test_pooled_worker_buffers_give_the_batches_of_a_loader_without_workers(shar
             seen += 1
     assert seen > BufferPool.LIMIT and 0 < len(pooled.buffers) <= BufferPool.LIMIT  # buffers came back
     assert not plain.buffers  # in the main process: ordinary memory, nothing pooled
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_batchs_pixels_are_the_transforms_crops_padded_flipped_and_laid_out(shards, channels_last):
+    """The collate writes each crop straight from PIL into its batch row: the uint8 pixels a worker sends
+    are `transform_sample`'s images (pinned by tests/test_data_transforms.py), transposed to 3 x H x W
+    unless channels_last, with crops padded (the scaled image smaller than the crop), flipped or both."""
+    from distseg.data.torch_loader import transform_sample, unpack
+    from distseg.data.transforms import window
+    from distseg.shards.shard_reader import decode_mask
+
+    L = loader(shards, **{"data.batch_size": 2, "data.crop": "[100,200]", "data.scale": "[0.4,1.4]"})
+    L.channels_last = channels_last  # as on CUDA with model.channels_last (the same collate, on the CPU)
+    L.dl.collate_fn.keywords["nhwc"] = channels_last
+    kinds = set()
+    for _, raw in zip(range(len(L)), L.dl):
+        image, mask = unpack(L._pixels(raw)[0], raw["size"], nhwc=channels_last)
+        for k, i in enumerate(raw["index"]):
+            source = decode_mask(L.samples.read(i, "mask"), L.samples.lut(i))
+            want, m = transform_sample(L.samples.read(i, "image"), source, L.data, 0, True, 0, i)
+            assert torch.equal(image[k], want if channels_last else want.permute(2, 0, 1))
+            assert torch.equal(mask[k], m)
+            p = draw_params(0, 0, i, tuple(L.data.scale), L.data.flip, L.data.color)
+            kinds.add((window(*source.shape, p, L.data.crop).valid != tuple(L.data.crop), p.flip))
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_streams_broken_off_mid_epoch_leave_the_pool_its_buffers(shards):
+    """Each restart of the stream drops the batches in flight (4 with one worker), never converted, so their
+    buffers were never marked free: after a few restarts, a worker's pool held nothing but them. The first
+    batch of a new stream frees them; a full epoch then comes in pooled buffers only, with the batches of
+    a loader without workers."""
+    L = loader(shards, **{"data.batch_size": 2})
+    for e in range(3):  # the loop stops after a batch, then asks for another epoch: a new stream
+        L.set_epoch(e)
+        next(iter(L))
+    assert L.starts == 3
+    refs, pixels = [], L._pixels
+    L._pixels = lambda b: (refs.append(b["buffer"]), pixels(b))[1]
+    plain = loader(shards, **{"data.batch_size": 2, "data.num_workers": 0})
+    L.set_epoch(3)
+    plain.set_epoch(3)
+    for a, b in zip(L, plain, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["mask"], b["mask"])
+    assert len(refs) == len(L) and all(k >= 0 for _, k in refs)  # none a buffer of its own

@@ -118,7 +118,9 @@ def test_workers_send_uint8_and_the_device_gets_the_normalised_contract(shards):
         loader = TorchLoader(cfg.data, cfg.train.seed, opened, train, "cpu", 1, 0)
         raw = next(iter(loader.dl))  # what the workers send: uint8 pixels, already N x 3 x H x W for the CPU
         pixels = loader._pixels(raw)[0]  # on the CPU, in a buffer of the worker's pool
-        image, mask = unpack(pixels, raw["size"], nhwc=False)
+        # copied out, as the loader does: the pool reuses the buffer of a batch the loader never converted
+        # once the next stream (the loader's own, below) starts
+        image, mask = (t.clone() for t in unpack(pixels, raw["size"], nhwc=False))
         assert pixels.dtype == torch.uint8 and image.shape[1] == 3 and image.shape[0] == mask.shape[0]
         loader.set_epoch(0)
         b = next(iter(loader))  # what the loop gets

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindo
 from distseg.data.streams import Sources, rare_draws, rare_pools
 from distseg.data.transforms import (
     AugParams,
-    augment_pil,
+    Crop,
+    augment_crop,
     augment_tensor,
     choose_crop,
     draw_params,
@@ -57,11 +59,12 @@ class ShardDataset(Dataset):
         """One sample; a user error on the way (a shard that fails its checksum, cannot be downloaded or
         read) comes back as data, {"error": the exception}, raised in the main process as itself: a worker's
         own exception would reach the user wrapped in torch's worker traceback."""
-        i, epoch, valid = item
+        i, epoch, valid, *stream = item  # (index, augmentation key, valid[, `BatchStream` number])
         PARTS.on = self.profile  # per item: a later loader of this process (0 workers) times nothing
         t = PARTS.mark()
         try:
-            out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False}
+            out = {"key": self.s.key(i), "index": i, "epoch": epoch, "valid": valid, "corrupt": False,
+                   "stream": stream[0] if stream else 0}
             mask_bytes, raw = self.s.read(i, "mask"), self.s.read(i, "image")
             t = PARTS.add("reads", t)
         except UserError as e:
@@ -76,7 +79,7 @@ class ShardDataset(Dataset):
                 out.update(jpeg=torch.frombuffer(bytearray(raw), dtype=torch.uint8), mask_u8=mask, params=p)
                 return out
             t, decoded = PARTS.add("decode", t), PARTS.get("decode")
-            img, m = transform_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
+            img, m = crop_sample(raw, mask, self.data, self.seed, self.train, epoch, i)
             PARTS.add("transform", t, inner=PARTS.get("decode") - decoded)  # the image's decode apart
         except (OSError, SyntaxError, RuntimeError, ValueError) as e:  # PIL's and torchvision's decode errors
             return self._corrupt(out, i, e)
@@ -128,6 +131,20 @@ def shared_bytes(numel: int) -> torch.Tensor:
     return elem.new(elem._typed_storage()._new_shared(numel, device="cpu"))
 
 
+@dataclass
+class Slot:
+    """A pooled buffer and its marker byte (numpy's view of the buffer: one byte read or written without a
+    tensor op); the stream of the batch that last took it; whether the main process has it mapped for
+    sure, and whether that batch carries it (its crossing: the main process has it once it gets the
+    batch)."""
+
+    buf: torch.Tensor
+    marker: np.ndarray
+    stream: int
+    mapped: bool = False
+    carried: bool = True
+
+
 class BufferPool:
     """A DataLoader worker's shared-memory batch buffers, reused (the torch loader on the CPU: no pinned
     copy in between, the main process reads them itself). A new shared buffer costs ~0.5 ms per MB to
@@ -136,48 +153,68 @@ class BufferPool:
     image of the worker's time beyond decode and transform (`distseg bench data --profile`). A pooled
     buffer crosses once; later batches name it by number, the main process keeps it mapped
     (`TorchLoader._pixels`) and, once a batch is converted (copied out), marks its buffer free in its last
-    byte. A buffer whose batch never came back (dropped by a restarted stream) stays taken; past `LIMIT`
+    byte. The batches still in flight when the main process starts another stream (`BatchStream`) are
+    dropped, never converted: when the first batch of a later stream comes, the buffers an earlier one
+    holds are free again (the DataLoader hands out a new stream's indices only once every worker has sent
+    what it had), and one whose dropped batch was the first to carry it is sent again; a batch taken from
+    the DataLoader itself, never converted, so holds its buffer only until the next stream. Past `LIMIT`
     buffers a batch gets a buffer of its own, as without the pool."""
 
     LIMIT = 8  # the prefetched batches (4), the one the main process converts, the one being filled, spares
 
     def __init__(self):
-        self.buffers: list[tuple[torch.Tensor, np.ndarray]] = []
+        self.slots: list[Slot] = []
+        self.stream = 0  # the latest stream a batch came from
 
-    def take(self, numel: int) -> tuple[torch.Tensor, int, bool]:
+    def take(self, numel: int, stream: int = 0) -> tuple[torch.Tensor, int, bool]:
         """(a buffer of `numel` bytes and a marker byte, its number (-1: not pooled), whether the main
-        process has it already), marked taken."""
-        slot = None
-        for k, (buf, marker) in enumerate(self.buffers):
-            if marker[-1] == FREE:
-                if buf.numel() == numel + 1:
-                    marker[-1] = BUSY
-                    return buf, k, True
-                slot = k if slot is None else slot  # free, of another size: replaced below
+        process has it already) for a batch of `stream`, marked taken."""
+        if stream > self.stream:
+            self._release(stream)
+        free = None
+        for k, slot in enumerate(self.slots):
+            if slot.marker[-1] == FREE:
+                if slot.buf.numel() == numel + 1:
+                    slot.mapped |= slot.carried  # freed by the main process, which got it
+                    slot.marker[-1], slot.stream, slot.carried = BUSY, stream, not slot.mapped
+                    return slot.buf, k, slot.mapped
+                free = k if free is None else free  # free, of another size: replaced below
         buf = shared_bytes(numel + 1)
-        marker = buf.numpy()
-        marker[-1] = BUSY
-        if slot is None and len(self.buffers) < self.LIMIT:
-            slot = len(self.buffers)
-            self.buffers.append((buf, marker))
-        elif slot is not None:
-            self.buffers[slot] = (buf, marker)
-        return buf, -1 if slot is None else slot, False
+        slot = Slot(buf, buf.numpy(), stream)
+        slot.marker[-1] = BUSY
+        if free is None and len(self.slots) < self.LIMIT:
+            free = len(self.slots)
+            self.slots.append(slot)
+        elif free is not None:
+            self.slots[free] = slot
+        return buf, -1 if free is None else free, False
+
+    def _release(self, stream: int) -> None:
+        """The first batch of `stream` came: free the buffers of the earlier streams' dropped batches."""
+        for slot in self.slots:
+            if slot.marker[-1] == BUSY and slot.stream < stream:
+                slot.marker[-1], slot.carried = FREE, False  # a dropped crossing: sent again when taken
+        self.stream = stream
 
 
 POOL = BufferPool()  # this worker's
 
 
-def pack(out: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, nhwc: bool) -> None:
-    """Write a sample's uint8 H x W x 3 image and H x W mask into its row of a batch buffer: the image's
-    pixels (3 x H x W, or H x W x 3 with `nhwc`: the transpose happens here, in the worker), then the mask's.
-    A batch is one tensor, so one file descriptor crosses from the worker to the main process instead of two
-    (each crossing is a socket connection and a handshake); `unpack` takes it apart as views."""
+def pack(out: torch.Tensor, image: torch.Tensor | Crop, mask: torch.Tensor, nhwc: bool) -> None:
+    """Write a sample's image (a `Crop`, or a uint8 H x W x 3 tensor) and H x W mask into its row of a batch
+    buffer: the image's pixels (3 x H x W, or H x W x 3 with `nhwc`: the transpose happens here, in the
+    worker), then the mask's. A batch is one tensor, so one file descriptor crosses from the worker to the
+    main process instead of two (each crossing is a socket connection and a handshake); `unpack` takes it
+    apart as views."""
     h, w = mask.shape
-    if nhwc:
-        out[:3 * h * w].view(h, w, 3).copy_(image)
+    pixels = out[:3 * h * w].numpy()
+    pixels = pixels.reshape(h, w, 3) if nhwc else pixels.reshape(3, h, w)
+    if isinstance(image, Crop):
+        image.write(pixels, nhwc)
+    elif nhwc:
+        np.copyto(pixels, image.numpy())
     else:  # numpy's transposing copy: half the time of torch's for uint8
-        np.copyto(out[:3 * h * w].numpy().reshape(3, h, w), image.numpy().transpose(2, 0, 1))
+        np.copyto(pixels, image.numpy().transpose(2, 0, 1))
     out[3 * h * w:].view(h, w).copy_(mask)
 
 
@@ -196,17 +233,26 @@ def sample_params(d: DataCfg, seed: int, epoch: int, index: int, mask: np.ndarra
     return choose_crop(mask, p, d.crop, d.cat_max_ratio, (seed, epoch, index))
 
 
-def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
-                     index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded image + uint8 mask -> uint8 H x W x 3 image and uint8 mask: the training augmentation
-    (`sample_params`), or for validation the image as it is."""
+def crop_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int, index: int
+                ) -> tuple[Crop | torch.Tensor, torch.Tensor]:
+    """Encoded image + uint8 mask -> the image as the worker keeps it until the collate packs it, and the
+    uint8 mask: the training augmentation's `Crop` (`sample_params`), or for validation the image as it is,
+    uint8 H x W x 3."""
     if train:
         m = mask.numpy()
-        return augment_pil(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
+        img, out = augment_crop(raw, m, sample_params(d, seed, epoch, index, m), d.crop, mean_fill(d.mean))
+        return img, torch.from_numpy(out)
     t = PARTS.mark()
     image = decode_rgb(raw).permute(1, 2, 0)  # H x W x 3, as the training path
     PARTS.add("decode", t)
     return image, mask
+
+
+def transform_sample(raw: bytes, mask: torch.Tensor, d: DataCfg, seed: int, train: bool, epoch: int,
+                     index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`crop_sample` as tensors: uint8 H x W x 3 image and uint8 mask."""
+    img, m = crop_sample(raw, mask, d, seed, train, epoch, index)
+    return (torch.from_numpy(img.hwc()) if isinstance(img, Crop) else img), m
 
 
 def collate(items: list[dict], nhwc: bool = False, pooled: bool = False) -> dict:
@@ -232,7 +278,7 @@ def collate(items: list[dict], nhwc: bool = False, pooled: bool = False) -> dict
     out["size"] = items[0]["size"]
     n, (h, w) = len(items), out["size"]
     if pooled and get_worker_info() is not None:
-        buf, k, known = POOL.take(n * 4 * h * w)
+        buf, k, known = POOL.take(n * 4 * h * w, items[0]["stream"])
         out["buffer"] = (os.getpid(), k)
         if not known:
             out["pixels"] = buf
@@ -256,21 +302,25 @@ def with_parts(batch: dict, since: float) -> dict:
 class BatchStream:
     """The DataLoader's batch sampler: the batches of consecutive epochs, without end, from a position. The
     workers decode up to `prefetch_factor` x workers batches ahead of the loop, across an epoch's end too, so
-    the next epoch starts from a full pipeline rather than an empty one."""
+    the next epoch starts from a full pipeline rather than an empty one. Each iteration (a DataLoader
+    iterator) is a stream, numbered in its items, so a worker knows when the batches of an earlier one were
+    dropped (`BufferPool`)."""
 
     def __init__(self, sampler):
         self.sampler, self.epoch, self.j = sampler, 0, 0
+        self.streams = 0  # iterations begun
 
     def start(self, epoch: int, j: int) -> None:
         """Where the next iteration begins (a resume, or a request the running stream does not match)."""
         self.epoch, self.j = epoch, j
 
     def __iter__(self):
+        stream, self.streams = self.streams, self.streams + 1
         while True:
             while self.j < len(self.sampler):
                 batch = self.sampler.batch(self.j, self.epoch)
                 self.j += 1
-                yield batch
+                yield [(*item, stream) for item in batch]
             self.epoch, self.j = self.epoch + 1, 0
 
 

@@ -1,6 +1,6 @@
-"""The training augmentation, stated once. Three implementations follow this table: `augment_pil` (torch
-loader, CPU workers), `augment_tensor` (torch loader, nvJPEG on the GPU) and the DALI graph
-(distseg/data/dali_loader.py). Validation images are not augmented.
+"""The training augmentation, stated once. Three implementations follow this table: `augment_crop` (torch
+loader, CPU workers; `augment_pil` as tensors), `augment_tensor` (torch loader, nvJPEG on the GPU) and the
+DALI graph (distseg/data/dali_loader.py). Validation images are not augmented.
 
 | # | step      | drawn per sample              | image                             | mask              |
 |---|-----------|-------------------------------|-----------------------------------|-------------------|
@@ -229,11 +229,55 @@ def jitter_pil(im: Image.Image, p: AugParams) -> Image.Image:
     return im
 
 
-def augment_pil(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[int, int, int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded image + uint8 mask (source size) -> uint8 h x w x 3 image and uint8 h x w mask of the crop:
-    window resize, colour jitter, flip, padding (image `fill`, mask ignore). Height x width x channels is
-    the decoder's own layout; the device turns it into channels_last NCHW without a copy."""
+@dataclass(frozen=True)
+class Crop:
+    """A training crop's image before its pixels are laid out: the window as PIL holds it (resized,
+    jittered, flipped), and its place in the crop of `size` (h, w): at the top, from column `x0`; the rest
+    is padding in the colour `fill`. The loader's collate writes it straight into its batch row (`write`),
+    so the pixels leave PIL once, in the layout the batch wants, rather than as an h x w x 3 array first
+    and transposed from it."""
+
+    window: Image.Image
+    size: tuple[int, int]
+    x0: int
+    fill: tuple[int, int, int]
+
+    def hwc(self) -> np.ndarray:
+        """The crop as uint8 h x w x 3 (the decoder's own layout)."""
+        out = np.empty((*self.size, 3), np.uint8)
+        self.write(out, nhwc=True)
+        return out
+
+    def write(self, out: np.ndarray, nhwc: bool) -> None:
+        """Write the crop into `out`, uint8 3 x h x w (or h x w x 3 with `nhwc`). Planar, each channel comes
+        from PIL packing its band (`tobytes("raw", "R")`), which costs what numpy's transposing copy of an
+        h x w x 3 array costs once the pixels are out of the cache (~0.15 ms for a 512x256 crop, in a batch's
+        collate), without that array: the transform no longer makes it (`np.array` of the PIL image,
+        ~0.08 ms)."""
+        vw, vh = self.window.size
+        if nhwc:
+            self._pad(out, lambda c: (slice(None), slice(None), c))
+            out[:vh, self.x0:self.x0 + vw] = np.asarray(self.window)
+            return
+        self._pad(out, lambda c: c)
+        for c, band in enumerate("RGB"):
+            out[c, :vh, self.x0:self.x0 + vw] = np.frombuffer(self.window.tobytes("raw", band),
+                                                              np.uint8).reshape(vh, vw)
+
+    def _pad(self, out: np.ndarray, channel) -> None:
+        """The padding around the window (below it, and beside it), channel `c` at `out[channel(c)]`."""
+        (h, w), (vw, vh), x0 = self.size, self.window.size, self.x0
+        if (vh, vw) == (h, w):
+            return
+        for c, v in enumerate(self.fill):
+            o = out[channel(c)]
+            o[vh:], o[:vh, :x0], o[:vh, x0 + vw:] = v, v, v
+
+
+def augment_crop(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[int, int, int]
+                 ) -> tuple[Crop, np.ndarray]:
+    """Encoded image + uint8 mask (source size) -> the `Crop` and its uint8 h x w mask: window resize,
+    colour jitter, flip, padding (image `fill`, mask ignore)."""
     win = window(*mask.shape, p, crop)
     t = PARTS.mark()
     im, f = decode_pil(data, win)
@@ -244,15 +288,20 @@ def augment_pil(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[i
     if p.flip:
         im, m = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), m[:, ::-1]
     (vh, vw), (ch, cw) = win.valid, win.out
-    if (vh, vw) == (ch, cw):
-        return torch.from_numpy(np.array(im)), torch.from_numpy(np.ascontiguousarray(m))
     x0 = cw - vw if p.flip else 0  # padding goes right (left once flipped) and at the bottom
-    img = np.empty((ch, cw, 3), np.uint8)
-    img[:] = fill
-    img[:vh, x0:x0 + vw] = np.asarray(im)
+    if (vh, vw) == (ch, cw):
+        return Crop(im, (ch, cw), x0, fill), np.ascontiguousarray(m)
     out = np.full((ch, cw), IGNORE, np.uint8)
     out[:vh, x0:x0 + vw] = m
-    return torch.from_numpy(img), torch.from_numpy(out)
+    return Crop(im, (ch, cw), x0, fill), out
+
+
+def augment_pil(data: bytes, mask: np.ndarray, p: AugParams, crop, fill: tuple[int, int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`augment_crop` as uint8 h x w x 3 image and uint8 h x w mask tensors. Height x width x channels is
+    the decoder's own layout; the device turns it into channels_last NCHW without a copy."""
+    img, m = augment_crop(data, mask, p, crop, fill)
+    return torch.from_numpy(img.hwc()), torch.from_numpy(m)
 
 
 def mean_fill(mean) -> tuple[int, int, int]:
