@@ -1,9 +1,10 @@
-"""Every command in the README's ```bash blocks runs as written, in order, on synthetic data: only tiny model
-settings are appended (and short benchmark options), so a README that drifts from the code fails here. Lines
-marked `# needs GPUs` / `# needs a Slurm cluster` / `# needs an S3 endpoint` / `# needs a network` are skipped
-(tests/test_slurm.py and tests/test_shards_storage.py run those paths against real servers);
-`tools/test.sh` is this suite itself. Every repository path that the README, docs/*.md, the package's
-docstrings and comments, tools/*.sh and slurm/* name exists."""
+"""Every command in the README's ```bash blocks runs as written, in order within its section's chain
+(`CHAINS`), on synthetic data: only tiny model settings are appended (and short benchmark options), so a
+README that drifts from the code fails here. Lines marked `# needs GPUs` / `# needs a Slurm cluster` /
+`# needs an S3 endpoint` / `# needs a network` are skipped (tests/test_slurm.py and
+tests/test_shards_storage.py run those paths against real servers); `tools/test.sh` is this suite itself.
+Every repository path that the README, docs/*.md, the package's docstrings and comments, tools/*.sh and
+slurm/* name exists."""
 
 import ast
 import io
