@@ -166,20 +166,21 @@ def test_the_chains_hold_every_readme_command_once():
     assert any(c.startswith("tools/demo.sh") for c in ran) and len(ran) >= 40, ran
 
 
-def run_readme_command(cmd: str, cwd: Path, env: dict):
-    """One command as written (plus `tinier`'s settings); a distseg command through the suite's preloaded
-    interpreter (tests/zygote.py), which runs the console script's own entry."""
+def run_readme_command(cmd: str, cwd: Path, env: dict) -> str:
+    """One command as written (plus `tinier`'s settings), its stdout returned; `distseg ...` (the console
+    script itself) and `python -m ...` through the suite's preloaded interpreter (tests/zygote.py)."""
     words = tinier(cmd)
     where = ROOT if cmd.startswith("tools/") else cwd  # the README runs tools/ from the repo root
     p = None
     if words[0] == "distseg":
-        p = ZYGOTE.run("entry", shutil.which("distseg", path=env["PATH"]), words[1:], env, where, 900)
+        p = ZYGOTE.run("path", shutil.which("distseg", path=env["PATH"]), words[1:], env, where, 900)
     elif words[:2] == ["python", "-m"]:
         p = ZYGOTE.run("module", words[2], words[3:], env, where, 900)
     if p is None:
         p = subprocess.run(words, cwd=where, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, \
         f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
 
 
 def chain_env(base: Path, chain: str) -> dict:
@@ -219,30 +220,36 @@ def chain_folder(base: Path, chain: str) -> Path:
 
 
 def ensure_chain(base: Path, chain: str) -> Path:
-    """The chain run once per suite: by the first worker that needs it, the others waiting for it."""
+    """The chain run once per suite: by the first worker that needs it, the others waiting for it. Each
+    command's stdout is kept in the chain's folder (NN.out); a chain that failed fails its dependents with
+    its error, not by running again."""
     from filelock import FileLock
 
     folder = base / chain
     with FileLock(str(base / f"{chain}.lock")):
+        if (base / f"{chain}.failed").is_file():
+            pytest.fail(f"README chain {chain} failed earlier:\n" + (base / f"{chain}.failed").read_text())
         if not (folder / ".done").is_file():
-            if folder.exists():
-                shutil.rmtree(folder)  # a run that failed: its error is the first worker's
             folder = chain_folder(base, chain)
             env = chain_env(base, chain)
-            for cmd in chain_commands(chain):
-                if cmd.startswith("export "):
-                    export(env, cmd)
-                elif not skipped(cmd):
-                    run_readme_command(cmd, folder, env)
+            try:
+                for i, cmd in enumerate(chain_commands(chain)):
+                    if cmd.startswith("export "):
+                        export(env, cmd)
+                    elif not skipped(cmd):
+                        (folder / f"{i:02d}.out").write_text(run_readme_command(cmd, folder, env))
+            except AssertionError as e:
+                (base / f"{chain}.failed").write_text(str(e))
+                raise
             (folder / ".done").touch()
     return folder
 
 
 @pytest.fixture(scope="session")
-def readme_base(tmp_path_factory, worker_id) -> Path:
-    """Where the chains run: shared by the suite's workers (the folder above each worker's own)."""
+def readme_base(tmp_path_factory, request) -> Path:
+    """Where the chains run: shared by the suite's xdist workers (the folder above each worker's own)."""
     base = tmp_path_factory.getbasetemp()
-    base = (base if worker_id == "master" else base.parent) / "readme"
+    base = (base.parent if hasattr(request.config, "workerinput") else base) / "readme"
     base.mkdir(exist_ok=True)
     return base
 
@@ -306,7 +313,10 @@ def check_models(d: Path):
 
 
 def check_benchmarks(d: Path):
-    assert len(chain_commands("benchmarks")) >= 9  # each ran (exit 0) in ensure_chain
+    outs = {cmd: d / f"{i:02d}.out" for i, cmd in enumerate(chain_commands("benchmarks")) if not skipped(cmd)}
+    assert len(outs) >= 9
+    for cmd, out in outs.items():  # each printed its Markdown table
+        assert "|---|" in out.read_text(), (cmd, out.read_text()[-2000:])
 
 
 CHECKS = {"demo": check_demo, "data": check_data, "tuning": check_tuning, "training": check_training,

@@ -24,6 +24,13 @@ if how == "interrupt":
     raise KeyboardInterrupt
 if how == "sleep":
     import time; time.sleep(60)
+if how == "state":  # which distseg, numpy's global draw, an object whose __del__ fails at shutdown
+    import distseg, numpy
+    print("distseg", distseg.__file__, "draw", numpy.random.randint(2**31))
+    class Late:
+        def __del__(self):
+            raise RuntimeError("failed in __del__ at shutdown")
+    late = Late()
 """
 
 
@@ -61,3 +68,36 @@ def test_an_environment_read_at_import_time_runs_as_a_subprocess(zygote, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="7")
     assert zygote.run_argv([sys.executable, tmp_path / "probe.py"], env, tmp_path, 60) is None
     assert zygote.run_argv(["bash", "-c", "true"], dict(os.environ), tmp_path, 60) is None
+
+
+def test_a_child_has_the_checkouts_code_fresh_state_and_the_interpreters_shutdown(zygote, tmp_path):
+    import distseg
+
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    runs = [zygote.run_argv([sys.executable, script, "state"], dict(os.environ), tmp_path, 60) for _ in "ab"]
+    fresh = subprocess.run([sys.executable, str(script), "state"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60)
+    assert f"distseg {distseg.__file__} " in runs[0].stdout and f"distseg {distseg.__file__} " in fresh.stdout
+    assert runs[0].stdout.split("draw")[1] != runs[1].stdout.split("draw")[1]  # numpy reseeded per child
+    for p in (*runs, fresh):
+        assert "failed in __del__ at shutdown" in p.stderr and p.returncode == 0
+
+
+def test_a_command_broken_off_ends_its_zygote_and_the_next_gets_a_new_one(zygote, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+
+    def interrupt(*_):
+        raise InterruptedError("broken off")
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(2)
+    try:
+        with pytest.raises(InterruptedError):
+            zygote.run_argv([sys.executable, script, "sleep"], dict(os.environ), tmp_path, 60)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    p = zygote.run_argv([sys.executable, script, "exit", "4"], dict(os.environ), tmp_path, 60)
+    assert p.returncode == 4 and "argv ['exit', '4']" in p.stdout
