@@ -6,13 +6,14 @@ about a quarter of the suite's CPU time went to those imports.
 A child is a plain main process running `python -m distseg ARGS` (or a script: distseg/train.py, the
 console script) with the request's argv, working directory, environment and standard streams, the
 checkout's distseg, the warnings filters and numpy's global generator as a fresh process has them, and
-what the imports printed on stderr. Its end is the interpreter's own: non-daemon threads joined, atexit
-handlers and finalisation run, a traceback and status 1 for an uncaught exception, death by SIGINT after
-an uncaught KeyboardInterrupt. Hand-written rather than multiprocessing's forkserver, whose children are
-multiprocessing children (named Process-N, atexit handlers skipped, their own signal set-up): a command
-must run as the user's process does. The zygote only imports, never runs a torch operator or starts a
-thread (forking a process with an OpenMP pool or threads is unsafe); the client (`Zygote`) runs a command
-as a subprocess instead where the environment differs from the zygote's in what is read at import time.
+what the imports printed on stderr. It ends as the interpreter ends (`finish`): non-daemon threads joined,
+atexit handlers run, the command's objects collected, a traceback and status 1 for an uncaught exception,
+death by SIGINT after an uncaught KeyboardInterrupt; but without the teardown of every module.
+Hand-written rather than multiprocessing's forkserver, whose children are multiprocessing children
+(named Process-N, atexit handlers skipped, their own signal set-up): a command must run as the user's
+process does. The zygote only imports, never runs a torch operator or starts a thread (forking a process
+with an OpenMP pool or threads is unsafe); the client (`Zygote`) runs a command as a subprocess instead
+where the environment differs from the zygote's in what is read at import time.
 
 Protocol: one JSON request per line on stdin, {"id", "kind": module | path, "target", "args", "cwd", "env",
 "stdout", "stderr"}; the zygote answers {"pid", "id"} once forked and {"rc", "id"} once the child ended.
@@ -22,6 +23,7 @@ missing import can pass here; `DISTSEG_TEST_ZYGOTE=0` runs the suite with fresh 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -71,6 +73,7 @@ def preload() -> tuple[list, str]:
     sys.path.remove(REPO)
     if threading.active_count() != 1:
         raise SystemExit("zygote: a preloaded module started a thread; forking would not be safe")
+    gc.freeze()  # the preloaded objects out of every collection: a child's collects only what it made
     said.seek(0)
     return filters, said.read().decode(errors="replace")
 
@@ -89,28 +92,67 @@ def run_request(req: dict) -> None:
 
 
 def child(req: dict, filters: list, said: str) -> None:
-    """In the forked child: the command's streams, folder, environment and fresh state, then the command.
-    Whatever it raises, SystemExit included, leaves through `serve` to the interpreter's top level, which
-    ends the process as it ends a fresh one (traceback, exit status, death by SIGINT after an uncaught
-    KeyboardInterrupt, threads joined, atexit, finalisation)."""
+    """In the forked child: the command's streams, folder, environment and fresh state, the command, then
+    `finish`. Never returns."""
     import warnings
 
     import numpy as np
 
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_TRUNC),
-                            (2, req["stderr"], os.O_WRONLY | os.O_TRUNC)):
-        f = os.open(path, flags)
-        os.dup2(f, fd)
-        os.close(f)
-    os.chdir(req["cwd"])
-    os.environ.clear()
-    os.environ.update(req["env"])
-    warnings.filters[:] = filters
-    warnings._filters_mutated()
-    np.random.seed()  # Python's random reseeds itself after a fork; numpy's global generator does not
-    sys.stderr.write(said)
-    run_request(req)
-    sys.exit(0)
+    code = 1
+    try:
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_TRUNC),
+                                (2, req["stderr"], os.O_WRONLY | os.O_TRUNC)):
+            f = os.open(path, flags)
+            os.dup2(f, fd)
+            os.close(f)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        warnings.filters[:] = filters
+        warnings._filters_mutated()
+        np.random.seed()  # Python's random reseeds itself after a fork; numpy's global generator does not
+        sys.stderr.write(said)
+        try:
+            run_request(req)
+            code = 0
+        except SystemExit as e:
+            code = exit_code(e.code)
+        except KeyboardInterrupt:
+            sys.excepthook(*sys.exc_info())
+            code = -signal.SIGINT
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+        finish()
+    finally:
+        if code == -signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        os._exit(code)
+
+
+def finish() -> None:
+    """The interpreter's end without its teardown of every module (1.4 s with torch imported, which a fresh
+    `distseg --help` never imports; 15x that command's own time): non-daemon threads joined, atexit handlers
+    run, the command's objects collected (its `__main__` went with runpy's temporary module, so their
+    `__del__` runs, and what fails there is said as at shutdown), the streams flushed."""
+    import atexit
+
+    sys.last_type = sys.last_value = sys.last_traceback = None  # the traceback holds the command's frames
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def exit_code(code) -> int:
+    """SystemExit's argument as the interpreter turns it into an exit status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
 
 
 def serve() -> None:
