@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ZYGOTE
+from zygote import Zygote
 
 SCRIPT = """
 import atexit, os, sys
@@ -34,9 +35,13 @@ if how == "state":  # which distseg, numpy's global draw, an object whose __del_
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def zygote():
-    return ZYGOTE  # the one run_cli uses
+    """The one run_cli uses; under DISTSEG_TEST_ZYGOTE=0, which turns that off, one of this module's own."""
+    z = ZYGOTE if ZYGOTE.enabled else Zygote(enabled=True)
+    yield z
+    if z is not ZYGOTE and z.proc is not None:
+        z.stop(None)
 
 
 @pytest.mark.parametrize("args, rc", [(["ok"], 0), (["exit", "3"], 3), (["raise"], 1),

@@ -178,8 +178,10 @@ class Zygote:
     that interrupts a command (a time-out, a signal's exception) ends the child and the zygote with it, so
     no later command can read an earlier one's answer; the next starts a new zygote."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool | None = None):
         self.proc, self.env, self.lock, self.ids = None, None, threading.Lock(), itertools.count()
+        # DISTSEG_TEST_ZYGOTE=0: every command as a fresh interpreter, to compare
+        self.enabled = os.environ.get("DISTSEG_TEST_ZYGOTE") != "0" if enabled is None else enabled
 
     def start(self) -> None:
         self.env, self.pending, self.tmp = dict(os.environ), b"", tempfile.mkdtemp(prefix="distseg-zygote-")
@@ -201,7 +203,7 @@ class Zygote:
     def run(self, kind: str, target: str, args: list[str], env: dict, cwd, timeout: float):
         """CompletedProcess(args, rc, stdout, stderr), as subprocess.run(capture_output=True, text=True)
         gives it, or None: the environment differs from the zygote's in what is read at import time."""
-        if os.environ.get("DISTSEG_TEST_ZYGOTE") == "0":  # every command as a fresh interpreter, to compare
+        if not self.enabled:
             return None
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
