@@ -1,7 +1,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,12 +14,10 @@ ZYGOTE = Zygote()  # this test process's preloaded interpreter for distseg comma
 
 
 def run_cli(*args, check=True, env=None, timeout=600, cwd=None):
-    """Run `distseg ARGS` in a subprocess, as a user would; returns CompletedProcess."""
+    """Run `distseg ARGS` in its own process, as a user would (`ZYGOTE` forks it); a CompletedProcess."""
     e = dict(os.environ)
     e.update(env or {})
-    cmd = [sys.executable, "-m", "distseg", *map(str, args)]
-    p = ZYGOTE.run_argv(cmd, e, cwd, timeout) or \
-        subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
+    p = ZYGOTE.run([sys.executable, "-m", "distseg", *args], e, cwd, timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"distseg {' '.join(map(str, args))} failed "
                              f"({p.returncode}):\n{p.stdout}\n{p.stderr}")
@@ -107,10 +104,8 @@ def train_cmd(overrides, procs=1):
 
 
 def run_train(overrides, procs=1, check=True, timeout=600, env=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    cmd = train_cmd(overrides, procs)
-    p = ZYGOTE.run_argv(cmd, e, None, timeout) or \
-        subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
+    p = ZYGOTE.run(train_cmd(overrides, procs), dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), None,
+                   timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"training failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tokenize
 import zipfile
@@ -168,16 +167,12 @@ def test_the_chains_hold_every_readme_command_once():
 
 def run_readme_command(cmd: str, cwd: Path, env: dict) -> str:
     """One command as written (plus `tinier`'s settings), its stdout returned; `distseg ...` (the console
-    script itself) and `python -m ...` through the suite's preloaded interpreter (tests/zygote.py)."""
+    script itself) and `python ...` through the suite's preloaded interpreter (tests/zygote.py)."""
     words = tinier(cmd)
     where = ROOT if cmd.startswith("tools/") else cwd  # the README runs tools/ from the repo root
-    p = None
-    if words[0] == "distseg":
-        p = ZYGOTE.run("path", shutil.which("distseg", path=env["PATH"]), words[1:], env, where, 900)
-    elif words[:2] == ["python", "-m"]:
-        p = ZYGOTE.run("module", words[2], words[3:], env, where, 900)
-    if p is None:
-        p = subprocess.run(words, cwd=where, env=env, capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, shutil.which("distseg", path=env["PATH"]), *words[1:]] if words[0] == "distseg" \
+        else [sys.executable, *words[1:]] if words[0] == "python" else words
+    p = ZYGOTE.run(argv, env, where, 900, as_written=words)
     assert p.returncode == 0, \
         f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p.stdout

@@ -73,6 +73,9 @@ def test_an_environment_read_at_import_time_runs_as_a_subprocess(zygote, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="7")
     assert zygote.run_argv([sys.executable, tmp_path / "probe.py"], env, tmp_path, 60) is None
     assert zygote.run_argv(["bash", "-c", "true"], dict(os.environ), tmp_path, 60) is None
+    assert zygote.run_argv([sys.executable, "-c", "pass"], dict(os.environ), tmp_path, 60) is None
+    p = zygote.run(["bash", "-c", "echo as written"], dict(os.environ), tmp_path, 60)  # run as a subprocess
+    assert (p.returncode, p.stdout) == (0, "as written\n")
 
 
 def test_a_child_has_the_checkouts_code_fresh_state_and_the_interpreters_shutdown(zygote, tmp_path):

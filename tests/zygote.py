@@ -188,21 +188,29 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0, env=self.env, cwd=REPO)
 
+    def run(self, argv: list, env: dict, cwd, timeout: float, as_written: list | None = None):
+        """`argv` through the zygote where it can run it (`run_argv`), else as a subprocess (`as_written`: the
+        words to run then, where they are not argv), as subprocess.run(capture_output=True, text=True) gives
+        it."""
+        return self.run_argv(argv, env, cwd, timeout) or subprocess.run(
+            as_written or [str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd,
+            timeout=timeout)
+
     def run_argv(self, argv: list, env: dict, cwd, timeout: float):
-        """`python -m MODULE ARGS` or `python SCRIPT ARGS` (argv[0] this interpreter) through `run`; None
-        for any other command line."""
+        """`python -m MODULE ARGS` or `python SCRIPT ARGS` (argv[0] this interpreter) through the zygote:
+        CompletedProcess; None for any other command line, or where the environment differs from the
+        zygote's in what is read at import time."""
         argv = [str(a) for a in argv]
         if argv[0] != sys.executable or len(argv) < 2:
             return None
         if argv[1] == "-m" and len(argv) > 2:
-            return self.run("module", argv[2], argv[3:], env, cwd, timeout)
-        if argv[1].endswith(".py"):
-            return self.run("path", argv[1], argv[2:], env, cwd, timeout)
+            return self.fork("module", argv[2], argv[3:], env, cwd, timeout)
+        if not argv[1].startswith("-"):
+            return self.fork("path", argv[1], argv[2:], env, cwd, timeout)
         return None
 
-    def run(self, kind: str, target: str, args: list[str], env: dict, cwd, timeout: float):
-        """CompletedProcess(args, rc, stdout, stderr), as subprocess.run(capture_output=True, text=True)
-        gives it, or None: the environment differs from the zygote's in what is read at import time."""
+    def fork(self, kind: str, target: str, args: list[str], env: dict, cwd, timeout: float):
+        """One request (`run_argv`)."""
         if not self.enabled:
             return None
         with self.lock:

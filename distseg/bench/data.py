@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from distseg.bench.common import endless, measure, table, with_data
 from distseg.data.dali_loader import dali_available
 from distseg.data.loader import make_loader
-from distseg.data.torch_loader import transform_sample
+from distseg.data.torch_loader import crop_sample
 from distseg.data.transforms import decode_pil, draft_factor, draw_params, window
 from distseg.errors import UserError
 from distseg.labels import IGNORE, get_scheme
@@ -45,7 +45,8 @@ class DecodeOnly(torch.utils.data.Dataset):
 
 class TransformOnly(torch.utils.data.Dataset):
     """What a loader cannot do without: the training transform alone (decode, crop, resize, jitter, flip of
-    image and mask, `transform_sample`), on sample bytes read into memory beforehand."""
+    image and mask, `crop_sample`: the worker's own, its pixels left for the collate to pack), on sample
+    bytes read into memory beforehand."""
 
     def __init__(self, samples: ShardSamples, lut, data, seed: int, count: int):
         self.lut, self.data, self.seed = lut, data, seed
@@ -58,7 +59,7 @@ class TransformOnly(torch.utils.data.Dataset):
     def __getitem__(self, i):
         i = i % len(self.raw)
         image, mask = self.raw[i]
-        img, m = transform_sample(image, decode_mask(mask, self.lut), self.data, self.seed, True, 0, i)
+        img, m = crop_sample(image, decode_mask(mask, self.lut), self.data, self.seed, True, 0, i)
         return {"image": torch.zeros(1), "mask": m[:1, :1]}
 
 
