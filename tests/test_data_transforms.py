@@ -326,33 +326,3 @@ def test_cat_max_ratio_settings_outside_0_and_0_to_1_with_a_crop_are_refused_in_
         with pytest.raises(UserError) as e:
             load_config(None, bad)
         assert "data.cat_max_ratio" in str(e.value) and "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("size", [(512, 256), (97, 31), (1, 1)])
-def test_rgbx_view_is_pils_own_pixels_and_a_crop_writes_the_same_either_way(size, monkeypatch):
-    """`pixels.rgbx_view` gives PIL's own memory (the first three bytes of each pixel are np.asarray's,
-    resized and flipped images included), refuses what Pillow cannot export (another mode, an image in
-    several blocks), and a `Crop` packed planar from it equals the packing by PIL's bands it falls back to."""
-    from distseg.data import pixels, transforms
-    from distseg.data.transforms import Crop
-
-    rng = np.random.default_rng(sum(size))
-    src = Image.fromarray(rng.integers(0, 256, (size[1] * 2, size[0] * 2, 3), dtype=np.uint8))
-    im = src.resize(size, Image.Resampling.BILINEAR).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    with pixels.rgbx_view(im) as v:
-        assert v.shape == (size[1], size[0], 4) and np.array_equal(v[..., :3], np.asarray(im))
-    with pixels.rgbx_view(im.convert("L")) as v:
-        assert v is None
-    with pixels.rgbx_view(Image.new("RGB", (4096, 2048))) as v:  # 32 MB: more than one of PIL's blocks
-        assert v is None
-    h, w = size[1] + 3, size[0] + 5  # padded below and beside
-    crop = Crop(im, (h, w), 5, (1, 2, 3))
-    viewed = np.zeros((3, h, w), np.uint8)
-    crop.write(viewed, nhwc=False)
-    monkeypatch.setattr(transforms, "rgbx_view", lambda _: pixels.rgbx_view(im.convert("L")))
-    banded = np.zeros((3, h, w), np.uint8)
-    crop.write(banded, nhwc=False)
-    assert np.array_equal(viewed, banded)
-    assert np.array_equal(viewed, crop.hwc().transpose(2, 0, 1))
-    assert np.array_equal(viewed[:, :size[1], 5:], np.asarray(im).transpose(2, 0, 1))
-    assert (viewed[:, size[1]:] == np.array([1, 2, 3]).reshape(3, 1, 1)).all()
