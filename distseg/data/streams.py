@@ -5,6 +5,9 @@ exactly as before (the same indexes, the same reads). The order of an epoch over
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
+
 import numpy as np
 
 from distseg.config import DataCfg, default_epoch_samples, stream_shares
@@ -24,11 +27,10 @@ class Sources:
         self.splits = splits
         self.samples = [sp.samples(data) for sp in splits]
         self.luts = [sp.lut.astype(np.uint8) if sp.lut is not None else None for sp in splits]
-        self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.samples])]).astype(np.int64)
-        self.one = len(self.samples) == 1
+        self.offsets = [0, *accumulate(len(s) for s in self.samples)]
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return self.offsets[-1]
 
     def sizes(self) -> list[int]:
         """Samples of each stream."""
@@ -36,11 +38,9 @@ class Sources:
 
     def locate(self, i: int) -> tuple[int, int]:
         """(stream, index within it) of a shared index. A worker looks each sample up four times (key, two
-        members, label table): with one stream, without a numpy search each time."""
-        if self.one:
-            return 0, i
-        s = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return s, i - int(self.offsets[s])
+        members, label table): a bisection of a list, ~0.2 us, where numpy's search costs ~3 us."""
+        s = bisect_right(self.offsets, i) - 1
+        return s, i - self.offsets[s]
 
     def key(self, i: int) -> str:
         """The sample's key."""
