@@ -82,10 +82,12 @@ def test_val_images_refuse_shards_of_another_scheme_in_one_line(shards):
 
 @pytest.mark.slow
 def test_report_in_a_real_browser(browser, page):
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser.get(page.as_uri())
-    assert browser.execute_script("return document.readyState") == "complete"
+    # chromedriver may hand back a file:// page still loading when the machine is busy: the page must then
+    # finish loading within the wait, or the test fails
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
     requested = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
