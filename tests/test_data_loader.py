@@ -10,6 +10,7 @@ import torch
 from conftest import split_keys
 from distseg.config import DataCfg, load_config
 from distseg.data.dali_loader import DaliLoader, dali_available, unsupported
+from distseg.data.hand_off import DirectForkContext
 from distseg.data.torch_loader import ShardDataset, TorchLoader, collate
 from distseg.data.transforms import draw_params
 from distseg.errors import UserError
@@ -176,6 +177,7 @@ def test_pooled_worker_buffers_give_the_batches_of_a_loader_without_workers(shar
             seen += 1
     assert seen > BufferPool.LIMIT and 0 < len(pooled.buffers) <= BufferPool.LIMIT  # buffers came back
     assert not plain.buffers  # in the main process: ordinary memory, nothing pooled
+    assert isinstance(pooled.dl.multiprocessing_context, DirectForkContext)  # its batches crossed directly
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from distseg.config import DataCfg
 from distseg.data.batch import Batch
+from distseg.data.hand_off import loader_worker_init, worker_context
 from distseg.data.parts import PARTS, LoaderParts
 from distseg.data.sampler import EpochBatchSampler, RareClassSampler, ShardWindowSampler, StreamSampler
 from distseg.data.streams import Sources, rare_draws, rare_pools
@@ -38,7 +39,7 @@ from distseg.data.transforms import (
 )
 from distseg.errors import UserError, describe_os_error
 from distseg.labels import IGNORE
-from distseg.processes import usable_workers, worker_init
+from distseg.processes import usable_workers
 from distseg.shards.shard_reader import decode_mask, decode_rgb
 from distseg.shards.split import OpenSplit
 
@@ -370,7 +371,8 @@ class TorchLoader:
                              collate_fn=functools.partial(collate, nhwc=self.channels_last,
                                                           pooled=self.device.type == "cpu"),
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
-                             prefetch_factor=4 if nw > 0 else None, worker_init_fn=worker_init)
+                             prefetch_factor=4 if nw > 0 else None, worker_init_fn=loader_worker_init,
+                             multiprocessing_context=None if self.gpu_decode or nw == 0 else worker_context())
         self._it = None  # the running DataLoader iterator
         self._next: tuple[int, int] | None = None  # (epoch, batch) it delivers next
         self.starts = 0  # how often the stream was (re)started: once per run when nothing moves it

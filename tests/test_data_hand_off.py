@@ -1,0 +1,70 @@
+"""A loader worker's hand-off (data/hand_off.py): its batches cross to the main process without
+multiprocessing's feeder thread, in order and whole; a put that cannot be pickled raises where it was made,
+and the queue goes on; the process that made the queue keeps multiprocessing's own put; the worker start
+raises PIL's encoder block in the worker only."""
+
+import multiprocessing
+import pickle
+import threading
+
+import pytest
+from PIL import ImageFile
+from torch.utils.data import DataLoader, Dataset
+
+from distseg.data.hand_off import PIL_BLOCK, DirectQueue, loader_worker_init, worker_context
+
+pytestmark = pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="workers start by fork")
+
+
+class Threads(Dataset):
+    """Item i: i, the threads alive in the worker when it is made, and the worker's PIL block."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return i, sorted(t.name for t in threading.enumerate()), ImageFile.MAXBLOCK
+
+
+def items(context):
+    dl = DataLoader(Threads(), batch_size=None, num_workers=1, multiprocessing_context=context,
+                    worker_init_fn=loader_worker_init)
+    return list(dl)
+
+
+def test_a_workers_batches_cross_without_a_feeder_thread_in_order():
+    direct, default = items(worker_context()), items(None)
+    assert [i for i, _, _ in direct] == [i for i, _, _ in default] == list(range(6))
+    # multiprocessing's queue starts its feeder at the worker's first put: the check can see one
+    assert any("QueueFeederThread" in names for _, names, _ in default[1:])
+    assert not any("QueueFeederThread" in names for _, names, _ in direct)
+    assert all(block == PIL_BLOCK for _, _, block in direct)
+    assert ImageFile.MAXBLOCK < PIL_BLOCK  # set in the workers, not in this process
+
+
+def put_unpicklable_then_good(q: DirectQueue, said: DirectQueue) -> None:
+    try:
+        q.put(lambda: None)
+    except (pickle.PicklingError, AttributeError) as e:
+        said.put(f"raised {type(e).__name__}")
+    q.put("good")
+
+
+def test_an_unpicklable_put_raises_in_the_worker_and_the_queue_goes_on():
+    ctx = worker_context()
+    q, said = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=put_unpicklable_then_good, args=(q, said))
+    p.start()
+    assert said.get(timeout=60).startswith("raised ")
+    assert q.get(timeout=60) == "good"  # the semaphore given back, the pipe whole
+    p.join(60)
+    assert p.exitcode == 0
+
+
+def test_the_process_that_made_the_queue_puts_through_multiprocessings_feeder():
+    q = worker_context().Queue()
+    q.put({"a": 1})
+    assert q._thread is not None  # multiprocessing's own put: it never blocks the main process
+    assert q.get(timeout=60) == {"a": 1}
+    q.close()
+    q.join_thread()
