@@ -21,21 +21,18 @@ from PIL import ImageFile
 
 from distseg.processes import worker_init
 
-# ImageFile.MAXBLOCK: Image.tobytes encodes in blocks of this size and joins them, a second copy of the
-# pixels; with a block as large as a band (a 2048x1024 band is 2 MiB) there is one block, which the join
-# returns as it is. A crop's three bands cost ~0.04 ms less per image in the collate (`Crop.write`).
-PIL_BLOCK = 1 << 22
-
 
 class DirectQueue(queues.Queue):
     """A multiprocessing Queue whose `put` in any process but the one that made it pickles the object and
     writes it to the pipe at once, on the caller's thread, under the queue's write lock: the same bytes
-    multiprocessing's feeder thread would write, in the same order. A worker's put waits while the pipe is
-    full (the main process reads it); the loader uses it only where a batch is a few hundred bytes (its
-    pixels travel in shared memory), so a put never waits long and no worker is left blocked at shutdown.
-    An object that cannot be pickled raises in the caller rather than in a feeder thread that only prints
-    it. In the making process (the main one; torch puts its shutdown sentinel from there) `put` is
-    multiprocessing's own, which never blocks."""
+    multiprocessing's feeder thread would write, in the same order. Such a put waits while the pipe is full
+    until the main process reads; a worker waiting so when the main process shuts the loader down costs
+    torch's 5 s join timeout, then SIGTERM. The loader uses it only where what names a batch is under
+    ~700 bytes (its pixels travel in shared memory) and torch keeps at most prefetch_factor (4) batches per
+    worker in flight, well within a 64 KiB pipe. An object that cannot be pickled raises in the caller (the
+    worker exits, which the main process reports) where a feeder thread only prints it and the main process
+    waits for a batch that never comes. In the making process (the main one: torch puts its shutdown
+    sentinel from there) `put` is multiprocessing's own, which never blocks."""
 
     def put(self, obj, block: bool = True, timeout: float | None = None) -> None:
         """Send `obj` (pickled here, outside the making process), or raise queue.Full after `timeout`."""
@@ -47,11 +44,8 @@ class DirectQueue(queues.Queue):
             raise queue.Full
         try:
             data = ForkingPickler.dumps(obj)
-            if self._wlock is None:  # Windows: multiprocessing writes without the lock there too
+            with self._wlock:  # a Lock wherever workers fork (None only on Windows)
                 self._writer.send_bytes(data)
-            else:
-                with self._wlock:
-                    self._writer.send_bytes(data)
         except BaseException:
             self._sem.release()
             raise
@@ -68,15 +62,21 @@ class DirectForkContext(getattr(mp_context, "ForkContext", mp_context.BaseContex
 
 def worker_context() -> DirectForkContext | None:
     """The DataLoader's multiprocessing context: `DirectForkContext` where workers start by fork (the default
-    on Linux), else None (torch's own)."""
-    if multiprocessing.get_start_method() != "fork":
+    on Linux), else None (torch's own). The start method is read without fixing it (the first of
+    `get_all_start_methods` is the default), so a later `set_start_method` still works."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method != "fork":
         return None
     return DirectForkContext()
 
 
-def loader_worker_init(worker_id: int = 0) -> None:
+def loader_worker_init(worker_id: int = 0, band: int = 0) -> None:
     """A torch loader worker's start: `processes.worker_init` (it dies with the training process), and PIL's
-    encoder block raised to `PIL_BLOCK` for the collate's `tobytes` (set in the worker, a process distseg
-    owns, never in the user's)."""
+    encoder block (`ImageFile.MAXBLOCK`) raised to `band` bytes, a training crop's band (h x w), in the worker
+    only, a process distseg owns. `Image.tobytes` encodes in blocks of max(MAXBLOCK, 4 x width) bytes and
+    joins them, a second copy of the pixels; with the block a band's size, each of `Crop.write`'s three
+    bands is one block, which the join returns as it is (the collate ~0.04 ms less per 512x256 crop). Sized
+    to the band, not larger: each call allocates a whole block, and a block of a few MiB where the band
+    needs less was up to 5x slower in a process whose allocator had not yet raised its mmap threshold."""
     worker_init(worker_id)
-    ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, PIL_BLOCK)
+    ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, band)

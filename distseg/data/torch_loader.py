@@ -367,11 +367,13 @@ class TorchLoader:
         nw = usable_workers(d.num_workers, "data.num_workers")
         self.inflight = 4 * nw if nw > 0 else 1  # batches the DataLoader decodes ahead of the loop
         self.stream = BatchStream(self.sampler)
+        band = d.crop[0] * d.crop[1] if train and d.crop else 0  # a training crop's band, in bytes
         self.dl = DataLoader(ds, batch_sampler=self.stream, num_workers=nw,
                              collate_fn=functools.partial(collate, nhwc=self.channels_last,
                                                           pooled=self.device.type == "cpu"),
                              pin_memory=self.device.type == "cuda", persistent_workers=nw > 0,
-                             prefetch_factor=4 if nw > 0 else None, worker_init_fn=loader_worker_init,
+                             prefetch_factor=4 if nw > 0 else None,
+                             worker_init_fn=functools.partial(loader_worker_init, band=band),
                              multiprocessing_context=None if self.gpu_decode or nw == 0 else worker_context())
         self._it = None  # the running DataLoader iterator
         self._next: tuple[int, int] | None = None  # (epoch, batch) it delivers next
